@@ -1,0 +1,48 @@
+"""Structural kNN: distance from every query patch to its nearest memory-bank entry."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.dispatch import use_triton
+
+
+def knn_min_reference(
+    queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance to, and index of, the nearest bank row for every query row.
+
+    Args:
+        queries: (Q, D); bank: (M, D). Any float dtype; accumulation is float32.
+        chunk: queries processed per step, bounding memory to ``chunk * M`` distances.
+
+    Returns:
+        ``(dist, idx)``: (Q,) float32 L2 distances (not squared) and (Q,) int64 indices.
+    """
+    if queries.dim() != 2 or bank.dim() != 2 or queries.shape[1] != bank.shape[1]:
+        raise ValueError(
+            f"expected (Q, D) and (M, D), got {tuple(queries.shape)} and {tuple(bank.shape)}"
+        )
+    if bank.shape[0] == 0:
+        raise ValueError("the memory bank is empty")
+    b = bank.float()
+    b_sq = (b * b).sum(1)
+    dists, idxs = [], []
+    for start in range(0, queries.shape[0], chunk):
+        q = queries[start : start + chunk].float()
+        d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ b.t() + b_sq[None, :]
+        d2_min, i = d2.min(dim=1)
+        dists.append(d2_min.clamp_min(0).sqrt())
+        idxs.append(i)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+def knn_min(
+    queries: torch.Tensor, bank: torch.Tensor, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatcher for :func:`knn_min_reference`."""
+    if use_triton(backend, queries, bank):
+        from kernels.knn_triton import knn_min_triton
+
+        return knn_min_triton(queries, bank)
+    return knn_min_reference(queries, bank)
