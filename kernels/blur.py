@@ -19,10 +19,27 @@ def gaussian_taps(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Normalised 1-D Gaussian weights, length ``2 * radius + 1`` (float32, CPU)."""
     if not (sigma > 0 and math.isfinite(sigma)):
         raise ValueError(f"sigma must be a positive finite number, got {sigma}")
+    if not (truncate >= 0 and math.isfinite(truncate)):
+        raise ValueError(f"truncate must be a finite number >= 0, got {truncate}")
     radius = int(truncate * sigma + 0.5)
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return (taps / taps.sum()).float()
+
+
+def branch_affine(
+    branch: str, weight: float, stats: tuple[float, float]
+) -> tuple[float, float, float]:
+    """``(weight, mean, std)`` of one branch, checked: finite, and std > 0."""
+    if len(stats) != 2:
+        raise ValueError(f"{branch}_stats must be (mean, std), got {stats}")
+    weight, mean, std = float(weight), float(stats[0]), float(stats[1])
+    if not all(math.isfinite(v) for v in (weight, mean, std)) or std <= 0:
+        raise ValueError(
+            f"{branch} branch needs a finite weight and mean and a positive finite std, "
+            f"got weight={weight}, mean={mean}, std={std}"
+        )
+    return weight, mean, std
 
 
 def symmetric_indices(n: int, radius: int, device: torch.device) -> torch.Tensor:
@@ -63,6 +80,13 @@ def normalize_merge_blur_reference(
     ``*_stats`` are ``(mean, std)`` of all validation pixel scores of that branch. A branch whose
     map has another size than the logical map is bilinearly resized to it first.
     """
+    w_l, mu_l, sd_l = branch_affine("logical", logical_weight, logical_stats)
+    w_s, mu_s, sd_s = branch_affine("structural", structural_weight, structural_stats)
+    if logical.dim() != 3 or structural.dim() != 3 or logical.shape[0] != structural.shape[0]:
+        raise ValueError(
+            "expected (B, H, W) logical and (B, h, w) structural maps, got "
+            f"{tuple(logical.shape)} and {tuple(structural.shape)}"
+        )
     if structural.shape[-2:] != logical.shape[-2:]:
         structural = F.interpolate(
             structural.float()[:, None],
@@ -70,11 +94,7 @@ def normalize_merge_blur_reference(
             mode="bilinear",
             align_corners=False,
         )[:, 0]
-    (mu_l, sd_l), (mu_s, sd_s) = logical_stats, structural_stats
-    merged = (
-        structural_weight * (structural.float() - mu_s) / sd_s
-        + logical_weight * (logical.float() - mu_l) / sd_l
-    )
+    merged = w_s * (structural.float() - mu_s) / sd_s + w_l * (logical.float() - mu_l) / sd_l
     return gaussian_blur_reference(merged, sigma)
 
 

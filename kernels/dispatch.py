@@ -22,7 +22,8 @@ def interpreter_enabled() -> bool:
 def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     """Whether a dispatcher should launch its Triton kernel for these tensors.
 
-    ``auto`` means Triton for CUDA tensors and the PyTorch reference for everything else;
+    ``auto`` means Triton for CUDA tensors and the PyTorch reference for everything else,
+    including when autograd records through the inputs (the kernels have no backward);
     ``triton`` forces the kernel (CPU tensors then need ``TRITON_INTERPRET=1``).
     """
     if backend not in BACKENDS:
@@ -39,4 +40,5 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
                 "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before kernels are imported"
             )
         return True
-    return triton_available() and all(t.is_cuda for t in tensors)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return triton_available() and all(t.is_cuda for t in tensors) and not needs_grad

@@ -7,14 +7,36 @@ import torch
 from kernels.dispatch import use_triton
 
 
+def bank_sq_norms(bank: torch.Tensor) -> torch.Tensor:
+    """(M,) float32 squared L2 norms of the (M, D) bank rows: compute once per bank."""
+    return bank.float().pow(2).sum(1)
+
+
+def resolve_bank_sq(bank: torch.Tensor, bank_sq: torch.Tensor | None) -> torch.Tensor:
+    """``bank_sq`` checked against ``bank``, or computed from it when None."""
+    if bank_sq is None:
+        return bank_sq_norms(bank)
+    m = bank.shape[0]
+    if bank_sq.shape != (m,) or bank_sq.dtype != torch.float32 or bank_sq.device != bank.device:
+        raise ValueError(
+            f"bank_sq must be ({m},) float32 on {bank.device}, got {tuple(bank_sq.shape)} "
+            f"{bank_sq.dtype} on {bank_sq.device}"
+        )
+    return bank_sq
+
+
 def knn_min_reference(
-    queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    chunk: int = 4096,
+    bank_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distance to, and index of, the nearest bank row for every query row.
 
     Args:
         queries: (Q, D); bank: (M, D). Any float dtype; accumulation is float32.
         chunk: queries processed per step, bounding memory to ``chunk * M`` distances.
+        bank_sq: optional precomputed :func:`bank_sq_norms` of ``bank``.
 
     Returns:
         ``(dist, idx)``: (Q,) float32 L2 distances (not squared) and (Q,) int64 indices.
@@ -25,8 +47,10 @@ def knn_min_reference(
         )
     if bank.shape[0] == 0:
         raise ValueError("the memory bank is empty")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     b = bank.float()
-    b_sq = (b * b).sum(1)
+    b_sq = resolve_bank_sq(bank, bank_sq)
     dists, idxs = [], []
     for start in range(0, queries.shape[0], chunk):
         q = queries[start : start + chunk].float()
@@ -34,15 +58,20 @@ def knn_min_reference(
         d2_min, i = d2.min(dim=1)
         dists.append(d2_min.clamp_min(0).sqrt())
         idxs.append(i)
+    if not dists:
+        return queries.new_empty(0, dtype=torch.float32), queries.new_empty(0, dtype=torch.int64)
     return torch.cat(dists), torch.cat(idxs)
 
 
 def knn_min(
-    queries: torch.Tensor, bank: torch.Tensor, backend: str = "auto"
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    backend: str = "auto",
+    bank_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatcher for :func:`knn_min_reference`."""
+    """Dispatcher for :func:`knn_min_reference`; pass ``bank_sq`` to reuse the bank norms."""
     if use_triton(backend, queries, bank):
         from kernels.knn_triton import knn_min_triton
 
-        return knn_min_triton(queries, bank)
-    return knn_min_reference(queries, bank)
+        return knn_min_triton(queries, bank, bank_sq=bank_sq)
+    return knn_min_reference(queries, bank, bank_sq=bank_sq)

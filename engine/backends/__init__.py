@@ -1,0 +1,53 @@
+"""Execution backends for a :class:`~engine.detector.Detector`'s two networks.
+
+``eager`` runs the PyTorch modules as they are (the reference every other backend is compared
+with). ``compile`` wraps both branch functions in ``torch.compile`` (Inductor; CUDA graphs with
+``mode="reduce-overhead"`` on GPU). ``onnx`` and ``tensorrt`` are not implemented in this version
+and say so. ``auto`` picks ``compile`` on CUDA and ``eager`` on CPU, where compilation costs
+minutes on small machines and gains little.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from engine.detector import Detector
+
+BACKENDS = ("auto", "eager", "compile", "onnx", "tensorrt")
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The concrete backend ``name`` stands for on ``device``; errors for unavailable ones."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    if name == "auto":
+        return "compile" if device.type == "cuda" else "eager"
+    if name == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            raise RuntimeError(
+                "backend 'tensorrt' needs the tensorrt package (the project's 'trt' extra), which "
+                "is not installed; use backend='compile' or 'eager'"
+            )
+        raise NotImplementedError(
+            "backend 'tensorrt' is not implemented in this version; use 'compile' or 'eager'"
+        )
+    if name == "onnx":
+        raise NotImplementedError(
+            "backend 'onnx' is not implemented in this version; use 'compile' or 'eager'"
+        )
+    return name
+
+
+def apply_backend(detector: Detector, name: str) -> str:
+    """Install backend ``name`` into ``detector`` (already on its device); returns the one used."""
+    chosen = resolve_backend(name, detector.device)
+    if chosen == "compile":
+        mode = "reduce-overhead" if detector.device.type == "cuda" else None
+        detector.logical_fn = torch.compile(detector.logical.anomaly_map, mode=mode)
+        detector.structural_fn = torch.compile(detector.structural.anomaly_map, mode=mode)
+    else:
+        detector.logical_fn = detector.logical.anomaly_map
+        detector.structural_fn = detector.structural.anomaly_map
+    return chosen

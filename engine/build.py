@@ -1,0 +1,224 @@
+"""``python -m engine.build``: train, calibrate, evaluate and export NPGMF for LOCO categories.
+
+    python -m engine.build --category pushpins
+    python -m engine.build --category all --data-root /data/mvtec_loco --preset paper
+
+Without ``--data-root`` (and without ``$MVTEC_LOCO_ROOT``) the synthetic LOCO-style dataset is
+generated once into a cache folder and used. Any setting of :class:`engine.config.BuildConfig`
+can be overridden with ``--set section.field=value`` (e.g. ``--set train.lr=1e-3``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import PRESETS, BuildConfig, resolve_preset
+from engine.data.loco import list_categories
+from engine.data.synthetic import CATEGORIES, generate_category
+from engine.data.types import DatasetError
+from engine.pipeline import BuildResult, build_category
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+SYNTHETIC_SEED = 0
+
+
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "npgmf-engine"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.build", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--category", required=True, help="category folder name, or 'all'")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        help="MVTec LOCO AD style folder (default: $MVTEC_LOCO_ROOT, else synthetic data)",
+    )
+    parser.add_argument("--out", type=Path, help="artifact folder (default artifacts/<category>)")
+    parser.add_argument("--preset", choices=PRESETS, default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--save-maps", type=Path, help="write fused float32 TIFF maps here")
+    parser.add_argument("--epochs", type=int, help="training epochs (overrides the preset)")
+    parser.add_argument("--seed", type=int, help="training seed (overrides the preset)")
+    parser.add_argument(
+        "--weights",
+        help="backbone weights: auto | imagenet | random | FILE (default: auto)",
+    )
+    parser.add_argument(
+        "--text-prior", choices=("auto", "clip", "minilm", "learned"), help="category prior"
+    )
+    parser.add_argument("--clip-checkpoint", help="local open_clip checkpoint for --text-prior")
+    parser.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="permit --weights random (tests and timing only: the results are meaningless)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override any config value, e.g. --set logical.image_size=64 (JSON values)",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=None, help="synthetic data cache")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser.parse_args(argv)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def apply_overrides(config: BuildConfig, assignments: Sequence[str]) -> BuildConfig:
+    """``section.field=value`` (or top-level ``field=value``) assignments; values parse as JSON
+    when they can (numbers, lists, true/false/null), else as strings."""
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects SECTION.FIELD=VALUE, got {assignment!r}")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        path = key.split(".")
+        config = _set_path(config, path, value, key)
+    return config
+
+
+def _set_path(obj: Any, path: list[str], value: Any, key: str) -> Any:
+    names = {f.name for f in fields(obj)}
+    if path[0] not in names:
+        raise ValueError(f"--set {key}: {type(obj).__name__} has no field {path[0]!r}")
+    if len(path) == 1:
+        if is_dataclass(getattr(obj, path[0])):
+            raise ValueError(f"--set {key}: {path[0]!r} is a section; name one of its fields")
+        return replace(obj, **{path[0]: value})
+    child = getattr(obj, path[0])
+    if not is_dataclass(child):
+        raise ValueError(f"--set {key}: {path[0]!r} is not a section")
+    return replace(obj, **{path[0]: _set_path(child, path[1:], value, key)})
+
+
+def build_config(args: argparse.Namespace, device: torch.device) -> BuildConfig:
+    config, why = resolve_preset(args.preset, device)
+    print(f"[config] {why}", flush=True)
+    top: dict[str, Any] = {}
+    if args.weights is not None:
+        top["weights"] = args.weights
+    if args.allow_random_weights:
+        top["allow_random"] = True
+    if args.text_prior is not None:
+        top["text_prior"] = args.text_prior
+    if args.clip_checkpoint is not None:
+        top["clip_checkpoint"] = args.clip_checkpoint
+    train: dict[str, Any] = {}
+    if args.epochs is not None:
+        train["epochs"] = args.epochs
+    if args.seed is not None:
+        train["seed"] = args.seed
+    config = replace(config, train=replace(config.train, **train), **top)
+    return apply_overrides(config, args.set)
+
+
+def resolve_data(args: argparse.Namespace, progress: bool) -> tuple[Path, list[str]]:
+    """The data root and the categories to build; generates synthetic data when none is given."""
+    root = args.data_root or (
+        Path(os.environ["MVTEC_LOCO_ROOT"]) if os.environ.get("MVTEC_LOCO_ROOT") else None
+    )
+    if root is not None:
+        if not root.is_dir():
+            raise DatasetError(f"{root}: data root folder does not exist")
+        found = list_categories(root)
+        if args.category == "all":
+            if not found:
+                raise DatasetError(f"{root}: no MVTec LOCO AD categories found")
+            return root, found
+        return root, [args.category]
+
+    cache = (args.cache_dir or default_cache()) / f"synthetic-seed{SYNTHETIC_SEED}"
+    names = list(CATEGORIES) if args.category == "all" else [args.category]
+    for name in names:
+        if name not in CATEGORIES:
+            raise DatasetError(
+                f"no --data-root given, and {name!r} is not a synthetic category "
+                f"{tuple(CATEGORIES)}; pass --data-root (or set MVTEC_LOCO_ROOT) for real data"
+            )
+        if not (cache / name).is_dir():
+            print(f"[data] generating the synthetic {name} dataset into {cache}", flush=True)
+            generate_category(cache, name, seed=SYNTHETIC_SEED, progress=progress)
+    print(f"[data] synthetic LOCO-style data from {cache} (no --data-root given)", flush=True)
+    return cache, names
+
+
+def result_table(results: Sequence[BuildResult]) -> str:
+    """Image AUROC and AU-sPRO@0.05 (logical / structural / mean) per branch, and step times."""
+    head = ["category", "map", "AUROC log", "struct", "mean", "sPRO@.05 log", "struct", "mean"]
+    rows = [head]
+    keys = ("logical_anomalies", "structural_anomalies", "mean")
+    for result in results:
+        for branch, m in result.metrics.items():
+            cells = [m.auroc[k] for k in keys] + [m.auc_spro[k][0.05] for k in keys]
+            rows.append(
+                [result.category, branch] + ["-" if v is None else f"{v:.3f}" for v in cells]
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    for result in results:
+        steps = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items())
+        lines.append(f"{result.category}: {steps}; total {sum(result.seconds.values()):.1f}s")
+        lines.append(f"{result.category}: threshold {result.threshold:.4g} -> {result.artifact}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress = not args.no_progress
+    try:
+        if args.category == "all" and args.out is not None:
+            raise ValueError("--out names one artifact; with --category all omit it")
+        device = resolve_device(args.device)
+        config = build_config(args, device)
+        root, categories = resolve_data(args, progress)
+        results = []
+        for category in categories:
+            out = args.out or Path("artifacts") / category
+            save_maps = args.save_maps
+            results.append(build_category(root, category, out, config, device, save_maps, progress))
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: no artifact was written for the category in progress; training "
+            "checkpoints are kept and a rerun of the same command resumes",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except (DatasetError, ValueError, RuntimeError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print()
+    print(result_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

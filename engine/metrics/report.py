@@ -1,0 +1,58 @@
+"""LOCO results out: ``metrics.json`` in the official format (atomic) and a terminal table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from engine.data.types import LOGICAL, STRUCTURAL
+from engine.metrics.loco import MEAN, LocoMetrics
+
+METRICS_FILE = "metrics.json"
+_ROWS = ((LOGICAL, "logical"), (STRUCTURAL, "structural"), (MEAN, "mean"))
+
+
+def write_metrics_json(metrics: LocoMetrics, out_dir: str | Path) -> Path:
+    """Write ``<out_dir>/metrics.json`` (indent 4, sorted keys, as the official script) atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / METRICS_FILE
+    temp = out_dir / f".{METRICS_FILE}.tmp-{os.getpid()}"
+    try:
+        with open(temp, "w") as f:
+            json.dump(metrics.to_official_json(), f, indent=4, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def format_table(metrics: LocoMetrics) -> str:
+    """Rows logical / structural / mean; columns official AUROC, tie-correct AUROC and
+    AU-sPRO at each integration limit (3 decimals like the official print script; "-" = undefined)."""
+    header = ["", "AUROC", "AUROC tie-correct"] + [
+        f"AU-sPRO@{limit:g}" for limit in metrics.max_fprs
+    ]
+    rows = [header]
+    for key, label in _ROWS:
+        rows.append(
+            [label, _cell(metrics.auroc[key]), _cell(metrics.auroc_tie_correct[key])]
+            + [_cell(metrics.auc_spro[key][limit]) for limit in metrics.max_fprs]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

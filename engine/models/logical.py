@@ -1,0 +1,416 @@
+"""NPGMF logical anomaly detection module (paper §III-A): frozen encoder + fusion decoder.
+
+Data flow for a (B, 3, S, S) input, with ResNet-101 sizes at S = 256 in brackets::
+
+    encoder E (frozen)     layer1 (256@64) layer2 (512@32) layer3 (1024@16) layer4 (2048@8)
+    OCE                    layer4 -> two 3×3 stride-2 convs -> (512@2)
+    context fusion         concat(OCE, global context) -> 1×1 -> LeWin            (F@2)
+    bridge                 two upsampling de-ResNet stages, OCE mirrored          (2048@8)
+    per compared level n, coarse to fine (n = layer3, layer2, layer1):
+        concat(h, global context, VQ_n(atrous_n(f_E at 2× the stride of n)))
+        -> 1×1 to the fusion width F -> LeWin -> de-ResNet stage D_n (×2)   -> f_D^n (C_n@S/s_n)
+    image head (training only)   f_D^finest -> transposed convs -> (3@S)
+
+The global context is the category-name text embedding (computed once at build time; a
+learned vector when there is none) through a trainable FC. The paper upsamples it bilinearly to
+every level; a 1×1 map upsampled bilinearly is constant, so it is broadcast instead.
+
+Where the 2×2 OCE output meets the first compared level (layer3, 16×16): the bridge's two
+×2 stages bring it to the bottleneck level's grid (8×8), where the first codebook (on layer4
+features) joins; the layer3 decoding stage then does the last ×2. Each codebook thus quantises
+the encoder level at the resolution of the decoder state it is fused with, i.e. the level one
+step coarser than the level that stage reproduces. When a size is not a power-of-two multiple
+(non-square LOCO-like inputs, 64 px inputs whose OCE output is 1×1), the bridge and stage
+outputs are bilinearly resized to the encoder grid they must match; for S divisible by 128 no
+resize happens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.backbones import FeatureExtractor, load_backbone
+from engine.models.decoder import DecodeStage
+from engine.models.lewin import LeWinStage
+from engine.models.vq import AtrousBlock, VectorQuantizer
+from kernels import cosine_maps
+
+FEATURE_LOSSES = ("pixel", "flat")
+
+
+@dataclass(frozen=True)
+class LogicalConfig:
+    """Logical-module settings. Paper values: backbone, codebook size 16, loss weights 1,
+    LeWin window 8 (Uformer); the rest are documented defaults (gap notes §1.5–1.8).
+
+    Channel widths of the OCE, bridge and decoding stages come from the backbone; only the
+    internal widths below (codebook, context, fusion) are free choices.
+
+    ``decoder_blocks`` lists the de-ResNet blocks per compared level, in the order of
+    ``compared_levels``; (6, 4, 3) is RD4AD's de-WideResNet-50 (fine to coarse).
+
+    ``feature_loss``: ``"pixel"`` (default) is the mean over pixels of 1 − cos over channels,
+    the very quantity the anomaly map scores, so training lowers the normal-image map at every
+    pixel, including low-norm background pixels that RD4AD's ``"flat"`` form (one cosine over
+    the flattened C·H·W vector, dominated by high-norm pixels) leaves loosely reconstructed.
+    """
+
+    backbone: str = "resnet101"
+    compared_levels: tuple[str, ...] = ("layer1", "layer2", "layer3")
+    bottleneck_level: str = "layer4"
+    image_size: int = 256
+    codebook_size: int = 16
+    codebook_dim: int = 256
+    commitment_beta: float = 0.25
+    atrous_dilations: tuple[int, ...] = (1, 2, 4)
+    learned_text_dim: int = 512
+    context_dim: int = 64
+    fusion_width: int = 256
+    lewin_window: int = 8
+    lewin_depth: int = 2
+    lewin_head_dim: int = 32
+    lewin_mlp_ratio: float = 4.0
+    decoder_blocks: tuple[int, ...] = (6, 4, 3)
+    feature_loss: str = "pixel"
+    feature_weight: float = 1.0
+    image_weight: float = 1.0
+    vq_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Accept lists (configs read back from JSON manifests).
+        for name in ("compared_levels", "atrous_dilations", "decoder_blocks"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.compared_levels:
+            raise ValueError("compared_levels must name at least one level")
+        if self.bottleneck_level in self.compared_levels:
+            raise ValueError(
+                f"bottleneck_level {self.bottleneck_level!r} must not be a compared level"
+            )
+        if len(self.decoder_blocks) != len(self.compared_levels):
+            raise ValueError(
+                f"decoder_blocks {self.decoder_blocks} needs one entry per compared level "
+                f"{self.compared_levels}"
+            )
+        if self.feature_loss not in FEATURE_LOSSES:
+            raise ValueError(
+                f"feature_loss must be one of {FEATURE_LOSSES}, got {self.feature_loss!r}"
+            )
+        positive = ("image_size", "codebook_size", "codebook_dim", "learned_text_dim")
+        positive += ("context_dim", "fusion_width", "lewin_window", "lewin_depth", "lewin_head_dim")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("commitment_beta", "feature_weight", "image_weight", "vq_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite non-negative number, got {value}")
+        if any(b < 1 for b in self.decoder_blocks):
+            raise ValueError(f"decoder_blocks must be positive, got {self.decoder_blocks}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LogicalConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown LogicalConfig fields: {sorted(unknown)}")
+        return cls(**values)
+
+
+def cpu_preset() -> LogicalConfig:
+    """Small logical module that trains on a ~60-image category in minutes on 2 CPU cores.
+
+    EfficientNet-Lite0 (real offline weights), 128 px, narrow fusion/codebook widths, one
+    de-ResNet block per level and one LeWin block pair per stage. Pair it with
+    :func:`engine.train.cpu_train_preset`.
+    """
+    return LogicalConfig(
+        backbone="efficientnet_lite0",
+        image_size=128,
+        codebook_dim=32,
+        context_dim=16,
+        learned_text_dim=64,
+        fusion_width=64,
+        decoder_blocks=(1, 1, 1),
+    )
+
+
+@dataclass
+class LogicalOutput:
+    """What one training forward produces.
+
+    ``encoder``/``decoder``: per compared level, fine to coarse, (B, C_n, h_n, w_n) each.
+    ``image``: (B, 3, H, W) reconstruction in the normalised input space (training head).
+    ``vq_loss``: scalar, sum of the per-level VQ losses.
+    """
+
+    encoder: list[torch.Tensor]
+    decoder: list[torch.Tensor]
+    image: torch.Tensor
+    vq_loss: torch.Tensor
+
+
+@dataclass
+class LossTerms:
+    """Scalar loss tensors; ``total`` is the weighted sum that is back-propagated."""
+
+    total: torch.Tensor
+    feature: torch.Tensor
+    image: torch.Tensor
+    vq: torch.Tensor
+
+
+def _resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if x.shape[-2:] == like.shape[-2:]:
+        return x
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(1, channels)
+
+
+def _conv_norm_relu(in_ch: int, out_ch: int) -> nn.Sequential:
+    # GroupNorm(1): the OCE's last map is 1×1 at 128 px, where BatchNorm cannot train at batch 1.
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1, bias=False),
+        _group_norm(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class LevelFusion(nn.Module):
+    """One decoder level: concat(state, context, VQ(atrous(prior))) -> 1×1 -> LeWin -> D_n.
+
+    Shapes: state (B, state_ch, h, w), context (B, ctx, h, w), prior (B, prior_ch, h, w) ->
+    decoded (B, out_ch, 2h, 2w) and the scalar VQ loss.
+    """
+
+    def __init__(
+        self, state_ch: int, prior_ch: int, out_ch: int, num_blocks: int, config: LogicalConfig
+    ) -> None:
+        super().__init__()
+        c = config
+        self.atrous = AtrousBlock(prior_ch, c.codebook_dim, c.atrous_dilations)
+        self.vq = VectorQuantizer(c.codebook_size, c.codebook_dim, c.commitment_beta)
+        self.project = nn.Conv2d(state_ch + c.context_dim + c.codebook_dim, c.fusion_width, 1)
+        self.fuse = LeWinStage(
+            c.fusion_width, c.lewin_depth, c.lewin_window, c.lewin_head_dim, c.lewin_mlp_ratio
+        )
+        self.decode = DecodeStage(c.fusion_width, out_ch, num_blocks)
+
+    def forward(
+        self, state: torch.Tensor, context: torch.Tensor, prior: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        quantized, _, vq_loss = self.vq(self.atrous(prior))
+        fused = self.fuse(self.project(torch.cat([state, context, quantized], dim=1)))
+        return self.decode(fused), vq_loss
+
+
+class ImageHead(nn.Module):
+    """Light head for the MSE image-reconstruction term only (training; not in the map path).
+
+    Shapes: (B, in_ch, h, w) -> (B, 3, h * 2**num_up, w * 2**num_up).
+    """
+
+    def __init__(self, in_ch: int, num_up: int, width: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch = in_ch
+        for i in range(num_up):
+            out = max(width >> i, 8)
+            layers += [
+                nn.ConvTranspose2d(ch, out, 2, stride=2, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
+            ch = out
+        layers.append(nn.Conv2d(ch, 3, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class FusionDecoder(nn.Module):
+    """Everything trainable: OCE, global context, codebooks, LeWin fusion, de-ResNet stages and
+    the image head. Checkpoints hold this module's state only (the encoder is frozen).
+
+    ``forward(features)`` maps the encoder's ``{level: (B, C, h, w)}`` to the decoder features
+    ``{level: (B, C_n, h_n, w_n)}`` of the compared levels and the scalar VQ loss.
+    """
+
+    def __init__(
+        self,
+        config: LogicalConfig,
+        channels: dict[str, int],
+        strides: dict[str, int],
+        text_embedding: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        c = config
+        missing = [lvl for lvl in (*c.compared_levels, c.bottleneck_level) if lvl not in channels]
+        if missing:
+            raise ValueError(f"the encoder does not provide levels {missing}")
+        # Fine to coarse; each level's prior is the next coarser one, the last one's the bottleneck.
+        order = sorted(range(len(c.compared_levels)), key=lambda i: strides[c.compared_levels[i]])
+        self.levels = tuple(c.compared_levels[i] for i in order)
+        blocks = [c.decoder_blocks[i] for i in order]
+        self.priors = (*self.levels[1:], c.bottleneck_level)
+        for level, prior in zip(self.levels, self.priors, strict=True):
+            if strides[prior] != 2 * strides[level]:
+                raise ValueError(
+                    f"levels must be consecutive (stride ×2 each, bottleneck last): {level} has "
+                    f"stride {strides[level]} but {prior} has {strides[prior]}"
+                )
+        self.bottleneck = c.bottleneck_level
+
+        if text_embedding is None:
+            self.text = nn.Parameter(torch.randn(c.learned_text_dim))
+        else:
+            if text_embedding.dim() != 1 or not torch.isfinite(text_embedding).all():
+                raise ValueError(
+                    f"text_embedding must be a finite (dim,) vector, got {tuple(text_embedding.shape)}"
+                )
+            self.register_buffer("text", text_embedding.detach().float().clone())
+        self.context_fc = nn.Linear(self.text.numel(), c.context_dim)
+
+        c_b = channels[self.bottleneck]
+        oce_mid, oce_out = max(c_b // 2, 1), max(c_b // 4, 1)
+        self.oce = nn.Sequential(_conv_norm_relu(c_b, oce_mid), _conv_norm_relu(oce_mid, oce_out))
+        self.context_project = nn.Conv2d(oce_out + c.context_dim, c.fusion_width, 1)
+        self.context_fuse = LeWinStage(
+            c.fusion_width, c.lewin_depth, c.lewin_window, c.lewin_head_dim, c.lewin_mlp_ratio
+        )
+        # GroupNorm for the same reason as the OCE: the bridge starts from the OCE's 1×1/2×2 map.
+        self.bridge = nn.Sequential(
+            DecodeStage(c.fusion_width, oce_mid, norm_layer=_group_norm),
+            DecodeStage(oce_mid, c_b, norm_layer=_group_norm),
+        )
+        self.stages = nn.ModuleDict()
+        state_ch = c_b
+        for level, prior, n_blocks in reversed(list(zip(self.levels, self.priors, blocks))):
+            self.stages[level] = LevelFusion(
+                state_ch, channels[prior], channels[level], n_blocks, c
+            )
+            state_ch = channels[level]
+        num_up = int(math.log2(strides[self.levels[0]]))
+        self.image_head = ImageHead(channels[self.levels[0]], num_up)
+
+    def context(self, like: torch.Tensor) -> torch.Tensor:
+        """Global context broadcast to ``like``'s batch and grid: (B, context_dim, h, w)."""
+        vector = self.context_fc(self.text).to(like.dtype)
+        b, _, h, w = like.shape
+        return vector[None, :, None, None].expand(b, -1, h, w)
+
+    def forward(
+        self, features: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        prior = features[self.bottleneck]
+        oce = self.oce(prior)
+        state = self.context_fuse(self.context_project(torch.cat([oce, self.context(oce)], dim=1)))
+        state = _resize_to(self.bridge(state), prior)
+        decoded: dict[str, torch.Tensor] = {}
+        vq_loss = prior.new_zeros((), dtype=torch.float32)
+        for level, prior_level in reversed(list(zip(self.levels, self.priors))):
+            out, level_vq = self.stages[level](state, self.context(state), features[prior_level])
+            state = decoded[level] = _resize_to(out, features[level])
+            vq_loss = vq_loss + level_vq
+        return decoded, vq_loss
+
+
+class LogicalModel(nn.Module):
+    """Frozen encoder + multi-semantic fusion decoder (NPGMF M_LAD).
+
+    ``forward(x)`` (training; x (B, 3, H, W) normalised) -> :class:`LogicalOutput`.
+    ``anomaly_map(x)`` (inference) -> (B, H, W) float32, larger = more anomalous; it skips the
+    image head and uses no data-dependent Python control flow, so it traces/exports.
+    """
+
+    def __init__(
+        self,
+        config: LogicalConfig,
+        encoder: FeatureExtractor,
+        text_embedding: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        for parameter in self.encoder.parameters():
+            parameter.requires_grad_(False)
+        self.decoder = FusionDecoder(config, encoder.channels, encoder.strides, text_embedding)
+        self.levels = self.decoder.levels
+        self.encoder.eval()
+
+    @classmethod
+    def build(
+        cls,
+        config: LogicalConfig,
+        text_embedding: torch.Tensor | None = None,
+        weights: str | Path = "auto",
+        allow_random: bool = False,
+        verbose: bool = True,
+    ) -> LogicalModel:
+        """Load the configured backbone (see :func:`load_backbone`) and build the model."""
+        levels = (*config.compared_levels, config.bottleneck_level)
+        encoder = load_backbone(config.backbone, levels, weights, allow_random, verbose)
+        return cls(config, encoder, text_embedding)
+
+    def train(self, mode: bool = True) -> LogicalModel:
+        super().train(mode)
+        self.encoder.eval()  # frozen: BatchNorm statistics must not move
+        return self
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) image batch, got shape {tuple(x.shape)}")
+
+    def features(
+        self, x: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Encoder and decoder features per compared level (fine to coarse) and the VQ loss."""
+        self._check_input(x)
+        with torch.no_grad():
+            encoded = self.encoder(x)
+        decoded, vq_loss = self.decoder(encoded)
+        return [encoded[lv] for lv in self.levels], [decoded[lv] for lv in self.levels], vq_loss
+
+    def forward(self, x: torch.Tensor) -> LogicalOutput:
+        encoder, decoder, vq_loss = self.features(x)
+        image = _resize_to(self.decoder.image_head(decoder[0]), x)
+        return LogicalOutput(encoder, decoder, image, vq_loss)
+
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over compared levels of bilinearly upsampled (align_corners=True, as RD4AD)
+        per-pixel 1 − cos(f_E^n, f_D^n): (B, 3, H, W) -> (B, H, W) float32."""
+        encoder, decoder, _ = self.features(x)
+        return cosine_maps(encoder, decoder, (x.shape[-2], x.shape[-1]), align_corners=True)
+
+
+def logical_loss(output: LogicalOutput, images: torch.Tensor, config: LogicalConfig) -> LossTerms:
+    """Weighted sum of the cosine feature loss, the MSE image term and the VQ terms.
+
+    Feature term per level: ``"pixel"``: mean over (B, h, w) of 1 − cos over channels;
+    ``"flat"``: mean over B of 1 − cos of the flattened (C·h·w) vectors (RD4AD). Summed over
+    levels. ``images`` (B, 3, H, W) is the normalised input the image head reconstructs.
+    """
+    feature = images.new_zeros((), dtype=torch.float32)
+    for e, d in zip(output.encoder, output.decoder, strict=True):
+        e, d = e.float(), d.float()
+        if config.feature_loss == "pixel":
+            cos = F.cosine_similarity(e, d, dim=1, eps=1e-8)
+        else:
+            cos = F.cosine_similarity(e.flatten(1), d.flatten(1), dim=1, eps=1e-8)
+        feature = feature + (1.0 - cos).mean()
+    image = F.mse_loss(output.image.float(), images.float())
+    vq = output.vq_loss.float()
+    total = config.feature_weight * feature + config.image_weight * image + config.vq_weight * vq
+    return LossTerms(total=total, feature=feature, image=image, vq=vq)

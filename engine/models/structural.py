@@ -1,0 +1,268 @@
+"""PatchCore-style structural module (paper §III-B): patch features, memory bank, kNN scores.
+
+Patch features (``PatchFeatures``), per backbone level:
+
+1. 3x3 local aggregation: average over each patch's 3x3 neighbourhood (stride 1, zero padding
+   counted, like PatchCore's zero-padded unfold);
+2. projection of the channels to ``feature_dim`` by adaptive average pooling over channels
+   (PatchCore's per-level ``MeanMapper``), then of the stacked levels to ``feature_dim`` again
+   (PatchCore's ``Aggregator``). Both poolings are fixed linear maps, so they are folded into one
+   (C_level, feature_dim) matrix per level and applied as a 1x1 projection (ONNX-exportable);
+3. the coarser levels bilinearly upsampled (align_corners=False) to the finest grid and summed.
+
+Because steps 1-3 are all linear, projecting before upsampling gives the same numbers as
+PatchCore's order while upsampling only ``feature_dim`` channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from engine.models.backbones import FeatureExtractor, load_backbone
+from engine.models.coreset import greedy_coreset
+from engine.models.knn_index import INDEX_KINDS
+from kernels import knn_min
+from kernels.knn import bank_sq_norms
+
+__all__ = [
+    "PatchFeatures",
+    "StructuralConfig",
+    "StructuralModel",
+    "adaptive_pool_matrix",
+    "build_memory_bank",
+    "extract_patch_features",
+]
+
+
+@dataclass(frozen=True)
+class StructuralConfig:
+    """Structural module settings; defaults follow the paper / PatchCore (gap notes §3)."""
+
+    backbone: str = "resnext101_32x8d"
+    levels: tuple[str, ...] = ("layer2", "layer3")
+    image_size: int = 256
+    patch_size: int = 3
+    feature_dim: int = 1024
+    coreset_ratio: float = 0.1
+    coreset_projection_dim: int = 128
+    coreset_seed: int = 0
+    index: str = "auto"
+    k: int = 1
+    bank_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "feature_dim", "coreset_projection_dim", "k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"StructuralConfig.{name} must be a positive int, got {value!r}")
+        if self.patch_size % 2 == 0:
+            raise ValueError(f"StructuralConfig.patch_size must be odd, got {self.patch_size}")
+        if not 0 < self.coreset_ratio <= 1:
+            raise ValueError(
+                f"StructuralConfig.coreset_ratio must be in (0, 1], got {self.coreset_ratio}"
+            )
+        if self.index not in INDEX_KINDS:
+            raise ValueError(
+                f"StructuralConfig.index must be one of {INDEX_KINDS}, got {self.index!r}"
+            )
+        if self.bank_dtype not in ("float32", "float16"):
+            raise ValueError(
+                f"StructuralConfig.bank_dtype must be float32 or float16, got {self.bank_dtype!r}"
+            )
+        if self.k != 1:
+            raise ValueError("StructuralConfig.k: only k=1 (PatchCore's score) is implemented")
+
+
+def adaptive_pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_in, n_out) matrix ``P`` with ``x @ P == F.adaptive_avg_pool1d(x, n_out)`` on the last dim."""
+    matrix = torch.zeros(n_in, n_out, dtype=torch.float64)
+    for j in range(n_out):
+        start = (j * n_in) // n_out
+        stop = -((-(j + 1) * n_in) // n_out)  # ceil
+        matrix[start:stop, j] = 1.0 / (stop - start)
+    return matrix.float()
+
+
+class PatchFeatures(nn.Module):
+    """Frozen backbone -> locally aggregated, projected patch features on the finest level's grid.
+
+    ``forward(x)`` takes (B, 3, S, S) normalised images and returns ``(features, (h, w))`` with
+    features of shape (B, h*w, feature_dim) in row-major grid order, (h, w) the finest level's grid.
+    """
+
+    def __init__(
+        self, backbone: FeatureExtractor, feature_dim: int = 1024, patch_size: int = 3
+    ) -> None:
+        super().__init__()
+        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
+            raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
+        if (
+            isinstance(patch_size, bool)
+            or not isinstance(patch_size, int)
+            or patch_size < 1
+            or patch_size % 2 != 1
+        ):
+            raise ValueError(f"patch_size must be a positive odd int, got {patch_size!r}")
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.patch_size = patch_size
+        levels = backbone.levels
+        stacked = adaptive_pool_matrix(len(levels) * feature_dim, feature_dim)
+        for i, level in enumerate(levels):
+            per_level = adaptive_pool_matrix(backbone.channels[level], feature_dim)
+            folded = per_level @ stacked[i * feature_dim : (i + 1) * feature_dim]
+            # As a (D, C, 1, 1) 1x1-convolution weight.
+            weight = folded.t().contiguous()[:, :, None, None]
+            self.register_buffer(f"projection_{level}", weight, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        maps = self.backbone(x)
+        finest = self.backbone.levels[0]
+        grid = maps[finest].shape[-2:]
+        total = None
+        for level in self.backbone.levels:
+            pooled = F.avg_pool2d(
+                maps[level], self.patch_size, stride=1, padding=self.patch_size // 2
+            )
+            projected = F.conv2d(pooled, getattr(self, f"projection_{level}"))
+            if projected.shape[-2:] != grid:
+                projected = F.interpolate(
+                    projected, size=grid, mode="bilinear", align_corners=False
+                )
+            total = projected if total is None else total + projected
+        assert total is not None
+        h, w = int(grid[0]), int(grid[1])
+        return total.flatten(2).transpose(1, 2), (h, w)
+
+
+def _images(batch: torch.Tensor | tuple | list) -> torch.Tensor:
+    """The image tensor of a loader batch: a tensor, or the first item of ``(images, ...)``."""
+    images = batch[0] if isinstance(batch, tuple | list) else batch
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(
+            f"expected loader batches of (B, 3, S, S) images, got {getattr(images, 'shape', type(images))}"
+        )
+    return images
+
+
+@torch.no_grad()
+def extract_patch_features(
+    patch_features: PatchFeatures,
+    loader: Iterable,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> torch.Tensor:
+    """(N_images * h * w, D) float32 CPU features of every image the loader yields."""
+    patch_features.to(device).eval()
+    chunks = []
+    for batch in tqdm(loader, desc="patch features", unit="batch", disable=not progress):
+        features, _ = patch_features(_images(batch).to(device))
+        chunks.append(features.reshape(-1, features.shape[-1]).float().cpu())
+    if not chunks:
+        raise ValueError("the training loader yielded no images")
+    return torch.cat(chunks)
+
+
+def build_memory_bank(
+    patch_features: PatchFeatures,
+    loader: Iterable,
+    cfg: StructuralConfig,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> torch.Tensor:
+    """Features of all training images, reduced to ``cfg.coreset_ratio`` by greedy coreset.
+
+    Returns the (M, D) bank on CPU in ``cfg.bank_dtype``.
+    """
+    features = extract_patch_features(patch_features, loader, device, progress)
+    picks = greedy_coreset(
+        features,
+        ratio=cfg.coreset_ratio,
+        projection_dim=cfg.coreset_projection_dim,
+        seed=cfg.coreset_seed,
+        device=device,
+        progress=progress,
+    )
+    return features[picks.cpu()].to(getattr(torch, cfg.bank_dtype))
+
+
+class StructuralModel(nn.Module):
+    """Patch features + memory bank; scores are Euclidean distances to the nearest bank entry.
+
+    ``forward(x)`` on (B, 3, S, S) returns (B, h, w) patch scores; ``anomaly_map(x)`` returns
+    (B, S, S), bilinearly upsampled (align_corners=False, PatchCore). Search is
+    :func:`kernels.knn_min` against the registered ``bank`` buffer (export-safe; Triton on CUDA).
+    """
+
+    def __init__(self, patch_features: PatchFeatures, bank: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.patch_features = patch_features
+        self.register_buffer("bank", torch.empty(0, patch_features.feature_dim))
+        self.register_buffer("bank_sq", torch.empty(0), persistent=False)
+        if bank is not None:
+            self.set_bank(bank)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: StructuralConfig,
+        weights: str = "auto",
+        allow_random: bool = False,
+        verbose: bool = True,
+    ) -> StructuralModel:
+        backbone = load_backbone(cfg.backbone, cfg.levels, weights, allow_random, verbose)
+        return cls(PatchFeatures(backbone, cfg.feature_dim, cfg.patch_size))
+
+    def set_bank(self, bank: torch.Tensor) -> None:
+        """Install an (M, D) float32 or float16 bank (kept in its dtype, on the model's device)."""
+        d = self.patch_features.feature_dim
+        if bank.dim() != 2 or bank.shape[0] == 0 or bank.shape[1] != d:
+            raise ValueError(f"the bank must be (M, {d}) with M > 0, got {tuple(bank.shape)}")
+        if bank.dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"the bank must be float32 or float16, got {bank.dtype}")
+        if not torch.isfinite(bank).all():
+            raise ValueError("the bank contains NaN or infinite values")
+        device = self.bank.device
+        self.bank = bank.detach().to(device).contiguous()
+        self.bank_sq = bank_sq_norms(self.bank)
+
+    def fit(
+        self,
+        train_loader: Iterable,
+        cfg: StructuralConfig,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> StructuralModel:
+        """Build the memory bank from ``train_loader`` (see :func:`build_memory_bank`)."""
+        self.set_bank(build_memory_bank(self.patch_features, train_loader, cfg, device, progress))
+        return self
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object, **kwargs: object
+    ) -> None:
+        # The bank size is data dependent: resize the empty buffer before loading into it.
+        bank = state_dict.get(prefix + "bank")
+        if bank is not None:
+            self.bank = torch.empty_like(bank, device=self.bank.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if bank is not None:
+            self.bank_sq = bank_sq_norms(self.bank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bank.shape[0] == 0:
+            raise RuntimeError("StructuralModel has no memory bank: call fit() or set_bank() first")
+        features, (h, w) = self.patch_features(x)
+        dist, _ = knn_min(features.reshape(-1, features.shape[-1]), self.bank, bank_sq=self.bank_sq)
+        return dist.reshape(x.shape[0], h, w)
+
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self(x)
+        return F.interpolate(
+            scores[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False
+        )[:, 0]

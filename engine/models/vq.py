@@ -1,0 +1,115 @@
+"""Normal multi-level codebooks (paper §III-A3): atrous context block + vector quantiser."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import vq_nearest
+
+
+class AtrousBlock(nn.Module):
+    """Multi-scale context for one encoder level before quantisation (ASPP-like).
+
+    A 1×1 reduction to ``out_channels`` keeps the dilated convolutions cheap on wide levels
+    (ResNet-101 layer4 has 2048 channels); then a 1×1 branch and one 3×3 branch per dilation
+    run in parallel and a 1×1 merge fuses them. Small dilations (default 1, 2, 4) suit the
+    8–32 px maps this sees at 256 px input: larger ones (ASPP's 6/12/18) would mostly read padding.
+
+    Shapes: (B, in_channels, H, W) -> (B, out_channels, H, W).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, dilations: tuple[int, ...] = (1, 2, 4)
+    ) -> None:
+        super().__init__()
+        if not dilations or any(d < 1 for d in dilations):
+            raise ValueError(f"dilations must be positive integers, got {dilations}")
+        branch = max(out_channels // 2, 1)
+        self.reduce = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+        branches = [_conv_bn_relu(out_channels, branch, kernel=1, dilation=1)]
+        branches += [_conv_bn_relu(out_channels, branch, kernel=3, dilation=d) for d in dilations]
+        self.branches = nn.ModuleList(branches)
+        # No ReLU after the merge: the quantiser sees zero-centred, unit-scale features.
+        self.merge = nn.Sequential(
+            nn.Conv2d(branch * len(branches), out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(x)
+        return self.merge(torch.cat([b(x) for b in self.branches], dim=1))
+
+
+def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int, dilation: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(
+            in_ch, out_ch, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False
+        ),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class VectorQuantizer(nn.Module):
+    """VQ-VAE quantiser with a learnable codebook and a straight-through gradient.
+
+    Every spatial vector is replaced by its nearest codebook entry (squared L2, searched by
+    :func:`kernels.vq_nearest` on detached tensors). The loss is the VQ-VAE one,
+    ``||sg[z] - e||² + beta * ||z - sg[e]||²`` (means over elements).
+
+    ``beta`` defaults to 0.25, VQ-VAE's value: the commitment term only has to stop the encoder
+    output drifting away from the codebook, and a weight below 1 lets the codebook move towards
+    the data faster than the data moves towards it.
+
+    The codebook is initialised from the data: on the first training forward, entries are drawn
+    (with replacement when there are fewer vectors than entries, plus a little noise to break
+    ties) from that batch's vectors, so no entry starts far from the data and dies unused. Until
+    then it holds N(0, 1) values; the flag is a buffer, so it survives checkpoints.
+    """
+
+    def __init__(self, num_codes: int = 16, dim: int = 256, beta: float = 0.25) -> None:
+        super().__init__()
+        if num_codes < 1 or dim < 1:
+            raise ValueError(f"num_codes and dim must be positive, got {num_codes} and {dim}")
+        if beta < 0:
+            raise ValueError(f"beta must be non-negative, got {beta}")
+        self.num_codes, self.dim, self.beta = num_codes, dim, beta
+        self.codebook = nn.Parameter(torch.randn(num_codes, dim))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def _init_from_data(self, flat: torch.Tensor) -> None:
+        picks = torch.randint(0, flat.shape[0], (self.num_codes,), device=flat.device)
+        noise = 0.01 * torch.randn(self.num_codes, self.dim, device=flat.device)
+        self.codebook.copy_(flat[picks].float() + noise)
+        self.initialized.fill_(True)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quantise a feature map.
+
+        Args:
+            z: (B, dim, H, W) features.
+
+        Returns:
+            ``(quantized, indices, loss)``: (B, dim, H, W) straight-through quantised features,
+            (B, H, W) int64 codebook indices, and the scalar VQ loss.
+        """
+        if z.dim() != 4 or z.shape[1] != self.dim:
+            raise ValueError(f"expected (B, {self.dim}, H, W) features, got {tuple(z.shape)}")
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        if self.training and not bool(self.initialized):
+            self._init_from_data(flat.detach())
+        indices, _ = vq_nearest(flat.detach(), self.codebook.detach())
+        # Gather again with gradient so the codebook term reaches the entries.
+        codes = F.embedding(indices, self.codebook).to(flat.dtype)
+        loss = F.mse_loss(codes, flat.detach()) + self.beta * F.mse_loss(flat, codes.detach())
+        quantized = flat + (codes - flat).detach()
+        quantized = quantized.reshape(b, h, w, d).permute(0, 3, 1, 2)
+        return quantized, indices.reshape(b, h, w), loss

@@ -1,0 +1,40 @@
+"""Device parametrisation for the kernel tests.
+
+Every Triton test runs on CPU under the interpreter (``TRITON_INTERPRET=1``, set by
+``tests/conftest.py`` when there is no GPU) and on CUDA when one is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.dispatch import interpreter_enabled
+
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not interpreter_enabled(), reason="CPU Triton runs need TRITON_INTERPRET=1"
+        ),
+    ),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ],
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Where the Triton kernel under test runs."""
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """Seeded CPU generator: test data is drawn on CPU, then moved."""
+    return torch.Generator().manual_seed(0)

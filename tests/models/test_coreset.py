@@ -1,0 +1,130 @@
+"""Greedy coreset: coverage, size, uniqueness, determinism, bounded memory, bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.models import coreset
+from engine.models.coreset import coreset_size, greedy_coreset
+
+
+def clustered(
+    n_clusters: int = 20, per_cluster: int = 100, dim: int = 32, seed: int = 0
+) -> torch.Tensor:
+    """Tight Gaussian blobs of very different sizes, so a random subset misses small blobs."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_clusters, dim, generator=g) * 10
+    sizes = [per_cluster * 10 if i < 2 else per_cluster // 10 for i in range(n_clusters)]
+    return torch.cat(
+        [c + 0.1 * torch.randn(s, dim, generator=g) for c, s in zip(centers, sizes, strict=True)]
+    )
+
+
+def max_nearest_distance(points: torch.Tensor, subset: torch.Tensor) -> float:
+    return float(torch.cdist(points, subset).min(dim=1).values.max())
+
+
+def test_coreset_covers_better_than_random_subset() -> None:
+    points = clustered()
+    picks = greedy_coreset(points, count=40, projection_dim=16, progress=False)
+    g = torch.Generator().manual_seed(1)
+    worst_random = max_nearest_distance(
+        points, points[torch.randperm(len(points), generator=g)[:40]]
+    )
+    greedy = max_nearest_distance(points, points[picks])
+    # 20 blobs and 40 picks: greedy reaches every blob (radius ~ blob size), random does not.
+    assert greedy < 0.5 * worst_random
+    assert greedy < 3.0
+
+
+def test_coreset_size_unique_and_in_range() -> None:
+    points = torch.randn(1000, 8)
+    picks = greedy_coreset(points, ratio=0.1, progress=False)
+    assert picks.shape == (100,) and picks.dtype == torch.int64
+    assert picks.unique().numel() == 100
+    assert int(picks.min()) >= 0 and int(picks.max()) < 1000
+
+
+def test_duplicates_never_picked_twice() -> None:
+    points = torch.zeros(50, 4)
+    points[:3] = torch.eye(4)[:3]
+    picks = greedy_coreset(points, count=10, progress=False)
+    assert picks.unique().numel() == 10
+
+
+def test_seeded_and_deterministic() -> None:
+    points = torch.randn(500, 64)
+    a = greedy_coreset(points, count=30, projection_dim=8, seed=3, progress=False)
+    b = greedy_coreset(points, count=30, projection_dim=8, seed=3, progress=False)
+    c = greedy_coreset(points, count=30, projection_dim=8, seed=4, progress=False)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_matches_naive_greedy_k_center() -> None:
+    """Without projection (projection_dim >= D) the picks equal a plain numpy greedy k-center
+    started, as documented, from the mean distance to the seeded start points."""
+    points = torch.randn(200, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    picks = greedy_coreset(points, count=25, projection_dim=3, num_starts=3, seed=7, progress=False)
+
+    x = points.numpy()
+    starts = torch.randperm(200, generator=torch.Generator().manual_seed(7))[:3].numpy()
+    nearest = np.mean([np.linalg.norm(x - x[s], axis=1) for s in starts], axis=0)
+    expected = []
+    for _ in range(25):
+        pick = int(np.argmax(nearest))
+        expected.append(pick)
+        nearest = np.minimum(nearest, np.linalg.norm(x - x[pick], axis=1))
+        nearest[pick] = -1.0
+    assert picks.tolist() == expected
+
+
+def test_count_and_ratio_rules() -> None:
+    assert coreset_size(1000, 0.1, None) == 100
+    assert coreset_size(5, 0.01, None) == 1
+    assert coreset_size(10, None, 10) == 10
+    for ratio, count in ((None, None), (0.1, 5), (0.0, None), (1.5, None), (None, 0), (None, 11)):
+        with pytest.raises(ValueError):
+            coreset_size(10, ratio, count)
+
+
+def test_memory_bounded_no_n_by_n() -> None:
+    """N = 200k: an N x N float32 matrix would need 160 GB, far beyond this machine's memory."""
+    n = 200_000
+    points = torch.randn(n, 16, generator=torch.Generator().manual_seed(0))
+    picks = greedy_coreset(points, count=5, projection_dim=8, progress=False)
+    assert picks.unique().numel() == 5
+
+
+def test_input_not_modified() -> None:
+    points = torch.randn(100, 4)
+    before = points.clone()
+    greedy_coreset(points, count=5, projection_dim=8, progress=False)
+    assert torch.equal(points, before)
+
+
+def test_random_projection_batches_agree() -> None:
+    points = torch.randn(300, 40)
+    cpu = torch.device("cpu")
+    full = coreset.random_projection(points, 8, torch.Generator().manual_seed(0), cpu, batch=1000)
+    small = coreset.random_projection(points, 8, torch.Generator().manual_seed(0), cpu, batch=7)
+    torch.testing.assert_close(full, small)
+
+
+@pytest.mark.parametrize(
+    "features, kwargs",
+    [
+        (torch.randn(0, 4), {}),
+        (torch.randn(10), {}),
+        (torch.randint(0, 5, (10, 4)), {}),
+        (torch.full((10, 4), float("nan")), {}),
+        (torch.randn(10, 4), {"projection_dim": 0}),
+        (torch.randn(10, 4), {"num_starts": 0}),
+        (torch.randn(10, 4), {"ratio": None, "count": 20}),
+    ],
+)
+def test_bad_inputs(features: torch.Tensor, kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        greedy_coreset(features, progress=False, **kwargs)

@@ -1,0 +1,220 @@
+"""Structural module: patch-feature shapes and maths, memory bank, scores, maps, bad inputs."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from engine.models.backbones import FeatureExtractor, load_backbone
+from engine.models.structural import (
+    PatchFeatures,
+    StructuralConfig,
+    StructuralModel,
+    adaptive_pool_matrix,
+    build_memory_bank,
+)
+
+
+def backbone(arch: str = "resnet18") -> FeatureExtractor:
+    return load_backbone(
+        arch, ("layer2", "layer3"), weights="random", allow_random=True, verbose=False
+    )
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> FeatureExtractor:
+    torch.manual_seed(0)
+    return backbone()
+
+
+@pytest.mark.parametrize("n_in, n_out", [(512, 1024), (1024, 1024), (2048, 1024), (7, 3), (40, 64)])
+def test_adaptive_pool_matrix_equals_adaptive_avg_pool1d(n_in: int, n_out: int) -> None:
+    x = torch.randn(5, n_in)
+    want = F.adaptive_avg_pool1d(x[:, None], n_out)[:, 0]
+    torch.testing.assert_close(x @ adaptive_pool_matrix(n_in, n_out), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_lite0"])
+def test_patch_feature_shapes(arch: str, request: pytest.FixtureRequest) -> None:
+    extractor = request.getfixturevalue("resnet18") if arch == "resnet18" else backbone(arch)
+    pf = PatchFeatures(extractor, feature_dim=48)
+    with torch.no_grad():
+        features, grid = pf(torch.randn(2, 3, 64, 96))
+    # layer2 has stride 8: an 8 x 12 grid.
+    assert grid == (8, 12)
+    assert features.shape == (2, 8 * 12, 48)
+    assert features.dtype == torch.float32
+
+
+def test_patch_features_follow_patchcore_recipe(resnet18: FeatureExtractor) -> None:
+    """Independent PatchCore-order computation: 3x3 average, per-level adaptive pooling over
+    channels, coarser level upsampled, stacked levels pooled again."""
+    pf = PatchFeatures(resnet18, feature_dim=64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got, (h, w) = pf(x)
+        maps = resnet18(x)
+    per_level = []
+    for level in ("layer2", "layer3"):
+        f = F.avg_pool2d(maps[level], 3, stride=1, padding=1)
+        f = F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+        f = f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1])  # (B*h*w, C)
+        per_level.append(F.adaptive_avg_pool1d(f[:, None], 64)[:, 0])
+    stacked = torch.stack(per_level, dim=1).reshape(-1, 1, 2 * 64)
+    want = F.adaptive_avg_pool1d(stacked, 64)[:, 0].reshape(2, h * w, 64)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_patch_features_deterministic(resnet18: FeatureExtractor) -> None:
+    pf = PatchFeatures(resnet18, feature_dim=32)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(pf(x)[0], pf(x)[0])
+
+
+def test_bank_scores_and_map(resnet18: FeatureExtractor) -> None:
+    torch.manual_seed(1)
+    pf = PatchFeatures(resnet18, feature_dim=32)
+    train = [torch.randn(2, 3, 64, 64) for _ in range(3)]
+    cfg = StructuralConfig(feature_dim=32, coreset_ratio=0.25)
+    model = StructuralModel(pf).fit([(x, torch.arange(2)) for x in train], cfg, progress=False)
+    assert model.bank.shape == (int(6 * 64 * 0.25), 32) and model.bank.dtype == torch.float32
+
+    query = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        scores = model(query)
+        feats, _ = pf(query)
+        amap = model.anomaly_map(query)
+    want = torch.cdist(feats[0].double(), model.bank.double()).min(1).values.reshape(1, 8, 8)
+    torch.testing.assert_close(scores.double(), want, rtol=1e-4, atol=1e-4)
+    assert amap.shape == (1, 64, 64)
+    torch.testing.assert_close(
+        amap,
+        F.interpolate(scores[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0],
+    )
+    # A training image's patches with the full bank score (almost) zero.
+    full = StructuralModel(pf).fit(
+        train[:1], StructuralConfig(feature_dim=32, coreset_ratio=1.0), progress=False
+    )
+    with torch.no_grad():
+        assert float(full(train[0][:1]).max()) < 1e-2
+
+
+def test_float16_bank_and_state_dict_round_trip(resnet18: FeatureExtractor) -> None:
+    pf = PatchFeatures(resnet18, feature_dim=32)
+    cfg = StructuralConfig(feature_dim=32, coreset_ratio=0.5, bank_dtype="float16")
+    bank = build_memory_bank(pf, [torch.randn(1, 3, 64, 64)], cfg, progress=False)
+    assert bank.shape == (32, 32) and bank.dtype == torch.float16
+    model = StructuralModel(pf, bank)
+    restored = StructuralModel(PatchFeatures(resnet18, feature_dim=32))
+    restored.load_state_dict(model.state_dict())
+    assert torch.equal(restored.bank, bank)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(restored(x), model(x))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+def test_onnx_export_matches_eager(resnet18: FeatureExtractor) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    model = StructuralModel(PatchFeatures(resnet18, feature_dim=32), torch.randn(50, 32)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"], output_names=["scores"])
+    got = ort.InferenceSession(buffer.getvalue()).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_config_defaults_and_validation() -> None:
+    cfg = StructuralConfig()
+    assert (cfg.backbone, cfg.levels, cfg.image_size, cfg.patch_size) == (
+        "resnext101_32x8d",
+        ("layer2", "layer3"),
+        256,
+        3,
+    )
+    assert (cfg.feature_dim, cfg.coreset_ratio, cfg.coreset_projection_dim, cfg.index, cfg.k) == (
+        1024,
+        0.1,
+        128,
+        "auto",
+        1,
+    )
+    bad = [
+        {"patch_size": 2},
+        {"feature_dim": 0},
+        {"coreset_ratio": 0.0},
+        {"coreset_ratio": 1.5},
+        {"index": "annoy"},
+        {"bank_dtype": "int8"},
+        {"k": 3},
+        {"image_size": True},
+    ]
+    for kwargs in bad:
+        with pytest.raises(ValueError):
+            StructuralConfig(**kwargs)
+
+
+def test_bad_inputs(resnet18: FeatureExtractor) -> None:
+    pf = PatchFeatures(resnet18, feature_dim=32)
+    model = StructuralModel(pf)
+    with pytest.raises(RuntimeError, match="no memory bank"):
+        model(torch.randn(1, 3, 64, 64))
+    for bank in (
+        torch.randn(5, 31),
+        torch.randn(0, 32),
+        torch.ones(5, 32, dtype=torch.int32),
+        torch.full((5, 32), float("nan")),
+    ):
+        with pytest.raises(ValueError):
+            model.set_bank(bank)
+    for kwargs in ({"feature_dim": 0}, {"patch_size": 2}, {"patch_size": -1}):
+        with pytest.raises(ValueError):
+            PatchFeatures(resnet18, **kwargs)
+    cfg = StructuralConfig(feature_dim=32)
+    with pytest.raises(ValueError, match="no images"):
+        build_memory_bank(pf, [], cfg, progress=False)
+    with pytest.raises(ValueError, match="images"):
+        build_memory_bank(pf, [torch.randn(3, 64, 64)], cfg, progress=False)
+
+
+@pytest.mark.slow
+def test_structural_only_detects_synthetic_structural_defects(tmp_path: Path) -> None:
+    """End to end on a small synthetic pushpins category with the offline EfficientNet-Lite0
+    ImageNet weights: structural image AUROC (good vs structural test images) must beat chance."""
+    from engine.data.loco import LocoDataset
+    from engine.data.synthetic import generate_category
+    from engine.data.transforms import ImageFolderDataset, ImageTransform
+    from engine.metrics import auroc
+
+    generate_category(
+        tmp_path, "pushpins", seed=0, n_train=20, n_validation=1, n_test_good=8,
+        n_logical=1, n_structural=8, progress=False,
+    )  # fmt: skip
+    dataset = LocoDataset(tmp_path, "pushpins")
+    cfg = StructuralConfig(backbone="efficientnet_lite0", image_size=256, feature_dim=256)
+    model = StructuralModel.from_config(cfg, verbose=False)
+    weights = model.patch_features.backbone.weights
+    if weights.source == "random":
+        pytest.skip("no pretrained EfficientNet-Lite0 weights installed")
+    transform = ImageTransform(cfg.image_size, weights.mean, weights.std)
+    train = ImageFolderDataset(dataset.samples("train"), transform, progress=False)
+    model.fit(DataLoader(train, batch_size=4), cfg, progress=False)
+
+    test = [s for s in dataset.samples("test") if s.defect_type != "logical_anomalies"]
+    images = ImageFolderDataset(test, transform, progress=False)
+    with torch.no_grad():
+        scores = torch.cat(
+            [model.anomaly_map(x).amax(dim=(1, 2)) for x, _ in DataLoader(images, batch_size=4)]
+        )
+    labels = np.array([s.defect_type == "structural_anomalies" for s in test])
+    value = auroc(scores.numpy()[~labels], scores.numpy()[labels])
+    assert value > 0.5, value

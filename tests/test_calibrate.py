@@ -1,0 +1,130 @@
+"""Fusion, branch statistics, image scores and the threshold rule, against independent numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from engine.calibrate import (
+    BranchStats,
+    FusionConfig,
+    calibrate_threshold,
+    fuse_maps,
+    image_scores,
+    resize_to,
+)
+
+
+def test_fusion_equals_formula() -> None:
+    rng = np.random.default_rng(0)
+    logical = rng.random((2, 40, 40)).astype(np.float32)
+    structural = rng.random((2, 40, 40)).astype(np.float32) * 5
+    ls, ss = BranchStats(0.4, 0.2), BranchStats(2.0, 1.5)
+    got = fuse_maps(torch.from_numpy(logical), torch.from_numpy(structural), ls, ss).numpy()
+    merged = 1.0 * (structural - 2.0) / 1.5 + 3.0 * (logical - 0.4) / 0.2
+    want = np.stack([gaussian_filter(m.astype(np.float64), sigma=4) for m in merged])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fusion_weights_and_sigma_from_config() -> None:
+    rng = np.random.default_rng(1)
+    logical, structural = rng.random((1, 32, 32)), rng.random((1, 32, 32))
+    cfg = FusionConfig(structural_weight=2.0, logical_weight=0.5, sigma=2.0)
+    got = fuse_maps(
+        torch.from_numpy(logical).float(),
+        torch.from_numpy(structural).float(),
+        BranchStats(0, 1),
+        BranchStats(0, 1),
+        cfg,
+    ).numpy()
+    want = gaussian_filter((2.0 * structural + 0.5 * logical)[0], sigma=2.0)[None]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_branch_stats_streaming_equals_numpy() -> None:
+    rng = np.random.default_rng(2)
+    # Large offset, small spread: a naive float32 sum of squares would lose the variance.
+    maps = [1000.0 + rng.normal(size=(n, 16, 16)).astype(np.float32) for n in (1, 3, 2)]
+    stats = BranchStats.fit(torch.from_numpy(m) for m in maps)
+    everything = np.concatenate([m.ravel() for m in maps]).astype(np.float64)
+    assert stats.mean == pytest.approx(everything.mean(), rel=1e-12)
+    assert stats.std == pytest.approx(everything.std(), rel=1e-9)
+    assert BranchStats.fit(maps) == stats
+
+
+@pytest.mark.parametrize(
+    "maps, match",
+    [
+        ([np.ones((2, 4, 4))], "positive finite std"),
+        ([np.array([[1.0, np.nan]])], "NaN"),
+        ([], "no validation"),
+    ],
+)
+def test_branch_stats_degenerate(maps: list, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        BranchStats.fit(maps)
+
+
+def test_fuse_rejects_bad_stats() -> None:
+    with pytest.raises(ValueError):
+        BranchStats(0.0, 0.0)
+    with pytest.raises(ValueError):
+        BranchStats(float("nan"), 1.0)
+
+
+def test_resize_and_image_scores() -> None:
+    maps = torch.zeros(2, 8, 8)
+    maps[0, 3, 4] = 5.0
+    maps[1, 0, 0] = -1.0
+    assert image_scores(maps).tolist() == [5.0, 0.0]
+    big = resize_to(maps, (16, 24))
+    assert big.shape == (2, 16, 24)
+    assert resize_to(maps, (8, 8)) is not None and torch.equal(resize_to(maps, (8, 8)), maps)
+    with pytest.raises(ValueError):
+        resize_to(maps[0], (4, 4))
+    with pytest.raises(ValueError):
+        resize_to(maps, (0, 4))
+    with pytest.raises(ValueError):
+        image_scores(torch.zeros(4, 4))
+
+
+def test_threshold_rule_on_hand_made_scores() -> None:
+    scores = [0.1, 0.5, 0.3, 0.9, 0.7, 0.2, 0.4, 0.8, 0.6, 1.0]  # n = 10
+    # rate 0.2 allows 2 false alarms: threshold is the 8th smallest (0.8); 0.9 and 1.0 exceed it.
+    assert calibrate_threshold(scores, 0.2) == 0.8
+    assert calibrate_threshold(scores, 0.25) == 0.8  # floor(2.5) = 2
+    assert calibrate_threshold(scores, 0.05) == 1.0  # below 1/n: the maximum
+    assert calibrate_threshold(scores, 0.0) == 1.0
+    assert calibrate_threshold(np.array(scores), 0.5) == 0.5
+    assert calibrate_threshold(torch.tensor([3.0]), 0.5) == 3.0
+    threshold = calibrate_threshold(scores, 0.3)
+    assert sum(s > threshold for s in scores) <= 3
+
+
+@pytest.mark.parametrize(
+    "scores, rate", [([], 0.1), ([1.0, float("nan")], 0.1), ([1.0], 1.0), ([1.0], -0.1)]
+)
+def test_threshold_bad_inputs(scores: list, rate: float) -> None:
+    with pytest.raises(ValueError):
+        calibrate_threshold(scores, rate)
+
+
+def test_fusion_config_defaults_and_validation() -> None:
+    cfg = FusionConfig()
+    assert (cfg.structural_weight, cfg.logical_weight, cfg.sigma, cfg.target_false_alarm_rate) == (
+        1.0,
+        3.0,
+        4.0,
+        0.05,
+    )
+    for kwargs in (
+        {"sigma": 0.0},
+        {"logical_weight": -1.0},
+        {"structural_weight": 0.0, "logical_weight": 0.0},
+        {"target_false_alarm_rate": 1.0},
+        {"sigma": float("inf")},
+    ):
+        with pytest.raises(ValueError):
+            FusionConfig(**kwargs)

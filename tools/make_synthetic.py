@@ -1,0 +1,88 @@
+"""Write synthetic LOCO-style categories and their contact sheets.
+
+    python -m tools.make_synthetic --out data/synthetic [--category NAME|all] [--seed N]
+        [--size WxH] [--n-train N] [--n-validation N] [--n-test N] [--overwrite]
+
+``--n-test`` sets the number of good, logical and structural test images alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections.abc import Sequence
+
+from engine.data.synthetic import CATEGORIES, generate_category, get_category
+from engine.data.synthetic.contact_sheet import contact_sheet
+
+
+def _size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
+    if match is None or min(int(match[1]), int(match[2])) < 1:
+        raise argparse.ArgumentTypeError(f"size must be WxH with positive ints, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.make_synthetic", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--out", required=True, help="output root; categories go below it")
+    parser.add_argument("--category", default="all", choices=[*CATEGORIES, "all"])
+    parser.add_argument("--seed", type=_count, default=0)
+    parser.add_argument("--size", type=_size, default=None, help="WxH (default: per category)")
+    parser.add_argument("--n-train", type=_count, default=60)
+    parser.add_argument("--n-validation", type=_count, default=16)
+    parser.add_argument("--n-test", type=_count, default=20, help="per test folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing categories")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    names = list(CATEGORIES) if args.category == "all" else [args.category]
+    for name in names:
+        start = time.perf_counter()
+        try:
+            folder = generate_category(
+                args.out,
+                name,
+                seed=args.seed,
+                size=args.size,
+                n_train=args.n_train,
+                n_validation=args.n_validation,
+                n_test_good=args.n_test,
+                n_logical=args.n_test,
+                n_structural=args.n_test,
+                progress=not args.no_progress,
+                overwrite=args.overwrite,
+            )
+        except (ValueError, FileExistsError) as err:
+            parser.error(str(err))
+        if args.n_test > 0:
+            contact_sheet(folder, folder / "contact_sheet.png")
+        w, h = args.size or get_category(name).design_size
+        print(
+            f"{name}: train {args.n_train}, validation {args.n_validation}, test "
+            f"{args.n_test} good / {args.n_test} logical / {args.n_test} structural, {w}x{h}, "
+            f"{time.perf_counter() - start:.1f} s -> {folder}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
