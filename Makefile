@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= onnx,text,test
+EXTRAS ?= onnx,text,camera,test
 
 .PHONY: setup demo test lint format bench
 setup: $(VENV)/.installed

@@ -6,7 +6,7 @@ GPU: batch 8. CPU: the reference only, batch 1; the Triton rows skip. Run:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -23,28 +23,6 @@ LEVELS = [(256, 64), (512, 32), (1024, 16)]  # (channels, side) of layer1..3 at 
 OUT_SIZE = (256, 256)
 
 
-def timed(benchmark: object, fn: Callable[[], object]) -> object:
-    """Benchmark ``fn`` (synchronised on GPU) and record its extra peak GPU memory."""
-
-    def call() -> object:
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    result = benchmark(call)
-    if CUDA:
-        benchmark.extra_info["peak_extra_mib"] = (
-            torch.cuda.max_memory_allocated() - before
-        ) / 2**20
-    benchmark.extra_info["device"] = str(DEVICE)
-    return result
-
-
 def inputs(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     enc = [torch.randn(BATCH, c, s, s, generator=gen) for c, s in LEVELS]
@@ -56,7 +34,7 @@ DTYPES = [torch.float32, torch.float16] if CUDA else [torch.float32]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cosine_maps_reference(benchmark: object, dtype: torch.dtype) -> None:
+def test_cosine_maps_reference(benchmark: object, timed: Any, dtype: torch.dtype) -> None:
     benchmark.group = f"cosine maps {dtype}"
     enc, dec = inputs(dtype)
     timed(benchmark, lambda: cosine_maps_reference(enc, dec, OUT_SIZE))
@@ -64,7 +42,7 @@ def test_cosine_maps_reference(benchmark: object, dtype: torch.dtype) -> None:
 
 @NEEDS_GPU
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cosine_maps_triton(benchmark: object, dtype: torch.dtype) -> None:
+def test_cosine_maps_triton(benchmark: object, timed: Any, dtype: torch.dtype) -> None:
     from kernels.cosine_maps_triton import cosine_maps_triton
 
     benchmark.group = f"cosine maps {dtype}"

@@ -7,7 +7,7 @@ Triton rows skip. Run: ``pytest benchmarks --benchmark-only``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -23,28 +23,6 @@ QUERIES, BANK, DIM = (1024, 30_000, 1024) if CUDA else (256, 4096, 1024)
 DTYPES = [torch.float32, torch.float16] if CUDA else [torch.float32]
 
 
-def timed(benchmark: object, fn: Callable[[], object]) -> object:
-    """Benchmark ``fn`` (synchronised on GPU) and record its extra peak GPU memory."""
-
-    def call() -> object:
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    result = benchmark(call)
-    if CUDA:
-        benchmark.extra_info["peak_extra_mib"] = (
-            torch.cuda.max_memory_allocated() - before
-        ) / 2**20
-    benchmark.extra_info["device"] = str(DEVICE)
-    return result
-
-
 def inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     queries = torch.randn(QUERIES, DIM, generator=gen).to(DEVICE, dtype)
@@ -53,14 +31,14 @@ def inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_knn_cdist(benchmark: object, dtype: torch.dtype) -> None:
+def test_knn_cdist(benchmark: object, timed: Any, dtype: torch.dtype) -> None:
     benchmark.group = f"knn {dtype}"
     queries, bank, _ = inputs(dtype)
     timed(benchmark, lambda: torch.cdist(queries, bank).min(dim=1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_knn_reference(benchmark: object, dtype: torch.dtype) -> None:
+def test_knn_reference(benchmark: object, timed: Any, dtype: torch.dtype) -> None:
     benchmark.group = f"knn {dtype}"
     queries, bank, bank_sq = inputs(dtype)
     timed(benchmark, lambda: knn_min_reference(queries, bank, bank_sq=bank_sq))
@@ -68,7 +46,7 @@ def test_knn_reference(benchmark: object, dtype: torch.dtype) -> None:
 
 @NEEDS_GPU
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_knn_triton(benchmark: object, dtype: torch.dtype) -> None:
+def test_knn_triton(benchmark: object, timed: Any, dtype: torch.dtype) -> None:
     from kernels.knn_triton import knn_min_triton
 
     benchmark.group = f"knn {dtype}"

@@ -6,7 +6,7 @@ rows skip, as the CPU interpreter measures nothing useful. Run: ``pytest benchma
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -24,28 +24,6 @@ LEVELS = {"layer1": (256, 64), "layer2": (512, 32), "layer3": (1024, 16)}
 CODEBOOK_SIZE = 16
 
 
-def timed(benchmark: object, fn: Callable[[], object]) -> object:
-    """Benchmark ``fn`` (synchronised on GPU) and record its extra peak GPU memory."""
-
-    def call() -> object:
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    result = benchmark(call)
-    if CUDA:
-        benchmark.extra_info["peak_extra_mib"] = (
-            torch.cuda.max_memory_allocated() - before
-        ) / 2**20
-    benchmark.extra_info["device"] = str(DEVICE)
-    return result
-
-
 def inputs(level: str) -> tuple[torch.Tensor, torch.Tensor]:
     channels, side = LEVELS[level]
     gen = torch.Generator().manual_seed(0)
@@ -55,7 +33,7 @@ def inputs(level: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("level", LEVELS)
-def test_vq_reference(benchmark: object, level: str) -> None:
+def test_vq_reference(benchmark: object, timed: Any, level: str) -> None:
     benchmark.group = f"vq {level}"
     x, codebook = inputs(level)
     timed(benchmark, lambda: vq_nearest_reference(x, codebook))
@@ -63,7 +41,7 @@ def test_vq_reference(benchmark: object, level: str) -> None:
 
 @NEEDS_GPU
 @pytest.mark.parametrize("level", LEVELS)
-def test_vq_triton(benchmark: object, level: str) -> None:
+def test_vq_triton(benchmark: object, timed: Any, level: str) -> None:
     from kernels.vq_triton import vq_nearest_triton
 
     benchmark.group = f"vq {level}"

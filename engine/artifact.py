@@ -8,6 +8,8 @@ Layout (``FORMAT_VERSION`` 1)::
       logical.pt        LogicalModel state dict (frozen encoder included: the artifact is
                         self-contained and never needs $TORCH_HOME)
       structural.pt     StructuralModel state dict: frozen backbone and the coreset memory bank
+      index/            the kNN index, only when it is approximate (IVF-PQ); exact FAISS or
+                        PyTorch search is rebuilt from the bank at load time
 
 The folder is assembled in a hidden sibling temp folder and renamed into place only after the
 manifest, written last, is on disk. A crash mid-build leaves at most a ``.<name>.tmp-*`` folder
@@ -35,7 +37,7 @@ from engine.config import BuildConfig
 from engine.detector import Detector
 from engine.models.backbones import load_backbone
 from engine.models.logical import LogicalModel
-from engine.models.structural import PatchFeatures, StructuralModel
+from engine.models.structural import PatchFeatures, StructuralModel, attach_index
 from engine.models.weights import WeightsInfo
 
 FORMAT_VERSION = 1
@@ -177,6 +179,7 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
 
 LOGICAL_FILE = "logical.pt"
 STRUCTURAL_FILE = "structural.pt"
+INDEX_FOLDER = "index"  # only for approximate (IVF-PQ) indexes; exact ones are rebuilt
 
 
 def save_artifact(
@@ -188,6 +191,9 @@ def save_artifact(
     with ArtifactWriter(path) as writer:
         torch.save(_cpu_state(detector.logical), writer.file(LOGICAL_FILE))
         torch.save(_cpu_state(detector.structural), writer.file(STRUCTURAL_FILE))
+        index = detector.structural.index
+        if index is not None and index.kind == "faiss_ivfpq":
+            index.save(writer.file(INDEX_FOLDER))
         manifest = {
             "config": config.to_dict(),
             "backbones": {
@@ -198,6 +204,7 @@ def save_artifact(
                 "logical": asdict(detector.logical_stats),
                 "structural": asdict(detector.structural_stats),
             },
+            "structural_index": index.identity if index is not None else {"kind": "torch"},
             **info,
         }
         return writer.commit(manifest)
@@ -207,8 +214,10 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
-def load_artifact(path: str | Path, verify: bool = True) -> tuple[Detector, dict[str, Any]]:
-    """The calibrated :class:`Detector` (on CPU) and the manifest of the artifact at ``path``.
+def load_artifact(
+    path: str | Path, device: str | torch.device = "cpu", verify: bool = True
+) -> tuple[Detector, dict[str, Any]]:
+    """The calibrated :class:`Detector` on ``device`` and the manifest of the artifact at ``path``.
 
     The backbones are rebuilt empty and filled from the artifact, so loading never needs
     ``$TORCH_HOME`` or any download. Raises :class:`ArtifactError` on any problem.
@@ -251,7 +260,9 @@ def load_artifact(path: str | Path, verify: bool = True) -> tuple[Detector, dict
         stats["logical"],
         stats["structural"],
         structural_size=sc.image_size,
-    )
+    ).to(device)
+    saved_index = root / INDEX_FOLDER
+    attach_index(structural, sc.index, device, saved_index if saved_index.is_dir() else None)
     return detector, manifest
 
 

@@ -83,15 +83,14 @@ def paper_preset() -> BuildConfig:
 def cpu_build_preset() -> BuildConfig:
     """Settings that build one small category in minutes on 2 CPU cores.
 
-    Both branches use EfficientNet-Lite0 (real offline ImageNet weights) at 128 px for the logical
-    module and 128 px for the memory bank, with a narrow decoder and a short schedule.
+    Both branches use EfficientNet-Lite0 (real offline ImageNet weights): the logical module at
+    128 px with a narrow decoder and 16 epochs, the memory bank at the paper's 256 px and 1024-d
+    patches. On synthetic pushpins (2 cores) this beat 128 px / 256-d / 8 epochs by +0.10 fused
+    mean image AUROC (0.69 vs 0.59) for about 2.5 min instead of 1 (docs/PERFORMANCE.md).
     """
-    structural = replace(
-        StructuralConfig(), backbone="efficientnet_lite0", image_size=128, feature_dim=256
-    )
-    return BuildConfig(
-        preset="cpu", logical=cpu_preset(), structural=structural, train=cpu_train_preset()
-    )
+    structural = replace(StructuralConfig(), backbone="efficientnet_lite0")
+    train = replace(cpu_train_preset(), epochs=16)
+    return BuildConfig(preset="cpu", logical=cpu_preset(), structural=structural, train=train)
 
 
 def missing_paper_weights() -> list[str]:

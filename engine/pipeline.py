@@ -29,7 +29,7 @@ from engine.detector import Detector, Maps
 from engine.metrics import LocoEvaluator, LocoMetrics, write_map
 from engine.metrics.maps_io import map_path
 from engine.models.logical import LogicalModel
-from engine.models.structural import StructuralModel
+from engine.models.structural import StructuralModel, attach_index
 from engine.models.text_prior import category_prompt, resolve_text_prior
 from engine.train import train_logical
 
@@ -213,9 +213,10 @@ def build_category(
         )
         loader = DataLoader(bank_set, batch_size=INFERENCE_BATCH, shuffle=False)
         structural.fit(loader, config.structural, device, progress)
-        if verbose:
-            print(f"memory bank: {tuple(structural.bank.shape)}", flush=True)
         detector.to(device)
+        index_kind = attach_index(structural, config.structural.index, device)
+        if verbose:
+            print(f"memory bank: {tuple(structural.bank.shape)}, search: {index_kind}", flush=True)
 
     with _step(seconds, "calibrate on validation", verbose):
         _, _, threshold, val_scores = calibrate(

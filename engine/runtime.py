@@ -2,8 +2,9 @@
 
     rt = Runtime.load("artifacts/pushpins")
     rt.warmup()
-    for result in rt.stream(0):               # camera 0, a video file, an image folder, ...
+    for frame, result in rt.stream(0):        # camera 0, a video file, an image folder, ...
         print(result.score, result.is_anomalous)
+        cv2.imshow("line 3", engine.overlay(frame, result))
 
 Thread safety: a Runtime owns a CUDA stream and per-call state, so one instance must be used by
 one thread at a time. Create one Runtime per thread (they may share a GPU); a call that enters
@@ -120,8 +121,7 @@ class Runtime:
         every file's sha256 (raises :class:`engine.artifact.ArtifactError` on a mismatch).
         """
         chosen_device = _pick_device(device)
-        detector, manifest = load_artifact(path, verify)
-        detector.to(chosen_device)
+        detector, manifest = load_artifact(path, chosen_device, verify)
         chosen = apply_backend(detector, backend)
         return cls(detector, manifest, chosen, threshold)
 
@@ -222,14 +222,15 @@ class Runtime:
         assert isinstance(result, Result)
         return result.latency_ms
 
-    def stream(self, source: Any, color: str | None = None) -> Iterator[Result]:
-        """Score frames from ``source`` as they come.
+    def stream(self, source: Any, color: str | None = None) -> Iterator[tuple[np.ndarray, Result]]:
+        """Score frames from ``source`` as they come; yields ``(frame, result)`` pairs.
 
         ``source``: an OpenCV ``VideoCapture`` (or anything with ``read() -> (ok, frame)``), a
         camera index, a video file, a folder of images (read as RGB), or any iterable of frames.
         A bad frame (wrong shape, unreadable image) is logged as a warning and skipped;
         ``Result.source_index`` is the frame's position in the source. ``color`` defaults to
-        ``"rgb"`` for image folders and ``"bgr"`` otherwise (OpenCV's order).
+        ``"rgb"`` for image folders and ``"bgr"`` otherwise (OpenCV's order); the frame is
+        yielded in that order, ready for :func:`engine.overlay` with the same ``color``.
         """
         frames, default_color = _frames_from(source)
         chosen = color or default_color
@@ -243,7 +244,7 @@ class Runtime:
                 continue
             assert isinstance(result, Result)
             result.source_index = index
-            yield result
+            yield frame, result
 
 
 def _check_batch(frames: torch.Tensor) -> torch.Tensor:

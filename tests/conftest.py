@@ -32,6 +32,11 @@ TINY_BUILD_ARGS = [
 
 
 @pytest.fixture(scope="session")
+def tiny_build_args() -> list[str]:
+    return list(TINY_BUILD_ARGS)
+
+
+@pytest.fixture(scope="session")
 def tiny_loco(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic pushpins category (8 train, 4 validation, 3 per test type)."""
     from engine.data.synthetic import generate_category

@@ -11,7 +11,6 @@ from engine import build
 from engine.artifact import read_manifest
 from engine.config import BuildConfig, cpu_build_preset
 from engine.metrics import read_map
-from tests.conftest import TINY_BUILD_ARGS
 
 pytestmark = pytest.mark.slow
 
@@ -69,14 +68,14 @@ def test_unknown_synthetic_category_names_the_options(tmp_path: Path, capsys) ->
 
 
 def test_interrupted_build_leaves_no_artifact(
-    tiny_loco: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_loco: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_build_args: list[str]
 ) -> None:
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("engine.pipeline.train_logical", interrupt)
     out = tmp_path / "art"
-    argv = ["--category=pushpins", f"--data-root={tiny_loco}", f"--out={out}", *TINY_BUILD_ARGS]
+    argv = ["--category=pushpins", f"--data-root={tiny_loco}", f"--out={out}", *tiny_build_args]
     assert build.main(argv) == build.EXIT_INTERRUPTED
     assert not out.exists()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []

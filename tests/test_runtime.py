@@ -93,7 +93,7 @@ def test_stream_skips_bad_frames_and_carries_on(
 ) -> None:
     frames = [frame, np.zeros((5, 5), np.uint8), frame]
     with caplog.at_level(logging.WARNING, logger="engine.runtime"):
-        results = list(rt.stream(frames, color="rgb"))
+        results = [r for _, r in rt.stream(frames, color="rgb")]
     assert [r.source_index for r in results] == [0, 2]
     assert "skipping frame 1" in caplog.text
 
@@ -104,7 +104,7 @@ def test_stream_reads_an_image_folder(rt: Runtime, frame: np.ndarray, tmp_path: 
     Image.fromarray(frame).save(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"not a png")
     Image.fromarray(frame).save(tmp_path / "c.png")
-    results = list(rt.stream(tmp_path))
+    results = [r for _, r in rt.stream(tmp_path)]
     assert [r.source_index for r in results] == [0, 2]
     np.testing.assert_allclose(results[0].anomaly_map, rt(frame, color="rgb").anomaly_map)
 
@@ -158,3 +158,19 @@ def test_unavailable_backends_say_so(tiny_build: dict[str, Path]) -> None:
         Runtime.load(tiny_build["artifact"], device="cpu", backend="onnx")
     with pytest.raises(ValueError, match="unknown backend"):
         Runtime.load(tiny_build["artifact"], device="cpu", backend="fast")
+
+
+def test_faiss_and_torch_search_give_the_same_maps(rt: Runtime, frame: np.ndarray) -> None:
+    from engine.models.structural import attach_index
+
+    structural = rt.detector.structural
+    try:
+        assert attach_index(structural, "faiss_flat", "cpu") == "faiss_flat"
+        with_faiss = rt(frame, color="rgb")
+        assert attach_index(structural, "torch", "cpu") == "torch"
+        with_torch = rt(frame, color="rgb")
+    finally:
+        attach_index(structural, "auto", "cpu")
+    # Euclidean distances agree to ~1e-4 (float32 FAISS vs the expanded-norm torch kernel).
+    np.testing.assert_allclose(with_faiss.structural_map, with_torch.structural_map, atol=1e-3)
+    np.testing.assert_allclose(with_faiss.anomaly_map, with_torch.anomaly_map, atol=1e-3)

@@ -2,8 +2,11 @@
 
     python -m tools.evaluate --data-root DIR --category NAME --maps MAPS --out OUT \\
         [--curve-max-distance 0.001] [--seed N] [--no-progress]
+    python -m tools.evaluate --data-root DIR --artifact ARTIFACT --out OUT [--device cpu]
 
-``MAPS`` holds ``<category>/test/<type>/<NNN>.tiff`` (the official layout). Writes
+``MAPS`` holds ``<category>/test/<type>/<NNN>.tiff`` (the official layout); with ``--artifact``
+the maps come from running the built engine (``engine.Runtime``) on the test images, and the
+category defaults to the artifact's. Writes
 ``OUT/metrics.json`` (official format plus the tie-correct AUROC) and prints a table. Bad maps
 or a bad dataset exit with code 2 and write nothing.
 """
@@ -16,10 +19,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from engine.artifact import ArtifactError
+from engine.data.images import read_rgb
 from engine.data.loco import LocoDataset
 from engine.data.types import Sample
 from engine.metrics import LocoEvaluator, LocoMetrics, format_table, iter_maps, write_metrics_json
+from engine.runtime import Runtime
 
 EXIT_BAD_INPUT = 2
 
@@ -32,8 +39,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m tools.evaluate", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--data-root", type=Path, required=True, help="folder of categories")
-    parser.add_argument("--category", required=True, help="category folder name")
-    parser.add_argument("--maps", type=Path, required=True, help="anomaly maps root folder")
+    parser.add_argument("--category", help="category folder name (default: the artifact's)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--maps", type=Path, help="anomaly maps root folder")
+    source.add_argument("--artifact", type=Path, help="an engine.build artifact folder")
+    parser.add_argument("--device", default="auto", help="device for --artifact (auto|cpu|cuda)")
     parser.add_argument("--out", type=Path, required=True, help="output folder for metrics.json")
     parser.add_argument(
         "--curve-max-distance",
@@ -54,6 +64,14 @@ def maps_from_folder(dataset: LocoDataset, maps_root: Path, progress: bool) -> M
     shape = dataset.image_size("test")
     for sample, path, anomaly_map in iter_maps(maps_root, samples, shape, progress):
         yield sample, str(path), anomaly_map
+
+
+def maps_from_artifact(dataset: LocoDataset, runtime: Runtime, progress: bool) -> MapSource:
+    """Maps of the dataset's test images computed by the deployed engine, one image at a time."""
+    samples = dataset.samples("test")
+    for sample in tqdm(samples, desc="engine maps", unit="img", disable=not progress):
+        result = runtime(read_rgb(sample.image_path), color="rgb")
+        yield sample, str(sample.image_path), result.anomaly_map
 
 
 def evaluate_category(
@@ -77,10 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     progress = not args.no_progress
     try:
-        dataset = LocoDataset(args.data_root, args.category)
-        maps = maps_from_folder(dataset, args.maps, progress)
+        if args.artifact is not None:
+            runtime = Runtime.load(args.artifact, device=args.device)
+            dataset = LocoDataset(args.data_root, args.category or runtime.category)
+            maps = maps_from_artifact(dataset, runtime, progress)
+        elif args.category is None:
+            raise ValueError("--category is required with --maps")
+        else:
+            dataset = LocoDataset(args.data_root, args.category)
+            maps = maps_from_folder(dataset, args.maps, progress)
         metrics = evaluate_category(dataset, maps, args.curve_max_distance, args.seed, progress)
-    except ValueError as error:  # DatasetError included: bad maps, dataset or arguments
+    except (ValueError, ArtifactError) as error:  # DatasetError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     path = write_metrics_json(metrics, args.out)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from engine.models.backbones import FeatureExtractor, load_backbone
 from engine.models.coreset import greedy_coreset
-from engine.models.knn_index import INDEX_KINDS
+from engine.models.knn_index import INDEX_KINDS, KnnIndex, make_index
 from kernels import knn_min
 from kernels.knn import bank_sq_norms
 
@@ -35,6 +36,7 @@ __all__ = [
     "StructuralConfig",
     "StructuralModel",
     "adaptive_pool_matrix",
+    "attach_index",
     "build_memory_bank",
     "extract_patch_features",
 ]
@@ -197,7 +199,8 @@ class StructuralModel(nn.Module):
 
     ``forward(x)`` on (B, 3, S, S) returns (B, h, w) patch scores; ``anomaly_map(x)`` returns
     (B, S, S), bilinearly upsampled (align_corners=False, PatchCore). Search is
-    :func:`kernels.knn_min` against the registered ``bank`` buffer (export-safe; Triton on CUDA).
+    :func:`kernels.knn_min` against the registered ``bank`` buffer (export-safe; Triton on CUDA),
+    unless :meth:`use_index` installed a FAISS index (see :func:`attach_index`).
     """
 
     def __init__(self, patch_features: PatchFeatures, bank: torch.Tensor | None = None) -> None:
@@ -205,6 +208,7 @@ class StructuralModel(nn.Module):
         self.patch_features = patch_features
         self.register_buffer("bank", torch.empty(0, patch_features.feature_dim))
         self.register_buffer("bank_sq", torch.empty(0), persistent=False)
+        self.index: KnnIndex | None = None
         if bank is not None:
             self.set_bank(bank)
 
@@ -258,11 +262,45 @@ class StructuralModel(nn.Module):
         if self.bank.shape[0] == 0:
             raise RuntimeError("StructuralModel has no memory bank: call fit() or set_bank() first")
         features, (h, w) = self.patch_features(x)
-        dist, _ = knn_min(features.reshape(-1, features.shape[-1]), self.bank, bank_sq=self.bank_sq)
+        flat = features.reshape(-1, features.shape[-1])
+        if self.index is not None:
+            dist = self.index.search(flat.float(), 1)[0][:, 0]
+        else:
+            dist, _ = knn_min(flat, self.bank, bank_sq=self.bank_sq)
         return dist.reshape(x.shape[0], h, w)
+
+    def use_index(self, index: KnnIndex | None) -> None:
+        """Search ``index`` (built on this model's bank) instead of the bank buffer; None resets."""
+        self.index = index
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         scores = self(x)
         return F.interpolate(
             scores[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False
         )[:, 0]
+
+
+def attach_index(
+    model: StructuralModel,
+    kind: str,
+    device: str | torch.device,
+    saved: str | Path | None = None,
+) -> str:
+    """Install the kNN index ``kind`` (resolved for ``device``) on ``model``; returns the kind used.
+
+    ``torch`` searches the bank buffer directly (no index object). Exact FAISS indexes are rebuilt
+    from the bank, so artifacts need not store them; an IVF-PQ index is read from ``saved`` when
+    given (its trained quantisers are not reproducible), else trained on the bank now.
+    """
+    if model.bank.shape[0] == 0:
+        raise RuntimeError("attach_index needs a memory bank: call fit() or set_bank() first")
+    index = make_index(kind, device=device)
+    if index.kind == "torch":
+        model.use_index(None)
+        return index.kind
+    if index.kind == "faiss_ivfpq" and saved is not None:
+        index = KnnIndex.load(saved)
+    else:
+        index.add(model.bank.float().cpu())
+    model.use_index(index)
+    return index.kind
