@@ -38,7 +38,12 @@ def random_detector(preset: str) -> Detector:
     structural.set_bank(torch.randn(bank_rows, config.structural.feature_dim))
     stats = BranchStats(0.5, 0.1)
     detector = Detector(
-        logical, structural, config.fusion, stats, stats, config.structural.image_size
+        logical,
+        structural,
+        config.fusion,
+        stats,
+        stats,
+        structural_size=config.structural.image_size,
     )
     return detector.to(DEVICE)
 

@@ -47,7 +47,8 @@ class Detector:
 
     ``logical_fn`` / ``structural_fn`` map a normalised (B, 3, S, S) batch to a (B, S, S) map; by
     default they are the eager modules' ``anomaly_map``; :mod:`engine.backends` swaps in compiled
-    versions. Not thread-safe (it owns a CUDA stream and reusable state): use one per thread.
+    versions. ``structural_size`` is the structural module's input side (its config's
+    ``image_size``). Not thread-safe (it owns a CUDA stream and reusable state): use one per thread.
     """
 
     def __init__(
@@ -57,7 +58,8 @@ class Detector:
         fusion: FusionConfig,
         logical_stats: BranchStats | None = None,
         structural_stats: BranchStats | None = None,
-        structural_size: int = 256,
+        *,
+        structural_size: int,
     ) -> None:
         self.logical = logical.eval()
         self.structural = structural.eval()
