@@ -19,7 +19,6 @@ that never loads; an existing artifact of the same name is replaced only by a co
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ from engine.detector import Detector
 from engine.models.backbones import load_backbone
 from engine.models.logical import LogicalModel
 from engine.models.structural import PatchFeatures, StructuralModel, attach_index
-from engine.models.weights import WeightsInfo
+from engine.models.weights import WeightsInfo, file_sha256
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -46,14 +45,6 @@ MANIFEST = "manifest.json"
 
 class ArtifactError(RuntimeError):
     """An artifact is missing, incomplete, from another format version, or fails its checksums."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -109,7 +100,7 @@ class ArtifactWriter:
         for p in sorted(self.staging.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(self.staging).as_posix()
-                files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                files[rel] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
         full = {
             "format_version": FORMAT_VERSION,
             "created_unix": time.time(),
@@ -170,7 +161,7 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
             p = root / name
             if not p.is_file():
                 raise ArtifactError(f"{p}: listed in the manifest but missing")
-            if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+            if p.stat().st_size != meta["bytes"] or file_sha256(p) != meta["sha256"]:
                 raise ArtifactError(
                     f"{p}: checksum mismatch (file changed or corrupted since the build)"
                 )

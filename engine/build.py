@@ -32,9 +32,11 @@ EXIT_INTERRUPTED = 130
 SYNTHETIC_SEED = 0
 
 
-def default_cache() -> Path:
+def synthetic_root(cache_dir: Path | None = None) -> Path:
+    """Where the build generates (and later finds) the synthetic dataset."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "npgmf-engine"
+    cache = cache_dir or Path(base) / "npgmf-engine"
+    return cache / f"synthetic-seed{SYNTHETIC_SEED}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -152,7 +154,7 @@ def resolve_data(args: argparse.Namespace, progress: bool) -> tuple[Path, list[s
             return root, found
         return root, [args.category]
 
-    cache = (args.cache_dir or default_cache()) / f"synthetic-seed{SYNTHETIC_SEED}"
+    cache = synthetic_root(args.cache_dir)
     names = list(CATEGORIES) if args.category == "all" else [args.category]
     for name in names:
         if name not in CATEGORIES:

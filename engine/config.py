@@ -49,10 +49,6 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, values: dict) -> BuildConfig:
         """Inverse of :meth:`to_dict` (a manifest's ``config``); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown BuildConfig fields: {sorted(unknown)}")
         parts = {
             "logical": LogicalConfig,
             "structural": StructuralConfig,
@@ -63,7 +59,7 @@ class BuildConfig:
         for name, kind in parts.items():
             if name in kwargs:
                 kwargs[name] = _dataclass_from_dict(kind, kwargs[name])
-        return cls(**kwargs)
+        return _dataclass_from_dict(cls, kwargs)
 
 
 def _dataclass_from_dict(kind: type, values: dict):

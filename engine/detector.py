@@ -68,8 +68,6 @@ class Detector:
         self.structural_stats = structural_stats
         self.logical_transform = _transform(logical.config.image_size, logical.encoder)
         self.structural_transform = _transform(structural_size, structural.patch_features.backbone)
-        # One preprocessing pass serves both branches when they agree on it (cpu preset).
-        self._shared_input = repr(self.logical_transform) == repr(self.structural_transform)
         self.logical_fn: MapFn = logical.anomaly_map
         self.structural_fn: MapFn = structural.anomaly_map
         self._side_stream: torch.cuda.Stream | None = None
@@ -77,6 +75,11 @@ class Detector:
     @property
     def device(self) -> torch.device:
         return next(self.logical.decoder.parameters()).device
+
+    @property
+    def shares_input(self) -> bool:
+        """Whether both branches take the same preprocessed input (one pass serves both)."""
+        return self.logical_transform == self.structural_transform
 
     @property
     def map_size(self) -> int:
@@ -96,7 +99,7 @@ class Detector:
         with nvtx_range("preprocess"):
             x_logical = self.logical_transform.batch(frames)
             x_structural = (
-                x_logical if self._shared_input else self.structural_transform.batch(frames)
+                x_logical if self.shares_input else self.structural_transform.batch(frames)
             )
         if self._side_stream is not None:
             main = torch.cuda.current_stream(self.device)
@@ -112,7 +115,7 @@ class Detector:
                 structural = self.structural_fn(x_structural)
             with nvtx_range("logical"):
                 logical = self.logical_fn(x_logical)
-        structural = _resize_square(structural, self.map_size)
+        structural = resize_to(structural, (self.map_size, self.map_size))
         fused = None
         if self.logical_stats is not None and self.structural_stats is not None:
             with nvtx_range("fuse"):
@@ -125,8 +128,3 @@ class Detector:
 def _transform(size: int, backbone) -> ImageTransform:
     """The model-input transform of a backbone: its weights carry their mean/std."""
     return ImageTransform(size, backbone.weights.mean, backbone.weights.std)
-
-
-def _resize_square(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, s, s) -> (B, size, size) bilinear; identity when the sizes already agree."""
-    return resize_to(maps, (size, size))

@@ -19,15 +19,20 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from engine.artifact import save_artifact
-from engine.calibrate import BranchStats, calibrate_threshold, fuse_maps, resize_to
+from engine.calibrate import (
+    BranchStats,
+    calibrate_threshold,
+    fuse_maps,
+    image_scores,
+    resize_to,
+)
 from engine.config import BuildConfig
 from engine.data.images import read_rgb
 from engine.data.loco import LocoDataset
 from engine.data.transforms import ImageFolderDataset
 from engine.data.types import DatasetError, Sample
 from engine.detector import Detector, Maps
-from engine.metrics import LocoEvaluator, LocoMetrics, write_map
-from engine.metrics.maps_io import map_path
+from engine.metrics import LocoEvaluator, LocoMetrics, map_path, write_map
 from engine.models.logical import LogicalModel
 from engine.models.structural import StructuralModel, attach_index
 from engine.models.text_prior import category_prompt, resolve_text_prior
@@ -111,7 +116,7 @@ def calibrate(
         fused = fuse_maps(
             lmap, smap, detector.logical_stats, detector.structural_stats, detector.fusion
         )
-        scores.append(resize_to(fused, (int(height), int(width))).amax(dim=(1, 2)))
+        scores.append(image_scores(resize_to(fused, (int(height), int(width)))))
     scores_np = torch.cat(scores).numpy()
     threshold = calibrate_threshold(scores_np, rate)
     return detector.logical_stats, detector.structural_stats, threshold, scores_np
@@ -206,7 +211,7 @@ def build_category(
     with _step(seconds, "structural memory bank", verbose):
         bank_set = (
             train_set
-            if repr(detector.structural_transform) == repr(detector.logical_transform)
+            if detector.shares_input
             else ImageFolderDataset(
                 dataset.samples("train"), detector.structural_transform, progress=progress
             )

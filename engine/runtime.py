@@ -26,7 +26,7 @@ import torch
 
 from engine.artifact import load_artifact
 from engine.backends import apply_backend
-from engine.calibrate import resize_to
+from engine.calibrate import image_scores, resize_to
 from engine.data.images import list_image_files, read_rgb
 from engine.data.types import DatasetError
 from engine.detector import Detector
@@ -194,7 +194,7 @@ class Runtime:
         assert maps.fused is not None
         height, width = int(batch.shape[1]), int(batch.shape[2])
         full = resize_to(maps.fused, (height, width))
-        scores = full.amax(dim=(1, 2)).cpu().numpy()
+        scores = image_scores(full).cpu().numpy()
         full_np = full.cpu().numpy()
         logical, structural = maps.logical.cpu().numpy(), maps.structural.cpu().numpy()
         latency = (time.perf_counter() - start) * 1e3

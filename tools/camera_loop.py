@@ -15,13 +15,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from engine import overlay
 from engine.artifact import ArtifactError
-from engine.build import SYNTHETIC_SEED, default_cache
+from engine.build import synthetic_root
 from engine.runtime import Runtime
 
 
@@ -42,30 +43,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def camera_opens(index: int) -> bool:
+def open_camera(index: int) -> Any | None:
+    """An opened ``cv2.VideoCapture`` for camera ``index``, or None (no camera, no OpenCV)."""
     try:
         import cv2
     except ImportError:
-        return False
+        return None
     capture = cv2.VideoCapture(index)
-    opened = capture.isOpened()
+    if capture.isOpened():
+        return capture
     capture.release()
-    return opened
+    return None
 
 
-def choose_source(args: argparse.Namespace, category: str) -> int | Path:
+def choose_source(args: argparse.Namespace, category: str) -> Any:
+    """The opened camera (handed to the stream, so it is opened once), or a video/folder path."""
     if not args.source.isdigit():
         return Path(args.source)
     index = int(args.source)
-    if camera_opens(index):
-        return index
-    fallback = args.fallback or (
-        default_cache()
-        / f"synthetic-seed{SYNTHETIC_SEED}"
-        / category
-        / "test"
-        / "logical_anomalies"
-    )
+    capture = open_camera(index)
+    if capture is not None:
+        return capture
+    fallback = args.fallback or synthetic_root() / category / "test" / "logical_anomalies"
     if not fallback.exists():
         raise ValueError(
             f"no camera at index {index} and no fallback at {fallback}; pass --source VIDEO|FOLDER"

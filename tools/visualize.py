@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 
 from engine import overlay
 from engine.artifact import ArtifactError
-from engine.build import SYNTHETIC_SEED, default_cache
+from engine.build import synthetic_root
 from engine.data.images import read_rgb
 from engine.data.loco import LocoDataset
 from engine.data.types import GOOD, LOGICAL, STRUCTURAL, Sample
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.n < 1:
             raise ValueError(f"--n must be at least 1, got {args.n}")
         rt = Runtime.load(args.artifact, device=args.device)
-        root = args.data_root or default_cache() / f"synthetic-seed{SYNTHETIC_SEED}"
+        root = args.data_root or synthetic_root()
         dataset = LocoDataset(root, rt.category)
         progress = not args.no_progress
         metrics = evaluate_category(

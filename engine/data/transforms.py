@@ -66,6 +66,13 @@ class ImageTransform:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ImageTransform):
+            return NotImplemented
+        return (self.size, self.mean, self.std) == (other.size, other.mean, other.std)
+
+    __hash__ = None  # mutable attributes: equal by value, not hashable
+
     def __repr__(self) -> str:
         return f"ImageTransform(size={self.size}, mean={self.mean}, std={self.std})"
 

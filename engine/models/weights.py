@@ -58,17 +58,22 @@ class WeightsInfo:
     note: str
 
 
+def file_sha256(path: str | Path) -> str:
+    """Streamed sha256 of a file, read afresh every call (what artifact verification needs)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
-    """Streamed sha256 of a file, cached per (path, mtime, size) for the life of the process."""
+    """:func:`file_sha256`, cached per (path, mtime, size) for the life of the process."""
     resolved = Path(path).resolve()
     stat = resolved.stat()
     key = (str(resolved), stat.st_mtime_ns, stat.st_size)
     if key not in _sha256_cache:
-        digest = hashlib.sha256()
-        with resolved.open("rb") as handle:
-            while chunk := handle.read(_HASH_CHUNK):
-                digest.update(chunk)
-        _sha256_cache[key] = digest.hexdigest()
+        _sha256_cache[key] = file_sha256(resolved)
     return _sha256_cache[key]
 
 

@@ -163,3 +163,10 @@ def test_folder_dataset_progress_switch(loco_tree, capsys: pytest.CaptureFixture
 def test_folder_dataset_needs_samples() -> None:
     with pytest.raises(ValueError, match="at least one sample"):
         ImageFolderDataset([], ImageTransform(16, MEAN, STD))
+
+
+def test_transforms_compare_by_value() -> None:
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    assert ImageTransform(64, mean, std) == ImageTransform(64, list(mean), list(std))
+    assert ImageTransform(64, mean, std) != ImageTransform(128, mean, std)
+    assert ImageTransform(64, mean, std) != ImageTransform(64, mean, (0.5, 0.25, 0.25))
