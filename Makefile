@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= onnx,text,camera,test
 
-.PHONY: setup demo test lint format bench
+.PHONY: setup demo test test-gpu lint format bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -23,6 +23,14 @@ lint: setup
 
 test: lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --benchmark-disable
+
+# On a CUDA machine: the kernel tests with compiled Triton kernels (`make test` interprets
+# them), then every gpu-marked test elsewhere (pytest's exit 5, "none collected", is fine).
+test-gpu: setup
+	@$(PY) -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "make test-gpu needs a CUDA device; torch sees none")'
+	env -u TRITON_INTERPRET $(PY) -m pytest -q --benchmark-disable -m "gpu or not slow" tests/kernels
+	env -u TRITON_INTERPRET $(PY) -m pytest -q --benchmark-disable -m gpu --ignore=tests/kernels tests \
+		|| [ $$? -eq 5 ]
 
 format: setup
 	$(PY) -m ruff format .

@@ -7,7 +7,7 @@ light (no torch) for tools that only need the version.
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Runtime", "overlay"]
+__all__ = ["Runtime", "SourceLost", "overlay"]
 
 
 def __getattr__(name: str) -> Any:
@@ -15,6 +15,10 @@ def __getattr__(name: str) -> Any:
         from engine.runtime import Runtime
 
         return Runtime
+    if name == "SourceLost":
+        from engine.runtime import SourceLost
+
+        return SourceLost
     if name == "overlay":
         from engine.display import overlay
 

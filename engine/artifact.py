@@ -1,50 +1,86 @@
-"""The deployment artifact: one folder, a manifest, checksums, written atomically.
+"""The deployment artifact: one folder, a sealed manifest, checksums, written atomically.
 
-Layout (``FORMAT_VERSION`` 1)::
+Layout (``FORMAT_VERSION`` 2)::
 
     <artifact>/
       manifest.json     format version, package versions, config, backbone and text-prior
-                        identity, calibration, threshold, metrics, sha256 + size of every file
+                        identity, calibration, threshold, metrics, sha256 + size of every file,
+                        and its own sha256 (see :mod:`engine.artifact_manifest`)
       logical.pt        LogicalModel state dict (frozen encoder included: the artifact is
                         self-contained and never needs $TORCH_HOME)
       structural.pt     StructuralModel state dict: frozen backbone and the coreset memory bank
       index/            the kNN index, only when it is approximate (IVF-PQ); exact FAISS or
                         PyTorch search is rebuilt from the bank at load time
 
-The folder is assembled in a hidden sibling temp folder and renamed into place only after the
-manifest, written last, is on disk. A crash mid-build leaves at most a ``.<name>.tmp-*`` folder
-that never loads; an existing artifact of the same name is replaced only by a complete one.
+Writing: the folder is assembled in a hidden sibling ``.<name>.tmp-<host>-<pid>-*`` folder,
+every file and folder is fsynced, then it is swapped into place in one atomic
+``renameat2(RENAME_EXCHANGE)`` (Linux; elsewhere two renames, the old artifact put back if the
+second fails). Only an empty folder or an engine artifact is ever replaced
+(:func:`check_target`). Temp folders of writers that died are removed by the next write.
+
+Reading: the folder is opened once and every file is read through that handle, once, into
+memory; those bytes are checked and deserialised, so a load during a rebuild sees one build or
+fails, never a mix. The file set is exact, no file may be a link or leave the folder, and
+every problem is an :class:`ArtifactError` saying what is wrong.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import engine
-from engine.calibrate import BranchStats
+from engine import artifact_files as fs
+from engine.artifact_manifest import (
+    INDEX_FOLDER,
+    LOGICAL_FILE,
+    REBUILD,
+    SAVED_INDEX_KIND,
+    STRUCTURAL_FILE,
+    ArtifactError,
+    ManifestSpec,
+    check_member_name,
+    check_seal,
+    encode_manifest,
+    expected_files,
+    parse_json,
+    parse_manifest,
+    untrusted,
+)
 from engine.config import BuildConfig
 from engine.detector import Detector
 from engine.models.backbones import load_backbone
+from engine.models.knn_index import FaissIvfPqIndex
 from engine.models.logical import LogicalModel
 from engine.models.structural import PatchFeatures, StructuralModel, attach_index
-from engine.models.weights import WeightsInfo, file_sha256
 
-FORMAT_VERSION = 1
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "ArtifactError",
+    "ArtifactWriter",
+    "check_target",
+    "load_artifact",
+    "read_manifest",
+    "save_artifact",
+]
+
+FORMAT_VERSION = 2  # 2: the manifest carries its own sha256; the file set is exact
 MANIFEST = "manifest.json"
-
-
-class ArtifactError(RuntimeError):
-    """An artifact is missing, incomplete, from another format version, or fails its checksums."""
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 def package_versions() -> dict[str, str]:
@@ -58,27 +94,105 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+# --------------------------------------------------------------------------- what may be replaced
+
+
+def check_target(path: str | Path) -> None:
+    """Raise :class:`ArtifactError` unless a build may write its artifact at ``path``.
+
+    Allowed: nothing there, an empty folder, or an engine artifact (a manifest of this engine's
+    format and nothing but the files it lists). Anything else (a file, a link, a folder of the
+    user's files or of other artifacts) would be destroyed by the swap and is refused.
+    """
+    target = Path(path)
+    advice = "choose another --out or remove it yourself"
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        info = os.lstat(target)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise ArtifactError(
+            f"{target}: cannot be inspected ({error.strerror}); {advice}"
+        ) from error
+    if stat.S_ISLNK(info.st_mode):
+        raise ArtifactError(f"{target} is a symbolic link, not an engine artifact; {advice}")
+    if not stat.S_ISDIR(info.st_mode):
+        raise ArtifactError(f"{target} is a file, not an engine artifact folder; {advice}")
+    try:
+        with fs.opened_dir(target) as fd:
+            entries = sorted(fs.entries(fd))
+            listed = _listed_files(fd) if MANIFEST in entries else None
+    except OSError as error:
+        raise ArtifactError(
+            f"{target}: cannot be inspected ({error.strerror}); {advice}"
+        ) from error
+    if not entries:
+        return
+    if listed is None:
+        raise ArtifactError(
+            f"{target} is not empty and not an engine artifact (no readable {MANIFEST} of "
+            f"format version {FORMAT_VERSION}); it holds {_some(entries)}; {advice}"
+        )
+    foreign = [e for e in entries if e != MANIFEST and e not in listed]
+    if foreign:
+        raise ArtifactError(
+            f"{target} holds files that are not part of its artifact: {_some(foreign)}; {advice}"
+        )
+
+
+def _listed_files(fd: int) -> set[str] | None:
+    """The files an engine manifest in ``fd`` lists, or None when it is not one of ours.
+
+    Older formats of this engine count as ours (a rebuild after an upgrade replaces them);
+    the seal is not checked: a damaged artifact of ours may be replaced too.
+    """
+    try:
+        with os.fdopen(fs.open_member(fd, MANIFEST), "rb") as handle:
+            data = handle.read(MAX_MANIFEST_BYTES)
+        manifest = parse_json(data, MANIFEST)
+    except (ArtifactError, OSError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    version, files = manifest.get("format_version"), manifest.get("files")
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        return None
+    return set(files) if isinstance(files, dict) else None
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(n) for n in names[:shown]) + more
+
+
+# --------------------------------------------------------------------------------------- writing
 
 
 class ArtifactWriter:
     """Build an artifact in a temp folder; :meth:`commit` makes it appear atomically.
 
     Use as a context manager: leaving the block without :meth:`commit` (an exception, Ctrl-C)
-    deletes the temp folder and leaves any existing artifact at ``path`` untouched.
+    deletes the temp folder and leaves any existing artifact at ``path`` untouched. Raises
+    :class:`ArtifactError` when ``path`` holds something that is not an artifact.
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(
-            tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
-        )
+        given = Path(path)
+        if given.name in ("", ".", ".."):
+            raise ArtifactError(f"{path!r}: an artifact path must end in a folder name")
+        self.path = given.parent.resolve() / given.name
+        check_target(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fs.clean_stale(self.path)
+            prefix = fs.temp_prefix(self.path, "tmp")
+            self.staging = Path(tempfile.mkdtemp(prefix=prefix, dir=self.path.parent))
+            # mkdtemp creates 0700; the artifact must be as readable as any folder made here.
+            os.chmod(self.staging, 0o777 & ~fs.umask())
+        except OSError as error:
+            raise ArtifactError(
+                f"{self.path}: cannot prepare the artifact folder ({error})"
+            ) from error
         self._committed = False
 
     def __enter__(self) -> ArtifactWriter:
@@ -90,114 +204,70 @@ class ArtifactWriter:
 
     def file(self, name: str) -> Path:
         """Path inside the staging folder for a file the caller writes itself."""
-        target = self.staging / name
+        target = self.staging / check_member_name(name, str(self.staging))
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
 
     def commit(self, manifest: dict[str, Any]) -> Path:
-        """Checksum every staged file, write the manifest last, then swap the folder into place."""
+        """Checksum and fsync every staged file, write the sealed manifest last, swap it in."""
         files = {}
-        for p in sorted(self.staging.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(self.staging).as_posix()
-                files[rel] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+        for rel in sorted(fs.staged_files(self.staging)):
+            digest, size = fs.hash_and_sync(self.staging / rel)
+            files[rel] = {"sha256": digest, "bytes": size}
         full = {
-            "format_version": FORMAT_VERSION,
             "created_unix": time.time(),
             "package_versions": package_versions(),
             **manifest,
+            "format_version": FORMAT_VERSION,
             "files": files,
         }
-        manifest_path = self.staging / MANIFEST
-        with open(manifest_path, "w") as f:
-            json.dump(full, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(self.staging)
-
-        backup = None
-        if self.path.exists():
-            backup = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, backup)
-        os.replace(self.staging, self.path)
-        _fsync_dir(self.path.parent)
+        with open(self.staging / MANIFEST, "wb") as handle:
+            handle.write(encode_manifest(full))
+            handle.flush()
+            os.fsync(handle.fileno())
+        for folder in sorted(fs.staged_dirs(self.staging), key=lambda p: -len(p.parts)):
+            fs.fsync_dir(folder)
+        check_target(self.path)  # again: something may have appeared there since __init__
+        previous = fs.swap_into_place(self.staging, self.path)
         self._committed = True
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        fs.fsync_dir(self.path.parent)
+        if previous is not None and previous.is_dir() and not previous.is_symlink():
+            shutil.rmtree(previous, ignore_errors=True)
         return self.path
-
-
-def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
-    """Load and check an artifact's manifest; with ``verify`` every file's sha256 is checked.
-
-    Raises:
-        ArtifactError: not a folder, no manifest (incomplete build), unreadable manifest,
-            another format version, a listed file missing, or a checksum mismatch.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        raise ArtifactError(
-            f"{root}: no artifact folder here (build one with `python -m engine.build`)"
-        )
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise ArtifactError(
-            f"{root}: no {MANIFEST}; this is not a complete artifact (interrupted build?)"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{manifest_path}: unreadable manifest ({e})") from e
-    if not isinstance(manifest, dict) or "files" not in manifest:
-        raise ArtifactError(f"{manifest_path}: not an engine manifest")
-    found = manifest.get("format_version")
-    if found != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{root}: artifact format version {found!r}, but this engine (v{engine.__version__}) reads "
-            f"version {FORMAT_VERSION}; rebuild it with `python -m engine.build`"
-        )
-    if verify:
-        for name, meta in manifest["files"].items():
-            p = root / name
-            if not p.is_file():
-                raise ArtifactError(f"{p}: listed in the manifest but missing")
-            if p.stat().st_size != meta["bytes"] or file_sha256(p) != meta["sha256"]:
-                raise ArtifactError(
-                    f"{p}: checksum mismatch (file changed or corrupted since the build)"
-                )
-    return manifest
-
-
-LOGICAL_FILE = "logical.pt"
-STRUCTURAL_FILE = "structural.pt"
-INDEX_FOLDER = "index"  # only for approximate (IVF-PQ) indexes; exact ones are rebuilt
 
 
 def save_artifact(
     path: str | Path, detector: Detector, config: BuildConfig, info: dict[str, Any]
 ) -> Path:
-    """Write ``detector`` (weights, bank, calibration) and ``info`` (category, metrics, ...)."""
+    """Write ``detector`` (weights, bank, calibration) and ``info`` (category, threshold, ...).
+
+    The manifest is validated as the loader will read it before anything is written, so a
+    build with e.g. a NaN threshold fails here instead of leaving an artifact that cannot load.
+    """
     if detector.logical_stats is None or detector.structural_stats is None:
         raise ValueError("the detector is not calibrated: branch statistics are missing")
+    index = detector.structural.index
+    manifest = {
+        "config": config.to_dict(),
+        "backbones": {
+            "logical": asdict(detector.logical.encoder.weights),
+            "structural": asdict(detector.structural.patch_features.backbone.weights),
+        },
+        "calibration": {
+            "logical": asdict(detector.logical_stats),
+            "structural": asdict(detector.structural_stats),
+        },
+        "structural_index": index.identity if index is not None else {"kind": "torch"},
+        **info,
+    }
+    names = sorted(expected_files(index.kind if index is not None else "torch"))
+    draft = {**manifest, "files": {n: {"sha256": "0" * 64, "bytes": 0} for n in names}}
+    parse_manifest(json.loads(json.dumps(draft, default=str)), f"{path} (to be written)")
     with ArtifactWriter(path) as writer:
         torch.save(_cpu_state(detector.logical), writer.file(LOGICAL_FILE))
         torch.save(_cpu_state(detector.structural), writer.file(STRUCTURAL_FILE))
-        index = detector.structural.index
-        if index is not None and index.kind == "faiss_ivfpq":
+        if index is not None and index.kind == SAVED_INDEX_KIND:
             index.save(writer.file(INDEX_FOLDER))
-        manifest = {
-            "config": config.to_dict(),
-            "backbones": {
-                "logical": asdict(detector.logical.encoder.weights),
-                "structural": asdict(detector.structural.patch_features.backbone.weights),
-            },
-            "calibration": {
-                "logical": asdict(detector.logical_stats),
-                "structural": asdict(detector.structural_stats),
-            },
-            "structural_index": index.identity if index is not None else {"kind": "torch"},
-            **info,
-        }
         return writer.commit(manifest)
 
 
@@ -205,58 +275,216 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
+# --------------------------------------------------------------------------------------- reading
+
+
+def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The validated manifest of the artifact at ``path``; with ``verify`` every file's sha256
+    is checked too (sizes, the exact file set and the manifest's own checksum always are).
+
+    Raises:
+        ArtifactError: not a folder, no manifest (incomplete build), unreadable or malformed
+            manifest, another format version, a missing, extra, linked or unsafe file, or a
+            checksum mismatch.
+    """
+    manifest, _, _ = _read_artifact(Path(path), verify, load=False)
+    return manifest
+
+
 def load_artifact(
     path: str | Path, device: str | torch.device = "cpu", verify: bool = True
 ) -> tuple[Detector, dict[str, Any]]:
     """The calibrated :class:`Detector` on ``device`` and the manifest of the artifact at ``path``.
 
-    The backbones are rebuilt empty and filled from the artifact, so loading never needs
-    ``$TORCH_HOME`` or any download. Raises :class:`ArtifactError` on any problem.
+    Every file is read once; with ``verify`` those bytes are hashed, and the same bytes are
+    deserialised. The backbones are rebuilt empty and filled from the artifact, so loading
+    never needs ``$TORCH_HOME`` or any download. Raises :class:`ArtifactError` on any problem
+    with the artifact, including NaN or infinite weights or memory bank.
     """
     root = Path(path)
-    manifest = read_manifest(root, verify)
-    try:
-        config = BuildConfig.from_dict(manifest["config"])
-        weights = {k: WeightsInfo(**_tuples(v)) for k, v in manifest["backbones"].items()}
-        stats = {k: BranchStats(**v) for k, v in manifest["calibration"].items()}
-        text = manifest["text_prior"]
-    except (KeyError, TypeError, ValueError) as error:
-        raise ArtifactError(f"{root / MANIFEST}: malformed manifest ({error!r})") from error
+    manifest, spec, blobs = _read_artifact(root, verify, load=True)
+    # pop: the bytes are not needed once deserialised (they would double the peak memory).
+    states = {
+        name: _state_dict(root / name, blobs.pop(name)) for name in (LOGICAL_FILE, STRUCTURAL_FILE)
+    }
+    sc = spec.config.structural
+    _check_bank(root / STRUCTURAL_FILE, states[STRUCTURAL_FILE].get("bank"), sc.feature_dim)
+    with untrusted(f"{root}: the weights do not fit the model the manifest describes"):
+        logical, structural = _empty_modules(spec)
+        logical.load_state_dict(states[LOGICAL_FILE])
+        structural.load_state_dict(states[STRUCTURAL_FILE])
+    detector = Detector(
+        logical,
+        structural,
+        spec.config.fusion,
+        spec.stats["logical"],
+        spec.stats["structural"],
+        structural_size=sc.image_size,
+    ).to(device)
+    with untrusted(f"{root}: cannot set up the kNN index"):
+        if spec.index["kind"] == SAVED_INDEX_KIND:
+            structural.use_index(_ivfpq_index(root, blobs, spec.index, structural.bank))
+        else:
+            attach_index(structural, sc.index, device)
+    return detector, manifest
 
-    def backbone(kind: str, levels: tuple[str, ...]):
-        extractor = load_backbone(
-            weights[kind].arch, levels, "random", allow_random=True, verbose=False
+
+def _read_artifact(
+    root: Path, verify: bool, load: bool
+) -> tuple[dict[str, Any], ManifestSpec, dict[str, bytes]]:
+    """Manifest, its validated spec and (with ``load``) every file's bytes, all read through one
+    handle on the folder. A rebuild that swaps the folder meanwhile can make files vanish from
+    under the handle; then, once, the new folder is read from the start."""
+    for attempt in (0, 1):
+        try:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as error:
+            raise ArtifactError(
+                f"{root}: no artifact folder here ({error.strerror}; build one with "
+                "`python -m engine.build`)"
+            ) from error
+        try:
+            return _read_from(fd, root, verify, load)
+        except ArtifactError:
+            if attempt or not fs.replaced(root, fd):
+                raise
+        finally:
+            os.close(fd)
+    raise AssertionError("unreachable")
+
+
+def _read_from(
+    fd: int, root: Path, verify: bool, load: bool
+) -> tuple[dict[str, Any], ManifestSpec, dict[str, bytes]]:
+    where = root / MANIFEST
+    try:
+        handle = os.fdopen(fs.open_member(fd, MANIFEST), "rb")
+    except FileNotFoundError as error:
+        raise ArtifactError(
+            f"{root}: no {MANIFEST}; this is not a complete artifact (interrupted build?)"
+        ) from error
+    except OSError as error:
+        raise ArtifactError(f"{where}: {fs.explain_open_error(error)}") from error
+    with handle:
+        data = handle.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{where}: over {MAX_MANIFEST_BYTES} bytes, not an engine manifest")
+    manifest = parse_json(data, str(where))
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{where}: not an engine manifest (a JSON object is expected)")
+    found = manifest.get("format_version")
+    if type(found) is not int or found != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{root}: artifact format version {found!r}, but this engine (v{engine.__version__}) "
+            f"reads version {FORMAT_VERSION}; {REBUILD}"
         )
-        extractor.weights = weights[kind]
+    check_seal(data, manifest, str(where))
+    spec = parse_manifest(manifest, str(where))
+    try:
+        unlisted = sorted(set(fs.entries(fd)) - set(spec.files) - {MANIFEST})
+    except (OSError, RecursionError) as error:
+        raise ArtifactError(f"{root}: cannot list the folder ({error})") from error
+    if unlisted:
+        raise ArtifactError(f"{root}: holds files its manifest does not list: {_some(unlisted)}")
+    blobs = {}
+    for name, entry in spec.files.items():
+        blob = _read_member(fd, root / name, name, entry, verify, load)
+        if load:
+            blobs[name] = blob
+    return manifest, spec, blobs
+
+
+def _read_member(fd: int, path: Path, name: str, entry: Any, verify: bool, load: bool) -> bytes:
+    """The bytes of listed file ``name`` (empty unless ``load``), checked against ``entry``."""
+    mismatch = f"{path}: checksum mismatch (file changed or corrupted since the build); {REBUILD}"
+    try:
+        handle = os.fdopen(fs.open_member(fd, name), "rb")
+    except OSError as error:
+        raise ArtifactError(f"{path}: {fs.explain_open_error(error)}; {REBUILD}") from error
+    with handle:
+        if os.fstat(handle.fileno()).st_size != entry.size:
+            raise ArtifactError(mismatch)
+        if not (verify or load):
+            return b""
+        data = handle.read()
+    if len(data) != entry.size or (verify and hashlib.sha256(data).hexdigest() != entry.sha256):
+        raise ArtifactError(mismatch)
+    return data if load else b""
+
+
+def _state_dict(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    with untrusted(f"{path}: cannot be loaded"):
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not (
+        isinstance(state, dict)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise ArtifactError(f"{path}: not a state dict of named tensors; {REBUILD}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ArtifactError(
+            f"{path}: NaN or infinite values in {_some(bad)} (every score would be wrong); "
+            f"{REBUILD}"
+        )
+    return state
+
+
+def _check_bank(path: Path, bank: Any, dim: int) -> None:
+    """Refuse a bank that is not a non-empty (M, dim) float tensor before any model is built."""
+    ok = (
+        isinstance(bank, torch.Tensor)
+        and bank.dim() == 2
+        and bank.shape[0] > 0
+        and bank.shape[1] == dim
+        and bank.dtype in (torch.float32, torch.float16)
+    )
+    if not ok:
+        got = (tuple(bank.shape), bank.dtype) if isinstance(bank, torch.Tensor) else bank
+        raise ArtifactError(
+            f"{path}: the memory bank must be a non-empty (M, {dim}) float32 or float16 tensor "
+            f"(config.structural.feature_dim={dim}), got {got}; {REBUILD}"
+        )
+
+
+def _empty_modules(spec: ManifestSpec) -> tuple[LogicalModel, StructuralModel]:
+    """The two modules the manifest describes, with random weights to be overwritten."""
+
+    def backbone(branch: str, levels: tuple[str, ...]):
+        info = spec.weights[branch]
+        extractor = load_backbone(info.arch, levels, "random", allow_random=True, verbose=False)
+        extractor.weights = info
         return extractor
 
-    lc, sc = config.logical, config.structural
-    embedding = None if text.get("dim") is None else torch.zeros(int(text["dim"]))
+    lc, sc = spec.config.logical, spec.config.structural
+    embedding = None if spec.text_dim is None else torch.zeros(spec.text_dim)
     logical = LogicalModel(
         lc, backbone("logical", (*lc.compared_levels, lc.bottleneck_level)), embedding
     )
     structural = StructuralModel(
         PatchFeatures(backbone("structural", sc.levels), sc.feature_dim, sc.patch_size)
     )
-    for module, name in ((logical, LOGICAL_FILE), (structural, STRUCTURAL_FILE)):
-        try:
-            state = torch.load(root / name, map_location="cpu", weights_only=True)
-            module.load_state_dict(state)
-        except (OSError, RuntimeError, ValueError) as error:
-            raise ArtifactError(f"{root / name}: cannot be loaded ({error})") from error
-    detector = Detector(
-        logical,
-        structural,
-        config.fusion,
-        stats["logical"],
-        stats["structural"],
-        structural_size=sc.image_size,
-    ).to(device)
-    saved_index = root / INDEX_FOLDER
-    attach_index(structural, sc.index, device, saved_index if saved_index.is_dir() else None)
-    return detector, manifest
+    return logical, structural
 
 
-def _tuples(values: dict[str, Any]) -> dict[str, Any]:
-    """JSON turned the tuples of a dataclass into lists; turn them back."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+def _ivfpq_index(
+    root: Path, blobs: dict[str, bytes], identity: dict[str, Any], bank: torch.Tensor
+) -> FaissIvfPqIndex:
+    """The saved IVF-PQ index, from the bytes already read and checked."""
+    import faiss
+
+    folder = root / INDEX_FOLDER
+    if parse_json(blobs[f"{INDEX_FOLDER}/index.json"], str(folder / "index.json")) != identity:
+        raise ArtifactError(f"{folder / 'index.json'} differs from the manifest's structural_index")
+    vectors = np.load(io.BytesIO(blobs[f"{INDEX_FOLDER}/bank.npy"]), allow_pickle=False)
+    if vectors.dtype != np.float32 or not np.array_equal(vectors, bank.float().cpu().numpy()):
+        raise ArtifactError(f"{folder / 'bank.npy'} is not the memory bank of {STRUCTURAL_FILE}")
+    raw = np.frombuffer(blobs[f"{INDEX_FOLDER}/index.faiss"], dtype=np.uint8)
+    searcher = faiss.deserialize_index(raw)
+    if not isinstance(searcher, faiss.IndexIVFPQ) or (searcher.ntotal, searcher.d) != vectors.shape:
+        raise ArtifactError(f"{folder / 'index.faiss'} is not an IVF-PQ index of the memory bank")
+    index = FaissIvfPqIndex(identity["nlist"], identity["m"], identity["nbits"], identity["nprobe"])
+    # KnnIndex reads indexes from paths only; fill in what FaissIvfPqIndex._read would.
+    index.bank = torch.from_numpy(vectors)
+    searcher.nprobe = index.nprobe
+    index._index = searcher
+    return index

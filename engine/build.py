@@ -6,12 +6,14 @@
 Without ``--data-root`` (and without ``$MVTEC_LOCO_ROOT``) the synthetic LOCO-style dataset is
 generated once into a cache folder and used. Any setting of :class:`engine.config.BuildConfig`
 can be overridden with ``--set section.field=value`` (e.g. ``--set train.lr=1e-3``).
+
+Every option is checked before any work starts (values converted to their field's type, output
+folders that may be written, the kNN index); expected failures print a message and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -21,11 +23,11 @@ from typing import Any
 
 import torch
 
-from engine.config import PRESETS, BuildConfig, resolve_preset
-from engine.data.loco import list_categories
-from engine.data.synthetic import CATEGORIES, generate_category
+from engine.config import PRESETS, BuildConfig, field_types, parse_value, resolve_preset
+from engine.data.loco import check_category_name, list_categories
+from engine.data.synthetic import CATEGORIES, GENERATOR_VERSION, generate_category
 from engine.data.types import DatasetError
-from engine.pipeline import BuildResult, build_category
+from engine.pipeline import BuildResult, build_category, check_index_kind, check_outputs
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -36,7 +38,8 @@ def synthetic_root(cache_dir: Path | None = None) -> Path:
     """Where the build generates (and later finds) the synthetic dataset."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     cache = cache_dir or Path(base) / "npgmf-engine"
-    return cache / f"synthetic-seed{SYNTHETIC_SEED}"
+    # Versioned: a cache made by an older generator is never mistaken for today's data.
+    return cache / f"synthetic-v{GENERATOR_VERSION}-seed{SYNTHETIC_SEED}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -73,7 +76,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override any config value, e.g. --set logical.image_size=64 (JSON values)",
+        help="override any config value, e.g. --set logical.image_size=64; the value must fit "
+        "the field's type (numbers, true/false, comma-separated lists, null)",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard the training checkpoints of an earlier, interrupted build and start over",
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help="synthetic data cache")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -89,33 +98,33 @@ def resolve_device(name: str) -> torch.device:
 
 
 def apply_overrides(config: BuildConfig, assignments: Sequence[str]) -> BuildConfig:
-    """``section.field=value`` (or top-level ``field=value``) assignments; values parse as JSON
-    when they can (numbers, lists, true/false/null), else as strings."""
+    """``section.field=value`` (or top-level ``field=value``) assignments, each value converted
+    to its field's declared type (:func:`engine.config.parse_value`); ValueError names the field
+    and the type expected."""
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects SECTION.FIELD=VALUE, got {assignment!r}")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        path = key.split(".")
-        config = _set_path(config, path, value, key)
+        config = _set_path(config, key.split("."), raw, key)
     return config
 
 
-def _set_path(obj: Any, path: list[str], value: Any, key: str) -> Any:
+def _set_path(obj: Any, path: list[str], raw: str, key: str) -> Any:
     names = {f.name for f in fields(obj)}
     if path[0] not in names:
         raise ValueError(f"--set {key}: {type(obj).__name__} has no field {path[0]!r}")
     if len(path) == 1:
         if is_dataclass(getattr(obj, path[0])):
             raise ValueError(f"--set {key}: {path[0]!r} is a section; name one of its fields")
+        try:
+            value = parse_value(field_types(type(obj))[path[0]], raw, key)
+        except ValueError as error:
+            raise ValueError(f"--set {key}={raw}: {error}") from None
         return replace(obj, **{path[0]: value})
     child = getattr(obj, path[0])
     if not is_dataclass(child):
         raise ValueError(f"--set {key}: {path[0]!r} is not a section")
-    return replace(obj, **{path[0]: _set_path(child, path[1:], value, key)})
+    return replace(obj, **{path[0]: _set_path(child, path[1:], raw, key)})
 
 
 def build_config(args: argparse.Namespace, device: torch.device) -> BuildConfig:
@@ -139,34 +148,41 @@ def build_config(args: argparse.Namespace, device: torch.device) -> BuildConfig:
     return apply_overrides(config, args.set)
 
 
-def resolve_data(args: argparse.Namespace, progress: bool) -> tuple[Path, list[str]]:
-    """The data root and the categories to build; generates synthetic data when none is given."""
+def find_categories(args: argparse.Namespace) -> tuple[Path, list[str], bool]:
+    """The data root, the categories to build, and whether the root is the synthetic cache.
+
+    Only lists folders: nothing is generated here (see :func:`generate_synthetic`).
+    """
     root = args.data_root or (
         Path(os.environ["MVTEC_LOCO_ROOT"]) if os.environ.get("MVTEC_LOCO_ROOT") else None
     )
     if root is not None:
         if not root.is_dir():
             raise DatasetError(f"{root}: data root folder does not exist")
+        if args.category != "all":
+            return root, [check_category_name(args.category)], False
         found = list_categories(root)
-        if args.category == "all":
-            if not found:
-                raise DatasetError(f"{root}: no MVTec LOCO AD categories found")
-            return root, found
-        return root, [args.category]
+        if not found:
+            raise DatasetError(f"{root}: no MVTec LOCO AD categories found")
+        return root, found, False
 
-    cache = synthetic_root(args.cache_dir)
-    names = list(CATEGORIES) if args.category == "all" else [args.category]
+    names = list(CATEGORIES) if args.category == "all" else [check_category_name(args.category)]
     for name in names:
         if name not in CATEGORIES:
             raise DatasetError(
                 f"no --data-root given, and {name!r} is not a synthetic category "
                 f"{tuple(CATEGORIES)}; pass --data-root (or set MVTEC_LOCO_ROOT) for real data"
             )
+    return synthetic_root(args.cache_dir), names, True
+
+
+def generate_synthetic(cache: Path, names: Sequence[str], progress: bool) -> None:
+    """Generate the synthetic categories missing from ``cache``."""
+    for name in names:
         if not (cache / name).is_dir():
             print(f"[data] generating the synthetic {name} dataset into {cache}", flush=True)
             generate_category(cache, name, seed=SYNTHETIC_SEED, progress=progress)
     print(f"[data] synthetic LOCO-style data from {cache} (no --data-root given)", flush=True)
-    return cache, names
 
 
 def result_table(results: Sequence[BuildResult]) -> str:
@@ -201,25 +217,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--out names one artifact; with --category all omit it")
         device = resolve_device(args.device)
         config = build_config(args, device)
-        root, categories = resolve_data(args, progress)
-        results = []
-        for category in categories:
-            out = args.out or Path("artifacts") / category
-            save_maps = args.save_maps
-            results.append(build_category(root, category, out, config, device, save_maps, progress))
-    except KeyboardInterrupt:
+        root, categories, synthetic = find_categories(args)
+        outs = {category: args.out or Path("artifacts") / category for category in categories}
+        # Everything that can fail without data or a model fails here, before any work.
+        for out in outs.values():
+            check_outputs(out, args.save_maps)
+        check_index_kind(config.structural.index, device)
+        if synthetic:
+            generate_synthetic(root, categories, progress)
+        results = [
+            build_category(
+                root, c, outs[c], config, device, args.save_maps, progress, fresh=args.fresh
+            )
+            for c in categories
+        ]
+    except KeyboardInterrupt as interrupt:
         print(
             "\ninterrupted: no artifact was written for the category in progress; training "
             "checkpoints are kept and a rerun of the same command resumes",
+            *getattr(interrupt, "__notes__", []),
+            sep="\n",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    except (DatasetError, ValueError, RuntimeError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, RuntimeError, OSError) as error:
+        # DatasetError is a ValueError, ArtifactError a RuntimeError; OSError: disk full,
+        # permissions, a path that is a file...
+        print(error_message(error), file=sys.stderr)
         return EXIT_BAD_INPUT
     print()
     print(result_table(results))
     return 0
+
+
+def error_message(error: BaseException) -> str:
+    """``error: ...`` with the notes the steps added (e.g. which partial outputs were removed)."""
+    return "\n".join([f"error: {error}", *getattr(error, "__notes__", [])])
 
 
 if __name__ == "__main__":

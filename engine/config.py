@@ -8,8 +8,11 @@ that span modules (weights, text prior) and is stored whole in the artifact mani
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+import json
+import types
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -43,32 +46,170 @@ class BuildConfig:
     text_prior: str = "auto"
     clip_checkpoint: str | None = None
 
+    def __post_init__(self) -> None:
+        # The section configs check their values' ranges; the declared types are checked here,
+        # for every section, so no str can sit in a bool field (from a manifest or from code).
+        check_field_types(self)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> BuildConfig:
-        """Inverse of :meth:`to_dict` (a manifest's ``config``); unknown keys are an error."""
-        parts = {
-            "logical": LogicalConfig,
-            "structural": StructuralConfig,
-            "train": TrainConfig,
-            "fusion": FusionConfig,
-        }
-        kwargs = dict(values)
-        for name, kind in parts.items():
-            if name in kwargs:
-                kwargs[name] = _dataclass_from_dict(kind, kwargs[name])
-        return _dataclass_from_dict(cls, kwargs)
+        """Inverse of :meth:`to_dict` (a manifest's ``config``).
+
+        Raises:
+            ValueError: unknown keys, or a value that is not of its field's declared type
+                (named as ``section.field``).
+        """
+        return _dataclass_from_dict(cls, values, "")
 
 
-def _dataclass_from_dict(kind: type, values: dict):
-    known = {f.name for f in fields(kind)}
-    unknown = set(values) - known
+def _dataclass_from_dict(kind: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a JSON object, got {values!r}")
+    unknown = set(values) - {f.name for f in fields(kind)}
     if unknown:
         raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
-    # JSON has no tuples: every list-valued field of these configs is a tuple.
-    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    kwargs = {}
+    for name, declared in field_types(kind).items():
+        if name not in values:
+            continue
+        where = prefix + name
+        if is_dataclass(declared):
+            kwargs[name] = _dataclass_from_dict(declared, values[name], where + ".")
+        else:
+            kwargs[name] = convert_value(declared, values[name], where)
+    return kind(**kwargs)
+
+
+# ---- declared field types: checking JSON-like values and parsing command-line text ----------
+
+_TRUE_WORDS = frozenset({"true", "yes", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "0"})
+_NONE_WORDS = frozenset({"null", "none"})
+
+
+def field_types(kind: type) -> dict[str, Any]:
+    """The declared type of each field of the dataclass ``kind`` (annotations resolved)."""
+    hints = get_type_hints(kind)
+    return {f.name: hints[f.name] for f in fields(kind)}
+
+
+def _optional(declared: Any) -> tuple[bool, Any]:
+    """(whether ``None`` is allowed, the type without ``None``)."""
+    if get_origin(declared) in (Union, types.UnionType):
+        args = get_args(declared)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(args) == 2:
+            return True, rest[0]
+    return False, declared
+
+
+def describe_type(declared: Any) -> str:
+    """Words for a declared type, as error messages show it."""
+    optional, inner = _optional(declared)
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if inner in words:
+        text = words[inner]
+    elif get_origin(inner) is tuple:
+        args = get_args(inner)
+        if len(args) == 2 and args[1] is Ellipsis:
+            text = f"a comma-separated list of {describe_type(args[0])} values"
+        else:
+            text = f"{len(args)} comma-separated values ({', '.join(map(describe_type, args))})"
+    else:
+        text = getattr(inner, "__name__", str(inner))
+    return f"{text} or null" if optional else text
+
+
+def convert_value(declared: Any, value: Any, where: str) -> Any:
+    """``value`` (JSON-like: bool, int, float, str, None, list) as the type ``declared``.
+
+    Strict: a bool is not an int, a number is not a bool, an int field refuses 2.5; ints are
+    accepted for float fields (as floats) and lists for tuple fields (as tuples).
+
+    Raises:
+        ValueError: naming ``where`` (the field) and the expected type.
+    """
+    optional, inner = _optional(declared)
+    if value is None and optional:
+        return None
+    if inner is bool and type(value) is bool:
+        return value
+    if inner is int and type(value) is int:
+        return value
+    if inner is float and type(value) in (int, float):
+        return float(value)
+    if inner is str and isinstance(value, str):
+        return value
+    if get_origin(inner) is tuple and isinstance(value, list | tuple):
+        args = get_args(inner)
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        if len(args) == len(value):
+            return tuple(
+                convert_value(arg, item, f"{where}[{i}]")
+                for i, (arg, item) in enumerate(zip(args, value, strict=True))
+            )
+    raise ValueError(f"{where} expects {describe_type(declared)}, got {value!r}")
+
+
+def parse_value(declared: Any, text: str, where: str) -> Any:
+    """Command-line ``text`` as the type ``declared`` (see :func:`convert_value`).
+
+    Booleans: ``true/false/yes/no/1/0`` (any case). Optional fields: ``null`` or ``none``.
+    Tuples: a JSON list or comma-separated items (``0.5,0.999``). Strings: the text itself (a
+    JSON string literal is unquoted). Numbers: JSON numbers.
+    """
+    optional, inner = _optional(declared)
+    stripped = text.strip()
+    if optional and stripped.lower() in _NONE_WORDS:
+        return None
+    if inner is str:
+        return _json_or_text(text)
+    if inner is bool:
+        word = stripped.lower()
+        if word in _TRUE_WORDS | _FALSE_WORDS:
+            return word in _TRUE_WORDS
+        raise ValueError(f"{where} expects {describe_type(declared)}, got {text!r}")
+    if get_origin(inner) is tuple and not stripped.startswith("["):
+        args = get_args(inner)
+        items = stripped.split(",") if stripped else []
+        item_types = (args[0],) * len(items) if args[-1] is Ellipsis else args
+        if len(item_types) != len(items):
+            raise ValueError(f"{where} expects {describe_type(declared)}, got {text!r}")
+        return tuple(
+            parse_value(kind, item, f"{where}[{i}]")
+            for i, (kind, item) in enumerate(zip(item_types, items, strict=True))
+        )
+    try:
+        value = json.loads(stripped)
+    except json.JSONDecodeError:
+        raise ValueError(f"{where} expects {describe_type(declared)}, got {text!r}") from None
+    return convert_value(declared, value, where)
+
+
+def _json_or_text(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return value if isinstance(value, str) else text
+
+
+def check_field_types(obj: Any, prefix: str = "") -> None:
+    """Raise ValueError unless every field of the dataclass ``obj`` (sections included,
+    recursively) holds a value of its declared type."""
+    for name, declared in field_types(type(obj)).items():
+        value = getattr(obj, name)
+        where = prefix + name
+        if is_dataclass(declared):
+            if type(value) is not declared:
+                raise ValueError(f"{where} must be a {declared.__name__}, got {value!r}")
+            check_field_types(value, where + ".")
+        else:
+            convert_value(declared, value, where)
 
 
 def paper_preset() -> BuildConfig:

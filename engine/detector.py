@@ -97,9 +97,12 @@ class Detector:
     def __call__(self, frames: torch.Tensor) -> Maps:
         """uint8 RGB frames (B, H, W, 3) on :attr:`device` -> :class:`Maps` at model size."""
         with nvtx_range("preprocess"):
-            x_logical = self.logical_transform.batch(frames)
+            # The layout is given: a frame of height 3, (B, 3, W, 3), would look ambiguous.
+            x_logical = self.logical_transform.batch(frames, channels_last=True)
             x_structural = (
-                x_logical if self.shares_input else self.structural_transform.batch(frames)
+                x_logical
+                if self.shares_input
+                else self.structural_transform.batch(frames, channels_last=True)
             )
         if self._side_stream is not None:
             main = torch.cuda.current_stream(self.device)

@@ -14,12 +14,14 @@ an instance already busy in another thread raises ``RuntimeError`` instead of ra
 from __future__ import annotations
 
 import logging
+import math
+import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -33,16 +35,26 @@ from engine.detector import Detector
 
 log = logging.getLogger(__name__)
 COLORS = ("bgr", "rgb")
+CAP_PROP_FRAME_COUNT = 7  # cv2.CAP_PROP_FRAME_COUNT, read without importing OpenCV
+MAX_BACKOFF_S = 30.0  # longest wait between two reconnect attempts
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # rtsp://, http://, ...: handed to OpenCV as is
+
+
+class SourceLost(ConnectionError):
+    """A live video source (camera, stream URL) stopped delivering frames."""
 
 
 @dataclass
 class Result:
     """One frame's verdict.
 
-    ``anomaly_map``: (H, W) float32 at the frame's size (fused, normalised units; the image
-    score is its maximum). ``logical_map`` / ``structural_map``: each branch's raw map at model
-    resolution (S, S). ``latency_ms``: wall time of the call that produced the result (for a
-    batch, the whole batch). ``threshold``: the one ``is_anomalous`` used. ``source_index``: position in the input batch or stream.
+    ``score``: the image score, the maximum of ``anomaly_map``; always finite (fail closed: a NaN
+    or infinite score means the engine is broken, and the call raises ``RuntimeError`` instead of
+    returning a verdict). ``is_anomalous``: ``score > threshold``. ``anomaly_map``: (H, W)
+    float32 at the frame's size (fused, normalised units). ``logical_map`` / ``structural_map``:
+    each branch's raw map at model resolution (S, S). ``latency_ms``: wall time of the call that
+    produced the result (for a batch, the whole batch). ``threshold``: the one ``is_anomalous``
+    used. ``source_index``: position in the input batch or stream.
     """
 
     score: float
@@ -90,7 +102,11 @@ def check_frame(frame: Any, index: int = 0) -> np.ndarray:
 
 
 class Runtime:
-    """A loaded artifact ready to score frames. Build with :meth:`load`."""
+    """A loaded artifact ready to score frames. Build with :meth:`load`.
+
+    Fail closed: the threshold must be finite (``ValueError`` otherwise), and a frame whose score
+    comes out NaN or infinite raises ``RuntimeError`` ("the engine is broken"), never a verdict.
+    """
 
     def __init__(
         self,
@@ -102,8 +118,22 @@ class Runtime:
         self.detector = detector
         self.manifest = manifest
         self.backend = backend
-        self.threshold = float(manifest["threshold"] if threshold is None else threshold)
+        if threshold is None:
+            self._threshold = _finite_threshold(
+                manifest.get("threshold"), "the manifest's threshold"
+            )
+        else:
+            self.threshold = threshold
         self._busy = threading.Lock()
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold: a frame is anomalous when its score is above it."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._threshold = _finite_threshold(value)
 
     @classmethod
     def load(
@@ -119,7 +149,10 @@ class Runtime:
         ``device``: ``auto`` (CUDA when present) | ``cpu`` | ``cuda[:N]``. ``backend``: see
         :mod:`engine.backends`. ``threshold`` overrides the calibrated one. ``verify`` checks
         every file's sha256 (raises :class:`engine.artifact.ArtifactError` on a mismatch).
+        A non-finite ``threshold`` raises ``ValueError`` before anything is loaded.
         """
+        if threshold is not None:
+            _finite_threshold(threshold)
         chosen_device = _pick_device(device)
         detector, manifest = load_artifact(path, chosen_device, verify)
         chosen = apply_backend(detector, backend)
@@ -166,7 +199,7 @@ class Runtime:
                     raise ValueError("got an empty list of frames")
                 checked = [check_frame(f, i) for i, f in enumerate(frames)]
                 return self._run_list(checked, color)
-            return self._run(torch.from_numpy(check_frame(frames))[None], color)[0]
+            return self._run(_as_tensor(check_frame(frames))[None], color)[0]
         finally:
             self._busy.release()
 
@@ -175,7 +208,7 @@ class Runtime:
             return self._run(torch.from_numpy(np.stack(frames)), color)
         results = []
         for i, frame in enumerate(frames):
-            result = self._run(torch.from_numpy(frame)[None], color)[0]
+            result = self._run(_as_tensor(frame)[None], color)[0]
             result.source_index = i
             results.append(result)
         return results
@@ -195,6 +228,11 @@ class Runtime:
         height, width = int(batch.shape[1]), int(batch.shape[2])
         full = resize_to(maps.fused, (height, width))
         scores = image_scores(full).cpu().numpy()
+        if not np.isfinite(scores).all():
+            raise RuntimeError(
+                f"the engine produced non-finite scores {scores.tolist()}: the engine is broken "
+                "(NaN/Inf in its weights, memory bank or calibration); no verdict was given"
+            )
         full_np = full.cpu().numpy()
         logical, structural = maps.logical.cpu().numpy(), maps.structural.cpu().numpy()
         latency = (time.perf_counter() - start) * 1e3
@@ -222,29 +260,72 @@ class Runtime:
         assert isinstance(result, Result)
         return result.latency_ms
 
-    def stream(self, source: Any, color: str | None = None) -> Iterator[tuple[np.ndarray, Result]]:
+    def stream(
+        self,
+        source: Any,
+        color: str | None = None,
+        *,
+        reconnect: int = 0,
+        reconnect_delay: float = 1.0,
+    ) -> Iterator[tuple[np.ndarray, Result]]:
         """Score frames from ``source`` as they come; yields ``(frame, result)`` pairs.
 
         ``source``: an OpenCV ``VideoCapture`` (or anything with ``read() -> (ok, frame)``), a
-        camera index, a video file, a folder of images (read as RGB), or any iterable of frames.
-        A bad frame (wrong shape, unreadable image) is logged as a warning and skipped;
-        ``Result.source_index`` is the frame's position in the source. ``color`` defaults to
-        ``"rgb"`` for image folders and ``"bgr"`` otherwise (OpenCV's order); the frame is
-        yielded in that order, ready for :func:`engine.overlay` with the same ``color``.
+        camera index, a stream URL (``rtsp://...``, passed to OpenCV as is), a video file, a
+        folder of images (read as RGB), or any iterable of frames. The source is opened here, so
+        a missing file or camera raises ``ValueError`` at this call, not at the first frame.
+        ``color`` defaults to ``"rgb"`` for image folders and ``"bgr"`` otherwise (OpenCV's
+        order); the frame is yielded in that order, ready for :func:`engine.overlay`.
+        ``Result.source_index`` is the frame's position in the source.
+
+        Failures are kept apart: a bad frame (wrong shape or dtype, unreadable image) is logged
+        as a warning with the running count of skipped frames and skipped; any error of the
+        engine itself is raised at once. A capture ends normally when it is *finite*: a video
+        file, or a capture reporting ``CAP_PROP_FRAME_COUNT > 0``. Any other capture (camera
+        index, URL, capture object without a frame count) is *live*: when its ``read()`` fails,
+        :class:`SourceLost` is raised, after ``reconnect`` further attempts per outage, waiting
+        ``reconnect_delay`` seconds, doubled each time up to :data:`MAX_BACKOFF_S`. A reconnect
+        re-opens a source the stream opened itself, and retries ``read()`` on a capture passed in.
+        Captures the stream opened are released when it ends, is closed or raises; captures
+        passed in are left to their owner.
         """
-        frames, default_color = _frames_from(source)
-        chosen = color or default_color
-        for index, frame in enumerate(frames):
-            try:
-                if isinstance(frame, Exception):
-                    raise frame
-                result = self(check_frame(frame, index), color=chosen)
-            except (ValueError, DatasetError) as error:
-                log.warning("skipping frame %d: %s", index, error)
-                continue
-            assert isinstance(result, Result)
-            result.source_index = index
-            yield frame, result
+        if color is not None and color not in COLORS:
+            raise ValueError(f"color must be one of {COLORS}, got {color!r}")
+        if isinstance(reconnect, bool) or not isinstance(reconnect, int) or reconnect < 0:
+            raise ValueError(f"reconnect must be an int >= 0, got {reconnect!r}")
+        if not (isinstance(reconnect_delay, int | float) and 0 <= reconnect_delay < math.inf):
+            raise ValueError(
+                f"reconnect_delay must be a finite number >= 0, got {reconnect_delay!r}"
+            )
+        opened = _open_source(source, reconnect, float(reconnect_delay))
+        scored = self._score(opened, color or opened.color)
+        next(scored)  # enter the generator's try, so that closing it even now releases the source
+        return cast(Iterator[tuple[np.ndarray, Result]], scored)
+
+    def _score(
+        self, source: _Source, color: str
+    ) -> Generator[tuple[np.ndarray, Result] | None, None, None]:
+        """The body of :meth:`stream`; its first ``yield`` (None) only primes the generator."""
+        skipped = 0
+        try:
+            yield None
+            for index, frame in enumerate(source.frames):
+                try:
+                    if isinstance(frame, Exception):  # an image of a folder that did not decode
+                        raise frame
+                    checked = check_frame(frame, index)
+                except ValueError as error:
+                    skipped += 1
+                    log.warning("skipping frame %d (%d skipped): %s", index, skipped, error)
+                    continue
+                result = self(checked, color=color)
+                assert isinstance(result, Result)
+                result.source_index = index
+                yield frame, result
+        finally:
+            source.close()
+            if skipped:
+                log.warning("stream from %s: %d bad frame(s) skipped", source.name, skipped)
 
 
 def _check_batch(frames: torch.Tensor) -> torch.Tensor:
@@ -259,28 +340,136 @@ def _check_batch(frames: torch.Tensor) -> torch.Tensor:
     return frames
 
 
-def _frames_from(source: Any) -> tuple[Iterable[Any], str]:
-    """(iterable of frames or errors, default colour order) for a stream source."""
-    if hasattr(source, "read") and callable(source.read):
-        return _capture_frames(source), "bgr"
-    if isinstance(source, int) and not isinstance(source, bool):
-        return _capture_frames(_open_capture(source)), "bgr"
+def _finite_threshold(value: Any, what: str = "threshold") -> float:
+    """``value`` as a float, or ValueError: a NaN or infinite threshold would pass every frame."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value!r} (it would pass every frame)")
+    return float(value)
+
+
+def _as_tensor(frame: np.ndarray) -> torch.Tensor:
+    """A uint8 (H, W, 3) frame of any layout as a tensor; copies only when it has to."""
+    if not (frame.flags.c_contiguous and frame.flags.writeable):
+        # torch.from_numpy refuses negative strides (frame[..., ::-1]) and warns on read-only data
+        frame = frame.copy(order="C")
+    return torch.from_numpy(frame)
+
+
+class _Capture:
+    """A ``read() -> (ok, frame)`` source. ``target`` (index or string) when the stream opened
+    it, so that it can re-open and must release it; None for a capture passed in."""
+
+    def __init__(self, capture: Any, target: int | str | None, finite: bool) -> None:
+        self.capture, self.target, self.finite = capture, target, finite
+        self.name = f"video source {target!r}" if target is not None else type(capture).__name__
+
+    def frames(self, reconnect: int, delay: float) -> Iterator[np.ndarray]:
+        delivered = 0
+        while True:
+            ok, frame = self.capture.read()
+            if not ok:
+                if self.finite:
+                    return
+                frame = self._recover(reconnect, delay, delivered)
+            delivered += 1
+            yield frame
+
+    def _recover(self, attempts: int, delay: float, delivered: int) -> np.ndarray:
+        """The next frame after a failed read, or SourceLost once ``attempts`` are spent."""
+        for attempt in range(attempts):
+            wait = min(delay * 2**attempt, MAX_BACKOFF_S)
+            log.warning(
+                "%s: no frame; reconnect attempt %d of %d in %.1f s",
+                self.name,
+                attempt + 1,
+                attempts,
+                wait,
+            )
+            time.sleep(wait)
+            if self._reopen():
+                ok, frame = self.capture.read()
+                if ok:
+                    log.warning("%s: reconnected", self.name)
+                    return frame
+        raise SourceLost(
+            f"{self.name} stopped delivering frames after {delivered} frame(s) and "
+            f"{attempts} reconnect attempt(s)"
+        )
+
+    def _reopen(self) -> bool:
+        if self.target is None:
+            return True
+        self.capture.release()
+        try:
+            self.capture = _open_capture(self.target)
+        except ValueError as error:
+            log.warning("%s", error)
+            return False
+        return True
+
+    def release(self) -> None:
+        if self.target is not None:
+            self.capture.release()
+
+
+@dataclass
+class _Source:
+    """An opened stream source: its frames (or the errors of unreadable images), default colour
+    order, a name for messages, and what to call when the stream ends."""
+
+    frames: Iterable[Any]
+    color: str
+    name: str
+    close: Callable[[], None] = lambda: None
+
+
+def _open_source(source: Any, reconnect: int, delay: float) -> _Source:
+    """Open ``source`` now (see :meth:`Runtime.stream`); ValueError when it cannot be read."""
+    capture = _capture_of(source)
+    if capture is not None:
+        return _Source(capture.frames(reconnect, delay), "bgr", capture.name, capture.release)
+    if isinstance(source, str | Path) and Path(source).is_dir():
+        try:
+            files = list_image_files(Path(source))
+        except OSError as error:
+            raise ValueError(f"{source}: cannot read the image folder ({error})") from error
+        if not files:
+            raise ValueError(f"{source}: folder holds no images")
+        return _Source((_read_or_error(f) for f in files), "rgb", str(source))
     if isinstance(source, str | Path):
-        path = Path(source)
-        if path.is_dir():
-            files = list_image_files(path)
-            if not files:
-                raise ValueError(f"{path}: folder holds no images")
-            return (_read_or_error(f) for f in files), "rgb"
-        if not path.is_file():
-            raise ValueError(f"{path}: no such video file or image folder")
-        return _capture_frames(_open_capture(str(path))), "bgr"
+        raise ValueError(f"{source}: no such video file or image folder")
     if isinstance(source, Iterable):
-        return source, "bgr"
+        return _Source(source, "bgr", type(source).__name__)
     raise ValueError(
         f"unsupported stream source {type(source).__name__}: pass a VideoCapture, a camera "
-        "index, a video file, an image folder or an iterable of frames"
+        "index, a stream URL, a video file, an image folder or an iterable of frames"
     )
+
+
+def _capture_of(source: Any) -> _Capture | None:
+    """``source`` as a capture (opened now when it is an index, URL or file), else None."""
+    if hasattr(source, "read") and callable(source.read):
+        return _Capture(source, None, finite=_reports_frame_count(source))
+    if isinstance(source, int) and not isinstance(source, bool):
+        if source < 0:
+            raise ValueError(f"camera index must be >= 0, got {source}")
+        return _Capture(_open_capture(source), source, finite=False)
+    if isinstance(source, str) and _URL.match(source):
+        return _Capture(_open_capture(source), source, finite=False)
+    if isinstance(source, str | Path) and Path(source).is_file():
+        return _Capture(_open_capture(str(source)), str(source), finite=True)
+    return None
+
+
+def _reports_frame_count(capture: Any) -> bool:
+    """Whether a capture passed in is finite (a video file): it reports a frame count > 0."""
+    get = getattr(capture, "get", None)
+    try:
+        return callable(get) and float(get(CAP_PROP_FRAME_COUNT)) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _open_capture(target: int | str) -> Any:
@@ -292,16 +481,9 @@ def _open_capture(target: int | str) -> Any:
         ) from error
     capture = cv2.VideoCapture(target)
     if not capture.isOpened():
+        capture.release()
         raise ValueError(f"cannot open video source {target!r} (no such camera or unreadable file)")
     return capture
-
-
-def _capture_frames(capture: Any) -> Iterator[np.ndarray]:
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            return
-        yield frame
 
 
 def _read_or_error(path: Path) -> np.ndarray | Exception:

@@ -1,20 +1,28 @@
 """Training loop of the logical module: Adam, per-epoch atomic checkpoints, resume, early stop.
 
 Checkpoints live in ``checkpoint_dir``: ``last.pt`` (written after every epoch: decoder,
-optimiser, AMP scaler, RNG state, loss history, configs) and ``best.pt`` (the decoder of the
-epoch with the lowest validation loss, when there is a validation set). Both are written to a
-temporary file and moved into place with ``os.replace``, so an interruption at any moment
-leaves the previous complete file. Only the trainable :class:`FusionDecoder` is saved: the
-encoder is frozen and comes from the backbone weights.
+optimiser, AMP scaler, RNG state, loss and diagnostics history, configs) and ``best.pt`` (the
+decoder of the epoch with the lowest validation loss, when there is a validation set). Both are
+written atomically (:mod:`engine.train_checkpoints`), so an interruption at any moment leaves
+the previous complete file. Only the trainable :class:`FusionDecoder` is saved: the encoder is
+frozen and comes from the backbone weights.
+
+:func:`train_logical` is a short orchestration of named steps over a :class:`TrainState`:
+``_resume``, then per epoch ``_run_epoch``, the optional ``diagnose`` hook, ``_track_best``,
+``_save_last`` and ``_should_stop``, and finally ``_restore_best``.
+
+Each ``last.pt`` also records the configs and a fingerprint of the other inputs (data, weights,
+text prior); a resume with anything different is refused. The build's ``--fresh`` discards a
+checkpoint folder with :func:`discard_checkpoints`, which only ever deletes the files named here.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +31,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from engine.models.logical import LogicalModel, logical_loss
-
-CHECKPOINT_FORMAT = 1
-LAST_CHECKPOINT = "last.pt"
-BEST_CHECKPOINT = "best.pt"
-# May change between a run and its resume: they do not alter the trajectory of the epochs run.
-RESUME_EXEMPT = ("epochs", "early_stop_patience", "num_workers")
+from engine.train_checkpoints import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    LAST_CHECKPOINT,
+    START_FRESH,
+    atomic_save,
+    check_checkpoint_dir,
+    check_resumable,
+    check_storable,
+    discard_checkpoints,
+    load_best,
+    load_checkpoint,
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,7 @@ class TrainConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
+        _check_types(self)
         object.__setattr__(self, "betas", tuple(self.betas))
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(
@@ -65,6 +81,38 @@ class TrainConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
+def _check_types(cfg: TrainConfig) -> None:
+    """Declared types, before the range checks compare them (a str must not reach ``<``)."""
+
+    def is_int(value: Any) -> bool:
+        return type(value) is int
+
+    def is_number(value: Any) -> bool:
+        return type(value) in (int, float)
+
+    checks = {
+        "epochs": (is_int(cfg.epochs), "an integer"),
+        "batch_size": (is_int(cfg.batch_size), "an integer"),
+        "lr": (is_number(cfg.lr), "a number"),
+        "betas": (
+            isinstance(cfg.betas, tuple | list)
+            and len(cfg.betas) == 2
+            and all(map(is_number, cfg.betas)),
+            "two numbers",
+        ),
+        "seed": (is_int(cfg.seed), "an integer"),
+        "amp": (type(cfg.amp) is bool, "true or false"),
+        "early_stop_patience": (
+            cfg.early_stop_patience is None or is_int(cfg.early_stop_patience),
+            "an integer or null",
+        ),
+        "num_workers": (is_int(cfg.num_workers), "an integer"),
+    }
+    for name, (ok, expected) in checks.items():
+        if not ok:
+            raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(cfg, name)!r}")
+
+
 def cpu_train_preset() -> TrainConfig:
     """Loop settings for :func:`engine.models.logical.cpu_preset` on 2 CPU cores.
 
@@ -80,7 +128,8 @@ def cpu_train_preset() -> TrainConfig:
 @dataclass
 class TrainResult:
     """Per-epoch mean losses (index k = epoch k + 1), the epoch (1-based) whose weights the
-    model holds on return, wall time of this call, and how many epochs were already done."""
+    model holds on return, wall time of this call, how many epochs were already done, and the
+    per-epoch diagnostics (see :func:`train_logical`'s ``diagnose``)."""
 
     train_losses: list[float]
     val_losses: list[float]
@@ -88,44 +137,7 @@ class TrainResult:
     seconds: float
     resumed_epochs: int = 0
     stopped_early: bool = False
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"checkpoint {path} cannot be read: {error}") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} logical checkpoint"
-        )
-    return state
-
-
-def _config_mismatch(saved: dict[str, Any], current: dict[str, Any], exempt=()) -> list[str]:
-    keys = (set(saved) | set(current)) - set(exempt)
-    return [
-        f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
-        for k in sorted(keys)
-        if _plain(saved.get(k)) != _plain(current.get(k))
-    ]
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple | list) else value
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _images(batch: Any) -> torch.Tensor:
@@ -137,6 +149,45 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+@dataclass
+class TrainState:
+    """Where a training stands after ``epoch`` completed epochs; ``last.pt`` records all of it
+    but ``best_weights``, this call's in-memory copy of the best validation epoch's decoder
+    (``best.pt`` holds it on disk). ``diagnostics``: one entry per diagnosed epoch, each with
+    its 1-based ``"epoch"``."""
+
+    epoch: int = 0
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val: float = math.inf
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    best_weights: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class _Run:
+    """What stays fixed during one :func:`train_logical` call."""
+
+    model: LogicalModel
+    cfg: TrainConfig
+    device: torch.device
+    use_amp: bool
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ckpt_dir: Path | None
+    model_cfg: dict[str, Any]
+    train_cfg: dict[str, Any]
+    inputs: dict[str, str]
+
+    @property
+    def last_path(self) -> Path | None:
+        return self.ckpt_dir / LAST_CHECKPOINT if self.ckpt_dir is not None else None
+
+
+Diagnose = Callable[[LogicalModel, int], dict[str, Any]]
+
+
 def train_logical(
     model: LogicalModel,
     train_set: Dataset,
@@ -145,19 +196,71 @@ def train_logical(
     checkpoint_dir: str | Path | None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    fingerprint: dict[str, str] | None = None,
+    diagnose: Diagnose | None = None,
 ) -> TrainResult:
     """Train ``model.decoder`` on ``train_set`` (items ``(image (3, H, W), idx)``).
 
     Seeds torch's global RNG with ``cfg.seed`` (model initialisation is the caller's). With a
     ``checkpoint_dir`` holding ``last.pt`` from a run with the same model and train configs
-    (``epochs`` and early-stop patience may differ), training resumes after its last epoch and
-    gives the same result as an uninterrupted run on CPU. With a validation set, the model ends
-    with the weights of the best validation epoch. Raises ValueError on a config mismatch or an
-    empty training set, RuntimeError on a non-finite loss; KeyboardInterrupt is re-raised after
-    saying which checkpoint is intact.
+    (``epochs`` and early-stop patience may differ) and the same ``fingerprint`` (digests of
+    the other inputs: data, weights, text prior; see ``engine.pipeline.data_fingerprint``),
+    training resumes after its last epoch and gives the same result as an uninterrupted run on
+    CPU. With a validation set, the model ends with the weights of the best validation epoch.
+
+    ``diagnose(model, epoch)`` runs after each epoch (1-based), after validation; its dict of
+    plain values (str, int, float, bool, None, lists, dicts) joins ``TrainResult.diagnostics``
+    with an ``"epoch"`` key and is checkpointed, so a resumed run keeps the earlier entries.
+    It runs with the RNG state saved and restored, so it cannot change the training.
+
+    Raises ValueError on a config or fingerprint mismatch, an unreadable checkpoint or an empty
+    training set, RuntimeError on a non-finite loss, TypeError when ``diagnose`` returns other
+    values; KeyboardInterrupt is re-raised after saying which checkpoint is intact.
     """
     if len(train_set) == 0:
         raise ValueError("the training set is empty")
+    run = _setup(model, cfg, checkpoint_dir, device, fingerprint)
+    state = _resume(run)
+    resumed_epochs, began = state.epoch, time.perf_counter()
+    stopped_early = _should_stop(cfg, state)
+    steps = math.ceil(len(train_set) / cfg.batch_size)
+    with (
+        tqdm(
+            total=cfg.epochs * steps,
+            initial=min(state.epoch, cfg.epochs) * steps,
+            desc="train logical",
+            unit="step",
+            disable=not progress,
+        ) as bar,
+        _report_interrupt(run.last_path),
+    ):
+        while state.epoch < cfg.epochs and not stopped_early:
+            _run_epoch(run, state, train_set, val_set, bar)
+            if diagnose is not None:
+                _diagnose(run, state, diagnose)
+            _track_best(run, state, validated=val_set is not None)
+            _save_last(run, state)
+            stopped_early = _should_stop(cfg, state)
+    _restore_best(run, state)
+    return TrainResult(
+        train_losses=state.train_losses,
+        val_losses=state.val_losses,
+        best_epoch=state.best_epoch,
+        seconds=time.perf_counter() - began,
+        resumed_epochs=resumed_epochs,
+        stopped_early=stopped_early,
+        diagnostics=state.diagnostics,
+    )
+
+
+def _setup(
+    model: LogicalModel,
+    cfg: TrainConfig,
+    checkpoint_dir: str | Path | None,
+    device: str | torch.device,
+    fingerprint: dict[str, str] | None,
+) -> _Run:
+    """Move the model, create the checkpoint folder, optimiser and gradient scaler."""
     device = torch.device(device)
     use_amp = cfg.amp and device.type == "cuda"
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -165,119 +268,152 @@ def train_logical(
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     params = [p for p in model.decoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    model_cfg, train_cfg = model.config.to_dict(), asdict(cfg)
-
-    train_losses: list[float] = []
-    val_losses: list[float] = []
-    start_epoch, best_epoch, best_val = 0, 0, math.inf
-    last_path = ckpt_dir / LAST_CHECKPOINT if ckpt_dir is not None else None
-    if last_path is not None and last_path.exists():
-        state = _load_checkpoint(last_path)
-        problems = _config_mismatch(state["model_config"], model_cfg)
-        problems += _config_mismatch(state["train_config"], train_cfg, RESUME_EXEMPT)
-        if problems:
-            raise ValueError(
-                f"checkpoint {last_path} was written with other settings; use another "
-                f"checkpoint_dir or delete it. Differences: {'; '.join(problems)}"
-            )
-        model.decoder.load_state_dict(state["decoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        if use_amp and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        start_epoch = state["epoch"]
-        train_losses, val_losses = list(state["train_losses"]), list(state["val_losses"])
-        best_epoch, best_val = state["best_epoch"], state["best_val"]
-    else:
-        torch.manual_seed(cfg.seed)
-
-    def should_stop(epoch: int) -> bool:
-        patience = cfg.early_stop_patience
-        return bool(val_losses) and patience is not None and epoch - best_epoch >= patience
-
-    steps = math.ceil(len(train_set) / cfg.batch_size)
-    stopped_early = should_stop(start_epoch)
-    best_state: dict[str, torch.Tensor] | None = None
-    began = time.perf_counter()
-    with tqdm(
-        total=cfg.epochs * steps,
-        initial=min(start_epoch, cfg.epochs) * steps,
-        desc="train logical",
-        unit="step",
-        disable=not progress,
-    ) as bar:
-        try:
-            for epoch in range(start_epoch, cfg.epochs):
-                if stopped_early:
-                    break
-                loader = DataLoader(
-                    train_set,
-                    batch_size=cfg.batch_size,
-                    shuffle=True,
-                    generator=_epoch_generator(cfg.seed, epoch),
-                    num_workers=cfg.num_workers,
-                )
-                train_losses.append(
-                    _train_epoch(model, loader, optimizer, scaler, device, use_amp, bar, epoch)
-                )
-                if val_set is not None:
-                    val_losses.append(evaluate_loss(model, val_set, cfg, device, use_amp))
-                    bar.set_postfix(epoch=epoch + 1, val=f"{val_losses[-1]:.4f}")
-                    if val_losses[-1] < best_val:
-                        best_val, best_epoch = val_losses[-1], epoch + 1
-                        best_state = _cpu_state(model)
-                        if ckpt_dir is not None:
-                            _atomic_save(
-                                {
-                                    "format": CHECKPOINT_FORMAT,
-                                    "epoch": best_epoch,
-                                    "decoder": best_state,
-                                },
-                                ckpt_dir / BEST_CHECKPOINT,
-                            )
-                else:
-                    best_epoch = epoch + 1
-                if last_path is not None:
-                    _atomic_save(
-                        {
-                            "format": CHECKPOINT_FORMAT,
-                            "epoch": epoch + 1,
-                            "model_config": model_cfg,
-                            "train_config": train_cfg,
-                            "decoder": model.decoder.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict(),
-                            "rng": torch.get_rng_state(),
-                            "cuda_rng": torch.cuda.get_rng_state() if use_amp else None,
-                            "train_losses": train_losses,
-                            "val_losses": val_losses,
-                            "best_epoch": best_epoch,
-                            "best_val": best_val,
-                        },
-                        last_path,
-                    )
-                stopped_early = should_stop(epoch + 1)
-        except KeyboardInterrupt:
-            intact = last_path if last_path is not None and last_path.exists() else "none"
-            print(f"[train] interrupted; last complete checkpoint: {intact}", flush=True)
-            raise
-
-    model.eval()
-    if val_losses and best_epoch != len(train_losses):
-        if best_state is None:  # the best epoch came before a resume
-            best_state = _load_checkpoint(ckpt_dir / BEST_CHECKPOINT)["decoder"]
-        model.decoder.load_state_dict(best_state)
-    return TrainResult(
-        train_losses=train_losses,
-        val_losses=val_losses,
-        best_epoch=best_epoch,
-        seconds=time.perf_counter() - began,
-        resumed_epochs=start_epoch,
-        stopped_early=stopped_early,
+    return _Run(
+        model=model,
+        cfg=cfg,
+        device=device,
+        use_amp=use_amp,
+        optimizer=torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas),
+        scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
+        ckpt_dir=ckpt_dir,
+        model_cfg=model.config.to_dict(),
+        train_cfg=asdict(cfg),
+        inputs=dict(fingerprint or {}),
     )
+
+
+def _resume(run: _Run) -> TrainState:
+    """The state saved in ``last.pt`` (model, optimiser, scaler and RNG restored from it), or a
+    fresh state with the RNG seeded when there is none."""
+    last_path = run.last_path
+    if last_path is None or not last_path.exists():
+        torch.manual_seed(run.cfg.seed)
+        return TrainState()
+    saved = load_checkpoint(last_path)
+    check_resumable(saved, last_path, run.model_cfg, run.train_cfg, run.inputs)
+    try:
+        run.model.decoder.load_state_dict(saved["decoder"])
+        run.optimizer.load_state_dict(saved["optimizer"])
+        run.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"])
+        if run.use_amp and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"])
+        return TrainState(
+            epoch=int(saved["epoch"]),
+            train_losses=list(saved["train_losses"]),
+            val_losses=list(saved["val_losses"]),
+            best_epoch=int(saved["best_epoch"]),
+            best_val=float(saved["best_val"]),
+            diagnostics=list(saved["diagnostics"]),
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"checkpoint {last_path} is damaged ({error!r}); {START_FRESH}") from error
+
+
+def _run_epoch(
+    run: _Run, state: TrainState, train_set: Dataset, val_set: Dataset | None, bar: tqdm
+) -> None:
+    """Train one epoch (shuffled by its own generator), then measure the validation loss."""
+    cfg = run.cfg
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=_epoch_generator(cfg.seed, state.epoch),
+        num_workers=cfg.num_workers,
+    )
+    state.train_losses.append(
+        _train_epoch(
+            run.model, loader, run.optimizer, run.scaler, run.device, run.use_amp, bar, state.epoch
+        )
+    )
+    state.epoch += 1
+    if val_set is not None:
+        state.val_losses.append(evaluate_loss(run.model, val_set, cfg, run.device, run.use_amp))
+        bar.set_postfix(epoch=state.epoch, val=f"{state.val_losses[-1]:.4f}")
+
+
+def _diagnose(run: _Run, state: TrainState, diagnose: Diagnose) -> None:
+    """Append ``diagnose``'s entry for the epoch just run, leaving every RNG as it was."""
+    accelerators = [] if run.device.type == "cpu" else [run.device]
+    with torch.random.fork_rng(
+        devices=accelerators, device_type=run.device.type if accelerators else None
+    ):
+        entry = diagnose(run.model, state.epoch)
+    check_storable(entry, "diagnose()")
+    state.diagnostics.append({"epoch": state.epoch, **entry})
+
+
+def _track_best(run: _Run, state: TrainState, validated: bool) -> None:
+    """Keep the epoch with the lowest validation loss (in memory and in ``best.pt``); without
+    a validation set the latest epoch is the one kept."""
+    if not validated:
+        state.best_epoch = state.epoch
+        return
+    if state.val_losses[-1] >= state.best_val:
+        return
+    state.best_val, state.best_epoch = state.val_losses[-1], state.epoch
+    state.best_weights = _cpu_state(run.model)
+    if run.ckpt_dir is not None:
+        best = {"format": CHECKPOINT_FORMAT, "epoch": state.epoch, "decoder": state.best_weights}
+        atomic_save(best, run.ckpt_dir / BEST_CHECKPOINT)
+
+
+def _save_last(run: _Run, state: TrainState) -> None:
+    """Write ``last.pt``: everything a resume needs to continue exactly where this epoch ends."""
+    if run.last_path is None:
+        return
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": state.epoch,
+        "model_config": run.model_cfg,
+        "train_config": run.train_cfg,
+        "fingerprint": run.inputs,
+        "decoder": run.model.decoder.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if run.use_amp else None,
+        "train_losses": state.train_losses,
+        "val_losses": state.val_losses,
+        "best_epoch": state.best_epoch,
+        "best_val": state.best_val,
+        "diagnostics": state.diagnostics,
+    }
+    atomic_save(checkpoint, run.last_path)
+
+
+def _should_stop(cfg: TrainConfig, state: TrainState) -> bool:
+    """Early stop: ``early_stop_patience`` epochs since the best validation loss."""
+    patience = cfg.early_stop_patience
+    return (
+        bool(state.val_losses)
+        and patience is not None
+        and state.epoch - state.best_epoch >= patience
+    )
+
+
+def _restore_best(run: _Run, state: TrainState) -> None:
+    """Put the model in eval mode holding the best validation epoch's weights."""
+    run.model.eval()
+    if not state.val_losses or state.best_epoch == len(state.train_losses):
+        return
+    weights = state.best_weights
+    if weights is None:  # the best epoch came before a resume
+        assert run.ckpt_dir is not None  # a resume needs a checkpoint folder
+        weights = load_best(run.ckpt_dir / BEST_CHECKPOINT)
+    run.model.decoder.load_state_dict(weights)
+
+
+@contextmanager
+def _report_interrupt(last_path: Path | None) -> Iterator[None]:
+    """On Ctrl-C, say which checkpoint is intact before re-raising."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        intact = last_path if last_path is not None and last_path.exists() else "none"
+        print(f"[train] interrupted; last complete checkpoint: {intact}", flush=True)
+        raise
 
 
 def _train_epoch(
@@ -339,3 +475,18 @@ def evaluate_loss(
         total += loss * images.shape[0]
         count += images.shape[0]
     return total / count
+
+
+__all__ = [
+    "BEST_CHECKPOINT",
+    "LAST_CHECKPOINT",
+    "Diagnose",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "check_checkpoint_dir",
+    "cpu_train_preset",
+    "discard_checkpoints",
+    "evaluate_loss",
+    "train_logical",
+]

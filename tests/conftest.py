@@ -7,6 +7,7 @@ kernel is decorated, so it must be set before any kernel module is imported: her
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,58 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory, tiny_loco: Path) -> dic
     argv += [f"--save-maps={maps}", *TINY_BUILD_ARGS]
     assert main(argv) == 0
     return {"artifact": artifact, "maps": maps, "data": tiny_loco}
+
+
+def bilinear_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) -> (H, W) bilinear resize in float64, written out in numpy.
+
+    Same rule as ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``
+    without antialiasing: output pixel ``i`` samples source coordinate ``(i + 0.5) * h / H - 0.5``,
+    clamped at 0, between rows ``floor`` and ``floor + 1`` (the last row repeats at the edge).
+    Bilinear is separable, so it is done one axis at a time.
+    """
+    out = np.asarray(image, dtype=np.float64)
+    for axis, n_out in enumerate(size):
+        n_in = out.shape[axis]
+        src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        low = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        high = np.minimum(low + 1, n_in - 1)
+        shape = [1, 1]
+        shape[axis] = n_out
+        frac = (src - low).reshape(shape)
+        out = (1.0 - frac) * np.take(out, low, axis=axis) + frac * np.take(out, high, axis=axis)
+    return out
+
+
+def reference_fused_map(
+    logical: np.ndarray,
+    structural: np.ndarray,
+    calibration: dict[str, dict[str, float]],
+    fusion: dict[str, float],
+    size: tuple[int, int],
+) -> np.ndarray:
+    """The fused (H, W) map recomputed with numpy/scipy only, in float64.
+
+    ``logical`` / ``structural``: (S, S) raw branch maps at model resolution (a Result's
+    ``logical_map`` / ``structural_map``); ``calibration``: the manifest's ``calibration``
+    section (``mean`` / ``std`` per branch); ``fusion``: the config's ``fusion`` section. The
+    blur is ``scipy.ndimage.gaussian_filter`` with the engine kernel's rules (kernels/blur.py):
+    ``mode="reflect"`` (half-sample symmetric) and radius ``int(4.0 * sigma + 0.5)``.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    if logical.shape != structural.shape or logical.ndim != 2:
+        raise ValueError(f"branch maps differ in shape: {logical.shape} vs {structural.shape}")
+    merged = np.zeros(logical.shape, dtype=np.float64)
+    for name, branch_map in (("logical", logical), ("structural", structural)):
+        stats = calibration[name]
+        normalised = (branch_map.astype(np.float64) - stats["mean"]) / stats["std"]
+        merged += fusion[f"{name}_weight"] * normalised
+    blurred = gaussian_filter(merged, sigma=fusion["sigma"], mode="reflect", truncate=4.0)
+    return bilinear_resize(blurred, size)
+
+
+@pytest.fixture(scope="session")
+def fused_reference():
+    """:func:`reference_fused_map`, for tests that check engine maps independently."""
+    return reference_fused_map

@@ -1,87 +1,476 @@
+"""engine.artifact on tiny real artifacts: what may be replaced, what loads, how it is written."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
 import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
-from engine.artifact import FORMAT_VERSION, MANIFEST, ArtifactError, ArtifactWriter, read_manifest
+from engine import artifact_files
+from engine.artifact import (
+    FORMAT_VERSION,
+    MANIFEST,
+    ArtifactError,
+    ArtifactWriter,
+    load_artifact,
+    read_manifest,
+)
 
-
-def _build(path, payload=b"weights", extra=None):
-    with ArtifactWriter(path) as w:
-        w.file("logical.pt").write_bytes(payload)
-        w.file("engines/model.onnx").write_bytes(b"onnx")
-        return w.commit({"category": "pushpins", **(extra or {})})
-
-
-def test_commit_writes_manifest_with_checksums(tmp_path):
-    out = _build(tmp_path / "art")
-    manifest = read_manifest(out)
-    assert manifest["format_version"] == FORMAT_VERSION
-    assert manifest["category"] == "pushpins"
-    assert set(manifest["files"]) == {"logical.pt", "engines/model.onnx"}
-    assert manifest["files"]["logical.pt"]["bytes"] == len(b"weights")
-    assert "torch" in manifest["package_versions"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+tiny = runpy.run_path(str(Path(__file__).parent / "reliability" / "tiny.py"))
 
 
-def test_failure_inside_writer_leaves_nothing(tmp_path):
-    with pytest.raises(KeyboardInterrupt), ArtifactWriter(tmp_path / "art") as w:
-        w.file("logical.pt").write_bytes(b"half")
-        raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only adds contention on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def test_failed_rebuild_keeps_previous_artifact(tmp_path):
-    out = _build(tmp_path / "art", payload=b"v1")
-    with pytest.raises(RuntimeError), ArtifactWriter(out) as w:
-        w.file("logical.pt").write_bytes(b"v2")
-        raise RuntimeError("crash mid-build")
-    assert (out / "logical.pt").read_bytes() == b"v1"
-    read_manifest(out)
+@pytest.fixture(scope="module")
+def built():
+    return tiny["tiny_detector"](0)
 
 
-def test_rebuild_replaces_previous_artifact(tmp_path):
-    out = _build(tmp_path / "art", payload=b"v1")
-    _build(out, payload=b"v2")
-    assert (out / "logical.pt").read_bytes() == b"v2"
-    assert read_manifest(out)["files"]["logical.pt"]["bytes"] == 2
+@pytest.fixture
+def art(built, tmp_path: Path) -> Path:
+    """A fresh tiny artifact at ``tmp_path / "art"`` (marker "A")."""
+    return tiny["save"](tmp_path / "art", *built)
 
 
-def test_tampered_file_is_refused(tmp_path):
-    out = _build(tmp_path / "art")
-    (out / "logical.pt").write_bytes(b"weightz")
+def names_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+DELETE = object()
+
+
+def setting(*keys: str, value: object):
+    """An edit that sets (or with ``DELETE`` removes) the manifest field at ``keys``."""
+
+    def edit(manifest: dict) -> None:
+        for key in keys[:-1]:
+            manifest = manifest[key]
+        if value is DELETE:
+            del manifest[keys[-1]]
+        else:
+            manifest[keys[-1]] = value
+
+    return edit
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_keeps_weights_calibration_and_threshold(built, art: Path) -> None:
+    detector, manifest = load_artifact(art)
+    assert tiny["fingerprint"](detector) == tiny["fingerprint"](built[0])
+    assert detector.logical_stats == built[0].logical_stats
+    assert detector.structural_stats == built[0].structural_stats
+    assert manifest["threshold"] == 1.5 and manifest["format_version"] == FORMAT_VERSION
+    assert set(manifest["files"]) == {"logical.pt", "structural.pt"}
+    assert names_in(art.parent) == ["art"]  # no temp folder left behind
+
+
+def test_ivfpq_index_round_trip(tmp_path: Path) -> None:
+    detector, config = tiny["tiny_detector"](3, index="faiss_ivfpq")
+    out = tiny["save"](tmp_path / "art", detector, config)
+    assert {"index/bank.npy", "index/index.faiss", "index/index.json"} <= set(
+        read_manifest(out)["files"]
+    )
+    loaded, _ = load_artifact(out)
+    queries = torch.randn(5, tiny["FEATURE_DIM"])
+    for a, b in zip(
+        loaded.structural.index.search(queries), detector.structural.index.search(queries)
+    ):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------- the exact file set (item 3)
+
+
+def test_empty_files_listing_is_refused(art: Path) -> None:
+    tiny["edit_manifest"](art, setting("files", value={}))
+    with pytest.raises(ArtifactError, match="files must list exactly"):
+        read_manifest(art)
+
+
+@pytest.mark.parametrize("change", ["unlisted weights", "listed extra"])
+def test_listing_must_be_exactly_the_artifact_files(art: Path, change: str) -> None:
+    if change == "unlisted weights":
+        tiny["edit_manifest"](art, setting("files", "structural.pt", value=DELETE))
+    else:
+        (art / "extra.bin").write_bytes(b"x")
+        tiny["relist"](art, "extra.bin")
+    with pytest.raises(ArtifactError, match="files must list exactly"):
+        load_artifact(art)
+
+
+def test_unlisted_file_in_the_folder_is_refused(art: Path) -> None:
+    (art / "notes.txt").write_text("not part of the build")
+    with pytest.raises(ArtifactError, match=r"does not list: 'notes\.txt'"):
+        load_artifact(art)
+
+
+# ------------------------------------------------ one read, hashed and deserialised (item 4)
+
+
+def test_load_deserialises_the_bytes_it_hashed(
+    built, art: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A rebuild swapping the folder between hashing and deserialising must not mix builds."""
+    detector, config = copy.deepcopy(built[0]), built[1]
+    other = tiny["save"](tmp_path / "b" / "art", tiny["rebuilt"](detector, 1), config, marker="B")
+    real_load = torch.load
+
+    def swap_then_load(*args, **kwargs):
+        if other.exists():
+            os.replace(art, tmp_path / "a_old")
+            os.replace(other, art)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", swap_then_load)
+    loaded, manifest = load_artifact(art)
+    assert manifest["marker"] == "A"
+    assert tiny["fingerprint"](loaded) == tiny["fingerprint"](built[0])
+
+
+def test_verify_false_skips_hashing_but_not_the_size_check(art: Path) -> None:
+    (art / "structural.pt").write_bytes(b"short")
     with pytest.raises(ArtifactError, match="checksum mismatch"):
-        read_manifest(out)
+        load_artifact(art, verify=False)
 
 
-def test_missing_file_is_refused(tmp_path):
-    out = _build(tmp_path / "art")
-    (out / "engines" / "model.onnx").unlink()
-    with pytest.raises(ArtifactError, match="missing"):
-        read_manifest(out)
+# ------------------------------------------------------------- no path leaves the folder (item 5)
 
 
-def test_missing_manifest_means_incomplete(tmp_path):
+@pytest.mark.parametrize(
+    "name", ["../outside.bin", "/tmp/outside.bin", "sub\\x.bin", "./logical.pt", "a//b"]
+)
+def test_files_outside_the_folder_are_refused(art: Path, name: str) -> None:
+    outside = art.parent / "outside.bin"
+    outside.write_bytes(b"secret")
+    entry = {"sha256": hashlib.sha256(b"secret").hexdigest(), "bytes": 6}
+    tiny["edit_manifest"](art, setting("files", name, value=entry))
+    with pytest.raises(ArtifactError, match="not a plain relative path"):
+        read_manifest(art)
+
+
+def test_symlinked_file_is_refused(art: Path) -> None:
+    copy = art.parent / "structural_copy.pt"
+    shutil.copy(art / "structural.pt", copy)
+    (art / "structural.pt").unlink()
+    (art / "structural.pt").symlink_to(copy)
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        read_manifest(art)
+
+
+def test_fifo_is_refused_without_hanging(art: Path) -> None:
+    (art / "logical.pt").unlink()
+    os.mkfifo(art / "logical.pt")
+    with pytest.raises(ArtifactError, match="not a regular file"):
+        read_manifest(art)
+
+
+# ------------------------------------------------------- every failure is an ArtifactError (item 6)
+
+
+def _garbage_weights(art: Path, payload: object) -> None:
+    torch.save(payload, art / "logical.pt")
+    tiny["relist"](art, "logical.pt")
+
+
+MALFORMED = {
+    "calibration-list": (setting("calibration", value=[]), "calibration must be an object"),
+    "calibration-branch-missing": (
+        setting("calibration", "structural", value=DELETE),
+        "calibration.structural is missing",
+    ),
+    "std-string": (setting("calibration", "logical", "std", value="1"), "calibration.logical.std"),
+    "backbone-string": (setting("backbones", "logical", value="x"), "backbones.logical must be"),
+    "unknown-arch": (setting("backbones", "structural", "arch", value="vgg"), "structural.arch"),
+    "text-prior-list": (setting("text_prior", value=[]), "text_prior must be an object"),
+    "text-dim-string": (setting("text_prior", "dim", value="8"), "text_prior.dim"),
+    "files-list": (setting("files", value=[]), "files must be an object"),
+    "files-entry-string": (setting("files", "logical.pt", value="x"), r"files\['logical.pt'\]"),
+    "negative-bytes": (setting("files", "logical.pt", "bytes", value=-1), "bytes must be"),
+    "sha-int": (setting("files", "logical.pt", "sha256", value=5), "sha256 must be"),
+    "no-config": (setting("config", value=DELETE), "config is missing"),
+    "config-section-int": (setting("config", "logical", value=3), "config.logical must be an"),
+    "image-size-string": (
+        setting("config", "logical", "image_size", value="abc"),
+        "image_size must be an integer",
+    ),
+    "image-size-bool": (
+        setting("config", "logical", "image_size", value=True),
+        "image_size must be an integer",
+    ),
+    "huge-block-count": (setting("config", "logical", "decoder_blocks", value=[10**30]), "at most"),
+    "other-codebook-size": (
+        setting("config", "logical", "codebook_size", value=64),
+        "do not fit the model",
+    ),
+    "other-feature-dim": (
+        setting("config", "structural", "feature_dim", value=16),
+        "memory bank must be",
+    ),
+    "unknown-index": (setting("structural_index", "kind", value="annoy"), "structural_index.kind"),
+    "no-threshold": (setting("threshold", value=DELETE), "threshold is missing"),
+    "threshold-string": (setting("threshold", value="7.5"), "threshold must be a finite number"),
+    "category-list": (setting("category", value=["tiny"]), "category must be a string"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_manifest_fields_are_artifact_errors(art: Path, case: str) -> None:
+    edit, message = MALFORMED[case]
+    tiny["edit_manifest"](art, edit)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(art)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param(b"\xff\xfe{}", "UnicodeDecodeError", id="not-utf8"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, "RecursionError", id="deep-nesting"),
+        pytest.param(b"[1, 2]", "not an engine manifest", id="list"),
+        pytest.param(b"{not json", "unreadable manifest", id="syntax"),
+    ],
+)
+def test_undecodable_manifest_is_an_artifact_error(art: Path, data: bytes, message: str) -> None:
+    (art / MANIFEST).write_bytes(data)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(art)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ("pickle", "cannot be loaded"),
+        ("truncated", "cannot be loaded"),
+        pytest.param([1, 2], "not a state dict", id="list"),
+        pytest.param({"decoder.text": torch.zeros(3)}, "do not fit the model", id="wrong-keys"),
+    ],
+)
+def test_undeserialisable_weights_are_artifact_errors(art: Path, payload, message: str) -> None:
+    if payload == "pickle":
+        (art / "logical.pt").write_bytes(b"\x80\x04K\x01.")  # a plain pickle, not a torch file
+        tiny["relist"](art, "logical.pt")
+    elif payload == "truncated":
+        data = (art / "logical.pt").read_bytes()
+        (art / "logical.pt").write_bytes(data[: len(data) // 2])
+        tiny["relist"](art, "logical.pt")
+    else:
+        _garbage_weights(art, payload)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(art)
+
+
+def test_missing_manifest_means_incomplete(tmp_path: Path) -> None:
     (tmp_path / "art").mkdir()
     with pytest.raises(ArtifactError, match="not a complete artifact"):
         read_manifest(tmp_path / "art")
 
 
-def test_other_format_version_is_refused(tmp_path):
-    out = _build(tmp_path / "art")
-    manifest = json.loads((out / MANIFEST).read_text())
-    manifest["format_version"] = FORMAT_VERSION + 1
-    (out / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="format version"):
-        read_manifest(out)
-
-
-def test_not_a_folder(tmp_path):
+def test_not_a_folder(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="no artifact folder"):
         read_manifest(tmp_path / "nope")
 
 
-def test_garbage_manifest(tmp_path):
-    (tmp_path / "art").mkdir()
-    (tmp_path / "art" / MANIFEST).write_text("{not json")
-    with pytest.raises(ArtifactError, match="unreadable manifest"):
-        read_manifest(tmp_path / "art")
+def test_other_format_version_is_refused(art: Path) -> None:
+    tiny["edit_manifest"](art, setting("format_version", value=FORMAT_VERSION + 1))
+    with pytest.raises(ArtifactError, match="format version"):
+        read_manifest(art)
+
+
+def test_tampered_file_is_refused(art: Path) -> None:
+    data = bytearray((art / "logical.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (art / "logical.pt").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        read_manifest(art)
+
+
+def test_edited_manifest_is_refused(art: Path) -> None:
+    text = (art / MANIFEST).read_text().replace('"threshold": 1.5', '"threshold": 9.5')
+    (art / MANIFEST).write_text(text)
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        read_manifest(art)
+
+
+def test_missing_file_is_refused(art: Path) -> None:
+    (art / "structural.pt").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        read_manifest(art)
+
+
+# -------------------------------------------------------------------- fail closed (item 7)
+
+
+NON_FINITE = {
+    "nan-threshold": (setting("threshold", value=float("nan")), "threshold must be a finite"),
+    "inf-threshold": (setting("threshold", value=float("inf")), "threshold must be a finite"),
+    "nan-mean": (setting("calibration", "logical", "mean", value=float("nan")), "mean must be"),
+    "zero-std": (
+        setting("calibration", "structural", "std", value=0),
+        "structural.std must be a finite number in",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", NON_FINITE)
+def test_non_finite_threshold_or_calibration_is_refused(art: Path, case: str) -> None:
+    edit, message = NON_FINITE[case]
+    tiny["edit_manifest"](art, edit)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(art)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_bank_is_refused(art: Path, value: float) -> None:
+    state = torch.load(art / "structural.pt", weights_only=True)
+    state["bank"][3, 1] = value
+    torch.save(state, art / "structural.pt")
+    tiny["relist"](art, "structural.pt")
+    with pytest.raises(ArtifactError, match="NaN or infinite values in 'bank'"):
+        load_artifact(art)
+
+
+def test_nan_threshold_is_not_written(built, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="threshold must be a finite"):
+        tiny["save"](tmp_path / "art", *built, threshold=float("nan"))
+    assert names_in(tmp_path) == []
+
+
+# ------------------------------------------------------------------- durable swap (item 8)
+
+
+def test_every_file_and_folder_is_fsynced(built, tmp_path: Path, monkeypatch) -> None:
+    synced = set()
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.add(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    out = tiny["save"](tmp_path / "art", *built)
+    for path in (out / "logical.pt", out / "structural.pt", out / MANIFEST, out, tmp_path):
+        assert path.stat().st_ino in synced, path
+
+
+def test_failed_second_rename_puts_the_old_artifact_back(built, art: Path, monkeypatch) -> None:
+    monkeypatch.setattr(artifact_files, "exchange", lambda a, b: False)  # two-rename fallback
+    real_replace, calls = os.replace, []
+
+    def failing(src, dst) -> None:
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    detector, config = built
+    with pytest.raises(OSError, match="No space"):
+        tiny["save"](art, detector, config, marker="B")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert read_manifest(art)["marker"] == "A"
+    assert names_in(art.parent) == ["art"]
+
+
+def test_fallback_swap_replaces_the_artifact(built, art: Path, monkeypatch) -> None:
+    monkeypatch.setattr(artifact_files, "exchange", lambda a, b: False)
+    tiny["save"](art, *built, marker="B")
+    assert read_manifest(art)["marker"] == "B"
+    assert names_in(art.parent) == ["art"]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temp_folders_of_dead_writers_are_removed(built, art: Path) -> None:
+    host, parent = artifact_files.HOST, art.parent
+    dead = parent / f".art.tmp-{host}-{_dead_pid()}-abc"
+    alive = parent / f".art.tmp-{host}-{os.getpid()}-def"
+    remote = parent / f".art.tmp-otherhost-{_dead_pid()}-ghi"
+    ancient = parent / ".art.old-otherhost-1-jkl"
+    other = parent / f".photos.tmp-{host}-{_dead_pid()}-mno"
+    for folder in (dead, alive, remote, ancient, other):
+        folder.mkdir()
+        (folder / "logical.pt").write_bytes(b"half")
+    hours_ago = time.time() - artifact_files.STALE_AFTER_S - 60
+    os.utime(ancient, (hours_ago, hours_ago))
+    tiny["save"](art, *built, marker="B")
+    left = names_in(parent)
+    assert dead.name not in left and ancient.name not in left
+    assert {alive.name, remote.name, other.name, "art"} == set(left)
+
+
+def test_artifact_hidden_by_a_killed_swap_is_put_back(built, tmp_path: Path) -> None:
+    hidden = tiny["save"](tmp_path / "elsewhere", *built)
+    os.replace(hidden, tmp_path / f".art.old-{artifact_files.HOST}-{_dead_pid()}-abc")
+    with pytest.raises(RuntimeError), ArtifactWriter(tmp_path / "art"):
+        raise RuntimeError("the new build fails before committing")
+    assert read_manifest(tmp_path / "art")["marker"] == "A"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["022", "027"])
+def test_artifact_permissions_follow_the_umask(built, tmp_path: Path, mask: int) -> None:
+    previous = os.umask(mask)
+    try:
+        out = tiny["save"](tmp_path / "art", *built)
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (out / "logical.pt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_failure_inside_writer_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt), ArtifactWriter(tmp_path / "art") as w:
+        w.file("logical.pt").write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert names_in(tmp_path) == []
+
+
+def test_failed_rebuild_keeps_previous_artifact(art: Path) -> None:
+    with pytest.raises(RuntimeError), ArtifactWriter(art) as w:
+        w.file("logical.pt").write_bytes(b"v2")
+        raise RuntimeError("crash mid-build")
+    assert read_manifest(art)["marker"] == "A"
+    assert names_in(art.parent) == ["art"]
+
+
+def test_rebuild_replaces_previous_artifact(built, art: Path) -> None:
+    tiny["save"](art, *built, marker="B")
+    assert read_manifest(art)["marker"] == "B"
+    assert names_in(art.parent) == ["art"]
+
+
+def test_writer_refuses_names_outside_the_staging_folder(tmp_path: Path) -> None:
+    with (
+        ArtifactWriter(tmp_path / "art") as w,
+        pytest.raises(ArtifactError, match="plain relative"),
+    ):
+        w.file("../escape.pt")
+
+
+def test_manifest_is_sealed_and_sorted(art: Path) -> None:
+    data = (art / MANIFEST).read_bytes()
+    manifest = json.loads(data)
+    assert tiny["reseal"](data) == data  # the documented seal, recomputed independently
+    assert list(manifest) == sorted(manifest)

@@ -1,14 +1,17 @@
-"""Presets and the auto choice between them."""
+"""Presets, the auto choice between them, and the declared types of every config field."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine import config as config_module
-from engine.config import resolve_preset
+from engine.calibrate import FusionConfig
+from engine.config import BuildConfig, cpu_build_preset, parse_value, resolve_preset
+from engine.models.logical import LogicalConfig
 
 
 def test_auto_on_cpu_picks_cpu_and_says_why() -> None:
@@ -37,3 +40,74 @@ def test_explicit_presets_and_bad_name() -> None:
     assert resolve_preset("cpu", torch.device("cpu"))[0].structural.feature_dim == 1024
     with pytest.raises(ValueError, match="unknown preset"):
         resolve_preset("fastest", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("declared", "text", "expected"),
+    [
+        (bool, "no", False),
+        (bool, "Yes", True),
+        (bool, "0", False),
+        (bool, "true", True),
+        (int, "3", 3),
+        (float, "1e-3", 1e-3),
+        (float, "2", 2.0),
+        (str, "learned", "learned"),
+        (str | None, "null", None),
+        (int | None, "none", None),
+        (int | None, "4", 4),
+        (tuple[float, float], "0.4,0.9", (0.4, 0.9)),
+        (tuple[float, float], "[0.4, 0.9]", (0.4, 0.9)),
+        (tuple[int, ...], "2,2,1", (2, 2, 1)),
+        (tuple[str, ...], "layer2,layer3", ("layer2", "layer3")),
+    ],
+)
+def test_command_line_values_become_their_field_type(declared, text: str, expected) -> None:
+    value = parse_value(declared, text, "section.field")
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("declared", "text", "expected"),
+    [
+        (float, "abc", "a number"),
+        (int, "abc", "an integer"),
+        (int, "2.5", "an integer"),
+        (int, "true", "an integer"),
+        (bool, "maybe", "true or false"),
+        (bool, "2", "true or false"),
+        (tuple[float, float], "0.5", "2 comma-separated values"),
+        (tuple[int, ...], "1,x", "an integer"),
+        (int, "null", "an integer"),
+    ],
+)
+def test_command_line_values_of_the_wrong_type_are_refused(declared, text, expected) -> None:
+    with pytest.raises(ValueError, match=rf"section\.field(\[\d\])? expects {expected}"):
+        parse_value(declared, text, "section.field")
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"allow_random": "yes"}, "allow_random"),
+        ({"train": {"amp": "no"}}, r"train\.amp"),
+        ({"train": {"epochs": 2.5}}, r"train\.epochs"),
+        ({"logical": {"image_size": "abc"}}, r"logical\.image_size"),
+        ({"fusion": {"sigma": True}}, r"fusion\.sigma"),
+        ({"structural": {"levels": "layer2"}}, r"structural\.levels"),
+        ({"train": []}, "train"),
+        ({"clip_checkpoint": 3}, "clip_checkpoint"),
+    ],
+)
+def test_manifest_config_values_must_have_their_field_type(values: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        BuildConfig.from_dict({**cpu_build_preset().to_dict(), **values})
+
+
+def test_configs_built_in_code_are_type_checked_too() -> None:
+    with pytest.raises(ValueError, match="allow_random expects true or false"):
+        BuildConfig(allow_random="no")
+    odd_logical = replace(LogicalConfig(), backbone=101)
+    with pytest.raises(ValueError, match=r"logical\.backbone expects a string"):
+        BuildConfig(logical=odd_logical)
+    assert BuildConfig(fusion=FusionConfig(logical_weight=3)).fusion.logical_weight == 3

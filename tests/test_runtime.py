@@ -174,3 +174,67 @@ def test_faiss_and_torch_search_give_the_same_maps(rt: Runtime, frame: np.ndarra
     # Euclidean distances agree to ~1e-4 (float32 FAISS vs the expanded-norm torch kernel).
     np.testing.assert_allclose(with_faiss.structural_map, with_torch.structural_map, atol=1e-3)
     np.testing.assert_allclose(with_faiss.anomaly_map, with_torch.anomaly_map, atol=1e-3)
+
+
+def test_frame_of_height_3_is_not_an_ambiguous_layout(rt: Runtime, frame: np.ndarray) -> None:
+    thin = np.ascontiguousarray(frame[:3])  # (3, W, 3): looks like (3, H, W) to a layout guess
+    result = rt(thin, color="rgb")
+    assert result.anomaly_map.shape == thin.shape[:2]
+    assert [r.source_index for _, r in rt.stream([thin, thin], color="rgb")] == [0, 1]
+
+
+def test_color_convention_bgr_view_equals_rgb(rt: Runtime, frame: np.ndarray, tmp_path) -> None:
+    from PIL import Image
+
+    expected = rt(frame, color="rgb")
+    bgr_view = frame[..., ::-1]  # negative strides, not copied
+    np.testing.assert_allclose(rt(bgr_view).anomaly_map, expected.anomaly_map, atol=MAP_ATOL)
+    Image.fromarray(frame).save(tmp_path / "a.png")
+    (from_folder,) = [r for _, r in rt.stream(tmp_path)]  # image folders are read as RGB
+    (from_bgr,) = [r for _, r in rt.stream([bgr_view])]  # iterables are BGR by default
+    assert from_folder.score == pytest.approx(expected.score, abs=MAP_ATOL)
+    assert from_bgr.score == pytest.approx(expected.score, abs=MAP_ATOL)
+
+
+def test_a_concurrent_call_raises(rt: Runtime, frame: np.ndarray, monkeypatch) -> None:
+    import threading
+
+    entered, leave = threading.Event(), threading.Event()
+    logical_fn = rt.detector.logical_fn
+
+    def slow_logical(x: torch.Tensor) -> torch.Tensor:
+        entered.set()
+        assert leave.wait(30)
+        return logical_fn(x)
+
+    monkeypatch.setattr(rt.detector, "logical_fn", slow_logical)
+    results: list = []
+    worker = threading.Thread(target=lambda: results.append(rt(frame, color="rgb")))
+    worker.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(RuntimeError, match="already running in another thread"):
+            rt(frame, color="rgb")
+    finally:
+        leave.set()
+        worker.join(30)
+    assert len(results) == 1 and np.isfinite(results[0].score)
+
+
+def test_nan_bank_is_an_error_not_ok(tiny_build: dict[str, Path], frame: np.ndarray) -> None:
+    from engine.models.structural import attach_index
+
+    broken = Runtime.load(tiny_build["artifact"], device="cpu")
+    structural = broken.detector.structural
+    structural.bank.fill_(float("nan"))  # injected after loading, past the artifact checks
+    attach_index(structural, "torch", "cpu")
+    with pytest.raises(RuntimeError, match="non-finite scores"):
+        broken(frame, color="rgb")
+    with pytest.raises(RuntimeError, match="non-finite scores"):
+        next(broken.stream([frame], color="rgb"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_threshold_override_is_refused(tiny_build: dict[str, Path], bad: float) -> None:
+    with pytest.raises(ValueError, match="threshold must be finite"):
+        Runtime.load(tiny_build["artifact"], device="cpu", threshold=bad)

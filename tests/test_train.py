@@ -9,12 +9,15 @@ from torch.utils.data import Dataset, TensorDataset
 
 from engine.models.backbones import FeatureExtractor
 from engine.models.logical import LogicalConfig, LogicalModel
+from engine.models.logical_diagnostics import logical_diagnostics
 from engine.models.weights import resolve_weights
 from engine.train import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
     TrainConfig,
+    check_checkpoint_dir,
     cpu_train_preset,
+    discard_checkpoints,
     train_logical,
 )
 
@@ -115,6 +118,56 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert _same_state(straight, resumed)
 
 
+def _probe_diagnose(probe: torch.Tensor):
+    return lambda model, epoch: logical_diagnostics(model, probe)
+
+
+def test_diagnostics_are_stored_in_the_history_and_survive_resume(tmp_path):
+    probe = _data(4, 9).tensors[0]
+    val, cfg = _data(2, 1), _cfg()
+    full = train_logical(
+        _model(), _data(), val, cfg, None, progress=False, diagnose=_probe_diagnose(probe)
+    )
+    assert [d["epoch"] for d in full.diagnostics] == [1, 2, 3]
+    assert {"codebooks", "levels", "collapsed_levels"} <= set(full.diagnostics[0])
+
+    folder = tmp_path / "ckpt"
+    diagnose = _probe_diagnose(probe)
+    first = train_logical(
+        _model(), _data(), val, _cfg(epochs=1), folder, progress=False, diagnose=diagnose
+    )
+    saved = torch.load(folder / LAST_CHECKPOINT, weights_only=True)
+    assert saved["diagnostics"] == first.diagnostics == full.diagnostics[:1]
+    rest = train_logical(_model(), _data(), val, cfg, folder, progress=False, diagnose=diagnose)
+    assert rest.resumed_epochs == 1
+    assert rest.diagnostics == full.diagnostics
+
+
+def test_diagnose_cannot_change_the_training():
+    def draws_random_numbers(model, epoch):
+        return {"noise": torch.randn(3).sum().item()}
+
+    plain, diagnosed = _model(), _model()
+    a = train_logical(plain, _data(), None, _cfg(epochs=2), None, progress=False)
+    rng_after_plain = torch.get_rng_state()
+    b = train_logical(
+        diagnosed, _data(), None, _cfg(epochs=2), None, progress=False,
+        diagnose=draws_random_numbers,
+    )  # fmt: skip
+    assert a.train_losses == b.train_losses
+    assert _same_state(plain, diagnosed)
+    # What the next epoch (or a resume from last.pt) would draw is unchanged too.
+    assert torch.equal(torch.get_rng_state(), rng_after_plain)
+
+
+def test_diagnose_must_return_storable_values():
+    with pytest.raises(TypeError, match=r"diagnose\(\)\['x'\] is a float32"):
+        train_logical(
+            _model(), _data(), None, _cfg(epochs=1), None, progress=False,
+            diagnose=lambda model, epoch: {"x": np.float32(1.0)},
+        )  # fmt: skip
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     train_logical(_model(), _data(), None, _cfg(epochs=1), tmp_path, progress=False)
     with pytest.raises(ValueError, match="lr"):
@@ -124,10 +177,65 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         train_logical(_model(other), _data(), None, _cfg(), tmp_path, progress=False)
 
 
+def test_resume_with_other_data_is_refused_and_says_how_to_start_fresh(tmp_path):
+    def run(epochs: int, fingerprint: dict[str, str] | None):
+        cfg = _cfg(epochs=epochs)
+        return train_logical(
+            _model(), _data(), None, cfg, tmp_path, progress=False, fingerprint=fingerprint
+        )
+
+    first = {"data": "a" * 64, "weights": "w"}
+    run(1, first)
+    assert run(2, first).resumed_epochs == 1
+    with pytest.raises(ValueError, match=r"the data changed.*--fresh"):
+        run(3, {**first, "data": "b" * 64})
+    # A checkpoint without a fingerprint (an older engine) is not resumed either.
+    with pytest.raises(ValueError, match="--fresh"):
+        run(3, None)
+
+
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / LAST_CHECKPOINT).write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(ValueError, match="cannot be read") as error:
         train_logical(_model(), _data(), None, _cfg(), tmp_path, progress=False)
+    assert "--fresh" in str(error.value) and "checkpoint_dir" not in str(error.value)
+
+
+def test_truncated_checkpoint_names_the_cli_remedy(tmp_path):
+    train_logical(_model(), _data(), None, _cfg(epochs=1), tmp_path, progress=False)
+    last = tmp_path / LAST_CHECKPOINT
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"truncated or corrupt.*--fresh"):
+        train_logical(_model(), _data(), None, _cfg(epochs=2), tmp_path, progress=False)
+
+
+def test_only_engine_made_checkpoint_folders_are_reused_or_deleted(tmp_path):
+    folder = tmp_path / "art.checkpoints"
+    check_checkpoint_dir(folder)  # absent: fine
+    train_logical(_model(), _data(), _data(2, 1), _cfg(epochs=1), folder, progress=False)
+    (folder / ".last.pt.x1y2.tmp").write_bytes(b"left by a killed run")
+    check_checkpoint_dir(folder)
+    discard_checkpoints(folder)
+    assert not folder.exists()
+
+    folder.mkdir()
+    (folder / LAST_CHECKPOINT).write_bytes(b"x")
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"notes\.txt"):
+        check_checkpoint_dir(folder)
+    discard_checkpoints(folder)  # deletes only what the engine writes
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+    a_file = tmp_path / "file.checkpoints"
+    a_file.write_text("mine")
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        check_checkpoint_dir(a_file)
+    link = tmp_path / "link.checkpoints"
+    link.symlink_to(folder)
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        check_checkpoint_dir(link)
+    discard_checkpoints(link)
+    assert (folder / "notes.txt").read_text() == "mine"
 
 
 class _InterruptAt(Dataset):
@@ -210,10 +318,16 @@ def test_empty_sets_are_rejected():
         {"betas": (0.5,)},
         {"early_stop_patience": 0},
         {"num_workers": -1},
+        {"amp": "no"},
+        {"epochs": 2.5},
+        {"lr": "abc"},
+        {"betas": 0.5},
+        {"betas": ("0.5", 0.9)},
+        {"early_stop_patience": True},
     ],
 )
 def test_bad_train_config_is_rejected(overrides):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(overrides))):
         TrainConfig(**overrides)
 
 

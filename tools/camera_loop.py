@@ -7,13 +7,16 @@
 When the source is a camera index and no camera opens, the loop falls back to ``--fallback``
 (default: the synthetic test images of the artifact's category, when they are in the cache), so
 the example runs on machines without a camera. ``--show`` opens an OpenCV window (q quits).
+Stream URLs (``rtsp://``, ``http://``) go to OpenCV as given. A source that cannot be opened, or
+a live camera that stops delivering (after ``--reconnect N`` attempts), ends with a message on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +25,27 @@ from PIL import Image
 
 from engine import overlay
 from engine.artifact import ArtifactError
+from engine.backends import BACKENDS
 from engine.build import synthetic_root
-from engine.runtime import Runtime
+from engine.runtime import Result, Runtime, SourceLost
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def parse_source(text: str) -> int | str | Path:
+    """A camera index (int), a stream URL (kept a string: a Path would turn ``rtsp://h`` into
+    ``rtsp:/h``), or a video file / image folder path."""
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if index < 0:
+            raise argparse.ArgumentTypeError(f"camera index must be >= 0, got {index}")
+        return index
+    return text if "://" in text else Path(text)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -32,14 +54,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--artifact", type=Path, required=True, help="engine.build artifact")
     parser.add_argument(
-        "--source", default="0", help="camera index, video file or image folder (default 0)"
+        "--source",
+        type=parse_source,
+        default=0,
+        help="camera index, stream URL (rtsp://, http://), video file or image folder (default 0)",
     )
     parser.add_argument("--fallback", type=Path, help="video/folder to use when no camera opens")
     parser.add_argument("--out", type=Path, help="write overlay PNGs here")
     parser.add_argument("--show", action="store_true", help="display overlays (needs a screen)")
-    parser.add_argument("--max-frames", type=int, default=0, help="stop after N frames (0: all)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--backend", default="auto", help="auto | eager | compile")
+    parser.add_argument(
+        "--max-frames", type=non_negative_int, default=0, help="stop after N frames (0: all)"
+    )
+    parser.add_argument(
+        "--reconnect",
+        type=non_negative_int,
+        default=0,
+        help="reconnect attempts (with back-off) when a live camera stops delivering (default 0)",
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present"
+    )
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="auto", help="see engine.backends (default auto)"
+    )
     return parser.parse_args(argv)
 
 
@@ -57,19 +94,20 @@ def open_camera(index: int) -> Any | None:
 
 
 def choose_source(args: argparse.Namespace, category: str) -> Any:
-    """The opened camera (handed to the stream, so it is opened once), or a video/folder path."""
-    if not args.source.isdigit():
-        return Path(args.source)
-    index = int(args.source)
-    capture = open_camera(index)
+    """The opened camera (handed to the stream, so it is opened once), a stream URL, or a
+    video/folder path."""
+    if not isinstance(args.source, int):
+        return args.source
+    capture = open_camera(args.source)
     if capture is not None:
         return capture
     fallback = args.fallback or synthetic_root() / category / "test" / "logical_anomalies"
     if not fallback.exists():
         raise ValueError(
-            f"no camera at index {index} and no fallback at {fallback}; pass --source VIDEO|FOLDER"
+            f"no camera at index {args.source} and no fallback at {fallback}; "
+            "pass --source VIDEO|FOLDER"
         )
-    print(f"no camera at index {index}: using {fallback}", flush=True)
+    print(f"no camera at index {args.source}: using {fallback}", flush=True)
     return fallback
 
 
@@ -77,41 +115,81 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         rt = Runtime.load(args.artifact, device=args.device, backend=args.backend)
-        source = choose_source(args, rt.category)
-        frames_iter = rt.stream(source)
     except (ArtifactError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"{rt}; warm-up {rt.warmup():.1f} ms", flush=True)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-    color = "rgb" if isinstance(source, Path) and source.is_dir() else "bgr"  # stream's default
-    latencies, alarms = [], 0
-    for frame, result in frames_iter:
+        return _fail(error)
+    source = None
+    try:
+        source = choose_source(args, rt.category)
+        # The stream's default order: RGB for image folders, BGR (OpenCV) for everything else.
+        color = "rgb" if isinstance(source, Path) and source.is_dir() else "bgr"
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+        # Opens the source now, so that a bad one fails before the (possibly long) warm-up.
+        frames = rt.stream(source, color=color, reconnect=args.reconnect)
+    except (ValueError, RuntimeError, OSError) as error:
+        _release(source)
+        return _fail(error)
+    latencies: list[float] = []
+    alarms = 0
+    try:
+        print(f"{rt}; warm-up {rt.warmup():.1f} ms", flush=True)
+        for result in _run(frames, args, color):
+            latencies.append(result.latency_ms)
+            alarms += result.is_anomalous
+    except SourceLost as error:
+        hint = "" if args.reconnect else " (--reconnect N retries a lost camera)"
+        return _fail(f"source {args.source}: {error}", hint)
+    except OSError as error:  # writing an overlay: disk full, folder not writable
+        return _fail(error)
+    finally:
+        frames.close()
+        _release(source)
+        _summary(latencies, alarms)
+    return 0
+
+
+def _fail(error: Exception | str, hint: str = "") -> int:
+    print(f"error: {error}{hint}", file=sys.stderr)
+    return 2
+
+
+def _run(
+    frames: Iterator[tuple[np.ndarray, Result]], args: argparse.Namespace, color: str
+) -> Iterator[Result]:
+    """Print, draw and save each result, then yield it; stops at ``--max-frames`` or on q."""
+    for count, (frame, result) in enumerate(frames, start=1):
         verdict = "ANOMALY" if result.is_anomalous else "ok"
         print(
             f"frame {result.source_index:5d}  score {result.score:8.3f}  {verdict:7s}  "
             f"{result.latency_ms:7.1f} ms",
             flush=True,
         )
-        latencies.append(result.latency_ms)
-        alarms += result.is_anomalous
+        keep_going = True
         if args.out is not None or args.show:
             drawn = overlay(frame, result, color=color)
+            rgb = drawn if color == "rgb" else drawn[..., ::-1]
             if args.out is not None:
-                rgb = drawn if color == "rgb" else drawn[..., ::-1]
                 Image.fromarray(rgb).save(args.out / f"{result.source_index:05d}.png")
-            if args.show and not show(drawn):
-                break
-        if args.max_frames and len(latencies) >= args.max_frames:
-            break
+            if args.show:
+                keep_going = show(np.ascontiguousarray(rgb[..., ::-1]))
+        yield result
+        if not keep_going or (args.max_frames and count >= args.max_frames):
+            return
+
+
+def _summary(latencies: list[float], alarms: int) -> None:
     if latencies:
         lat = np.asarray(latencies)
         print(
             f"{len(lat)} frames, {alarms} anomalous; latency ms: median {np.median(lat):.1f}, "
             f"p95 {np.percentile(lat, 95):.1f}, max {lat.max():.1f}"
         )
-    return 0
+
+
+def _release(source: Any) -> None:
+    """Release a camera this tool opened (the stream leaves captures passed in to their owner)."""
+    if source is not None and hasattr(source, "release"):
+        source.release()
 
 
 def show(frame_bgr: np.ndarray) -> bool:

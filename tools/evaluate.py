@@ -7,8 +7,9 @@
 ``MAPS`` holds ``<category>/test/<type>/<NNN>.tiff`` (the official layout); with ``--artifact``
 the maps come from running the built engine (``engine.Runtime``) on the test images, and the
 category defaults to the artifact's. Writes
-``OUT/metrics.json`` (official format plus the tie-correct AUROC) and prints a table. Bad maps
-or a bad dataset exit with code 2 and write nothing.
+``OUT/metrics.json`` (official format plus the tie-correct AUROC) and prints a table. Bad maps,
+a bad dataset, an unusable ``--out`` or device, or a failed write (disk full) exit with code 2
+and a message, writing nothing.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ from engine.data.images import read_rgb
 from engine.data.loco import LocoDataset
 from engine.data.types import Sample
 from engine.metrics import LocoEvaluator, LocoMetrics, format_table, iter_maps, write_metrics_json
+from engine.pipeline import check_output_folder
 from engine.runtime import Runtime
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+DEVICES = ("auto", "cpu", "cuda")
 
 MapSource = Iterable[tuple[Sample, str, np.ndarray]]
 """(sample, name used in error messages, (H, W) map) per test image."""
@@ -43,7 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--maps", type=Path, help="anomaly maps root folder")
     source.add_argument("--artifact", type=Path, help="an engine.build artifact folder")
-    parser.add_argument("--device", default="auto", help="device for --artifact (auto|cpu|cuda)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="device for --artifact")
     parser.add_argument("--out", type=Path, required=True, help="output folder for metrics.json")
     parser.add_argument(
         "--curve-max-distance",
@@ -95,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     progress = not args.no_progress
     try:
+        check_output_folder(args.out, "--out")
         if args.artifact is not None:
             runtime = Runtime.load(args.artifact, device=args.device)
             dataset = LocoDataset(args.data_root, args.category or runtime.category)
@@ -105,10 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             dataset = LocoDataset(args.data_root, args.category)
             maps = maps_from_folder(dataset, args.maps, progress)
         metrics = evaluate_category(dataset, maps, args.curve_max_distance, args.seed, progress)
-    except (ValueError, ArtifactError) as error:  # DatasetError is a ValueError
+        path = write_metrics_json(metrics, args.out)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, ArtifactError, RuntimeError, OSError) as error:
+        # DatasetError is a ValueError; RuntimeError: no CUDA device; OSError: disk full...
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    path = write_metrics_json(metrics, args.out)
     print(format_table(metrics))
     print(f"wrote {path}")
     return 0

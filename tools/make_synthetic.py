@@ -3,7 +3,8 @@
     python -m tools.make_synthetic --out data/synthetic [--category NAME|all] [--seed N]
         [--size WxH] [--n-train N] [--n-validation N] [--n-test N] [--overwrite]
 
-``--n-test`` sets the number of good, logical and structural test images alike.
+``--n-test`` sets the number of good, logical and structural test images alike. Bad arguments
+and failed writes (a file in the way, no permission, disk full) exit with code 2 and a message.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from collections.abc import Sequence
 
 from engine.data.synthetic import CATEGORIES, generate_category, get_category
 from engine.data.synthetic.contact_sheet import contact_sheet
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -54,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        write_categories(parser, args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the category in progress was not written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def write_categories(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Generate each asked-for category and its contact sheet, printing a summary line each."""
     names = list(CATEGORIES) if args.category == "all" else [args.category]
     for name in names:
         start = time.perf_counter()
@@ -72,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
             )
         except (ValueError, FileExistsError) as err:
-            parser.error(str(err))
+            parser.error(str(err))  # exits 2 with the usage line
         if args.n_test > 0:
             contact_sheet(folder, folder / "contact_sheet.png")
         w, h = args.size or get_category(name).design_size
@@ -81,7 +98,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.n_test} good / {args.n_test} logical / {args.n_test} structural, {w}x{h}, "
             f"{time.perf_counter() - start:.1f} s -> {folder}"
         )
-    return 0
 
 
 if __name__ == "__main__":

@@ -27,8 +27,15 @@ from engine.data.images import read_rgb
 from engine.data.loco import LocoDataset
 from engine.data.types import GOOD, LOGICAL, STRUCTURAL, Sample
 from engine.metrics import LocoMetrics
+from engine.pipeline import check_output_folder
 from engine.runtime import Runtime
-from tools.evaluate import evaluate_category, maps_from_artifact
+from tools.evaluate import (
+    DEVICES,
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    evaluate_category,
+    maps_from_artifact,
+)
 
 LABELS = {LOGICAL: "logical", STRUCTURAL: "structural"}
 
@@ -43,7 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--data-root", type=Path, help="LOCO-layout data (default: the synthetic cache)"
     )
     parser.add_argument("--n", type=int, default=4, help="images per overlay sheet")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="inference device")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
 
@@ -103,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.n < 1:
             raise ValueError(f"--n must be at least 1, got {args.n}")
+        check_output_folder(args.out, "--out")
         rt = Runtime.load(args.artifact, device=args.device)
         root = args.data_root or synthetic_root()
         dataset = LocoDataset(root, rt.category)
@@ -110,12 +118,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = evaluate_category(
             dataset, maps_from_artifact(dataset, rt, progress), progress=progress
         )
-    except (ArtifactError, ValueError) as error:
+        written = write_plots(rt, dataset, metrics, args.out, args.n)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ArtifactError, ValueError, RuntimeError, OSError) as error:
+        # DatasetError is a ValueError; RuntimeError: no CUDA device; OSError: disk full...
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot_roc(metrics, args.out / "roc.png")
-    plot_spro(metrics, args.out / "spro_fpr.png")
+        return EXIT_BAD_INPUT
+    print(f"wrote {', '.join(written)} to {args.out}")
+    return 0
+
+
+def write_plots(
+    rt: Runtime, dataset: LocoDataset, metrics: LocoMetrics, out: Path, n: int
+) -> list[str]:
+    """The curves and the overlay sheets of ``n`` images each, into ``out``; the names written."""
+    out.mkdir(parents=True, exist_ok=True)
+    plot_roc(metrics, out / "roc.png")
+    plot_spro(metrics, out / "spro_fpr.png")
 
     by_type = {
         kind: [s for s in dataset.samples("test") if s.defect_type == kind]
@@ -130,17 +151,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         key=lambda p: p[0],
     )
-    n = args.n
     sheets = {
         "false_alarms.png": ("highest-scoring good images", [s for _, s in good[:n]]),
         "misses.png": ("lowest-scoring anomalies", [s for _, s in anomalies[:n]]),
         "detections.png": ("highest-scoring anomalies", [s for _, s in anomalies[::-1][:n]]),
     }
+    written = ["roc.png", "spro_fpr.png"]
     for name, (title, samples) in sheets.items():
         if samples:
-            overlay_sheet(rt, dataset, samples, title, args.out / name)
-    print(f"wrote {', '.join(['roc.png', 'spro_fpr.png', *sheets])} to {args.out}")
-    return 0
+            overlay_sheet(rt, dataset, samples, title, out / name)
+            written.append(name)
+    return written
 
 
 if __name__ == "__main__":

@@ -28,15 +28,28 @@ _CONVERT_HINT = (
 
 
 def _open(path: Path) -> Image.Image:
-    """Open ``path`` lazily (header only), turning every Pillow/OS failure into DatasetError."""
+    """Open ``path`` lazily (header only), turning every Pillow/OS failure into DatasetError.
+
+    Images above ``PIL.Image.MAX_IMAGE_PIXELS`` are refused from the header: Pillow itself only
+    warns up to twice that limit and would decode them (a 12 KB PNG can decode to over 1 GB).
+    """
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     try:
-        return Image.open(path)
-    except Image.DecompressionBombError as exc:
+        im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DatasetError(f"{path}: refused as a decompression bomb ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"{path}: not an image file Pillow can read ({exc})") from exc
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = im.size
+    if limit is not None and width * height > limit:
+        im.close()
+        raise DatasetError(
+            f"{path}: {width}x{height} = {width * height} pixels exceeds the limit of {limit} "
+            "(PIL.Image.MAX_IMAGE_PIXELS); refused as a possible decompression bomb"
+        )
+    return im
 
 
 def _has_wide_samples(im: Image.Image) -> bool:

@@ -99,6 +99,32 @@ def parse_defects_config(path: Path) -> dict[int, DefectSpec]:
     return defects
 
 
+def check_category_name(name: str) -> str:
+    """Return ``name`` if it is a plain folder name, else raise DatasetError.
+
+    Category names become paths under the data root and the artifact folder (``artifacts/<name>``)
+    and are deleted/replaced there, so ``a/b``, ``..``, absolute paths and hidden names, which
+    would reach other folders, are refused.
+    """
+    if not isinstance(name, str):
+        raise DatasetError(f"a category name must be a string, got {name!r}")
+    problem = None
+    if not name:
+        problem = "it is empty"
+    elif any(sep in name for sep in ("/", "\\", "\0")):
+        problem = "it contains a path separator"
+    elif name.startswith("."):
+        problem = "it starts with '.' (hidden, '.' or '..')"
+    elif name != name.strip():
+        problem = "it starts or ends with whitespace"
+    if problem is not None:
+        raise DatasetError(
+            f"category {name!r} is not a plain folder name: {problem}; name one folder under "
+            "the data root, e.g. --category pushpins"
+        )
+    return name
+
+
 def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
@@ -113,17 +139,18 @@ class LocoDataset:
 
     Args:
         root: the folder holding the category folders.
-        category: the category folder name (any name; not limited to the five LOCO ones).
+        category: the category folder name (any plain name, not limited to the five LOCO ones;
+            see :func:`check_category_name`).
 
     Raises:
-        DatasetError: a missing split folder, an unknown entry under ``ground_truth/``, a GT
+        DatasetError: a category that is not a plain folder name, a missing split folder, an unknown entry under ``ground_truth/``, a GT
             folder without its test image or the reverse, a GT folder without PNGs, or a
             malformed ``defects_config.json``. Hidden entries (``.DS_Store``...) are ignored.
     """
 
     def __init__(self, root: str | Path, category: str) -> None:
         self.root = Path(root)
-        self.category = category
+        self.category = check_category_name(category)
         self.path = self.root / category
         if not self.path.is_dir():
             raise DatasetError(

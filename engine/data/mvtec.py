@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.data.images import check_mask_size, common_image_size, list_image_files, read_mask
+from engine.data.loco import check_category_name
 from engine.data.types import GOOD, SPLITS, DatasetError, DefectSpec, GroundTruthChannel, Sample
 
 MASK_SUFFIX = "_mask"
@@ -37,7 +38,7 @@ class MVTecADDataset:
 
     Args:
         root: the folder holding the category folders.
-        category: the category folder name.
+        category: the category folder name (a plain name, see ``check_category_name``).
         validation_fraction: share of ``train/good`` held out as the ``validation`` split, in
             (0, 1); at least one image is held out and at least one is kept for training.
 
@@ -48,7 +49,7 @@ class MVTecADDataset:
         if not 0.0 < validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
         self.root = Path(root)
-        self.category = category
+        self.category = check_category_name(category)
         self.path = self.root / category
         self.validation_fraction = validation_fraction
         self.defects: dict[int, DefectSpec] = {}

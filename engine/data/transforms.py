@@ -98,24 +98,27 @@ class ImageTransform:
         """uint8 (H, W, 3) RGB numpy image -> float32 (3, size, size)."""
         return self.normalize(self.resize(image))
 
-    def batch(self, frames: torch.Tensor) -> torch.Tensor:
+    def batch(self, frames: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
         """Batched path on the frames' device: identical to ``__call__`` per image.
 
         Args:
             frames: uint8 RGB, (B, H, W, 3) or (B, 3, H, W).
+            channels_last: the layout, when the caller knows it (True: (B, H, W, 3)); None
+                infers it from the shape and refuses one that fits both, such as (B, 3, W, 3).
 
         Returns:
             float32 (B, 3, size, size).
         """
         if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
             raise ValueError(f"expected a uint8 tensor, got {getattr(frames, 'dtype', frames)}")
-        if frames.ndim != 4 or 3 not in (frames.shape[1], frames.shape[3]):
-            raise ValueError(f"expected (B, H, W, 3) or (B, 3, H, W), got {tuple(frames.shape)}")
-        if frames.shape[1] == 3 and frames.shape[3] == 3:
-            raise ValueError(
-                f"ambiguous layout {tuple(frames.shape)}: both dim 1 and dim 3 have 3 entries"
-            )
-        if frames.shape[3] == 3:
+        shape = tuple(frames.shape)
+        if channels_last is None and frames.ndim == 4 and shape[1] == shape[3] == 3:
+            raise ValueError(f"ambiguous layout {shape}: both dim 1 and dim 3 have 3 entries")
+        if channels_last is None:
+            channels_last = frames.ndim == 4 and shape[3] == 3
+        if frames.ndim != 4 or shape[3 if channels_last else 1] != 3:
+            raise ValueError(f"expected (B, H, W, 3) or (B, 3, H, W), got {shape}")
+        if channels_last:
             frames = frames.permute(0, 3, 1, 2)
         return self._normalize(_resize_rounded(frames.float(), self.size))
 

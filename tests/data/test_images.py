@@ -246,3 +246,36 @@ def test_list_image_files_duplicate_stem(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(DatasetError, match="stem"):
         list_image_files(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 11000x10000 1-bit PNG (110 Mpx, ~13 KB): above Pillow's default limit of ~89.5 Mpx
+    but below the 2x at which Pillow itself raises, so Pillow alone would decode it."""
+    path = tmp_path_factory.mktemp("bomb") / "huge.png"
+    Image.new("1", (11_000, 10_000)).save(path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_images_above_the_pixel_limit_are_refused_from_the_header(huge_png: Path) -> None:
+    assert Image.MAX_IMAGE_PIXELS < 110_000_000 < 2 * Image.MAX_IMAGE_PIXELS
+    assert huge_png.stat().st_size < 50_000
+    with pytest.raises(DatasetError, match=rf"^{huge_png}: 11000x10000 = 110000000 pixels"):
+        read_image_size(huge_png)
+    with pytest.raises(DatasetError, match="decompression bomb"):
+        common_image_size([huge_png])
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_pixel_limit_is_pillows_current_setting(
+    image_file, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = image_file("image.png", np.zeros((10, 20, 3), np.uint8))
+    mask = image_file("mask.png", np.full((10, 20), 255, np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)  # 200 px: warned, not raised, by Pillow
+    for read in (read_rgb, read_mask):
+        with pytest.raises(DatasetError, match="exceeds the limit of 150"):
+            read(image if read is read_rgb else mask)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the user turned the check off
+    assert read_rgb(image).shape == (10, 20, 3)

@@ -93,6 +93,21 @@ def test_missing_category_lists_available(loco_tree) -> None:
     assert str(loco_tree.root / "gadgets") in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "../widgets", "a/b", "a\\b", "/abs", ".hidden", " widgets", "a\0b"]
+)
+def test_category_must_be_a_plain_folder_name(loco_tree, name: str) -> None:
+    with pytest.raises(DatasetError, match="not a plain folder name"):
+        LocoDataset(loco_tree.root, name)
+
+
+def test_category_path_reaching_a_real_category_is_refused(loco_tree) -> None:
+    sneaky = f"../{loco_tree.root.name}/{loco_tree.category}"
+    assert (loco_tree.root / sneaky).is_dir()
+    with pytest.raises(DatasetError, match="path separator"):
+        LocoDataset(loco_tree.root, sneaky)
+
+
 def test_missing_root() -> None:
     with pytest.raises(DatasetError, match="not found"):
         list_categories("/nonexistent/loco_root")

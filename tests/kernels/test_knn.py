@@ -92,6 +92,36 @@ def test_triton_ties_pick_the_lowest_index(device: torch.device, gen: torch.Gene
     assert torch.equal(dist.cpu(), torch.zeros(60))
 
 
+@pytest.mark.parametrize(
+    ("low", "high", "splits"),
+    [
+        (5, 40, 1),  # one bank tile (every config's BLOCK_M is >= 64)
+        (40, 63, 1),  # one tile, its last row
+        (10, 100, 1),  # one bank range; two tiles when BLOCK_M is 64 (the interpreter's)
+        (10, 300, 2),  # two bank ranges (RANGE_ALIGN = 256: rows 0-255 and 256-319)
+    ],
+)
+def test_equidistant_rows_give_the_lowest_index(
+    device: torch.device, low: int, high: int, splits: int
+) -> None:
+    """Two *different* bank rows at the same distance from a query: the lower index wins, in
+    the Triton kernel as in the reference (torch's ``min`` returns the first minimum)."""
+    query = torch.tensor([[1.0, -2.0, 3.0, 0.0, 2.0, -1.0, 0.0, 1.0]])
+    step = torch.zeros(1, 8)
+    step[0, 0] = 1.0
+    bank = torch.full((320, 8), 50.0)
+    # query +- one unit step: both rows are at distance 1 and every score (small integers) is
+    # exact, so the two scores are bit-equal. The +/- order alternates so neither sign wins.
+    bank[low], bank[high] = query[0] + step[0], query[0] - step[0]
+    flipped = bank.clone()
+    flipped[low], flipped[high] = bank[high], bank[low]
+    for rows in (bank, flipped):
+        dist, idx = knn_min_triton(query.to(device), rows.to(device), splits=splits)
+        assert idx.tolist() == [low] and dist.tolist() == [1.0]
+        ref_dist, ref_idx = knn_min_reference(query, rows)
+        assert ref_idx.tolist() == [low] and ref_dist.tolist() == [1.0]
+
+
 def test_triton_non_contiguous(device: torch.device, gen: torch.Generator) -> None:
     queries = torch.randn(24, 40, generator=gen).t()  # (40, 24) column-major
     bank = torch.randn(150, 48, generator=gen)[:, ::2]  # (150, 24) stride 2 along D

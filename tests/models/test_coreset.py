@@ -114,17 +114,45 @@ def test_random_projection_batches_agree() -> None:
 
 
 @pytest.mark.parametrize(
-    "features, kwargs",
+    ("features", "kwargs", "message"),
     [
-        (torch.randn(0, 4), {}),
-        (torch.randn(10), {}),
-        (torch.randint(0, 5, (10, 4)), {}),
-        (torch.full((10, 4), float("nan")), {}),
-        (torch.randn(10, 4), {"projection_dim": 0}),
-        (torch.randn(10, 4), {"num_starts": 0}),
-        (torch.randn(10, 4), {"ratio": None, "count": 20}),
+        (torch.randn(0, 4), {}, r"non-empty \(N, D\) tensor, got \(0, 4\)"),
+        (torch.randn(10), {}, r"non-empty \(N, D\) tensor, got \(10,\)"),
+        (torch.randn(10, 0), {}, r"non-empty \(N, D\) tensor, got \(10, 0\)"),
+        (torch.randint(0, 5, (10, 4)), {}, "must be floating point, got torch.int64"),
+        (torch.full((10, 4), float("nan")), {}, "NaN or infinite"),
+        (torch.randn(10, 4).index_fill_(0, torch.tensor([3]), float("inf")), {}, "NaN or infinite"),
+        # D > projection_dim: the NaN must be caught after the projection too.
+        (torch.randn(10, 40).index_fill_(1, torch.tensor([7]), float("nan")), {}, "NaN"),
+        (torch.randn(10, 4), {"projection_dim": 0}, "projection_dim must be a positive int"),
+        (torch.randn(10, 4), {"projection_dim": 2.5}, "projection_dim must be a positive int"),
+        (torch.randn(10, 4), {"projection_dim": True}, "projection_dim must be a positive int"),
+        (torch.randn(10, 4), {"num_starts": 0}, "num_starts must be a positive int"),
+        (torch.randn(10, 4), {"num_starts": 1.5}, "num_starts must be a positive int"),
+        (torch.randn(10, 4), {"count": 20}, r"count must be an int in \[1, 10\], got 20"),
+        (torch.randn(10, 4), {"count": None, "ratio": 0.0}, r"ratio must be in \(0, 1\]"),
+        (torch.randn(10, 4), {"ratio": 0.5}, "exactly one of ratio or count"),
+    ],
+    ids=[
+        "empty",
+        "1-d",
+        "zero-dim",
+        "int-dtype",
+        "nan",
+        "inf",
+        "nan-projected",
+        "projection-0",
+        "projection-float",
+        "projection-bool",
+        "starts-0",
+        "starts-float",
+        "count-too-big",
+        "ratio-0",
+        "ratio-and-count",
     ],
 )
-def test_bad_inputs(features: torch.Tensor, kwargs: dict) -> None:
-    with pytest.raises(ValueError):
-        greedy_coreset(features, progress=False, **kwargs)
+def test_bad_inputs(features: torch.Tensor, kwargs: dict, message: str) -> None:
+    """Each case is otherwise valid (a valid ``count`` unless it is the point of the case), so it
+    fails for the reason named in ``message``, not an earlier one."""
+    with pytest.raises(ValueError, match=message):
+        greedy_coreset(features, **{"count": 2, "progress": False, **kwargs})

@@ -1,18 +1,23 @@
-"""tools.evaluate on a tiny LOCO category: the reference case of loco_evaluation.md §2.8(b)."""
+"""tools.evaluate on a tiny LOCO category: the reference case of loco_evaluation.md §2.8(b);
+and the refusals (bad --out, --device, failed writes) it shares with tools.visualize."""
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
 
+from tools import visualize
 from tools.evaluate import EXIT_BAD_INPUT, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -195,3 +200,68 @@ def test_module_entry_point(setup) -> None:
     assert run.returncode == 0, run.stderr
     assert (out / "metrics.json").is_file()
     assert run.stdout.splitlines()[0].split()[:2] == ["AUROC", "AUROC"]
+
+
+def test_out_that_is_a_file_exits_2_before_any_work(setup, capsys, monkeypatch) -> None:
+    argv, _, out = setup
+    out.write_text("not a folder")
+    monkeypatch.setattr("tools.evaluate.LocoDataset", _never_called)
+    assert main(argv) == EXIT_BAD_INPUT
+    assert "--out" in capsys.readouterr().err
+    assert out.read_text() == "not a folder"
+
+
+def test_unknown_device_is_an_argparse_error(setup, capsys) -> None:
+    argv, _, _ = setup
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--device", "foo"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'foo'" in capsys.readouterr().err
+
+
+def test_disk_full_while_writing_metrics_exits_2(setup, capsys, monkeypatch) -> None:
+    argv, _, _ = setup
+
+    def disk_full(metrics, folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "metrics.json"))
+
+    monkeypatch.setattr("tools.evaluate.write_metrics_json", disk_full)
+    assert main(argv) == EXIT_BAD_INPUT
+    assert "No space left on device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_cuda_device_exits_2(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr("engine.runtime.load_artifact", _never_called)
+    argv = ["--data-root", str(tmp_path), "--artifact", str(tmp_path), "--device", "cuda"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == EXIT_BAD_INPUT
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+# tools.visualize shares these checks: its --out and --device are refused before any work too.
+def test_visualize_refuses_a_file_as_out_and_an_unknown_device(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "plots"
+    out.write_text("mine")
+    argv = ["--artifact", str(tmp_path / "artifact"), "--out", str(out), "--no-progress"]
+    assert visualize.main(argv) == EXIT_BAD_INPUT
+    assert "--out" in capsys.readouterr().err and out.read_text() == "mine"
+    with pytest.raises(SystemExit) as exit_info:
+        visualize.main([*argv, "--device", "gpu"])
+    assert exit_info.value.code == 2
+
+
+def test_visualize_maps_write_failures_to_exit_2(tmp_path: Path, capsys, monkeypatch) -> None:
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(visualize.Runtime, "load", lambda *a, **k: SimpleNamespace(category="x"))
+    monkeypatch.setattr(visualize, "LocoDataset", lambda *a: None)
+    monkeypatch.setattr(visualize, "evaluate_category", lambda *a, **k: None)
+    monkeypatch.setattr(visualize, "write_plots", disk_full)
+    argv = ["--artifact", str(tmp_path), "--out", str(tmp_path / "plots"), "--no-progress"]
+    assert visualize.main(argv) == EXIT_BAD_INPUT
+    assert "No space left on device" in capsys.readouterr().err
+
+
+def _never_called(*args, **kwargs):
+    raise AssertionError("work started although the arguments should have been refused first")

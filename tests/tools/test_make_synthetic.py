@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,24 @@ def test_cli_module_entry_point(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 2 and "WxH" in result.stderr
+
+
+def test_disk_full_exits_2_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "pushpins"))
+
+    monkeypatch.setattr("tools.make_synthetic.generate_category", disk_full)
+    assert main(["--out", str(tmp_path), "--category", "pushpins", "--no-progress"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+
+
+def test_out_below_a_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    argv = ["--out", str(blocker / "data"), "--category", "pushpins", "--no-progress"]
+    argv += ["--n-train", "1", "--n-validation", "1", "--n-test", "0"]
+    assert main(argv) == 2
+    assert str(blocker) in capsys.readouterr().err
+    assert blocker.read_text() == "mine"

@@ -5,6 +5,6 @@ the layout guarantees and ``contact_sheet`` for a visual overview of one categor
 """
 
 from engine.data.synthetic.categories import CATEGORIES, get_category
-from engine.data.synthetic.writer import generate, generate_category
+from engine.data.synthetic.writer import GENERATOR_VERSION, generate, generate_category
 
-__all__ = ["CATEGORIES", "generate", "generate_category", "get_category"]
+__all__ = ["CATEGORIES", "GENERATOR_VERSION", "generate", "generate_category", "get_category"]

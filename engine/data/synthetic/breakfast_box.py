@@ -2,7 +2,10 @@
 
 Rules: the left compartment holds exactly two tangerines and one nectarine; the right one holds
 granola in its lower part and a mix of banana chips and almonds in its upper part. Good images vary
-the fruit positions, sizes and colours, the granola clumps, the topping positions and the pose.
+the fruit positions, sizes and ripeness (tangerines from yellow-orange to deep orange, nectarines
+from yellow to orange with more or less blush), the granola's bake (light, golden or dark, one per
+box), the granola clumps, the topping positions and the pose. Fruit colours overlap between the two
+kinds; what tells them apart is size, blush, suture and dimples.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from engine.data.synthetic.shapes import (
     blob_points,
     contamination,
     ellipse_points,
+    mix,
     rect_points,
     rounded_rect_points,
     shade,
@@ -50,10 +54,13 @@ GOOD_FRUIT = {"tangerine": 2, "nectarine": 1}
 
 TRAY: Color = (232, 228, 218)
 FLOOR: Color = (214, 206, 190)
-TANGERINE: Color = (236, 128, 26)
-NECTARINE: Color = (226, 168, 64)
+# ripeness ranges: a fruit's skin is a random blend between the two ends
+TANGERINE: tuple[Color, Color] = ((240, 156, 36), (226, 100, 22))
+NECTARINE: tuple[Color, Color] = ((232, 186, 76), (226, 140, 56))
 BLUSH: Color = (180, 38, 40)
 GRANOLA: tuple[Color, ...] = ((176, 124, 66), (150, 98, 50), (204, 164, 106), (128, 84, 44))
+# the box variants: how long the granola was baked, as a brightness factor on GRANOLA
+BAKES: dict[str, float] = {"light": 1.12, "golden": 1.0, "dark": 0.8}
 CORNFLAKES: tuple[Color, ...] = ((236, 196, 70), (214, 60, 50), (240, 220, 120))
 CHIP: Color = (238, 222, 168)
 ALMOND: Color = (150, 94, 52)
@@ -80,7 +87,7 @@ def fruit(kind: str, center: tuple[float, float], radius: float, rng: np.random.
         center, (radius, radius * rng.uniform(0.93, 1.0)), rng.uniform(0, np.pi), 36
     )
     if kind == "tangerine":
-        skin = Polygon(outline, vary(rng, TANGERINE, 0.04))
+        skin = Polygon(outline, vary(rng, mix(*TANGERINE, rng.uniform()), 0.03))
         dots = [
             Polygon(
                 ellipse_points((cx + r * np.cos(a), cy + r * np.sin(a)), (1.1, 1.1), 0.0, 6),
@@ -99,12 +106,13 @@ def fruit(kind: str, center: tuple[float, float], radius: float, rng: np.random.
         )
         detail: list[Shape] = [*dots, stem]
     else:
-        skin = Polygon(outline, vary(rng, NECTARINE, 0.04))
+        skin = Polygon(outline, vary(rng, mix(*NECTARINE, rng.uniform()), 0.03))
         a = rng.uniform(0, 2 * np.pi)
         blush_center = (cx + 0.25 * radius * np.cos(a), cy + 0.25 * radius * np.sin(a))
+        spread = rng.uniform(0.6, 0.8)
         blush = Polygon(
-            ellipse_points(blush_center, (0.72 * radius, 0.62 * radius), a, 30),
-            (*vary(rng, BLUSH, 0.05), 210),
+            ellipse_points(blush_center, (spread * radius, 0.86 * spread * radius), a, 30),
+            (*vary(rng, BLUSH, 0.05), int(rng.integers(160, 225))),
         )
         b = rng.uniform(0, np.pi)
         d = np.array([np.cos(b), np.sin(b)]) * 0.75 * radius
@@ -242,7 +250,9 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
     swapped = defect == "compartments_swapped"
     fruit_rect, cereal_rect = (RIGHT, LEFT) if swapped else (LEFT, RIGHT)
     kinds = ["nectarine", "tangerine", "tangerine"]
-    radii = [NECTARINE_R * rng.uniform(0.95, 1.05), *(TANGERINE_R * rng.uniform(0.94, 1.06, 2))]
+    radii = [NECTARINE_R * rng.uniform(0.94, 1.06), *(TANGERINE_R * rng.uniform(0.93, 1.07, 2))]
+    bake = str(rng.choice(list(BAKES)))
+    granola = tuple(shade(c, BAKES[bake]) for c in GRANOLA)
     centres = _place_fruit(rng, fruit_rect, radii)
     parts = [fruit(k, tuple(c), r, rng) for k, c, r in zip(kinds, centres, radii)]
     channels: list[Channel] = []
@@ -277,7 +287,7 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
     chips = defect not in ("missing_bananas", "missing_toppings", "missing_cereals_and_toppings")
     almonds = defect not in ("missing_almonds", "missing_toppings", "missing_cereals_and_toppings")
     if has_cereal:
-        shapes += _granola(rng, granola_band, GRANOLA)
+        shapes += _granola(rng, granola_band, granola)
     shapes += _toppings(rng, toppings_band, chips, almonds)
     for k in shown:
         shapes += parts[k].paint
@@ -301,11 +311,11 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
             SEPARATOR_X + rng.uniform(-6, 6),
             rng.uniform(cereal_rect[1] + 110, cereal_rect[3] - 24),
         )
-        heap = Polygon(blob_points(rng, centre, rng.uniform(20, 26), 0.25, 18), GRANOLA[0])
+        heap = Polygon(blob_points(rng, centre, rng.uniform(20, 26), 0.25, 18), granola[0])
         shapes.append(heap)
         bx0, by0 = heap.points.min(0)
         bx1, by1 = heap.points.max(0)
-        shapes += _granola(rng, (bx0 + 6, by0 + 6, bx1 - 6, by1 - 6), GRANOLA, density=0.3)[1:]
+        shapes += _granola(rng, (bx0 + 6, by0 + 6, bx1 - 6, by1 - 6), granola, density=0.3)[1:]
         channels.append(Channel(defect, [region(heap.points)]))
     elif defect == "mixed_cereals":
         gx0, gy0, gx1, gy1 = granola_band
@@ -357,6 +367,7 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
         "fruit_side": "right" if swapped else "left",
         "cereal": has_cereal,
         "granola_top_fraction": split,
+        "granola_bake": bake,
         "banana_chips": N_CHIPS if chips else 0,
         "almonds": N_ALMONDS if almonds else 0,
     }

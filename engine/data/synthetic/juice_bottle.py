@@ -176,7 +176,7 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
         juice_name = str(rng.choice([f for f in JUICES if f != fruit]))
     elif defect == "empty_bottle":
         juice_name = None
-    juice_color = vary(rng, JUICES[juice_name], 0.03) if juice_name else None
+    juice_color = vary(rng, JUICES[juice_name], 0.04) if juice_name else None
     if defect == "juice_color":
         juice_color = mix(JUICES[fruit], MURKY, rng.uniform(0.45, 0.6))
         juice_name = "off"

@@ -1,8 +1,10 @@
 """pushpins: a box of 5 x 3 compartments seen from above, exactly one pin in each.
 
-Good images vary the pin positions and orientations inside their compartments, the pin colour a
-little, and the box pose. Logical defects break the one-pin-per-compartment rule or remove a
-separator; structural ones damage one pin or add dirt.
+Rules: one pin per compartment, and all pins of a box share one colour. Good images vary the box
+colour (yellow, blue or green pins), the pin positions and orientations inside their compartments,
+the shade of each pin a little, and the box pose. Logical defects break the one-pin-per-compartment
+rule, remove a separator, or put one pin of another box's colour into the box; structural ones
+damage one pin, give it a colour no box has, or add dirt.
 """
 
 from __future__ import annotations
@@ -45,8 +47,19 @@ SEPARATOR_WIDTH = 3.0
 HEAD_RADIUS = 7.5
 NEEDLE_LENGTH = 13.0
 
-YELLOW: Color = (228, 188, 36)
-WRONG_COLORS: tuple[Color, ...] = ((45, 110, 210), (200, 45, 45), (60, 160, 75), (235, 235, 235))
+# the box variants: every pin of a good box has one of these colours, the same for all its pins
+PIN_COLORS: dict[str, Color] = {
+    "yellow": (228, 188, 36),
+    "blue": (45, 110, 210),
+    "green": (60, 160, 75),
+}
+# colours no good box has (the structural ``color`` defect)
+OFF_COLORS: dict[str, Color] = {
+    "red": (200, 45, 45),
+    "white": (235, 235, 235),
+    "purple": (150, 60, 170),
+}
+PIN_SHADE = 0.04  # per-pin colour jitter within a box
 NEEDLE: Color = (208, 208, 214)
 BOX_RIM: Color = (196, 200, 207)
 FLOOR: Color = (142, 148, 157)
@@ -132,7 +145,8 @@ def pin(
 
 
 def _nominal_pins(count: int) -> list[Shape]:
-    return [s for k in range(count) for s in pin((60.0 + 40 * k, 100.0), 0.3, YELLOW).silhouette]
+    yellow = PIN_COLORS["yellow"]
+    return [s for k in range(count) for s in pin((60.0 + 40 * k, 100.0), 0.3, yellow).silhouette]
 
 
 DEFECT_TYPES = (
@@ -140,11 +154,15 @@ DEFECT_TYPES = (
     logical_absolute("2_additional_pushpins", lambda: _nominal_pins(2)),
     logical_absolute("missing_pushpin", lambda: _nominal_pins(1)),
     logical("missing_separator"),
+    logical("mixed_pushpin_colors"),
     structural("front_bent"),
     structural("broken"),
     structural("color"),
     structural("contamination"),
 )
+
+
+ONE_PIN_DEFECTS = ("mixed_pushpin_colors", "front_bent", "broken", "color")
 
 
 def _inside(cell: int, point: np.ndarray, margin: float) -> bool:
@@ -174,7 +192,11 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
     poses = [_pin_pose(rng, k) for k in range(n_cells)]
     positions: list[list[tuple[float, float]]] = [[p] for p, _ in poses]
     angles: list[list[float]] = [[a] for _, a in poses]
-    colors: list[list[Color]] = [[vary(rng, YELLOW, 0.04)] for _ in range(n_cells)]
+    box_color = str(rng.choice(list(PIN_COLORS)))
+    colors: list[list[Color]] = [
+        [vary(rng, PIN_COLORS[box_color], PIN_SHADE)] for _ in range(n_cells)
+    ]
+    names: list[list[str]] = [[box_color] for _ in range(n_cells)]
     segments = separator_segments()
     removed_segment: int | None = None
     extra: list[tuple[int, int]] = []  # (cell, index within cell) of additional pins
@@ -191,10 +213,11 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
             if pose is not None:
                 positions[cell].append(pose[0])
                 angles[cell].append(pose[1])
-                colors[cell].append(vary(rng, YELLOW, 0.04))
+                colors[cell].append(vary(rng, PIN_COLORS[box_color], PIN_SHADE))
+                names[cell].append(box_color)
                 extra.append((int(cell), len(positions[cell]) - 1))
     elif defect == "missing_pushpin":
-        positions[target], angles[target], colors[target] = [], [], []
+        positions[target], angles[target], colors[target], names[target] = [], [], [], []
         x0, y0, x1, y1 = cell_rect(target)
         inset = SEPARATOR_WIDTH / 2
         region = rect_points(
@@ -205,8 +228,12 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
         removed_segment = int(rng.integers(len(segments)))
         region = _segment_rect(segments[removed_segment], SEPARATOR_WIDTH + 3)
         channels.append(Channel(defect, [Polygon(region, (255,))]))
-    elif defect == "color":
-        colors[target][0] = vary(rng, WRONG_COLORS[rng.integers(len(WRONG_COLORS))], 0.05)
+    elif defect == "mixed_pushpin_colors":  # a colour that is right in other boxes
+        names[target][0] = str(rng.choice([c for c in PIN_COLORS if c != box_color]))
+        colors[target][0] = vary(rng, PIN_COLORS[names[target][0]], PIN_SHADE)
+    elif defect == "color":  # a colour that no box has
+        names[target][0] = str(rng.choice(list(OFF_COLORS)))
+        colors[target][0] = vary(rng, OFF_COLORS[names[target][0]], 0.05)
 
     x0, y0, x1, y1 = BOX
     box = Polygon(
@@ -237,7 +264,7 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
             shapes += part.paint
             if (cell, j) in extra:
                 extra_shapes += part.silhouette
-            if cell == target and j == 0 and defect in ("front_bent", "broken", "color"):
+            if cell == target and j == 0 and defect in ONE_PIN_DEFECTS:
                 region = part.silhouette
                 if needle == "broken":  # the snapped-off needle belongs to the defect region
                     region = region + pin(p, a, col).silhouette
@@ -256,7 +283,9 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
         "pins_per_compartment": [len(p) for p in positions],
         "separators": len(segments) - (removed_segment is not None),
         "expected_separators": len(segments),
-        "head_colors": [c for cell in colors for c in cell],
+        "box_color": box_color,
+        "pin_colors": [c for cell in names for c in cell],
+        "pin_centers": [p for cell in positions for p in cell],
     }
     return Scene(shapes, channels, facts)
 
@@ -268,7 +297,7 @@ CATEGORY = CategoryDef(
     build_scene=build_scene,
     backdrop_color=(54, 52, 50),
     backdrop_texture=0.10,
-    jitter_angle=np.deg2rad(1.5),
-    jitter_shift=3.0,
-    description="a box of 5 x 3 compartments with exactly one yellow pushpin in each",
+    jitter_angle=np.deg2rad(2.0),
+    jitter_shift=4.0,
+    description="a box of 5 x 3 compartments with exactly one pushpin in each, all of one colour",
 )

@@ -8,6 +8,7 @@ region lines up with what was painted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -31,12 +32,19 @@ class Placement:
     angle: float = 0.0
     shift: tuple[float, float] = (0.0, 0.0)
 
+    @cached_property
+    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
+        # pixel = points @ matrix + bias; one matmul per shape keeps painting cheap
+        c, s = np.cos(self.angle), np.sin(self.angle)
+        matrix = self.scale * np.array([[c, s], [-s, c]])
+        pivot = np.asarray(self.pivot, dtype=np.float64)
+        bias = self.scale * (pivot + np.asarray(self.shift)) + self.offset - pivot @ matrix
+        return matrix, bias
+
     def to_pixels(self, points: np.ndarray) -> np.ndarray:
         """``(N, 2)`` design points to ``(N, 2)`` output pixel coordinates."""
-        c, s = np.cos(self.angle), np.sin(self.angle)
-        rel = np.asarray(points, dtype=np.float64) - self.pivot
-        rot = np.stack([c * rel[:, 0] - s * rel[:, 1], s * rel[:, 0] + c * rel[:, 1]], 1)
-        return self.scale * (rot + self.pivot + self.shift) + self.offset
+        matrix, bias = self._affine
+        return np.asarray(points, dtype=np.float64) @ matrix + bias
 
 
 def fit_placement(
@@ -121,11 +129,17 @@ def textured_backdrop(
 
 
 def expose(img: np.ndarray, rng: np.random.Generator, noise_sigma: float = 2.0) -> np.ndarray:
-    """Camera nuisance on a float ``(H, W, 3)`` image: gain, colour cast, a lighting gradient,
-    uneven illumination and sensor noise; returns uint8 ``(H, W, 3)``."""
+    """Camera nuisance on a float ``(H, W, 3)`` image: gain, colour temperature, a small colour
+    cast, a lighting gradient, uneven illumination and sensor noise; returns uint8 ``(H, W, 3)``.
+
+    The ranges are those of a fixed inspection rig over a shift: a few percent of brightness, a
+    lamp that runs slightly warm or cool, never enough to turn one item variant into another.
+    """
     h, w = img.shape[:2]
-    gain = rng.uniform(0.93, 1.07)
-    cast = 1 + rng.uniform(-0.025, 0.025, 3).astype(np.float32)
+    gain = rng.uniform(0.9, 1.1)
+    warmth = rng.uniform(-0.035, 0.035)  # > 0: warmer light, red up and blue down
+    cast = 1 + np.array([warmth, 0.0, -warmth]) + rng.uniform(-0.02, 0.02, 3)
+    cast = cast.astype(np.float32)
     direction = rng.uniform(0, 2 * np.pi)
     xx = np.linspace(-0.5, 0.5, w, dtype=np.float32)[None, :]
     yy = np.linspace(-0.5, 0.5, h, dtype=np.float32)[:, None]

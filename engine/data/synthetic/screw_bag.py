@@ -1,8 +1,10 @@
 """screw_bag: a transparent bag holding exactly one long screw, one short screw, two nuts and two
-washers, lying at random positions and angles.
+washers, lying at random positions and angles, all of one finish.
 
-Logical defects change a count or a screw length; structural ones tear the bag, recolour or break
-a part, or add dirt. Missing parts are annotated as the whole bag interior (where they could lie).
+Good bags vary the finish (bright zinc or black oxide, the same for every part of a bag), the part
+poses and the bag pose. Logical defects change a count or a screw length, or put one part of the
+other finish into the bag; structural ones tear the bag, give a part a colour no bag has, break a
+part, or add dirt. Missing parts are annotated as the whole bag interior (where they could lie).
 """
 
 from __future__ import annotations
@@ -47,8 +49,15 @@ SHAFT_WIDTH, HEAD_WIDTH, HEAD_LENGTH = 7.0, 13.0, 6.0
 NUT_RADIUS, WASHER_RADIUS = 11.0, 10.5
 GOOD_COUNTS = {"long_screw": 1, "short_screw": 1, "nut": 2, "washer": 2}
 
-METAL: Color = (150, 154, 162)
-WRONG_COLORS: tuple[Color, ...] = ((190, 150, 60), (60, 95, 175), (175, 55, 45))
+# the bag variants: every part of a good bag has one of these finishes, the same for all its parts
+FINISHES: dict[str, Color] = {"zinc": (150, 155, 164), "black": (76, 78, 84)}
+# colours no good bag has (the structural ``color`` defect)
+OFF_COLORS: dict[str, Color] = {
+    "brass": (190, 150, 60),
+    "blue": (60, 95, 175),
+    "red": (175, 55, 45),
+}
+METAL = FINISHES["zinc"]  # nominal parts, only their outlines matter
 BAG_FILM: Color = (244, 246, 250, 95)
 BAG_EDGE: Color = (165, 170, 178)
 BACKDROP: Color = (196, 194, 188)
@@ -157,6 +166,7 @@ DEFECT_TYPES = (
     logical_absolute("1_missing_long_screw", lambda: _nominal("long_screw")),
     logical_absolute("1_missing_nut", lambda: _nominal("nut")),
     logical_absolute("1_missing_washer", lambda: _nominal("washer")),
+    logical("mixed_finishes"),
     structural("bag_broken"),
     structural("color"),
     structural("contamination"),
@@ -231,6 +241,7 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
         ("washer", 0.0),
     ]
     items = [(k, v + rng.uniform(-1.0, 1.0) if v else v) for k, v in items]
+    finish = str(rng.choice(list(FINISHES)))
     extra_kind = {
         "1_additional_short_screw": "short_screw",
         "1_additional_nut": "nut",
@@ -265,12 +276,16 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
     hole_color = mix(BACKDROP, (255, 255, 255), 0.25)
     channels: list[Channel] = []
     defect_part = int(rng.integers(len(items)))
+    recoloured = defect in ("color", "mixed_finishes")
+    finishes = [finish] * len(items)
+    if defect == "mixed_finishes":  # a finish that is right in other bags
+        finishes[defect_part] = next(f for f in FINISHES if f != finish)
+    elif defect == "color":  # a colour that no bag has
+        finishes[defect_part] = str(rng.choice(list(OFF_COLORS)))
     extra_shapes: list[Shape] = []
     for k, (kind, length) in enumerate(items):
         center, angle = poses[k]
-        color = vary(rng, METAL, 0.03)
-        if defect == "color" and k == defect_part:
-            color = vary(rng, WRONG_COLORS[rng.integers(len(WRONG_COLORS))], 0.05)
+        color = vary(rng, {**FINISHES, **OFF_COLORS}[finishes[k]], 0.03)
         if kind in ("long_screw", "short_screw"):
             broken = (
                 rng.uniform(0.35, 0.7) if defect == "part_broken" and kind == "long_screw" else None
@@ -283,7 +298,7 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
         shapes += part.paint
         if defect in extra_kind and k == len(items) - 1:
             extra_shapes += part.silhouette
-        is_target = (defect == "color" and k == defect_part) or (
+        is_target = (recoloured and k == defect_part) or (
             defect == "part_broken" and kind == "long_screw"
         )
         is_target |= (defect == "screw_too_long" and kind == "long_screw") or (
@@ -334,7 +349,10 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
     facts = {
         "counts": counts,
         "screw_lengths": sorted(length for kind, length in items if "screw" in kind),
-        "part_colors": "metal" if defect != "color" else "one recoloured",
+        "finish": finish,
+        "part_kinds": [kind for kind, _ in items],
+        "part_finishes": finishes,
+        "part_centers": [tuple(float(v) for v in poses[k][0]) for k in range(len(items))],
     }
     return Scene(shapes, channels, facts)
 
@@ -346,7 +364,8 @@ CATEGORY = CategoryDef(
     build_scene=build_scene,
     backdrop_color=BACKDROP,
     backdrop_texture=0.06,
-    jitter_angle=np.deg2rad(3.0),
+    jitter_angle=np.deg2rad(4.5),
     jitter_shift=5.0,
-    description="a transparent bag with one long screw, one short screw, two nuts and two washers",
+    description="a transparent bag with one long screw, one short screw, two nuts and two washers, "
+    "all of one finish",
 )

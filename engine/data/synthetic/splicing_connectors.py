@@ -1,8 +1,9 @@
 """splicing_connectors: two splicing connectors joined by one cable.
 
-Rules: both connectors have the same number of clamps (2, 3 or 5); the cable colour belongs to that
-size (2 yellow, 3 blue, 5 red); the cable enters the same clamp on both sides and hangs at a fixed
-span. Good images vary the connector size, the clamp used, the cable's sag and the pose.
+Rules: both connectors have the same number of clamps (2, 3 or 5) and the same lever colour
+(orange or grey); the cable colour belongs to the size (2 yellow, 3 blue, 5 red); the cable enters
+the same clamp on both sides and hangs at a fixed span. Good images vary the connector size, the
+lever colour, the clamp used, the cable's sag and the pose.
 """
 
 from __future__ import annotations
@@ -46,8 +47,14 @@ CABLE_WIDTH = 7.0
 CABLE_COLORS: dict[int, Color] = {2: (226, 196, 40), 3: (45, 95, 190), 5: (196, 46, 46)}
 BODY: Color = (226, 229, 233)
 BODY_EDGE: Color = (118, 123, 130)
-LEVER: Color = (236, 126, 36)
-WRONG_LEVERS: tuple[Color, ...] = ((70, 150, 70), (90, 90, 95), (150, 60, 170))
+# the connector variants: both connectors of a good image have one of these lever colours
+LEVERS: dict[str, Color] = {"orange": (236, 126, 36), "grey": (128, 133, 141)}
+# lever colours no good image has (the structural ``color`` defect)
+OFF_LEVERS: dict[str, Color] = {
+    "green": (70, 150, 70),
+    "purple": (150, 60, 170),
+    "teal": (40, 150, 160),
+}
 COPPER: Color = (204, 122, 60)
 
 
@@ -150,6 +157,8 @@ DEFECT_TYPES = (
     logical("extra_cable", relative=0.5),
     logical("cable_color"),
     logical("wrong_cable_location"),
+    # neither connector alone is wrong: both are annotated, and finding either one saturates
+    logical("mixed_connector_colors", relative=0.5),
     structural("broken_cable"),
     structural("cable_not_plugged"),
     structural("open_lever"),
@@ -177,6 +186,7 @@ def _broken(
 def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
     check_defect("splicing_connectors", defect, DEFECT_TYPES)
     n = int(rng.choice([2, 3, 5]))
+    lever_variant = str(rng.choice(list(LEVERS)))
     if defect in TOO_SHORT:
         n = TOO_SHORT[defect]
     clamps = [n, n]
@@ -193,8 +203,8 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
         slots[1] = int(rng.choice([k for k in range(n) if k != slot]))
     shift = SHORT_SHIFT if defect in TOO_SHORT else 0.0
     centers = [
-        (CENTER_X[0] + shift + rng.uniform(-2, 2), CENTER_Y + rng.uniform(-5, 5)),
-        (CENTER_X[1] - shift + rng.uniform(-2, 2), CENTER_Y + rng.uniform(-5, 5)),
+        (CENTER_X[0] + shift + rng.uniform(-4, 4), CENTER_Y + rng.uniform(-8, 8)),
+        (CENTER_X[1] - shift + rng.uniform(-4, 4), CENTER_Y + rng.uniform(-8, 8)),
     ]
     target = int(rng.integers(2))  # the connector or cable end a defect acts on
     present = [not (defect == "missing_connector" and side == target) for side in (0, 1)]
@@ -226,20 +236,24 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
     shapes: list[Shape] = []
     channels: list[Channel] = []
     open_lever = int(rng.integers(n)) if defect == "open_lever" else None
-    lever_color = LEVER
-    if defect == "color":
-        lever_color = WRONG_LEVERS[rng.integers(len(WRONG_LEVERS))]
+    lever_names = [lever_variant, lever_variant]
+    if defect == "mixed_connector_colors":  # a lever colour that is right in other images
+        lever_names[target] = next(c for c in LEVERS if c != lever_variant)
+    elif defect == "color":  # a lever colour that no image has
+        lever_names[target] = str(rng.choice(list(OFF_LEVERS)))
     silhouettes: list[list[Shape]] = []
+    all_levers: list[Shape] = []
     for side in (0, 1):
         part, levers, open_region = connector(
             side,
             centers[side],
             clamps[side],
             plugged[side],
-            vary(rng, lever_color if side == target else LEVER, 0.04),
+            vary(rng, {**LEVERS, **OFF_LEVERS}[lever_names[side]], 0.04),
             open_lever if side == target else None,
         )
         silhouettes.append(part.silhouette)
+        all_levers += levers
         if present[side]:
             shapes += part.paint
         if side == target and defect == "color":
@@ -248,6 +262,8 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
             channels.append(Channel(defect, open_region))
         if not present[side]:
             channels.append(Channel(defect, part.silhouette))
+    if defect == "mixed_connector_colors":
+        channels.append(Channel(defect, all_levers))
     if defect in WRONG_TYPES:
         odd = 0 if clamps[0] != color_type else 1
         channels.append(Channel(defect, silhouettes[odd]))
@@ -296,6 +312,7 @@ def build_scene(rng: np.random.Generator, defect: str | None) -> Scene:
         "connectors": [c if p else None for c, p in zip(clamps, present)],
         "cables": ([(color_type, slots[0], slots[1])] if has_cable else [])
         + ([(color_type, *extra_slots)] if extra_slots else []),
+        "lever_colors": [c if p else None for c, p in zip(lever_names, present)],
         "span": centers[1][0] - centers[0][0],
     }
     return Scene(shapes, channels, facts)
@@ -308,7 +325,8 @@ CATEGORY = CategoryDef(
     build_scene=build_scene,
     backdrop_color=(186, 181, 170),
     backdrop_texture=0.045,
-    jitter_angle=np.deg2rad(2.0),
+    jitter_angle=np.deg2rad(2.5),
     jitter_shift=4.0,
-    description="two splicing connectors of equal size joined by one cable of the matching colour",
+    description="two splicing connectors of equal size and lever colour joined by one cable of the "
+    "matching colour",
 )

@@ -1,0 +1,355 @@
+"""The artifact manifest: its sealed encoding and its schema (see :mod:`engine.artifact`).
+
+The manifest carries its own sha256 (``manifest_sha256``), computed over the exact bytes of the
+file with that value replaced by 64 zeros, so a change to any byte of the manifest is refused
+like a change to any byte of the weights. Everything the loader uses is validated here, so a
+malformed manifest is an :class:`ArtifactError` naming the field, never a ``KeyError`` or
+``TypeError`` from deep inside model construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Any
+
+from engine.calibrate import BranchStats, FusionConfig
+from engine.config import BuildConfig
+from engine.models.logical import LogicalConfig
+from engine.models.structural import StructuralConfig
+from engine.models.weights import ARCHS, WeightsInfo
+from engine.train import TrainConfig
+
+SEAL_KEY = "manifest_sha256"
+_SEAL_PLACEHOLDER = "0" * 64
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+LOGICAL_FILE = "logical.pt"
+STRUCTURAL_FILE = "structural.pt"
+INDEX_FOLDER = "index"  # only for approximate (IVF-PQ) indexes; exact ones are rebuilt
+INDEX_FILES = ("bank.npy", "index.faiss", "index.json")
+SAVED_INDEX_KIND = "faiss_ivfpq"
+LOADED_INDEX_KINDS = ("torch", "faiss_flat", "faiss_gpu", SAVED_INDEX_KIND)
+
+# Plausibility bounds on the numbers inference uses. No real setting, statistic or
+# normalisation comes near them; a hand-edited manifest could otherwise make model
+# construction loop or allocate without bound, or inference overflow to inf/NaN.
+LIMIT = 1 << 16  # |config numbers| (seeds aside), |means|, stds, sizes
+MIN_STD = 2.0**-24  # below this a float32 standardisation is meaningless
+
+REBUILD = "rebuild the artifact with `python -m engine.build`"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, incomplete, malformed, from another format, or fails a checksum;
+    or a build's output path holds something that is not an artifact."""
+
+
+@contextmanager
+def untrusted(what: str) -> Iterator[None]:
+    """Turn any exception raised while ``what`` (on artifact data) into an :class:`ArtifactError`.
+
+    Deserialisers and model constructors fed with artifact data raise whatever their input
+    provokes (``UnpicklingError``, ``EOFError``, ``RuntimeError`` for shape mismatches, ...);
+    none of those is part of their contract, and the caller must see one error type.
+    """
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except Exception as error:
+        raise ArtifactError(f"{what} ({type(error).__name__}: {error}); {REBUILD}") from error
+
+
+def _seal_field(digest: str) -> bytes:
+    return f'"{SEAL_KEY}": "{digest}"'.encode()
+
+
+def encode_manifest(manifest: dict[str, Any]) -> bytes:
+    """The manifest file's bytes: indented, sorted JSON carrying its own sha256."""
+    if SEAL_KEY in manifest:
+        raise ValueError(f"the manifest key {SEAL_KEY!r} is reserved")
+    text = json.dumps(
+        {**manifest, SEAL_KEY: _SEAL_PLACEHOLDER}, indent=2, sort_keys=True, default=str
+    )
+    data = (text + "\n").encode()
+    placeholder = _seal_field(_SEAL_PLACEHOLDER)
+    if data.count(placeholder) != 1:
+        raise ValueError(f"the manifest must not contain the text {placeholder!r}")
+    return data.replace(placeholder, _seal_field(hashlib.sha256(data).hexdigest()))
+
+
+def check_seal(data: bytes, manifest: dict[str, Any], where: str) -> None:
+    """Raise unless ``data`` (the manifest file) hashes to the ``manifest_sha256`` it carries."""
+    claimed = manifest.get(SEAL_KEY)
+    field = _seal_field(claimed) if isinstance(claimed, str) else b""
+    if not (isinstance(claimed, str) and _HEX64.fullmatch(claimed) and data.count(field) == 1):
+        raise ArtifactError(f"{where}: no valid {SEAL_KEY} field; {REBUILD}")
+    unsealed = data.replace(field, _seal_field(_SEAL_PLACEHOLDER))
+    if hashlib.sha256(unsealed).hexdigest() != claimed:
+        raise ArtifactError(
+            f"{where}: checksum mismatch (manifest changed or corrupted since the build); {REBUILD}"
+        )
+
+
+def parse_json(data: bytes, where: str) -> Any:
+    """JSON from bytes; any decoding problem (bad UTF-8, syntax, huge nesting) is an ArtifactError."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError, JSONDecodeError included
+        raise ArtifactError(
+            f"{where}: unreadable manifest ({type(error).__name__}: {error})"
+        ) from error
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ManifestSpec:
+    """What the loader needs from a validated manifest."""
+
+    config: BuildConfig
+    weights: dict[str, WeightsInfo]  # "logical", "structural"
+    stats: dict[str, BranchStats]  # "logical", "structural"
+    text_dim: int | None
+    threshold: float
+    index: dict[str, Any]  # the structural_index identity
+    files: dict[str, FileEntry]
+
+
+def expected_files(index_kind: str) -> set[str]:
+    """The exact set of files an artifact whose index is ``index_kind`` holds (manifest aside)."""
+    names = {LOGICAL_FILE, STRUCTURAL_FILE}
+    if index_kind == SAVED_INDEX_KIND:
+        names |= {f"{INDEX_FOLDER}/{name}" for name in INDEX_FILES}
+    return names
+
+
+def check_member_name(name: Any, where: str) -> str:
+    """``name`` if it is a plain relative POSIX path inside the folder (no ``..``, ``\\``, ``/x``)."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
+        raise ArtifactError(
+            f"{where}: files entry {name!r} is not a plain relative path inside the artifact "
+            f"folder; {REBUILD}"
+        )
+    return name
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_finite(value: Any) -> bool:
+    try:
+        return is_number(value) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+class _Fields:
+    """Typed access to the manifest's fields; every failure names the field."""
+
+    def __init__(self, manifest: Any, where: str) -> None:
+        self.where = where
+        self.root = self.dict(manifest, "the manifest")
+
+    def fail(self, field: str, wanted: str, value: Any) -> ArtifactError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return ArtifactError(
+            f"{self.where}: malformed manifest: {field} must be {wanted}, got {shown}; {REBUILD}"
+        )
+
+    def dict(self, value: Any, field: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(field, "an object", value)
+        return value
+
+    def get(self, parent: dict[str, Any], key: str, field: str) -> Any:
+        if key not in parent:
+            raise ArtifactError(f"{self.where}: malformed manifest: {field} is missing; {REBUILD}")
+        return parent[key]
+
+    def section(self, parent: dict[str, Any], key: str, field: str) -> dict[str, Any]:
+        return self.dict(self.get(parent, key, field), field)
+
+    def number(
+        self,
+        parent: dict[str, Any],
+        key: str,
+        field: str,
+        low: float = -LIMIT,
+        high: float = LIMIT,
+    ) -> float:
+        value = self.get(parent, key, field)
+        if not (is_finite(value) and low <= value <= high):
+            bounds = "" if math.isinf(low) and math.isinf(high) else f" in [{low:g}, {high:g}]"
+            raise self.fail(field, f"a finite number{bounds}", value)
+        return float(value)
+
+    def count(self, parent: dict[str, Any], key: str, field: str) -> int:
+        value = self.get(parent, key, field)
+        if type(value) is not int or not 0 <= value <= LIMIT:
+            raise self.fail(field, f"an integer in [0, {LIMIT}]", value)
+        return value
+
+
+def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
+    """Validate every field the loader uses (format and seal are checked by the caller)."""
+    f = _Fields(manifest, where)
+    root = f.root
+    config = _parse_config(f, f.section(root, "config", "config"))
+    weights = {}
+    backbones = f.section(root, "backbones", "backbones")
+    for branch in ("logical", "structural"):
+        weights[branch] = _parse_weights(
+            f, f.section(backbones, branch, f"backbones.{branch}"), branch
+        )
+    stats = {}
+    calibration = f.section(root, "calibration", "calibration")
+    for branch in ("logical", "structural"):
+        field = f"calibration.{branch}"
+        values = f.section(calibration, branch, field)
+        if set(values) != {"mean", "std"}:
+            raise f.fail(field, "an object with exactly 'mean' and 'std'", values)
+        mean = f.number(values, "mean", f"{field}.mean")
+        stats[branch] = BranchStats(mean, f.number(values, "std", f"{field}.std", low=MIN_STD))
+    threshold = f.number(root, "threshold", "threshold", -math.inf, math.inf)
+    text = f.section(root, "text_prior", "text_prior")
+    text_dim = None if text.get("dim") is None else f.count(text, "dim", "text_prior.dim")
+    if text_dim == 0:
+        raise f.fail("text_prior.dim", "null or a positive integer", 0)
+    if not isinstance(root.get("category", ""), str):
+        raise f.fail("category", "a string", root["category"])
+    index = _parse_index(f, f.section(root, "structural_index", "structural_index"), config)
+    files = _parse_files(f, f.section(root, "files", "files"), expected_files(index["kind"]))
+    return ManifestSpec(config, weights, stats, text_dim, threshold, index, files)
+
+
+def _parse_config(f: _Fields, config: dict[str, Any]) -> BuildConfig:
+    """Every section present and an object, every value of its field's declared JSON type, the
+    numbers inference uses bounded; then the config classes' own validation."""
+    _check_types(f, BuildConfig, config, "config")
+    for name, kind in _SECTIONS.items():
+        _check_types(f, kind, f.section(config, name, f"config.{name}"), f"config.{name}")
+    for name in ("logical", "structural", "fusion"):
+        for key, value in config[name].items():
+            items = value if isinstance(value, list) else [value]
+            huge = [v for v in items if is_number(v) and not (is_finite(v) and abs(v) <= LIMIT)]
+            if huge and not key.endswith("seed"):
+                raise f.fail(f"config.{name}.{key}", f"at most {LIMIT} in size", value)
+    with untrusted(f"{f.where}: malformed manifest: config"):
+        return BuildConfig.from_dict(config)
+
+
+_SECTIONS = {
+    "logical": LogicalConfig,
+    "structural": StructuralConfig,
+    "train": TrainConfig,
+    "fusion": FusionConfig,
+}
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _list_of(check: Any, length: int | None = None) -> Any:
+    return lambda v: (
+        isinstance(v, list) and (length is None or len(v) == length) and all(map(check, v))
+    )
+
+
+# JSON checks for the field annotations the config classes use (as strings: `from __future__
+# import annotations`); a field of another annotation is left to the class's own validation.
+_JSON_TYPES: dict[str, tuple[str, Any]] = {
+    "int": ("an integer", _is_int),
+    "float": ("a finite number", is_finite),
+    "bool": ("true or false", lambda v: type(v) is bool),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "str | None": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "int | None": ("an integer or null", lambda v: v is None or _is_int(v)),
+    "tuple[int, ...]": ("a list of integers", _list_of(_is_int)),
+    "tuple[str, ...]": ("a list of strings", _list_of(lambda v: isinstance(v, str))),
+    "tuple[float, float]": ("a list of 2 finite numbers", _list_of(is_finite, 2)),
+}
+
+
+def _check_types(f: _Fields, kind: type, values: dict[str, Any], where: str) -> None:
+    for field in fields(kind):
+        wanted = _JSON_TYPES.get(field.type) if isinstance(field.type, str) else None
+        if wanted is not None and field.name in values and not wanted[1](values[field.name]):
+            raise f.fail(f"{where}.{field.name}", wanted[0], values[field.name])
+
+
+def _parse_weights(f: _Fields, values: dict[str, Any], branch: str) -> WeightsInfo:
+    field = f"backbones.{branch}"
+    for key in ("requested_arch", "source", "note"):
+        if not isinstance(f.get(values, key, f"{field}.{key}"), str):
+            raise f.fail(f"{field}.{key}", "a string", values[key])
+    if f.get(values, "arch", f"{field}.arch") not in ARCHS:
+        raise f.fail(f"{field}.arch", f"one of {ARCHS}", values["arch"])
+    for key in ("path", "sha256"):
+        if not isinstance(f.get(values, key, f"{field}.{key}"), str | None):
+            raise f.fail(f"{field}.{key}", "a string or null", values[key])
+    norm = {}
+    for key, low in (("mean", -LIMIT), ("std", MIN_STD)):
+        value = f.get(values, key, f"{field}.{key}")
+        if not (isinstance(value, list) and len(value) == 3):
+            raise f.fail(f"{field}.{key}", "a list of 3 numbers", value)
+        items = dict(enumerate(value))
+        norm[key] = tuple(f.number(items, i, f"{field}.{key}[{i}]", low) for i in range(3))
+    known = {"requested_arch", "arch", "source", "path", "sha256", "mean", "std", "note"}
+    if set(values) != known:
+        raise f.fail(field, f"an object with exactly the keys {sorted(known)}", sorted(values))
+    return WeightsInfo(**{**values, **norm})
+
+
+def _parse_index(f: _Fields, index: dict[str, Any], config: BuildConfig) -> dict[str, Any]:
+    kind = f.get(index, "kind", "structural_index.kind")
+    if kind not in LOADED_INDEX_KINDS:
+        raise f.fail("structural_index.kind", f"one of {LOADED_INDEX_KINDS}", kind)
+    if (kind == SAVED_INDEX_KIND) != (config.structural.index == SAVED_INDEX_KIND):
+        raise f.fail(
+            "structural_index.kind",
+            f"consistent with config.structural.index={config.structural.index!r}",
+            kind,
+        )
+    if kind == SAVED_INDEX_KIND:
+        for key in ("nlist", "m", "nbits", "nprobe", "size", "dim"):
+            if f.count(index, key, f"structural_index.{key}") < 1:
+                raise f.fail(f"structural_index.{key}", "positive", index[key])
+    return index
+
+
+def _parse_files(f: _Fields, files: dict[str, Any], expected: set[str]) -> dict[str, FileEntry]:
+    out = {}
+    for name, meta in files.items():
+        check_member_name(name, f.where)
+        field = f"files[{name!r}]"
+        meta = f.dict(meta, field)
+        if set(meta) != {"sha256", "bytes"}:
+            raise f.fail(field, "an object with exactly 'sha256' and 'bytes'", meta)
+        digest, size = meta["sha256"], meta["bytes"]
+        if not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
+            raise f.fail(f"{field}.sha256", "64 lowercase hex digits", digest)
+        if type(size) is not int or size < 0:
+            raise f.fail(f"{field}.bytes", "a non-negative integer", size)
+        out[name] = FileEntry(digest, size)
+    if set(out) != expected:
+        missing, extra = sorted(expected - set(out)), sorted(set(out) - expected)
+        raise ArtifactError(
+            f"{f.where}: malformed manifest: files must list exactly {sorted(expected)} "
+            f"(not listed: {missing}, unexpected: {extra}); {REBUILD}"
+        )
+    return out

@@ -1,0 +1,157 @@
+"""Tiny real artifacts for artifact tests, made through the public API in about a second.
+
+Random-weight ResNet-18 stems (two levels), a 32 px logical module with one small decoder
+stage and a 16-entry memory bank: every file of a real artifact, a few MB in all. Test modules
+load this file with ``runpy.run_path`` (tests are not a package).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.artifact import load_artifact, save_artifact
+from engine.calibrate import BranchStats
+from engine.config import BuildConfig
+from engine.detector import Detector
+from engine.models.knn_index import FaissIvfPqIndex
+from engine.models.logical import LogicalConfig, LogicalModel
+from engine.models.structural import StructuralConfig, StructuralModel
+
+SIZE = 32
+FEATURE_DIM = 8
+
+
+def tiny_config(index: str = "torch") -> BuildConfig:
+    logical = LogicalConfig(
+        backbone="resnet18",
+        compared_levels=("layer1",),
+        bottleneck_level="layer2",
+        image_size=SIZE,
+        codebook_size=4,
+        codebook_dim=8,
+        learned_text_dim=8,
+        context_dim=4,
+        fusion_width=8,
+        lewin_window=2,
+        lewin_depth=1,
+        lewin_head_dim=4,
+        decoder_blocks=(1,),
+    )
+    structural = StructuralConfig(
+        backbone="resnet18",
+        levels=("layer1",),
+        image_size=SIZE,
+        feature_dim=FEATURE_DIM,
+        index=index,
+    )
+    return BuildConfig(
+        preset="cpu",
+        logical=logical,
+        structural=structural,
+        weights="random",
+        allow_random=True,
+        text_prior="learned",
+    )
+
+
+def tiny_detector(seed: int = 0, index: str = "torch") -> tuple[Detector, BuildConfig]:
+    """A calibrated detector with random weights; ``index="faiss_ivfpq"`` attaches a tiny
+    trained IVF-PQ index (so the artifact holds ``index/`` files)."""
+    torch.manual_seed(seed)
+    config = tiny_config(index)
+    logical = LogicalModel.build(config.logical, None, "random", True, verbose=False)
+    structural = StructuralModel.from_config(config.structural, "random", True, verbose=False)
+    bank_rows = 64 if index == "faiss_ivfpq" else 16
+    structural.set_bank(torch.randn(bank_rows, FEATURE_DIM))
+    if index == "faiss_ivfpq":
+        searcher = FaissIvfPqIndex(nlist=2, m=2, nbits=4, nprobe=2)
+        searcher.add(structural.bank)
+        structural.use_index(searcher)
+    stats = BranchStats(0.1, 0.5), BranchStats(0.2, 0.25)
+    detector = Detector(logical, structural, config.fusion, *stats, structural_size=SIZE)
+    return detector, config
+
+
+def info(threshold: float = 1.5, marker: str = "A") -> dict:
+    """What a build adds to the manifest (a subset of the real build's keys)."""
+    return {
+        "category": "tiny",
+        "marker": marker,
+        "threshold": threshold,
+        "text_prior": {"kind": "learned", "prompt": "tiny", "dim": None},
+        "validation_scores": [0.5, 1.0, 1.25],
+        "metrics": {"fused": {"image_auroc": {"mean": 0.5}}},
+    }
+
+
+def save(path: Path, detector: Detector, config: BuildConfig, **kwargs) -> Path:
+    return save_artifact(path, detector, config, info(**kwargs))
+
+
+def fingerprint(detector: Detector) -> tuple[float, float]:
+    """Sums of the logical decoder's weights and of the memory bank: which build it holds."""
+    decoder = detector.logical.decoder.parameters()
+    logical = sum(float(p.detach().double().sum()) for p in decoder)
+    return round(logical, 6), round(float(detector.structural.bank.double().sum()), 6)
+
+
+def rebuilt(detector: Detector, seed: int) -> Detector:
+    """``detector`` with other decoder weights and another bank (a second build, cheaply)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in detector.logical.decoder.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.01)
+    bank = detector.structural.bank
+    detector.structural.set_bank(torch.randn(bank.shape, generator=generator))
+    return detector
+
+
+def check_loads(path: Path) -> tuple[dict, tuple[float, float]]:
+    """Load ``path`` and score one frame; the manifest and the weights' fingerprint."""
+    detector, manifest = load_artifact(path)
+    maps = detector(torch.zeros(1, 40, 50, 3, dtype=torch.uint8))
+    assert maps.fused is not None and torch.isfinite(maps.fused).all()
+    return manifest, fingerprint(detector)
+
+
+SEAL = "manifest_sha256"
+_SEALED = re.compile(rb'"manifest_sha256": "([0-9a-f]{64})"')
+
+
+def reseal(data: bytes) -> bytes:
+    """Edited manifest bytes with their ``manifest_sha256`` recomputed as documented: the sha256
+    of the file with that value replaced by 64 zeros."""
+    found = _SEALED.search(data)
+    assert found is not None
+    unsealed = data[: found.start(1)] + b"0" * 64 + data[found.end(1) :]
+    digest = hashlib.sha256(unsealed).hexdigest().encode()
+    return unsealed[: found.start(1)] + digest + unsealed[found.end(1) :]
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Replace the manifest of the artifact at ``path`` by ``manifest``, sealed as a build does."""
+    body = {**manifest, SEAL: "0" * 64}
+    text = json.dumps(body, indent=2, sort_keys=True) + "\n"
+    (path / "manifest.json").write_bytes(reseal(text.encode()))
+
+
+def edit_manifest(path: Path, edit: Callable[[dict], Any]) -> dict:
+    """Apply ``edit`` to the manifest at ``path`` in place and write it back, sealed."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    write_manifest(path, manifest)
+    return manifest
+
+
+def relist(path: Path, name: str) -> None:
+    """List the current bytes of ``path / name`` in the manifest (after replacing them)."""
+    data = (path / name).read_bytes()
+    entry = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    edit_manifest(path, lambda m: m["files"].__setitem__(name, entry))

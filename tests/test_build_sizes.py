@@ -1,0 +1,103 @@
+"""An end-to-end build whose branches take different input sizes (logical 64 px, structural
+96 px), as the default presets do (128 / 256 px), while the shared tiny build uses one size."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.build import main
+from engine.metrics import read_map
+from engine.runtime import Result, Runtime
+
+pytestmark = pytest.mark.slow
+
+LOGICAL_SIZE, STRUCTURAL_SIZE = 64, 96
+# Runtime (1 image per batch) and build (8 per batch): float32 rounding noise only.
+MAP_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def sized_build(
+    tmp_path_factory: pytest.TempPathFactory, tiny_loco: Path, tiny_build_args: list[str]
+) -> dict[str, Path]:
+    work = tmp_path_factory.mktemp("sized_build")
+    artifact, maps = work / "artifact", work / "maps"
+    args = [a for a in tiny_build_args if not a.startswith("--set=structural.image_size=")]
+    args += [f"--set=logical.image_size={LOGICAL_SIZE}"]
+    args += [f"--set=structural.image_size={STRUCTURAL_SIZE}"]
+    argv = ["--category=pushpins", f"--data-root={tiny_loco}", f"--out={artifact}"]
+    assert main([*argv, f"--save-maps={maps}", *args]) == 0
+    return {"artifact": artifact, "maps": maps, "data": tiny_loco}
+
+
+@pytest.fixture(scope="module")
+def rt(sized_build: dict[str, Path]) -> Runtime:
+    return Runtime.load(sized_build["artifact"], device="cpu", backend="eager")
+
+
+def test_manifest_records_both_sizes(sized_build: dict[str, Path]) -> None:
+    config = json.loads((sized_build["artifact"] / "manifest.json").read_text())["config"]
+    assert config["logical"]["image_size"] == LOGICAL_SIZE
+    assert config["structural"]["image_size"] == STRUCTURAL_SIZE
+
+
+def test_each_branch_receives_its_own_input_size(rt: Runtime, sized_build: dict[str, Path]) -> None:
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def spy(name: str) -> Callable:
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            seen[name] = tuple(inputs[0].shape)
+
+        return hook
+
+    handles = [
+        rt.detector.structural.register_forward_pre_hook(spy("structural")),
+        rt.detector.logical.encoder.register_forward_pre_hook(spy("logical")),
+    ]
+    try:
+        path = sized_build["data"] / "pushpins" / "test" / "good" / "000.png"
+        result = rt(np.array(Image.open(path).convert("RGB")), color="rgb")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == {
+        "structural": (1, 3, STRUCTURAL_SIZE, STRUCTURAL_SIZE),
+        "logical": (1, 3, LOGICAL_SIZE, LOGICAL_SIZE),
+    }
+    assert isinstance(result, Result)
+    # Both branch maps come out at the logical (fused map) resolution.
+    assert result.logical_map.shape == result.structural_map.shape == (LOGICAL_SIZE, LOGICAL_SIZE)
+
+
+def test_runtime_maps_equal_the_saved_maps_and_the_formula(
+    rt: Runtime, sized_build: dict[str, Path], fused_reference: Callable
+) -> None:
+    manifest = json.loads((sized_build["artifact"] / "manifest.json").read_text())
+    test_root = sized_build["data"] / "pushpins" / "test"
+    images = sorted(test_root.rglob("*.png"))
+    assert len(images) == 9
+    for path in images:
+        image = np.array(Image.open(path).convert("RGB"))
+        result = rt(image, color="rgb")
+        assert isinstance(result, Result)
+        saved = read_map(
+            sized_build["maps"]
+            / "pushpins"
+            / path.relative_to(test_root.parent).with_suffix(".tiff")
+        )
+        np.testing.assert_allclose(result.anomaly_map, saved, rtol=0, atol=MAP_ATOL, err_msg=path)
+        want = fused_reference(
+            result.logical_map,
+            result.structural_map,
+            manifest["calibration"],
+            manifest["config"]["fusion"],
+            image.shape[:2],
+        )
+        np.testing.assert_allclose(result.anomaly_map, want, rtol=0, atol=MAP_ATOL, err_msg=path)

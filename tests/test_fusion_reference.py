@@ -1,0 +1,104 @@
+"""The deployed engine's numbers recomputed without its code: fused maps, validation scores and
+the threshold, from the artifact's branch maps, stored calibration and config (numpy/scipy).
+
+The end-to-end tests in test_runtime.py compare the Runtime with the build, which run the same
+``Detector`` / ``fuse_maps`` code; these tests would catch a bug shared by both sides (e.g. the
+branch statistics swapped in the fusion call, or the threshold taken at the wrong rank).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.runtime import Result, Runtime
+
+# The engine fuses and blurs in float32, the reference in float64. On the tiny build (fused
+# values within +-10) they differed by 3e-6 at most; swapping the branch statistics moves the map
+# by whole units.
+FUSED_ATOL = 3e-5
+# Scores of the same batch as the build's calibration: only float32 rounding may differ.
+SCORE_ATOL = 1e-5
+
+
+def read_image(path: Path) -> np.ndarray:
+    return np.array(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_build: dict[str, Path]) -> Runtime:
+    return Runtime.load(tiny_build["artifact"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_build: dict[str, Path]) -> dict:
+    return json.loads((tiny_build["artifact"] / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("size", [(100, 170), (64, 64), (37, 50), (200, 41)])
+def test_reference_resize_is_torch_bilinear(
+    fused_reference: Callable, size: tuple[int, int]
+) -> None:
+    """The reference's numpy resize follows torch's align_corners=False rule, up and down."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    branch = rng.normal(size=(64, 64))
+    unit = {"mean": 0.0, "std": 1.0}
+    fusion = {"logical_weight": 1.0, "structural_weight": 0.0, "sigma": 2.0}
+    got = fused_reference(branch, branch, {"logical": unit, "structural": unit}, fusion, size)
+    blurred = torch.from_numpy(gaussian_filter(branch, sigma=2.0, mode="reflect"))
+    want = torch.nn.functional.interpolate(
+        blurred[None, None], size=size, mode="bilinear", align_corners=False
+    )[0, 0]
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_fused_map_equals_the_formula(
+    rt: Runtime, manifest: dict, tiny_build: dict[str, Path], fused_reference: Callable
+) -> None:
+    images = sorted((tiny_build["data"] / "pushpins" / "test").rglob("*.png"))
+    assert len(images) == 9
+    fusion = manifest["config"]["fusion"]
+    for path in images:
+        image = read_image(path)
+        result = rt(image, color="rgb")
+        assert isinstance(result, Result)
+        want = fused_reference(
+            result.logical_map,
+            result.structural_map,
+            manifest["calibration"],
+            fusion,
+            image.shape[:2],
+        )
+        np.testing.assert_allclose(result.anomaly_map, want, rtol=0, atol=FUSED_ATOL, err_msg=path)
+        assert result.score == pytest.approx(want.max(), abs=FUSED_ATOL)
+
+
+@pytest.mark.slow
+def test_runtime_reproduces_validation_scores_and_threshold(
+    rt: Runtime, manifest: dict, tiny_build: dict[str, Path]
+) -> None:
+    paths = sorted((tiny_build["data"] / "pushpins" / "validation" / "good").glob("*.png"))
+    # One batch, as the build calibrated them (it scores 8 images per batch).
+    results = rt([read_image(p) for p in paths], color="rgb")
+    scores = np.array([r.score for r in results])
+    stored = np.array(manifest["validation_scores"], dtype=np.float64)
+    assert stored.shape == (len(paths),) == (4,)
+    np.testing.assert_allclose(scores, stored, rtol=0, atol=SCORE_ATOL)
+
+    # The documented rule: the (n - floor(rate * n))-th smallest validation score.
+    rate = manifest["config"]["fusion"]["target_false_alarm_rate"]
+    n = stored.size
+    expected = np.sort(stored)[n - math.floor(rate * n) - 1]
+    assert manifest["threshold"] == expected
+    assert rt.threshold == expected
+    assert [r.is_anomalous for r in results] == [bool(s > expected) for s in scores]

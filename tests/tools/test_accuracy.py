@@ -1,0 +1,301 @@
+"""tools.accuracy: mean ± std tables, the marker-kept document, options, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.artifact import read_manifest
+from engine.data.types import DefectSpec, GroundTruthChannel
+from engine.pipeline import defect_name
+from tools import accuracy
+from tools.accuracy_report import (
+    NEW_DOCUMENT,
+    category_table,
+    cell,
+    defect_table,
+    render_block,
+    update_document,
+    write_atomic,
+)
+
+
+def record(category: str, seed: int, means: dict[str, float], per_defect=None) -> dict:
+    """A hand-made build record: ``means`` gives each branch's mean-subset image AUROC."""
+    metrics = {
+        branch: {
+            "image_auroc_tie_correct": {"mean": value},
+            "au_spro_0.05": {"mean": None},
+            "image_auroc_per_defect": (per_defect or {}).get(branch, {}),
+        }
+        for branch, value in means.items()
+    }
+    return {
+        "category": category,
+        "seed": seed,
+        "seconds": 100.0 + 30 * seed,
+        "metrics": metrics,
+        "defect_kinds": {"extra": "logical", "scratch": "structural"},
+        "test_defects": ["good", "extra", "extra", "scratch"],
+    }
+
+
+RECORDS = [
+    record("a", 0, {"logical": 0.6, "fused": 0.8, "composition": 0.5}),
+    record("a", 1, {"logical": 0.7, "fused": 0.9, "composition": 0.7}),
+    record("b", 0, {"logical": 0.8, "fused": 1.0}),
+    record("b", 1, {"logical": 0.9, "fused": 0.7}),
+]
+
+
+def test_cell_is_mean_and_sample_std_over_seeds() -> None:
+    assert cell([0.9, 0.8, 0.7]) == "0.800 ± 0.100"
+    assert cell([0.91234]) == "0.912"
+    assert cell([0.9, None]) == "–"
+    assert cell([]) == "–"
+    assert cell([100.0, 130.0], digits=0) == "115 ± 21"
+
+
+def test_category_table_rows_categories_and_overall_columns_branches() -> None:
+    assert category_table(RECORDS, "image_auroc_tie_correct", "mean") == (
+        "| category | logical | fused | composition |\n"
+        "| --- | ---: | ---: | ---: |\n"
+        "| a | 0.650 ± 0.071 | 0.850 ± 0.071 | 0.600 ± 0.141 |\n"
+        "| b | 0.850 ± 0.071 | 0.850 ± 0.212 | – |\n"
+        # overall: per seed the mean over a and b (0.7, 0.8 logical; 0.9, 0.8 fused)
+        "| **overall** | 0.750 ± 0.071 | 0.850 ± 0.071 | – |\n"
+    )
+    # a value the data cannot define (None) is shown as missing, never averaged away
+    assert category_table(RECORDS, "au_spro_0.05", "mean").count("–") == 9
+
+
+def test_defect_table_per_type_with_kind_and_count() -> None:
+    per_defect = [
+        {"fused": {"extra": 0.5, "scratch": 1.0}},
+        {"fused": {"extra": 0.7, "scratch": 0.9}},
+    ]
+    records = [record("a", s, {"fused": 0.0}, per_defect[s]) for s in (0, 1)]
+    assert defect_table(records) == (
+        "| category | defect type | kind | n | fused |\n"
+        "| --- | --- | --- | ---: | ---: |\n"
+        "| a | extra | logical | 2 | 0.600 ± 0.141 |\n"
+        "| a | scratch | structural | 1 | 0.950 ± 0.071 |\n"
+    )
+
+
+META = {
+    "machine": "CPU X, 2 logical cores (2 usable)",
+    "torch_threads": 2,
+    "date": "2025-01-02 03:04 UTC",
+    "commit": "abc (dirty)",
+    "command": "python -m tools.accuracy",
+    "wall_seconds": 600.0,
+    "preset": "cpu",
+    "device": "cpu",
+    "overrides": ["train.epochs=2"],
+    "seeds": [0, 1],
+    "counts": accuracy.dataset_counts(60, 16, 100),
+    "generator_version": 2,
+}
+
+
+def test_render_block_has_run_facts_and_every_metric_group() -> None:
+    block = render_block(RECORDS, META, None)
+    assert block.startswith("## Results\n")
+    for fact in ("CPU X", "2025-01-02", "abc (dirty)", "`python -m tools.accuracy`", "600 s"):
+        assert fact in block
+    assert "`--set train.epochs=2`" in block and "100 logical" in block
+    for title in ("Image AUROC", "AU-sPRO@0.05"):
+        for subset in ("logical", "structural", "mean"):
+            assert f"### {title}, {subset} subset\n" in block
+    assert "### Image AUROC per defect type" in block and "### Build time" in block
+    assert render_block(RECORDS, META, "mff").startswith("### Ablation `mff`\n")
+
+
+def test_update_document_replaces_only_between_its_markers() -> None:
+    first = update_document(None, "main 1\n", None)
+    assert first == NEW_DOCUMENT.replace(
+        "<!-- accuracy:begin -->\n", "<!-- accuracy:begin -->\nmain 1\n"
+    )
+    edited = first + "\nHand-written ablation notes.\n"
+    tagged = update_document(edited, "mff 1\n", "mff")
+    assert tagged.startswith(edited)
+    assert tagged.endswith("\n<!-- accuracy:mff:begin -->\nmff 1\n<!-- accuracy:mff:end -->\n")
+    again = update_document(update_document(tagged, "main 2\n", None), "mff 2\n", "mff")
+    assert again == tagged.replace("main 1", "main 2").replace("mff 1", "mff 2")
+
+
+def test_update_document_places_missing_blocks() -> None:
+    text = "# Notes\n\n## Ablations\n\nkept\n"
+    assert update_document(text, "m\n", None) == (
+        "# Notes\n\n<!-- accuracy:begin -->\nm\n<!-- accuracy:end -->\n\n## Ablations\n\nkept\n"
+    )
+    assert update_document("# Notes", "t\n", "x") == (
+        "# Notes\n\n## Ablations\n\n<!-- accuracy:x:begin -->\nt\n<!-- accuracy:x:end -->\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<!-- accuracy:begin -->\n<!-- accuracy:begin -->\n<!-- accuracy:end -->\n",
+        "<!-- accuracy:end -->\n<!-- accuracy:begin -->\n",
+        "<!-- accuracy:begin -->\n",
+    ],
+)
+def test_update_document_refuses_unpaired_markers(text: str) -> None:
+    with pytest.raises(ValueError, match="expected one <!-- accuracy:begin -->"):
+        update_document(text, "x\n", None)
+
+
+def test_defect_name_of_an_image() -> None:
+    mask = np.ones((2, 2), bool)
+
+    def channel(name: str) -> GroundTruthChannel:
+        return GroundTruthChannel(mask, DefectSpec(name, 255, 1.0, True))
+
+    assert defect_name([]) == "good"
+    assert defect_name([channel("missing"), channel("missing")]) == "missing"
+    assert defect_name([channel("scratch"), channel("bent"), channel("bent")]) == "bent+scratch"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seeds", "0,0"], "--seeds"),
+        (["--seeds", "a"], "--seeds"),
+        (["--categories", "bottle"], "--categories"),
+        (["--n-test", "0"], "--n-test must be in 1..1000"),
+        (["--n-train", "1001"], "--n-train must be in 1..1000"),
+        (["--tag", "a b"], "--tag"),
+        (["--set", "train.seed=3"], "--set train.seed"),
+        (["--set", "logical.nope=1"], "no field 'nope'"),
+        (["--preset", "cpu", "--set", "train.epochs=x"], "train.epochs"),
+    ],
+)
+def test_bad_options_exit_2_before_any_work(tmp_path: Path, capsys, monkeypatch, args, message):
+    monkeypatch.setattr(accuracy, "run_builds", _fail_if_called)
+    assert accuracy.main([*args, "--out", str(tmp_path / "A.md")]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_malformed_document_exits_2_and_is_kept(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(accuracy, "run_builds", _fail_if_called)
+    doc = tmp_path / "A.md"
+    doc.write_text("<!-- accuracy:end -->\n")
+    assert accuracy.main(["--out", str(doc)]) == 2
+    assert str(doc) in capsys.readouterr().err
+    assert doc.read_text() == "<!-- accuracy:end -->\n"
+
+
+def _fail_if_called(*_):
+    raise AssertionError("options were not checked before the builds")
+
+
+def test_ctrl_c_exits_130_and_leaves_the_document(tmp_path: Path, monkeypatch) -> None:
+    def interrupted(plan, work):
+        assert work.is_dir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(accuracy, "run_builds", interrupted)
+    doc = tmp_path / "A.md"
+    doc.write_text("kept\n")
+    assert accuracy.main(["--out", str(doc)]) == 130
+    assert doc.read_text() == "kept\n" and sorted(tmp_path.iterdir()) == [doc]
+
+
+def test_main_writes_the_document_and_the_json(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(accuracy, "run_builds", lambda plan, work: RECORDS)
+    doc = tmp_path / "docs" / "ACCURACY.md"
+    assert accuracy.main(["--out", str(doc), "--seeds", "0,1"]) == 0
+    assert "| **overall** | 0.750 ± 0.071 | 0.850 ± 0.071 | – |" in doc.read_text()
+    saved = json.loads((doc.parent / "accuracy.json").read_text())
+    assert saved["builds"] == RECORDS and saved["meta"]["seeds"] == [0, 1]
+    assert saved["meta"]["command"] == "python -m tools.accuracy --out " + str(doc) + " --seeds 0,1"
+    assert accuracy.main(["--out", str(doc), "--tag", "mff"]) == 0
+    assert "<!-- accuracy:mff:begin -->" in doc.read_text()
+    assert (doc.parent / "accuracy-mff.json").is_file()
+
+
+def test_write_atomic_keeps_the_mode(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        new = tmp_path / "new.md"
+        write_atomic(new, "a")
+        assert new.read_text() == "a" and stat.S_IMODE(new.stat().st_mode) == 0o644
+        new.chmod(0o664)
+        write_atomic(new, "b")
+        assert new.read_text() == "b" and stat.S_IMODE(new.stat().st_mode) == 0o664
+    finally:
+        os.umask(umask)
+    assert sorted(tmp_path.iterdir()) == [new]
+
+
+def test_dataset_cache_is_reused_only_for_the_same_settings(tmp_path: Path) -> None:
+    args = accuracy.parse_args(["--cache-dir", str(tmp_path), "--out", str(tmp_path / "A.md")])
+    args.n_train, args.n_validation, args.n_test = 1, 1, 1
+    plan = accuracy.make_plan(args)
+    root = accuracy.ensure_dataset(plan, "pushpins", 3)
+    assert root == tmp_path / "seed3"
+    image = root / "pushpins" / "train" / "good" / "000.png"
+    stamp = image.stat().st_mtime_ns
+    assert accuracy.ensure_dataset(plan, "pushpins", 3) == root
+    assert image.stat().st_mtime_ns == stamp
+    more = accuracy.make_plan(args.__class__(**{**vars(args), "n_test": 2}))
+    accuracy.ensure_dataset(more, "pushpins", 3)
+    assert len(list((root / "pushpins" / "test" / "good").iterdir())) == 2
+
+
+def _mann_whitney(good: list[float], bad: list[float]) -> float:
+    """Independent AUROC: the share of (good, bad) pairs ordered right, ties counting half."""
+    pairs = [(b > g) + 0.5 * (b == g) for g in good for b in bad]
+    return sum(pairs) / len(pairs)
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_run(tmp_path: Path, capsys, tiny_build_args: list[str]) -> None:
+    tiny = [arg for arg in tiny_build_args if arg.startswith("--set=")]
+    tiny += ["--set=text_prior=learned", "--set=train.epochs=1"]
+    doc = tmp_path / "ACCURACY.md"
+    argv = ["--categories=pushpins", "--seeds=0", "--n-train=8", "--n-validation=4"]
+    argv += ["--n-test=5", f"--cache-dir={tmp_path / 'cache'}", f"--out={doc}", "--keep", *tiny]
+    assert accuracy.main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\[accuracy 1/1\] pushpins seed 0: mean image AUROC .*fused", out)
+
+    (build,) = json.loads((tmp_path / "accuracy.json").read_text())["builds"]
+    branches = list(build["metrics"])
+    assert {"logical", "structural", "fused"} <= set(branches)
+    text = doc.read_text()
+    for title in ("Image AUROC", "AU-sPRO@0.05"):
+        for subset in ("logical", "structural", "mean"):
+            table = text.split(f"### {title}, {subset} subset\n", 1)[1].split("\n\n")[0].strip()
+            assert table.splitlines()[0] == "| category | " + " | ".join(branches) + " |"
+            assert "–" not in table and "| **overall** |" in table
+
+    defects = np.asarray(build["test_defects"])
+    kinds = build["defect_kinds"]
+    assert len(defects) == 15 and (defects == "good").sum() == 5
+    kept = Path(re.search(r"artifacts kept in (\S+)", out)[1])
+    manifest = read_manifest(kept / "pushpins-seed0")["metrics"]
+    shutil.rmtree(kept)
+    for branch in branches:
+        scores = np.asarray(build["image_scores"][branch])
+        good = list(scores[defects == "good"])
+        per_defect = build["metrics"][branch]["image_auroc_per_defect"]
+        assert sorted(per_defect) == sorted(set(defects) - {"good"}) == sorted(kinds)
+        for name, value in per_defect.items():
+            assert value == pytest.approx(_mann_whitney(good, list(scores[defects == name])))
+        assert manifest[branch]["image_auroc_per_defect"] == pytest.approx(per_defect)
+        # the scores are those the LOCO metric ranks: its subset AUROC follows from them
+        logical = [s for s, d in zip(scores, defects) if kinds.get(d) == "logical"]
+        subset = build["metrics"][branch]["image_auroc_tie_correct"]["logical_anomalies"]
+        assert subset == pytest.approx(_mann_whitney(good, logical))

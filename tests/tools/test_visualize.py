@@ -1,0 +1,56 @@
+"""``tools.visualize``: writes the PNGs it names, and refuses bad input with exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tools import visualize
+
+PLOTS = ("roc.png", "spro_fpr.png", "false_alarms.png", "misses.png", "detections.png")
+
+
+@pytest.mark.slow
+def test_writes_every_plot_it_names(tiny_build: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "plots"
+    argv = [f"--artifact={tiny_build['artifact']}", f"--out={out}"]
+    argv += [f"--data-root={tiny_build['data']}", "--device=cpu", "--no-progress", "--n=2"]
+    assert visualize.main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(PLOTS)
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in PLOTS)
+    for name in PLOTS:
+        path = out / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert path.stat().st_size > 10_000, name  # axes, curves and text, not an empty canvas
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"))
+        assert min(pixels.shape) >= 300, name
+        assert len(np.unique(pixels)) > 16, name  # drawn content, not a flat image
+
+
+@pytest.mark.parametrize("make", ["missing", "not_an_artifact", "bad_manifest"])
+def test_bad_artifact_exits_2_without_traceback(tmp_path: Path, capsys, make: str) -> None:
+    artifact = tmp_path / "artifact"
+    if make != "missing":
+        artifact.mkdir()
+    if make == "bad_manifest":
+        (artifact / "manifest.json").write_text("{not json")
+    out = tmp_path / "plots"
+    assert visualize.main([f"--artifact={artifact}", f"--out={out}", "--device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(artifact) in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_bad_n_exits_2(tmp_path: Path, capsys) -> None:
+    argv = [f"--artifact={tmp_path}", f"--out={tmp_path / 'plots'}", "--n=0"]
+    assert visualize.main(argv) == 2
+    assert "--n must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "plots").exists()

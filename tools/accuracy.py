@@ -1,0 +1,346 @@
+"""Accuracy benchmark: build every synthetic category for several seeds, tabulate mean ± std.
+
+    python -m tools.accuracy                                  # 5 categories x seeds 0,1,2, cpu
+    python -m tools.accuracy --tag mff --set logical.bottleneck_fusion=mff   # an ablation
+
+Each (category, seed) is generated with that seed into a cache folder (reused when present),
+built at the preset with ``train.seed`` = the seed into a temporary artifact folder, and
+measured per map branch: tie-correct image AUROC and AU-sPRO@0.05 on the logical, structural
+and mean subsets, and image AUROC per defect type. The tables go between markers into
+``docs/ACCURACY.md`` (the rest of the file is kept) and the raw results into a JSON file beside
+it. Bad options exit 2 before any work; Ctrl-C exits 130 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from engine.build import apply_overrides, resolve_device
+from engine.config import PRESETS, BuildConfig, resolve_preset
+from engine.data.loco import LocoDataset
+from engine.data.synthetic import CATEGORIES, GENERATOR_VERSION, generate_category
+from engine.data.types import LOGICAL, STRUCTURAL
+from engine.pipeline import BuildResult, build_category, check_index_kind, check_output_folder
+from engine.pipeline import summary as branch_summary
+from tools.accuracy_report import (
+    read_document,
+    render_block,
+    results_json,
+    update_document,
+    write_atomic,
+)
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+REPO = Path(__file__).resolve().parents[1]
+MAX_COUNT = 1000  # the generator's limit per folder (LOCO names have three digits)
+TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+KINDS = {LOGICAL: "logical", STRUCTURAL: "structural"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Checked options: what to build, how, and where the results go."""
+
+    categories: list[str]
+    seeds: list[int]
+    counts: dict[str, int]  # per folder, in the generator's order (see ``dataset_counts``)
+    config: BuildConfig
+    device: torch.device
+    cache: Path
+    out: Path
+    json_path: Path
+    tag: str | None
+    keep: bool
+
+
+# ---- options ------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.accuracy", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--categories", default="all", help="comma-separated names, or 'all'")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated data+training seeds")
+    parser.add_argument("--n-train", type=int, default=60, help="training images")
+    parser.add_argument("--n-validation", type=int, default=16, help="validation images")
+    parser.add_argument("--n-test", type=int, default=100, help="good, logical, structural each")
+    parser.add_argument("--preset", choices=PRESETS, default="cpu")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config value"
+    )
+    parser.add_argument("--tag", help="write into the named ablation section instead")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "ACCURACY.md")
+    parser.add_argument("--json", type=Path, help="raw results (default: beside --out)")
+    parser.add_argument("--cache-dir", type=Path, help="synthetic data cache root")
+    parser.add_argument("--keep", action="store_true", help="keep the built artifacts")
+    return parser.parse_args(argv)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Check every option and the output files; ValueError (or RuntimeError) names the problem."""
+    categories = list(CATEGORIES) if args.categories == "all" else _names(args.categories)
+    seeds = _seeds(args.seeds)
+    for name, value, low in (
+        ("--n-train", args.n_train, 1),
+        ("--n-validation", args.n_validation, 1),
+        ("--n-test", args.n_test, 1),
+    ):
+        if not low <= value <= MAX_COUNT:
+            raise ValueError(f"{name} must be in {low}..{MAX_COUNT}, got {value}")
+    if args.tag is not None and not TAG_PATTERN.fullmatch(args.tag):
+        raise ValueError(f"--tag {args.tag!r}: use letters, digits, '_', '.', '-' (max 64)")
+    if any(s.partition("=")[0].strip() == "train.seed" for s in args.set):
+        raise ValueError("--set train.seed: the benchmark sets the training seed from --seeds")
+    device = resolve_device(args.device)
+    config = apply_overrides(resolve_preset(args.preset, device)[0], args.set)
+    check_index_kind(config.structural.index, device)
+    json_name = "accuracy.json" if args.tag is None else f"accuracy-{args.tag}.json"
+    plan = Plan(
+        categories=categories,
+        seeds=seeds,
+        counts=dataset_counts(args.n_train, args.n_validation, args.n_test),
+        config=config,
+        device=device,
+        cache=args.cache_dir or default_cache(),
+        out=args.out,
+        json_path=args.json or args.out.with_name(json_name),
+        tag=args.tag,
+        keep=args.keep,
+    )
+    for path, option in ((plan.out, "--out"), (plan.json_path, "--json")):
+        if path.is_dir():
+            raise ValueError(f"{option} {path}: is a folder, expected a file")
+        check_output_folder(path.parent, option)
+    try:
+        update_document(read_document(plan.out), "", plan.tag)  # a file that would fail at the end
+    except ValueError as error:
+        raise ValueError(f"--out {plan.out}: {error}") from None
+    return plan
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in CATEGORIES]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"--categories {text!r}: expected distinct names from {', '.join(CATEGORIES)}"
+        )
+    return names
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = [-1]
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: expected distinct non-negative integers, e.g. 0,1,2")
+    return seeds
+
+
+def dataset_counts(n_train: int, n_validation: int, n_test: int) -> dict[str, int]:
+    """Images per folder, named and ordered as the generator's readme lists them."""
+    return {
+        "train": n_train,
+        "validation": n_validation,
+        "test good": n_test,
+        "test logical": n_test,
+        "test structural": n_test,
+    }
+
+
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "npgmf-engine" / "accuracy"
+
+
+# ---- data and builds ----------------------------------------------------------------------
+
+
+def ensure_dataset(plan: Plan, category: str, seed: int) -> Path:
+    """The data root holding ``category`` generated with ``seed`` and the plan's counts.
+
+    A cached folder is reused only if its readme names this generator version, seed and counts;
+    otherwise it is generated again (deterministic from the seed, so reuse is safe).
+    """
+    root = plan.cache / f"seed{seed}"
+    readme = root / category / "readme.txt"
+    expected = [
+        f"generator version {GENERATOR_VERSION})",
+        f"seed {seed},",
+        "Counts: " + ", ".join(f"{k} {v}" for k, v in plan.counts.items()) + ".",
+    ]
+    if readme.is_file() and all(line in readme.read_text() for line in expected):
+        return root
+    print(f"[accuracy] generating {category} seed {seed} into {root}", flush=True)
+    generate_category(
+        root,
+        category,
+        seed=seed,
+        n_train=plan.counts["train"],
+        n_validation=plan.counts["validation"],
+        n_test_good=plan.counts["test good"],
+        n_logical=plan.counts["test logical"],
+        n_structural=plan.counts["test structural"],
+        progress=False,
+        overwrite=True,
+    )
+    return root
+
+
+def build_record(result: BuildResult, dataset: LocoDataset, seed: int, seconds: float) -> dict:
+    """The JSON-ready raw result of one build (metrics per branch, per-image scores)."""
+    kinds = {
+        defect: KINDS[sample.defect_type]
+        for sample, defect in zip(dataset.samples("test"), result.test_defects, strict=True)
+        if sample.defect_type in KINDS
+    }
+    return {
+        "category": result.category,
+        "seed": seed,
+        "seconds": seconds,
+        "step_seconds": dict(result.seconds),
+        "metrics": {
+            branch: branch_summary(metrics, result.image_scores[branch], result.test_defects)
+            for branch, metrics in result.metrics.items()
+        },
+        "defect_kinds": kinds,
+        "test_defects": list(result.test_defects),
+        "image_scores": {b: s.tolist() for b, s in result.image_scores.items()},
+    }
+
+
+def run_builds(plan: Plan, work: Path) -> list[dict]:
+    """Generate (or reuse) and build each (category, seed); one log line per build."""
+    records = []
+    total = len(plan.categories) * len(plan.seeds)
+    for seed in plan.seeds:
+        config = replace(plan.config, train=replace(plan.config.train, seed=seed))
+        for category in plan.categories:
+            root = ensure_dataset(plan, category, seed)
+            out = work / f"{category}-seed{seed}"
+            start = time.perf_counter()
+            result = build_category(
+                root, category, out, config, plan.device, progress=False, verbose=False
+            )
+            seconds = time.perf_counter() - start
+            records.append(build_record(result, LocoDataset(root, category), seed, seconds))
+            means = ", ".join(
+                f"{branch} {m.auroc_tie_correct['mean']:.3f}"
+                for branch, m in result.metrics.items()
+            )
+            print(
+                f"[accuracy {len(records)}/{total}] {category} seed {seed}: "
+                f"mean image AUROC {means}; {seconds:.0f} s",
+                flush=True,
+            )
+            if not plan.keep:
+                shutil.rmtree(out, ignore_errors=True)
+    return records
+
+
+def write_results(plan: Plan, records: Sequence[dict], meta: dict) -> None:
+    """The JSON first (so a document that went bad meanwhile loses no results), then the doc."""
+    write_atomic(plan.json_path, results_json(records, meta, plan.tag))
+    try:
+        document = update_document(
+            read_document(plan.out), render_block(records, meta, plan.tag), plan.tag
+        )
+    except ValueError as error:
+        raise ValueError(f"{plan.out}: {error}; the results are in {plan.json_path}") from None
+    write_atomic(plan.out, document)
+
+
+# ---- run facts and the entry point --------------------------------------------------------
+
+
+def machine() -> str:
+    """CPU model and core count, from /proc/cpuinfo where there is one."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    models = re.findall(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+    model = models[0].strip() if models else platform.processor() or platform.machine()
+    cores = len(re.findall(r"^processor\s*:", info, re.MULTILINE)) or os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return f"{model or 'unknown CPU'}, {cores} logical cores ({usable} usable)"
+
+
+def git_commit(repo: Path = REPO) -> str:
+    """Short HEAD commit, ``(dirty)`` when the work tree has changes or untracked files."""
+    try:
+        head, status = (
+            subprocess.run(
+                ["git", *command], cwd=repo, capture_output=True, text=True, check=True
+            ).stdout.strip()
+            for command in (["rev-parse", "--short=12", "HEAD"], ["status", "--porcelain"])
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{head} (dirty)" if status else head
+
+
+def run_meta(plan: Plan, args: argparse.Namespace, argv: Sequence[str], wall: float) -> dict:
+    return {
+        "machine": machine(),
+        "torch_threads": torch.get_num_threads(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "command": shlex.join(["python", "-m", "tools.accuracy", *argv]),
+        "wall_seconds": wall,
+        "preset": args.preset,
+        "device": str(plan.device),
+        "overrides": list(args.set),
+        "categories": plan.categories,
+        "seeds": plan.seeds,
+        "counts": plan.counts,
+        "generator_version": GENERATOR_VERSION,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    work: Path | None = None
+    try:
+        plan = make_plan(args)
+        work = Path(tempfile.mkdtemp(prefix="npgmf-accuracy-"))
+        start = time.perf_counter()
+        records = run_builds(plan, work)
+        write_results(plan, records, run_meta(plan, args, argv, time.perf_counter() - start))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.out} was not changed", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, RuntimeError, OSError) as error:
+        print("\n".join([f"error: {error}", *getattr(error, "__notes__", [])]), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        if work is not None and args.keep:
+            print(f"[accuracy] artifacts kept in {work}", flush=True)
+        elif work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"[accuracy] wrote {plan.out} and {plan.json_path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
