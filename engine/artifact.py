@@ -45,6 +45,7 @@ import torch
 import engine
 from engine import artifact_files as fs
 from engine.artifact_manifest import (
+    COMPOSITION_FILE,
     INDEX_FOLDER,
     LOGICAL_FILE,
     REBUILD,
@@ -63,6 +64,7 @@ from engine.artifact_manifest import (
 from engine.config import BuildConfig
 from engine.detector import Detector
 from engine.models.backbones import load_backbone
+from engine.models.composition import CompositionModel
 from engine.models.knn_index import FaissIvfPqIndex
 from engine.models.logical import LogicalModel
 from engine.models.structural import PatchFeatures, StructuralModel, attach_index
@@ -244,28 +246,32 @@ def save_artifact(
     The manifest is validated as the loader will read it before anything is written, so a
     build with e.g. a NaN threshold fails here instead of leaving an artifact that cannot load.
     """
-    if detector.logical_stats is None or detector.structural_stats is None:
+    if detector.stats is None:
         raise ValueError("the detector is not calibrated: branch statistics are missing")
     index = detector.structural.index
+    composition = detector.composition
     manifest = {
         "config": config.to_dict(),
         "backbones": {
             "logical": asdict(detector.logical.encoder.weights),
             "structural": asdict(detector.structural.patch_features.backbone.weights),
         },
-        "calibration": {
-            "logical": asdict(detector.logical_stats),
-            "structural": asdict(detector.structural_stats),
-        },
+        "calibration": {branch: asdict(stats) for branch, stats in detector.stats.items()},
+        "fusion_weights": dict(detector.weights),
         "structural_index": index.identity if index is not None else {"kind": "torch"},
+        **({"composition_grid": list(composition.grid)} if composition is not None else {}),
         **info,
     }
-    names = sorted(expected_files(index.kind if index is not None else "torch"))
+    names = sorted(
+        expected_files(index.kind if index is not None else "torch", composition is not None)
+    )
     draft = {**manifest, "files": {n: {"sha256": "0" * 64, "bytes": 0} for n in names}}
     parse_manifest(json.loads(json.dumps(draft, default=str)), f"{path} (to be written)")
     with ArtifactWriter(path) as writer:
         torch.save(_cpu_state(detector.logical), writer.file(LOGICAL_FILE))
         torch.save(_cpu_state(detector.structural), writer.file(STRUCTURAL_FILE))
+        if composition is not None:
+            torch.save(_cpu_state(composition), writer.file(COMPOSITION_FILE))
         if index is not None and index.kind == SAVED_INDEX_KIND:
             index.save(writer.file(INDEX_FOLDER))
         return writer.commit(manifest)
@@ -304,22 +310,26 @@ def load_artifact(
     root = Path(path)
     manifest, spec, blobs = _read_artifact(root, verify, load=True)
     # pop: the bytes are not needed once deserialised (they would double the peak memory).
-    states = {
-        name: _state_dict(root / name, blobs.pop(name)) for name in (LOGICAL_FILE, STRUCTURAL_FILE)
-    }
+    members = (LOGICAL_FILE, STRUCTURAL_FILE) + (
+        (COMPOSITION_FILE,) if spec.composition_grid is not None else ()
+    )
+    states = {name: _state_dict(root / name, blobs.pop(name)) for name in members}
     sc = spec.config.structural
     _check_bank(root / STRUCTURAL_FILE, states[STRUCTURAL_FILE].get("bank"), sc.feature_dim)
     with untrusted(f"{root}: the weights do not fit the model the manifest describes"):
-        logical, structural = _empty_modules(spec)
+        logical, structural, composition = _empty_modules(spec)
         logical.load_state_dict(states[LOGICAL_FILE])
         structural.load_state_dict(states[STRUCTURAL_FILE])
+        if composition is not None:
+            composition.load_state_dict(states[COMPOSITION_FILE])
     detector = Detector(
         logical,
         structural,
         spec.config.fusion,
-        spec.stats["logical"],
-        spec.stats["structural"],
+        spec.stats,
         structural_size=sc.image_size,
+        composition=composition,
+        weights=spec.fusion_weights,
     ).to(device)
     with untrusted(f"{root}: cannot set up the kNN index"):
         if spec.index["kind"] == SAVED_INDEX_KIND:
@@ -446,8 +456,10 @@ def _check_bank(path: Path, bank: Any, dim: int) -> None:
         )
 
 
-def _empty_modules(spec: ManifestSpec) -> tuple[LogicalModel, StructuralModel]:
-    """The two modules the manifest describes, with random weights to be overwritten."""
+def _empty_modules(
+    spec: ManifestSpec,
+) -> tuple[LogicalModel, StructuralModel, CompositionModel | None]:
+    """The modules the manifest describes, with random weights to be overwritten."""
 
     def backbone(branch: str, levels: tuple[str, ...]):
         info = spec.weights[branch]
@@ -463,7 +475,12 @@ def _empty_modules(spec: ManifestSpec) -> tuple[LogicalModel, StructuralModel]:
     structural = StructuralModel(
         PatchFeatures(backbone("structural", sc.levels), sc.feature_dim, sc.patch_size)
     )
-    return logical, structural
+    composition = None
+    if spec.composition_grid is not None:
+        composition = CompositionModel(
+            spec.config.composition, sc.feature_dim, spec.composition_grid
+        )
+    return logical, structural, composition
 
 
 def _ivfpq_index(

@@ -20,6 +20,7 @@ from typing import Any
 
 from engine.calibrate import BranchStats, FusionConfig
 from engine.config import BuildConfig
+from engine.models.composition import CompositionConfig
 from engine.models.logical import LogicalConfig
 from engine.models.structural import StructuralConfig
 from engine.models.weights import ARCHS, WeightsInfo
@@ -31,6 +32,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 LOGICAL_FILE = "logical.pt"
 STRUCTURAL_FILE = "structural.pt"
+COMPOSITION_FILE = "composition.pt"
 INDEX_FOLDER = "index"  # only for approximate (IVF-PQ) indexes; exact ones are rebuilt
 INDEX_FILES = ("bank.npy", "index.faiss", "index.json")
 SAVED_INDEX_KIND = "faiss_ivfpq"
@@ -118,17 +120,20 @@ class ManifestSpec:
     """What the loader needs from a validated manifest."""
 
     config: BuildConfig
-    weights: dict[str, WeightsInfo]  # "logical", "structural"
-    stats: dict[str, BranchStats]  # "logical", "structural"
+    weights: dict[str, WeightsInfo]  # backbones: "logical", "structural"
+    stats: dict[str, BranchStats]  # per branch map: "logical", "structural"[, "composition"]
+    fusion_weights: dict[str, float]  # per branch map, as calibrated
+    composition_grid: tuple[int, int] | None  # the patch grid, when composition is enabled
     text_dim: int | None
     threshold: float
     index: dict[str, Any]  # the structural_index identity
     files: dict[str, FileEntry]
 
 
-def expected_files(index_kind: str) -> set[str]:
-    """The exact set of files an artifact whose index is ``index_kind`` holds (manifest aside)."""
-    names = {LOGICAL_FILE, STRUCTURAL_FILE}
+def expected_files(index_kind: str, composition: bool) -> set[str]:
+    """The exact set of files an artifact holds (manifest aside), given its index kind and
+    whether its composition branch is enabled."""
+    names = {LOGICAL_FILE, STRUCTURAL_FILE} | ({COMPOSITION_FILE} if composition else set())
     if index_kind == SAVED_INDEX_KIND:
         names |= {f"{INDEX_FOLDER}/{name}" for name in INDEX_FILES}
     return names
@@ -215,15 +220,35 @@ def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
         weights[branch] = _parse_weights(
             f, f.section(backbones, branch, f"backbones.{branch}"), branch
         )
+    branches = ("logical", "structural") + (("composition",) if config.composition.enabled else ())
     stats = {}
     calibration = f.section(root, "calibration", "calibration")
-    for branch in ("logical", "structural"):
+    for branch in branches:
         field = f"calibration.{branch}"
         values = f.section(calibration, branch, field)
         if set(values) != {"mean", "std"}:
             raise f.fail(field, "an object with exactly 'mean' and 'std'", values)
         mean = f.number(values, "mean", f"{field}.mean")
         stats[branch] = BranchStats(mean, f.number(values, "std", f"{field}.std", low=MIN_STD))
+    fusion = f.section(root, "fusion_weights", "fusion_weights")
+    fusion_weights = {
+        b: f.number(fusion, b, f"fusion_weights.{b}", low=0.0, high=LIMIT) for b in branches
+    }
+    for name, section in (("calibration", calibration), ("fusion_weights", fusion)):
+        if set(section) != set(branches):
+            raise f.fail(name, f"an object with exactly the branches {branches}", section)
+    if not any(fusion_weights.values()):
+        raise f.fail("fusion_weights", "at least one positive weight", fusion)
+    grid = None
+    if config.composition.enabled:
+        grid_value = f.get(root, "composition_grid", "composition_grid")
+        if not (
+            isinstance(grid_value, list)
+            and len(grid_value) == 2
+            and all(type(v) is int and 1 <= v <= 4096 for v in grid_value)
+        ):
+            raise f.fail("composition_grid", "two integers in [1, 4096]", grid_value)
+        grid = (grid_value[0], grid_value[1])
     threshold = f.number(root, "threshold", "threshold", -math.inf, math.inf)
     text = f.section(root, "text_prior", "text_prior")
     text_dim = None if text.get("dim") is None else f.count(text, "dim", "text_prior.dim")
@@ -232,8 +257,11 @@ def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
     if not isinstance(root.get("category", ""), str):
         raise f.fail("category", "a string", root["category"])
     index = _parse_index(f, f.section(root, "structural_index", "structural_index"), config)
-    files = _parse_files(f, f.section(root, "files", "files"), expected_files(index["kind"]))
-    return ManifestSpec(config, weights, stats, text_dim, threshold, index, files)
+    expected = expected_files(index["kind"], config.composition.enabled)
+    files = _parse_files(f, f.section(root, "files", "files"), expected)
+    return ManifestSpec(
+        config, weights, stats, fusion_weights, grid, text_dim, threshold, index, files
+    )
 
 
 def _parse_config(f: _Fields, config: dict[str, Any]) -> BuildConfig:
@@ -242,7 +270,7 @@ def _parse_config(f: _Fields, config: dict[str, Any]) -> BuildConfig:
     _check_types(f, BuildConfig, config, "config")
     for name, kind in _SECTIONS.items():
         _check_types(f, kind, f.section(config, name, f"config.{name}"), f"config.{name}")
-    for name in ("logical", "structural", "fusion"):
+    for name in ("logical", "structural", "fusion", "composition"):
         for key, value in config[name].items():
             items = value if isinstance(value, list) else [value]
             huge = [v for v in items if is_number(v) and not (is_finite(v) and abs(v) <= LIMIT)]
@@ -253,6 +281,7 @@ def _parse_config(f: _Fields, config: dict[str, Any]) -> BuildConfig:
 
 
 _SECTIONS = {
+    "composition": CompositionConfig,
     "logical": LogicalConfig,
     "structural": StructuralConfig,
     "train": TrainConfig,

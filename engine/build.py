@@ -27,7 +27,8 @@ from engine.config import PRESETS, BuildConfig, field_types, parse_value, resolv
 from engine.data.loco import check_category_name, list_categories
 from engine.data.synthetic import CATEGORIES, GENERATOR_VERSION, generate_category
 from engine.data.types import DatasetError
-from engine.pipeline import BuildResult, build_category, check_index_kind, check_outputs
+from engine.pipeline import BuildResult, build_category
+from engine.preflight import check_index_kind, check_outputs
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130

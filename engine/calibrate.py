@@ -1,15 +1,17 @@
-"""Fusion of the logical and structural maps, image scores and the decision threshold (§III-C).
+"""Fusion of the branch maps, image scores and the decision threshold (paper §III-C).
 
-Each branch map is standardised with the mean and standard deviation of **all its pixel scores on
-the validation split** (``BranchStats``), the two are merged with weights structural:logical = 1:3
-and blurred with a Gaussian of σ = 4 px at model resolution (:func:`kernels.normalize_merge_blur`),
-then resized to the original image size. The image score is the maximum of the final map.
+Each branch map (logical, structural and, when enabled, composition) is standardised with the
+mean and standard deviation of **all its pixel scores on the validation split**
+(``BranchStats``), the maps are merged with weights (paper: structural:logical = 1:3) and
+blurred with a Gaussian of σ = 4 px at a 256-px map, scaled with the map size
+(:func:`kernels.normalize_merge_blur`), then resized to the original image size. The image score
+is the maximum of the final map.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,10 +29,18 @@ __all__ = [
     "resize_to",
 ]
 
+BRANCHES = ("logical", "structural", "composition")
+SIGMA_REFERENCE_SIZE = 256  # FusionConfig.sigma is in pixels of a map of this side
+
 
 @dataclass(frozen=True)
 class FusionConfig:
     """Fusion settings.
+
+    ``*_weight``: each branch's weight in the merged map (paper: structural 1, logical 3; the
+    composition weight applies only when that branch is enabled). ``sigma``: the Gaussian's σ in
+    pixels of a 256-px map; a map of side S is blurred with ``sigma * S / 256`` (RD4AD and
+    PatchCore use σ = 4 at 256 px, so the blur keeps its size relative to the image).
 
     ``target_false_alarm_rate`` defaults to 0.05: MVTec LOCO has only tens of validation good
     images per category, and with n images a rate can only be resolved to 1/n; 5% still lands
@@ -40,11 +50,12 @@ class FusionConfig:
 
     structural_weight: float = 1.0
     logical_weight: float = 3.0
+    composition_weight: float = 1.0
     sigma: float = 4.0
     target_false_alarm_rate: float = 0.05
 
     def __post_init__(self) -> None:
-        for name in ("structural_weight", "logical_weight", "sigma"):
+        for name in ("structural_weight", "logical_weight", "composition_weight", "sigma"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"FusionConfig.{name} must be a finite number >= 0, got {value!r}")
@@ -53,6 +64,16 @@ class FusionConfig:
         if self.structural_weight == 0 and self.logical_weight == 0:
             raise ValueError("FusionConfig: at least one branch weight must be > 0")
         _check_rate(self.target_false_alarm_rate)
+
+    def weight(self, branch: str) -> float:
+        """The configured weight of ``branch`` (one of :data:`BRANCHES`)."""
+        if branch not in BRANCHES:
+            raise ValueError(f"unknown branch {branch!r}; expected one of {BRANCHES}")
+        return float(getattr(self, f"{branch}_weight"))
+
+    def sigma_at(self, side: int) -> float:
+        """σ in pixels for a map of side ``side`` (σ scales with the map size)."""
+        return self.sigma * side / SIGMA_REFERENCE_SIZE
 
 
 def _check_rate(rate: float) -> None:
@@ -105,36 +126,43 @@ class BranchStats:
 
 
 def fuse_maps(
-    logical: torch.Tensor,
-    structural: torch.Tensor,
-    logical_stats: BranchStats,
-    structural_stats: BranchStats,
-    cfg: FusionConfig | None = None,
+    maps: Mapping[str, torch.Tensor],
+    stats: Mapping[str, BranchStats],
+    weights: Mapping[str, float],
+    sigma: float,
 ) -> torch.Tensor:
-    """(B, S, S) fused map from (B, S, S) logical and (B, h, w) structural model-resolution maps."""
-    cfg = cfg or FusionConfig()
+    """(B, S, S) fused map: ``blur_sigma(sum_b w_b * (maps_b - mean_b) / std_b)``.
+
+    ``maps``: same-size (B, S, S) model-resolution maps by branch name; ``stats`` and
+    ``weights`` must hold every branch of ``maps``; branches of weight 0 are left out. ``sigma``
+    is in pixels of these maps (see :meth:`FusionConfig.sigma_at`).
+    """
+    missing = [b for b in maps if b not in stats or b not in weights]
+    if missing:
+        raise ValueError(f"no statistics or weight for branch(es) {missing}")
+    used = [b for b in maps if weights[b] != 0]
+    if not used:
+        raise ValueError("every branch has weight 0: nothing to fuse")
     return normalize_merge_blur(
-        logical,
-        structural,
-        logical_stats.as_tuple(),
-        structural_stats.as_tuple(),
-        logical_weight=cfg.logical_weight,
-        structural_weight=cfg.structural_weight,
-        sigma=cfg.sigma,
+        [maps[b] for b in used],
+        [(float(weights[b]), *stats[b].as_tuple()) for b in used],
+        sigma=sigma,
     )
 
 
-def resize_to(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, h, w) maps -> (B, H, W), bilinear (align_corners=False), e.g. to the original image size."""
+def resize_to(maps: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:
+    """(B, h, w) maps -> (B, H, W), bilinear (align_corners=False), e.g. to the original image
+    size. ``antialias`` low-pass filters when shrinking (a map brought down to a smaller grid)."""
     if maps.dim() != 3:
         raise ValueError(f"expected (B, h, w) maps, got shape {tuple(maps.shape)}")
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
         raise ValueError(f"size must be two positive ints (H, W), got {size!r}")
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps.float()
-    return F.interpolate(maps.float()[:, None], size=size, mode="bilinear", align_corners=False)[
-        :, 0
-    ]
+    shrinks = antialias and (size[0] < maps.shape[-2] or size[1] < maps.shape[-1])
+    return F.interpolate(
+        maps.float()[:, None], size=size, mode="bilinear", align_corners=False, antialias=shrinks
+    )[:, 0]
 
 
 def image_scores(maps: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Every module keeps its settings beside its code (``LogicalConfig`` in ``engine.models.logical``,
 ``StructuralConfig`` in ``engine.models.structural``, ``TrainConfig`` in ``engine.train``,
-``FusionConfig`` in ``engine.calibrate``); :class:`BuildConfig` groups them with the choices
+``FusionConfig`` in ``engine.calibrate``, ``CompositionConfig`` in
+``engine.models.composition``); :class:`BuildConfig` groups them with the choices
 that span modules (weights, text prior) and is stored whole in the artifact manifest.
 """
 
@@ -17,6 +18,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import torch
 
 from engine.calibrate import FusionConfig
+from engine.models.composition import CompositionConfig
 from engine.models.logical import LogicalConfig, cpu_preset
 from engine.models.structural import StructuralConfig
 from engine.models.weights import find_torch_home_checkpoint
@@ -41,6 +43,7 @@ class BuildConfig:
     structural: StructuralConfig = field(default_factory=StructuralConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    composition: CompositionConfig = field(default_factory=CompositionConfig)
     weights: str = "auto"
     allow_random: bool = False
     text_prior: str = "auto"

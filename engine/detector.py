@@ -1,9 +1,11 @@
-"""The full inference path: uint8 frames -> logical, structural and fused anomaly maps.
+"""The full inference path: uint8 frames -> branch maps (logical, structural, composition) and
+the fused anomaly map.
 
 The build calibrates and evaluates through :class:`Detector`, and :class:`engine.Runtime` wraps
 the same object, so the maps a deployed engine produces are the maps the build measured.
 
-On CUDA the structural branch runs on its own stream, concurrently with the logical branch.
+On CUDA the structural stream (memory bank and composition, which share one backbone pass)
+runs on its own CUDA stream, concurrently with the logical branch.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from engine.calibrate import BranchStats, FusionConfig, fuse_maps, resize_to
+from engine.calibrate import BRANCHES, BranchStats, FusionConfig, fuse_maps, resize_to
 from engine.data.transforms import ImageTransform
+from engine.models.composition import CompositionModel
 from engine.models.logical import LogicalModel
 from engine.models.structural import StructuralModel
 
 MapFn = Callable[[torch.Tensor], torch.Tensor]
+StructuralFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 try:
     import nvtx as _nvtx
@@ -35,20 +40,60 @@ def nvtx_range(name: str) -> AbstractContextManager:
 @dataclass
 class Maps:
     """Model-resolution maps of a batch, each (B, S, S) float32, larger = more anomalous.
-    ``fused`` is None until the branch statistics are calibrated."""
+
+    ``composition`` is None when that branch is off; ``fused`` is None until the branch
+    statistics are calibrated.
+    """
 
     logical: torch.Tensor
     structural: torch.Tensor
-    fused: torch.Tensor | None
+    fused: torch.Tensor | None = None
+    composition: torch.Tensor | None = None
+
+    def branches(self) -> dict[str, torch.Tensor]:
+        """The branch maps present, by branch name (:data:`engine.calibrate.BRANCHES` order)."""
+        present = {"logical": self.logical, "structural": self.structural}
+        if self.composition is not None:
+            present["composition"] = self.composition
+        return present
+
+
+class StructuralSide(nn.Module):
+    """The structural stream: patch features once, scored by the memory bank and, when given,
+    by the composition model (which reuses the same features).
+
+    ``forward(x)``: (B, 3, s, s) normalised -> ``(structural (B, s, s), composition (B, s, s) or
+    None)``. The composition map is its per-cell map resized to the input grid plus the image
+    score: every pixel carries the image's composition evidence, the cells say where.
+    """
+
+    def __init__(
+        self, structural: StructuralModel, composition: CompositionModel | None = None
+    ) -> None:
+        super().__init__()
+        self.structural = structural
+        self.composition = composition
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        features, grid = self.structural.patch_features(x)
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        structural = self.structural.map_from_features(features, grid, size)
+        if self.composition is None:
+            return structural, None
+        image_score, cells = self.composition(features, grid)
+        composition = resize_to(cells, size) + image_score[:, None, None]
+        return structural, composition
 
 
 class Detector:
-    """Both branches and their fusion on one device.
+    """Every branch and their fusion on one device.
 
-    ``logical_fn`` / ``structural_fn`` map a normalised (B, 3, S, S) batch to a (B, S, S) map; by
-    default they are the eager modules' ``anomaly_map``; :mod:`engine.backends` swaps in compiled
-    versions. ``structural_size`` is the structural module's input side (its config's
-    ``image_size``). Not thread-safe (it owns a CUDA stream and reusable state): use one per thread.
+    ``logical_fn`` maps a normalised (B, 3, S, S) batch to a (B, S, S) map and ``structural_fn``
+    a (B, 3, s, s) batch to ``(structural, composition or None)`` maps; by default they are the
+    eager modules; :mod:`engine.backends` swaps in compiled versions. ``structural_size`` is the
+    structural module's input side (its config's ``image_size``). ``stats`` holds each branch's
+    validation statistics and ``weights`` its fusion weight (from the config unless calibration
+    chose them). Not thread-safe (it owns a CUDA stream and reusable state): use one per thread.
     """
 
     def __init__(
@@ -56,21 +101,31 @@ class Detector:
         logical: LogicalModel,
         structural: StructuralModel,
         fusion: FusionConfig,
-        logical_stats: BranchStats | None = None,
-        structural_stats: BranchStats | None = None,
+        stats: dict[str, BranchStats] | None = None,
         *,
         structural_size: int,
+        composition: CompositionModel | None = None,
+        weights: dict[str, float] | None = None,
     ) -> None:
         self.logical = logical.eval()
         self.structural = structural.eval()
+        self.composition = composition.eval() if composition is not None else None
+        self.structural_side = StructuralSide(self.structural, self.composition)
         self.fusion = fusion
-        self.logical_stats = logical_stats
-        self.structural_stats = structural_stats
-        self.logical_transform = _transform(logical.config.image_size, logical.encoder)
-        self.structural_transform = _transform(structural_size, structural.patch_features.backbone)
+        self.stats = stats
+        self.weights = weights or {b: fusion.weight(b) for b in self.branch_names}
+        self.logical_transform = model_transform(logical.config.image_size, logical.encoder)
+        self.structural_transform = model_transform(
+            structural_size, structural.patch_features.backbone
+        )
         self.logical_fn: MapFn = logical.anomaly_map
-        self.structural_fn: MapFn = structural.anomaly_map
+        self.structural_fn: StructuralFn = self.structural_side
         self._side_stream: torch.cuda.Stream | None = None
+
+    @property
+    def branch_names(self) -> tuple[str, ...]:
+        """The branches this detector runs, in :data:`engine.calibrate.BRANCHES` order."""
+        return BRANCHES if self.composition is not None else BRANCHES[:2]
 
     @property
     def device(self) -> torch.device:
@@ -78,7 +133,7 @@ class Detector:
 
     @property
     def shares_input(self) -> bool:
-        """Whether both branches take the same preprocessed input (one pass serves both)."""
+        """Whether both streams take the same preprocessed input (one pass serves both)."""
         return self.logical_transform == self.structural_transform
 
     @property
@@ -89,9 +144,15 @@ class Detector:
     def to(self, device: torch.device | str) -> Detector:
         device = torch.device(device)
         self.logical.to(device)
-        self.structural.to(device)
+        self.structural_side.to(device)
         self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         return self
+
+    def fuse(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The fused (B, S, S) map of same-size branch ``maps`` with the calibrated statistics."""
+        if self.stats is None:
+            raise RuntimeError("the detector is not calibrated: branch statistics are missing")
+        return fuse_maps(maps, self.stats, self.weights, self.fusion.sigma_at(self.map_size))
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor) -> Maps:
@@ -108,26 +169,31 @@ class Detector:
             main = torch.cuda.current_stream(self.device)
             self._side_stream.wait_stream(main)
             with torch.cuda.stream(self._side_stream), nvtx_range("structural"):
-                structural = self.structural_fn(x_structural)
+                structural, composition = self.structural_fn(x_structural)
             with nvtx_range("logical"):
                 logical = self.logical_fn(x_logical)
             main.wait_stream(self._side_stream)
-            structural.record_stream(main)
+            for side in (structural, composition):
+                if side is not None:
+                    side.record_stream(main)
         else:
             with nvtx_range("structural"):
-                structural = self.structural_fn(x_structural)
+                structural, composition = self.structural_fn(x_structural)
             with nvtx_range("logical"):
                 logical = self.logical_fn(x_logical)
-        structural = resize_to(structural, (self.map_size, self.map_size))
-        fused = None
-        if self.logical_stats is not None and self.structural_stats is not None:
+        size = (self.map_size, self.map_size)
+        # Shrinking a finer structural grid to the fused map low-pass filters it first.
+        maps = Maps(
+            logical.float(),
+            resize_to(structural, size, antialias=True),
+            composition=None if composition is None else resize_to(composition, size, True),
+        )
+        if self.stats is not None:
             with nvtx_range("fuse"):
-                fused = fuse_maps(
-                    logical, structural, self.logical_stats, self.structural_stats, self.fusion
-                )
-        return Maps(logical.float(), structural.float(), fused)
+                maps.fused = self.fuse(maps.branches())
+        return maps
 
 
-def _transform(size: int, backbone) -> ImageTransform:
+def model_transform(size: int, backbone) -> ImageTransform:
     """The model-input transform of a backbone: its weights carry their mean/std."""
     return ImageTransform(size, backbone.weights.mean, backbone.weights.std)

@@ -3,21 +3,17 @@
 Calibration and evaluation run through the same :class:`~engine.detector.Detector` the Runtime
 loads, at the same batch composition rules, so the artifact reproduces the reported metrics.
 
-Everything that can be checked without a model is checked first (:func:`check_outputs`,
-:func:`validate_inputs`, :func:`check_index_kind`), so bad input or a bad output path fails in
-seconds and leaves nothing behind: no checkpoints, no maps, no artifact.
+Everything that can be checked without a model is checked first (:mod:`engine.preflight`), so
+bad input or a bad output path fails in seconds and leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,23 +21,17 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from engine import artifact as artifact_module
 from engine.artifact import save_artifact
-from engine.calibrate import (
-    BranchStats,
-    calibrate_threshold,
-    fuse_maps,
-    image_scores,
-    resize_to,
-)
+from engine.calibrate import BranchStats, calibrate_threshold, fuse_maps, image_scores, resize_to
 from engine.config import BuildConfig
-from engine.data.images import read_image_size, read_rgb
+from engine.data.images import read_rgb
 from engine.data.loco import LocoDataset
 from engine.data.transforms import ImageFolderDataset
-from engine.data.types import GOOD, SPLITS, DatasetError, GroundTruthChannel, Sample
-from engine.detector import Detector, Maps
-from engine.metrics import LocoEvaluator, LocoMetrics, auroc, map_path, write_map
-from engine.models.knn_index import faiss_available, faiss_gpu_available
+from engine.data.types import DatasetError, Sample
+from engine.detector import Detector, Maps, model_transform
+from engine.metrics import LocoEvaluator, LocoMetrics, map_path, write_map
+from engine.metrics.per_defect import defect_name, image_auroc_per_defect
+from engine.models.composition import CompositionModel
 from engine.models.logical import LogicalModel
 from engine.models.logical_diagnostics import (
     COLLAPSE_RATIO,
@@ -50,18 +40,24 @@ from engine.models.logical_diagnostics import (
     logical_diagnostics,
     probe_batch,
 )
-from engine.models.structural import StructuralModel, attach_index
-from engine.models.text_prior import category_prompt, resolve_text_prior
-from engine.models.weights import WeightsInfo, file_sha256
-from engine.train import (
-    Diagnose,
-    TrainResult,
-    check_checkpoint_dir,
-    discard_checkpoints,
-    train_logical,
+from engine.models.structural import (
+    StructuralModel,
+    attach_index,
+    coreset_bank,
+    extract_patch_features,
 )
+from engine.models.text_prior import category_prompt, resolve_text_prior
+from engine.preflight import (
+    check_index_kind,
+    check_outputs,
+    checkpoint_folder,
+    data_fingerprint,
+    training_fingerprint,
+    validate_inputs,
+)
+from engine.train import Diagnose, TrainResult, discard_checkpoints, train_logical
 
-BRANCHES = ("logical", "structural", "fused")
+FUSED = "fused"
 INFERENCE_BATCH = 8
 
 
@@ -120,46 +116,41 @@ def frame_batches(
 
 
 def branch_only(maps: Maps, branch: str, detector: Detector) -> torch.Tensor:
-    """The map a branch alone yields: normalised and blurred like the fused map, other weight 0."""
-    if branch == "fused":
+    """The map a branch alone yields: normalised and blurred like the fused map, weight 1."""
+    if branch == FUSED:
         assert maps.fused is not None
         return maps.fused
-    only = replace(
-        detector.fusion,
-        logical_weight=1.0 if branch == "logical" else 0.0,
-        structural_weight=1.0 if branch == "structural" else 0.0,
-    )
-    assert detector.logical_stats is not None and detector.structural_stats is not None
-    return fuse_maps(
-        maps.logical, maps.structural, detector.logical_stats, detector.structural_stats, only
-    )
+    only = {branch: maps.branches()[branch]}
+    assert detector.stats is not None
+    sigma = detector.fusion.sigma_at(detector.map_size)
+    return fuse_maps(only, detector.stats, {branch: 1.0}, sigma)
 
 
 def calibrate(
     detector: Detector, samples: Sequence[Sample], rate: float, progress: bool
-) -> tuple[BranchStats, BranchStats, float, np.ndarray]:
-    """Branch statistics over all validation pixels, then the image-score threshold.
+) -> tuple[float, np.ndarray]:
+    """Each branch's statistics over all validation pixels (stored in ``detector.stats``), then
+    the image-score threshold.
 
-    Returns (logical stats, structural stats, threshold, validation image scores). The scores are
-    maxima of the fused map at the original image size, exactly as the Runtime computes them.
+    Returns (threshold, validation image scores). The scores are maxima of the fused map at the
+    original image size, exactly as the Runtime computes them.
     """
-    logical, structural, sizes = [], [], []
+    branch_maps: list[dict[str, torch.Tensor]] = []
+    sizes = []
     for _, frames in frame_batches(samples, INFERENCE_BATCH, "validation maps", progress):
         maps = detector(frames.to(detector.device))
-        logical.append(maps.logical.cpu())
-        structural.append(maps.structural.cpu())
+        branch_maps.append({b: m.cpu() for b, m in maps.branches().items()})
         sizes.append(frames.shape[1:3])
-    detector.logical_stats = BranchStats.fit(logical)
-    detector.structural_stats = BranchStats.fit(structural)
-    scores = []
-    for lmap, smap, (height, width) in zip(logical, structural, sizes, strict=True):
-        fused = fuse_maps(
-            lmap, smap, detector.logical_stats, detector.structural_stats, detector.fusion
-        )
-        scores.append(image_scores(resize_to(fused, (int(height), int(width)))))
+    detector.stats = {
+        branch: BranchStats.fit(chunk[branch] for chunk in branch_maps)
+        for branch in detector.branch_names
+    }
+    scores = [
+        image_scores(resize_to(detector.fuse(chunk), (int(height), int(width))))
+        for chunk, (height, width) in zip(branch_maps, sizes, strict=True)
+    ]
     scores_np = torch.cat(scores).numpy()
-    threshold = calibrate_threshold(scores_np, rate)
-    return detector.logical_stats, detector.structural_stats, threshold, scores_np
+    return calibrate_threshold(scores_np, rate), scores_np
 
 
 def evaluate(
@@ -173,8 +164,9 @@ def evaluate(
 
     With ``save_maps`` the fused maps are written as float32 TIFFs in the official layout.
     """
-    evaluators = {branch: LocoEvaluator() for branch in BRANCHES}
-    scores: dict[str, list[float]] = {branch: [] for branch in BRANCHES}
+    branches = (*detector.branch_names, FUSED)
+    evaluators = {branch: LocoEvaluator() for branch in branches}
+    scores: dict[str, list[float]] = {branch: [] for branch in branches}
     defects: list[str] = []
     samples = dataset.samples("test")
     written: list[Path] = []
@@ -184,12 +176,12 @@ def evaluate(
             size = (int(frames.shape[1]), int(frames.shape[2]))
             truths = [dataset.ground_truth(sample) for sample in chunk]
             defects += [defect_name(channels) for channels in truths]
-            for branch in BRANCHES:
+            for branch in branches:
                 full = resize_to(branch_only(maps, branch, detector), size).cpu().numpy()
                 for sample, channels, anomaly_map in zip(chunk, truths, full, strict=True):
                     evaluators[branch].add(anomaly_map, sample.defect_type, channels, sample.stem)
                     scores[branch].append(float(anomaly_map.max()))
-                    if save_maps is not None and branch == "fused":
+                    if save_maps is not None and branch == FUSED:
                         path = map_path(save_maps, sample)
                         write_map(path, anomaly_map)  # atomic: a failed write leaves nothing
                         written.append(path)
@@ -198,30 +190,10 @@ def evaluate(
             _remove_partial_maps(written, len(samples), save_maps, error)
         raise
     metrics = {
-        branch: evaluator.compute(progress=progress and branch == "fused")
+        branch: evaluator.compute(progress=progress and branch == FUSED)
         for branch, evaluator in evaluators.items()
     }
     return Evaluation(metrics, {b: np.asarray(s) for b, s in scores.items()}, defects)
-
-
-def defect_name(channels: Sequence[GroundTruthChannel]) -> str:
-    """``good`` without channels, else the channels' distinct defect names, sorted, ``+``-joined
-    (a channel without a ``defects_config.json`` entry counts as ``unnamed``)."""
-    if not channels:
-        return GOOD
-    return "+".join(sorted({c.defect.name if c.defect else "unnamed" for c in channels}))
-
-
-def image_auroc_per_defect(scores: np.ndarray, defects: Sequence[str]) -> dict[str, float]:
-    """Tie-correct image AUROC of good images vs the images of each defect name.
-
-    ``scores`` (N,) and ``defects`` (N,) as in :class:`Evaluation`; empty without good images.
-    """
-    names = np.asarray(defects)
-    good = scores[names == GOOD]
-    if good.size == 0:
-        return {}
-    return {name: auroc(good, scores[names == name]) for name in sorted(set(defects) - {GOOD})}
 
 
 def build_category(
@@ -269,22 +241,18 @@ def build_category(
         structural = StructuralModel.from_config(
             config.structural, config.weights, config.allow_random, verbose
         )
-        detector = Detector(
-            logical, structural, config.fusion, structural_size=config.structural.image_size
+        logical_transform = model_transform(config.logical.image_size, logical.encoder)
+        structural_transform = model_transform(
+            config.structural.image_size, structural.patch_features.backbone
         )
 
     with _step(seconds, "train logical module", verbose):
         train_set = ImageFolderDataset(
-            dataset.samples("train"), detector.logical_transform, progress=progress
+            dataset.samples("train"), logical_transform, progress=progress
         )
         val_set = ImageFolderDataset(
-            dataset.samples("validation"), detector.logical_transform, progress=progress
+            dataset.samples("validation"), logical_transform, progress=progress
         )
-        fingerprint = {
-            "data": data_digest,
-            "weights": _weights_digest(logical.encoder.weights),
-            "text prior": _digest(text_identity),
-        }
         probe = probe_batch(val_set, train_set)
         trained = train_logical(
             logical,
@@ -294,7 +262,7 @@ def build_category(
             checkpoints,
             device,
             progress,
-            fingerprint=fingerprint,
+            fingerprint=training_fingerprint(data_digest, logical.encoder.weights, text_identity),
             diagnose=_epoch_diagnostics(probe, verbose),
         )
         if verbose:
@@ -308,20 +276,35 @@ def build_category(
     with _step(seconds, "structural memory bank", verbose):
         bank_set = (
             train_set
-            if detector.shares_input
+            if structural_transform == logical_transform
             else ImageFolderDataset(
-                dataset.samples("train"), detector.structural_transform, progress=progress
+                dataset.samples("train"), structural_transform, progress=progress
             )
         )
         loader = DataLoader(bank_set, batch_size=INFERENCE_BATCH, shuffle=False)
-        structural.fit(loader, config.structural, device, progress)
-        detector.to(device)
+        features, grid = extract_patch_features(structural.patch_features, loader, device, progress)
+        structural.set_bank(coreset_bank(features, config.structural, device, progress))
+        structural.to(device)
         index_kind = attach_index(structural, config.structural.index, device)
         if verbose:
             print(f"memory bank: {tuple(structural.bank.shape)}, search: {index_kind}", flush=True)
 
+    composition = None
+    if config.composition.enabled:
+        with _step(seconds, "composition model", verbose):
+            composition = CompositionModel(config.composition, int(features.shape[-1]), grid)
+            composition.to(device).fit(features, grid)
+    del features
+    detector = Detector(
+        logical,
+        structural,
+        config.fusion,
+        structural_size=config.structural.image_size,
+        composition=composition,
+    ).to(device)
+
     with _step(seconds, "calibrate on validation", verbose):
-        _, _, threshold, val_scores = calibrate(
+        threshold, val_scores = calibrate(
             detector, dataset.samples("validation"), config.fusion.target_false_alarm_rate, progress
         )
 
@@ -392,115 +375,6 @@ def summary(metrics: LocoMetrics, scores: np.ndarray, defects: Sequence[str]) ->
     }
 
 
-def checkpoint_folder(out: Path) -> Path:
-    """Where the build keeps the training checkpoints of the artifact ``out``."""
-    return out.with_name(out.name + ".checkpoints")
-
-
-def check_output_folder(path: Path, option: str) -> None:
-    """Raise ValueError unless ``path`` is a writable folder or can be created as one.
-
-    ``option`` names the setting in the message (e.g. ``--save-maps``).
-    """
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{option} {path}: exists and is not a folder")
-    existing = path
-    while not existing.exists():
-        if existing.is_symlink():
-            raise ValueError(f"{option} {path}: {existing} is a dangling symlink")
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{option} {path}: cannot be created, {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: {existing} is not writable")
-
-
-def check_outputs(out: Path, save_maps: Path | None) -> None:
-    """Refuse outputs the build must not replace or cannot write, before any work.
-
-    ``out`` must be absent, empty or an engine artifact (:func:`engine.artifact.check_target`),
-    its checkpoint folder absent or engine-made, and ``save_maps`` a writable folder.
-    """
-    artifact_module.check_target(out)
-    check_checkpoint_dir(checkpoint_folder(out))
-    if save_maps is not None:
-        check_output_folder(save_maps, "--save-maps")
-
-
-def check_index_kind(kind: str, device: torch.device) -> None:
-    """Raise RuntimeError when the structural kNN index ``kind`` cannot run on this machine."""
-    if kind.startswith("faiss") and not faiss_available():
-        raise RuntimeError(
-            f"structural.index={kind} needs FAISS, which is not installed; install faiss-cpu "
-            "or use --set structural.index=torch"
-        )
-    if kind == "faiss_gpu" and not faiss_gpu_available():
-        raise RuntimeError(
-            "structural.index=faiss_gpu needs a FAISS build with GPU support and a visible GPU; "
-            "this installation has none (use --set structural.index=torch, which searches on "
-            f"{device.type} too)"
-        )
-
-
-def validate_inputs(dataset: LocoDataset, progress: bool) -> None:
-    """Check every file the build reads, before any training, so bad input costs no work.
-
-    Every image header (readable, within Pillow's pixel limit), one image size per validation
-    and test split (inference batches need it), every test image decoded in full (training and
-    validation images are decoded before training anyway), every ground-truth mask read and
-    matched to ``defects_config.json`` and to its image's size with a positive sPRO saturation
-    area, and at least one anomalous test image. Raises DatasetError naming the file.
-    """
-    for split in SPLITS:
-        if not dataset.samples(split):
-            raise DatasetError(f"{dataset.path / split}: no images")
-    for sample in dataset.samples("train"):
-        read_image_size(sample.image_path)
-    dataset.image_size("validation")
-    dataset.image_size("test")
-    test = dataset.samples("test")
-    for sample in tqdm(test, desc="check test data", unit="img", disable=not progress):
-        read_rgb(sample.image_path)
-        channels = dataset.ground_truth(sample)
-        for mask_path, channel in zip(sample.mask_paths, channels, strict=True):
-            if channel.saturation_area <= 0:  # sPRO divides by it
-                raise DatasetError(
-                    f"{mask_path}: saturation area {channel.saturation_area} for a defect of "
-                    f"{channel.area} pixels ({channel.defect}); raise its saturation_threshold "
-                    "in defects_config.json"
-                )
-    if not any(sample.label for sample in test):
-        raise DatasetError(
-            f"{dataset.path / 'test'}: no anomalous test image; the LOCO metrics need at least one"
-        )
-
-
-def data_fingerprint(dataset: LocoDataset) -> str:
-    """sha256 over (path relative to the category folder, content sha256) of every training and
-    validation image: what a resumed training must find unchanged.
-
-    Content hashes rather than (size, mtime): copying or re-extracting a dataset changes mtimes
-    but not the data, and must not block a resume, while an edit in place can keep the size.
-    Training decodes every one of these files anyway, so this costs one more read of each.
-    """
-    digest = hashlib.sha256()
-    for split in ("train", "validation"):
-        for sample in dataset.samples(split):
-            relative = sample.image_path.relative_to(dataset.path).as_posix()
-            digest.update(f"{relative}\0{file_sha256(sample.image_path)}\n".encode())
-    return digest.hexdigest()
-
-
-def _digest(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _weights_digest(info: WeightsInfo) -> str:
-    """What the encoder computes with: its file's content (not where the file lies), else its
-    source (seeded random or the packaged weights), plus the input normalisation."""
-    return _digest([info.arch, info.sha256 or info.source, info.mean, info.std])
-
-
 def _remove_partial_maps(
     written: list[Path], total: int, maps_root: Path, error: BaseException
 ) -> None:
@@ -515,18 +389,11 @@ def _remove_partial_maps(
 
 
 __all__ = [
+    "FUSED",
     "BuildResult",
     "Evaluation",
     "build_category",
     "calibrate",
-    "check_index_kind",
-    "check_output_folder",
-    "check_outputs",
-    "checkpoint_folder",
-    "data_fingerprint",
-    "defect_name",
     "evaluate",
-    "image_auroc_per_defect",
     "summary",
-    "validate_inputs",
 ]

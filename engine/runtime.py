@@ -51,8 +51,9 @@ class Result:
     ``score``: the image score, the maximum of ``anomaly_map``; always finite (fail closed: a NaN
     or infinite score means the engine is broken, and the call raises ``RuntimeError`` instead of
     returning a verdict). ``is_anomalous``: ``score > threshold``. ``anomaly_map``: (H, W)
-    float32 at the frame's size (fused, normalised units). ``logical_map`` / ``structural_map``:
-    each branch's raw map at model resolution (S, S). ``latency_ms``: wall time of the call that
+    float32 at the frame's size (fused, normalised units). ``logical_map`` / ``structural_map`` /
+    ``composition_map`` (None when that branch is off): each branch's raw map at model
+    resolution (S, S). ``latency_ms``: wall time of the call that
     produced the result (for a batch, the whole batch). ``threshold``: the one ``is_anomalous``
     used. ``source_index``: position in the input batch or stream.
     """
@@ -65,6 +66,7 @@ class Result:
     latency_ms: float
     threshold: float
     source_index: int = 0
+    composition_map: np.ndarray | None = None
 
 
 def _pick_device(device: str | torch.device) -> torch.device:
@@ -235,6 +237,7 @@ class Runtime:
             )
         full_np = full.cpu().numpy()
         logical, structural = maps.logical.cpu().numpy(), maps.structural.cpu().numpy()
+        composition = None if maps.composition is None else maps.composition.cpu().numpy()
         latency = (time.perf_counter() - start) * 1e3
         return [
             Result(
@@ -243,6 +246,7 @@ class Runtime:
                 anomaly_map=full_np[i],
                 logical_map=logical[i],
                 structural_map=structural[i],
+                composition_map=None if composition is None else composition[i],
                 latency_ms=latency,
                 threshold=self.threshold,
                 source_index=i,

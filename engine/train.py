@@ -204,7 +204,7 @@ def train_logical(
     Seeds torch's global RNG with ``cfg.seed`` (model initialisation is the caller's). With a
     ``checkpoint_dir`` holding ``last.pt`` from a run with the same model and train configs
     (``epochs`` and early-stop patience may differ) and the same ``fingerprint`` (digests of
-    the other inputs: data, weights, text prior; see ``engine.pipeline.data_fingerprint``),
+    the other inputs: data, weights, text prior; see ``engine.preflight.data_fingerprint``),
     training resumes after its last epoch and gives the same result as an uninterrupted run on
     CPU. With a validation set, the model ends with the weights of the best validation epoch.
 

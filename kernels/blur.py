@@ -8,11 +8,15 @@ the reference equals ``scipy.ndimage.gaussian_filter(x, sigma)`` per image.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from kernels.dispatch import use_triton
+
+MAX_MAPS = 3  # logical, structural, composition (SPEC §3.3, §3.5)
+
+Affine = tuple[float, float, float]  # (weight, mean, std) of one branch
 
 
 def gaussian_taps(sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -27,19 +31,51 @@ def gaussian_taps(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     return (taps / taps.sum()).float()
 
 
-def branch_affine(
-    branch: str, weight: float, stats: tuple[float, float]
-) -> tuple[float, float, float]:
-    """``(weight, mean, std)`` of one branch, checked: finite, and std > 0."""
-    if len(stats) != 2:
-        raise ValueError(f"{branch}_stats must be (mean, std), got {stats}")
-    weight, mean, std = float(weight), float(stats[0]), float(stats[1])
+def branch_affine(name: str, affine: Sequence[float]) -> Affine:
+    """``(weight, mean, std)`` as floats, checked: three finite numbers, and std > 0."""
+    try:
+        weight, mean, std = (float(v) for v in affine)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name} must be three numbers (weight, mean, std), got {affine!r}"
+        ) from None
     if not all(math.isfinite(v) for v in (weight, mean, std)) or std <= 0:
         raise ValueError(
-            f"{branch} branch needs a finite weight and mean and a positive finite std, "
+            f"{name} needs a finite weight and mean and a positive finite std, "
             f"got weight={weight}, mean={mean}, std={std}"
         )
     return weight, mean, std
+
+
+def check_merge_inputs(
+    maps: Sequence[torch.Tensor], affines: Sequence[Sequence[float]]
+) -> list[Affine]:
+    """Validate 1..3 same-shape (B, H, W) float maps with one affine each; the checked affines."""
+    if isinstance(maps, torch.Tensor) or not isinstance(maps, Sequence):
+        raise ValueError(f"maps must be a sequence of (B, H, W) tensors, got {type(maps).__name__}")
+    if not 1 <= len(maps) <= MAX_MAPS:
+        raise ValueError(f"expected 1 to {MAX_MAPS} maps, got {len(maps)}")
+    if isinstance(affines, torch.Tensor) or not isinstance(affines, Sequence):
+        raise ValueError(f"affines must be a sequence of (weight, mean, std), got {affines!r}")
+    if len(affines) != len(maps):
+        raise ValueError(f"got {len(maps)} maps but {len(affines)} affines; need one per map")
+    first = maps[0]
+    for i, x in enumerate(maps):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+            what = (
+                f"shape {tuple(x.shape)} {x.dtype}"
+                if isinstance(x, torch.Tensor)
+                else type(x).__name__
+            )
+            raise ValueError(f"maps[{i}] must be a (B, H, W) float tensor, got {what}")
+        if x.shape != first.shape:
+            raise ValueError(
+                f"maps[{i}] has shape {tuple(x.shape)} but maps[0] has {tuple(first.shape)}; "
+                "resize every map to one size first"
+            )
+    if first.shape[1] == 0 or first.shape[2] == 0:
+        raise ValueError(f"maps have an empty spatial dim: {tuple(first.shape)}")
+    return [branch_affine(f"affines[{i}]", a) for i, a in enumerate(affines)]
 
 
 def symmetric_indices(n: int, radius: int, device: torch.device) -> torch.Tensor:
@@ -67,34 +103,19 @@ def gaussian_blur_reference(
 
 
 def normalize_merge_blur_reference(
-    logical: torch.Tensor,
-    structural: torch.Tensor,
-    logical_stats: tuple[float, float],
-    structural_stats: tuple[float, float],
-    logical_weight: float = 3.0,
-    structural_weight: float = 1.0,
-    sigma: float = 4.0,
+    maps: Sequence[torch.Tensor], affines: Sequence[Affine], sigma: float = 4.0
 ) -> torch.Tensor:
-    """``blur(w_s * (S_s - mu_s) / sd_s + w_l * (S_l - mu_l) / sd_l)`` on (B, H, W) maps.
+    """``blur(sum_i weight_i * (maps[i] - mean_i) / std_i)``: the fused (B, H, W) float32 map.
 
-    ``*_stats`` are ``(mean, std)`` of all validation pixel scores of that branch. A branch whose
-    map has another size than the logical map is bilinearly resized to it first.
+    Args:
+        maps: 1 to 3 branch maps, each (B, H, W) of one shape (callers resize), any float
+            dtype and strides.
+        affines: one ``(weight, mean, std)`` per map; mean and std are those of all the branch's
+            validation pixel scores.
+        sigma: Gaussian σ in pixels (truncated at 4 σ, scipy "reflect" borders).
     """
-    w_l, mu_l, sd_l = branch_affine("logical", logical_weight, logical_stats)
-    w_s, mu_s, sd_s = branch_affine("structural", structural_weight, structural_stats)
-    if logical.dim() != 3 or structural.dim() != 3 or logical.shape[0] != structural.shape[0]:
-        raise ValueError(
-            "expected (B, H, W) logical and (B, h, w) structural maps, got "
-            f"{tuple(logical.shape)} and {tuple(structural.shape)}"
-        )
-    if structural.shape[-2:] != logical.shape[-2:]:
-        structural = F.interpolate(
-            structural.float()[:, None],
-            size=logical.shape[-2:],
-            mode="bilinear",
-            align_corners=False,
-        )[:, 0]
-    merged = w_s * (structural.float() - mu_s) / sd_s + w_l * (logical.float() - mu_l) / sd_l
+    checked = check_merge_inputs(maps, affines)
+    merged = sum(w * (x.float() - mu) / sd for x, (w, mu, sd) in zip(maps, checked))
     return gaussian_blur_reference(merged, sigma)
 
 
@@ -110,27 +131,15 @@ def gaussian_blur(
 
 
 def normalize_merge_blur(
-    logical: torch.Tensor,
-    structural: torch.Tensor,
-    logical_stats: tuple[float, float],
-    structural_stats: tuple[float, float],
-    logical_weight: float = 3.0,
-    structural_weight: float = 1.0,
+    maps: Sequence[torch.Tensor],
+    affines: Sequence[Affine],
     sigma: float = 4.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Dispatcher for :func:`normalize_merge_blur_reference`."""
-    args = (
-        logical,
-        structural,
-        logical_stats,
-        structural_stats,
-        logical_weight,
-        structural_weight,
-        sigma,
-    )
-    if use_triton(backend, logical, structural):
+    """Dispatcher for :func:`normalize_merge_blur_reference` (Triton for CUDA maps)."""
+    check_merge_inputs(maps, affines)
+    if use_triton(backend, *maps):
         from kernels.blur_triton import normalize_merge_blur_triton
 
-        return normalize_merge_blur_triton(*args)
-    return normalize_merge_blur_reference(*args)
+        return normalize_merge_blur_triton(maps, affines, sigma)
+    return normalize_merge_blur_reference(maps, affines, sigma)

@@ -2,22 +2,21 @@
 
 One kernel blurs along one axis of (B, H, W) maps with scipy's half-sample-symmetric ("reflect")
 border; it is launched twice, along H and then along W, through a float32 intermediate. In the
-fused version the first pass reads both branch maps and normalises and merges each tap on the fly,
-so the merged map is never written out: three map-sized reads and two writes in all, in two
-launches. A structural map of another size is bilinearly resized with torch first, as in the
-reference.
+fused version the first pass reads the 1 to 3 branch maps and normalises and merges each tap on
+the fly, so the merged map is never written out: with n maps, n + 1 map-sized reads and two
+writes in all, in two launches. The maps must already have one size (callers resize).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.blur import branch_affine, gaussian_taps
+from kernels.blur import MAX_MAPS, Affine, check_merge_inputs, gaussian_taps
 from kernels.triton_support import (
     check_device,
     check_float_tensor,
@@ -32,47 +31,61 @@ GPU_CONFIGS = [
 ]
 INTERPRETER_CONFIG = triton.Config({"BLOCK_ALONG": 64, "BLOCK_ACROSS": 64})
 
+IDENTITY = (1.0, 0.0)  # (scale, mean) of a plain blur; also fills the unused slots
+
+
+@triton.jit
+def _normalised_tap(base, src, s_along, mask, scale, mean):
+    """``scale * (x - mean)`` of one map at the tap's source rows, in float32."""
+    x = tl.load(base + src[:, None] * s_along, mask=mask, other=0.0).to(tl.float32)
+    return scale * (x - mean)
+
 
 @triton.autotune(
     configs=pick_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
-    key=["n_along", "n_across", "num_taps", "HAS_SECOND"],
+    key=["n_along", "n_across", "num_taps", "NUM_MAPS"],
     cache_results=True,
 )
 @triton.jit
 def _blur_axis_kernel(
-    a_ptr,
-    b_ptr,
+    m0_ptr,
+    m1_ptr,
+    m2_ptr,
     taps_ptr,
     out_ptr,
     n_along,
     n_across,
     num_taps,
-    sa_batch,
-    sa_along,
-    sa_across,
-    sb_batch,
-    sb_along,
-    sb_across,
+    s0_batch,
+    s0_along,
+    s0_across,
+    s1_batch,
+    s1_along,
+    s1_across,
+    s2_batch,
+    s2_along,
+    s2_across,
     so_batch,
     so_along,
     so_across,
-    a_weight,
-    a_mean,
-    a_std,
-    b_weight,
-    b_mean,
-    b_std,
-    HAS_SECOND: tl.constexpr,
+    scale0,
+    mean0,
+    scale1,
+    mean1,
+    scale2,
+    mean2,
+    NUM_MAPS: tl.constexpr,
     BLOCK_ALONG: tl.constexpr,
     BLOCK_ACROSS: tl.constexpr,
 ):
-    """1-D blur along one axis of ``v = a_weight * (a - a_mean) / a_std (+ same for b)``."""
+    """1-D blur along one axis of ``v = sum_i scale_i * (m_i - mean_i)``, i < NUM_MAPS."""
     batch = tl.program_id(2).to(tl.int64)
     along = tl.program_id(0) * BLOCK_ALONG + tl.arange(0, BLOCK_ALONG)
     across = (tl.program_id(1) * BLOCK_ACROSS + tl.arange(0, BLOCK_ACROSS)).to(tl.int64)
     mask = (along < n_along)[:, None] & (across < n_across)[None, :]
-    a_base = a_ptr + batch * sa_batch + across[None, :] * sa_across
-    b_base = b_ptr + batch * sb_batch + across[None, :] * sb_across
+    m0_base = m0_ptr + batch * s0_batch + across[None, :] * s0_across
+    m1_base = m1_ptr + batch * s1_batch + across[None, :] * s1_across
+    m2_base = m2_ptr + batch * s2_batch + across[None, :] * s2_across
     radius = num_taps // 2
     period = 2 * n_along
 
@@ -83,11 +96,11 @@ def _blur_axis_kernel(
         src = (along + t - radius) % period
         src = (src + period) % period
         src = tl.where(src >= n_along, period - 1 - src, src).to(tl.int64)
-        a = tl.load(a_base + src[:, None] * sa_along, mask=mask, other=0.0).to(tl.float32)
-        value = a_weight * (a - a_mean) / a_std
-        if HAS_SECOND:
-            b = tl.load(b_base + src[:, None] * sb_along, mask=mask, other=0.0).to(tl.float32)
-            value += b_weight * (b - b_mean) / b_std
+        value = _normalised_tap(m0_base, src, s0_along, mask, scale0, mean0)
+        if NUM_MAPS >= 2:
+            value += _normalised_tap(m1_base, src, s1_along, mask, scale1, mean1)
+        if NUM_MAPS >= 3:
+            value += _normalised_tap(m2_base, src, s2_along, mask, scale2, mean2)
         acc += tap * value
     out = out_ptr + batch * so_batch + along.to(tl.int64)[:, None] * so_along
     tl.store(out + across[None, :] * so_across, acc, mask=mask)
@@ -99,18 +112,18 @@ def _device_taps(sigma: float, truncate: float, device: torch.device) -> torch.T
 
 
 def _launch_axis(
-    a: torch.Tensor,
-    b: torch.Tensor | None,
+    maps: Sequence[torch.Tensor],
     out: torch.Tensor,
     taps: torch.Tensor,
     axis: int,
-    a_affine: tuple[float, float, float] = (1.0, 0.0, 1.0),
-    b_affine: tuple[float, float, float] = (1.0, 0.0, 1.0),
+    scale_means: Sequence[tuple[float, float]] = (IDENTITY,),
 ) -> None:
-    """Blur (B, H, W) ``a`` (merged with ``b`` when given) along ``axis`` (1 or 2) into ``out``."""
+    """Blur ``sum_i scale_i * (maps[i] - mean_i)`` ((B, H, W) each) along ``axis`` into ``out``."""
     across_axis = 3 - axis
-    n_along, n_across = a.shape[axis], a.shape[across_axis]
-    second = a if b is None else b
+    n_along, n_across = out.shape[axis], out.shape[across_axis]
+    # Unused slots repeat the first map; NUM_MAPS keeps the kernel from reading them.
+    slots = [*maps, *[maps[0]] * (MAX_MAPS - len(maps))]
+    affines = [*scale_means, *[IDENTITY] * (MAX_MAPS - len(maps))]
 
     def strides(t: torch.Tensor) -> tuple[int, int, int]:
         return t.stride(0), t.stride(axis), t.stride(across_axis)
@@ -118,22 +131,19 @@ def _launch_axis(
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(n_along, meta["BLOCK_ALONG"]),
         triton.cdiv(n_across, meta["BLOCK_ACROSS"]),
-        a.shape[0],
+        out.shape[0],
     )
     _blur_axis_kernel[grid](
-        a,
-        second,
+        *slots,
         taps,
         out,
         n_along,
         n_across,
         taps.numel(),
-        *strides(a),
-        *strides(second),
+        *(s for t in slots for s in strides(t)),
         *strides(out),
-        *a_affine,
-        *b_affine,
-        HAS_SECOND=b is not None,
+        *(v for pair in affines for v in pair),
+        NUM_MAPS=len(maps),
     )
 
 
@@ -163,54 +173,38 @@ def gaussian_blur_triton(
     if x.shape[0] == 0:
         return out
     with on_device(device):
-        _launch_axis(x, None, across_h, taps, axis=1)
-        _launch_axis(across_h, None, out, taps, axis=2)
+        _launch_axis([x], across_h, taps, axis=1)
+        _launch_axis([across_h], out, taps, axis=2)
     return out
 
 
 def normalize_merge_blur_triton(
-    logical: torch.Tensor,
-    structural: torch.Tensor,
-    logical_stats: tuple[float, float],
-    structural_stats: tuple[float, float],
-    logical_weight: float = 3.0,
-    structural_weight: float = 1.0,
-    sigma: float = 4.0,
+    maps: Sequence[torch.Tensor], affines: Sequence[Affine], sigma: float = 4.0
 ) -> torch.Tensor:
     """Triton version of :func:`kernels.blur.normalize_merge_blur_reference` (no autograd).
 
     Args:
-        logical: (B, H, W) logical maps; structural: (B, h, w) structural maps (resized to
-            (H, W) when the size differs).
-        logical_stats, structural_stats: ``(mean, std)`` of each branch's validation pixels.
+        maps: 1 to 3 branch maps, each (B, H, W) of one shape, any strides, float16 /
+            bfloat16 / float32 (they may differ).
+        affines: one ``(weight, mean, std)`` per map (validation mean and std of that branch).
+        sigma: Gaussian σ in pixels.
 
     Returns:
-        (B, H, W) float32 fused, blurred map.
+        (B, H, W) float32 ``blur(sum_i weight_i * (maps[i] - mean_i) / std_i)``.
     """
-    _check_maps("logical", logical)
-    _check_maps("structural", structural)
-    if logical.shape[0] != structural.shape[0]:
-        raise ValueError(
-            f"logical has batch {logical.shape[0]} but structural has {structural.shape[0]}"
-        )
-    device = check_device(logical=logical, structural=structural)
-    check_no_autograd("normalize_merge_blur_triton", logical, structural)
-    logical_affine = branch_affine("logical", logical_weight, logical_stats)
-    structural_affine = branch_affine("structural", structural_weight, structural_stats)
+    checked = check_merge_inputs(maps, affines)
+    for i, x in enumerate(maps):
+        check_float_tensor(f"maps[{i}]", x, 3)
+    device = check_device(**{f"maps[{i}]": x for i, x in enumerate(maps)})
+    check_no_autograd("normalize_merge_blur_triton", *maps)
     taps = _device_taps(float(sigma), 4.0, device)
+    scale_means = [(weight / std, mean) for weight, mean, std in checked]
 
-    if structural.shape[-2:] != logical.shape[-2:]:
-        structural = F.interpolate(
-            structural.float()[:, None],
-            size=logical.shape[-2:],
-            mode="bilinear",
-            align_corners=False,
-        )[:, 0]
-    merged_h = torch.empty(logical.shape, dtype=torch.float32, device=device)
+    merged_h = torch.empty(maps[0].shape, dtype=torch.float32, device=device)
     out = torch.empty_like(merged_h)
-    if logical.shape[0] == 0:
+    if maps[0].shape[0] == 0:
         return out
     with on_device(device):
-        _launch_axis(logical, structural, merged_h, taps, 1, logical_affine, structural_affine)
-        _launch_axis(merged_h, None, out, taps, axis=2)
+        _launch_axis(maps, merged_h, taps, 1, scale_means)
+        _launch_axis([merged_h], out, taps, axis=2)
     return out

@@ -6,6 +6,7 @@ kernel is decorated, so it must be set before any kernel module is imported: her
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,31 +94,44 @@ def bilinear_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def reference_fused_map(
-    logical: np.ndarray,
-    structural: np.ndarray,
-    calibration: dict[str, dict[str, float]],
-    fusion: dict[str, float],
+    maps: dict[str, np.ndarray] | Any,
+    manifest: dict,
     size: tuple[int, int],
+    weights: dict[str, float] | None = None,
 ) -> np.ndarray:
     """The fused (H, W) map recomputed with numpy/scipy only, in float64.
 
-    ``logical`` / ``structural``: (S, S) raw branch maps at model resolution (a Result's
-    ``logical_map`` / ``structural_map``); ``calibration``: the manifest's ``calibration``
-    section (``mean`` / ``std`` per branch); ``fusion``: the config's ``fusion`` section. The
-    blur is ``scipy.ndimage.gaussian_filter`` with the engine kernel's rules (kernels/blur.py):
-    ``mode="reflect"`` (half-sample symmetric) and radius ``int(4.0 * sigma + 0.5)``.
+    ``maps``: (S, S) raw branch maps at model resolution by branch name, or a Runtime Result
+    (its ``logical_map`` / ``structural_map`` / ``composition_map``); ``manifest``: the artifact's
+    manifest, whose ``calibration`` (``mean`` / ``std`` per branch), ``fusion_weights`` (unless
+    ``weights`` overrides them) and ``config.fusion.sigma`` (σ at a 256-px map, scaled to S) are
+    used. The blur is ``scipy.ndimage.gaussian_filter`` with the engine kernel's rules
+    (kernels/blur.py): ``mode="reflect"`` (half-sample symmetric), radius ``int(4 * sigma + 0.5)``.
     """
     from scipy.ndimage import gaussian_filter
 
-    if logical.shape != structural.shape or logical.ndim != 2:
-        raise ValueError(f"branch maps differ in shape: {logical.shape} vs {structural.shape}")
-    merged = np.zeros(logical.shape, dtype=np.float64)
-    for name, branch_map in (("logical", logical), ("structural", structural)):
-        stats = calibration[name]
+    maps = maps if isinstance(maps, dict) else _result_maps(maps)
+    weights = manifest["fusion_weights"] if weights is None else weights
+    shapes = {m.shape for m in maps.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"branch maps differ in shape or are not 2-D: {shapes}")
+    side = next(iter(shapes))[0]
+    merged = np.zeros(next(iter(shapes)), dtype=np.float64)
+    for name, branch_map in maps.items():
+        stats = manifest["calibration"][name]
         normalised = (branch_map.astype(np.float64) - stats["mean"]) / stats["std"]
-        merged += fusion[f"{name}_weight"] * normalised
-    blurred = gaussian_filter(merged, sigma=fusion["sigma"], mode="reflect", truncate=4.0)
+        merged += weights.get(name, 0.0) * normalised
+    sigma = manifest["config"]["fusion"]["sigma"] * side / 256
+    blurred = gaussian_filter(merged, sigma=sigma, mode="reflect", truncate=4.0)
     return bilinear_resize(blurred, size)
+
+
+def _result_maps(result: Any) -> dict[str, np.ndarray]:
+    """A Runtime Result's branch maps by branch name (composition only when present)."""
+    maps = {"logical": result.logical_map, "structural": result.structural_map}
+    if result.composition_map is not None:
+        maps["composition"] = result.composition_map
+    return maps
 
 
 @pytest.fixture(scope="session")

@@ -76,8 +76,8 @@ def setting(*keys: str, value: object):
 def test_round_trip_keeps_weights_calibration_and_threshold(built, art: Path) -> None:
     detector, manifest = load_artifact(art)
     assert tiny["fingerprint"](detector) == tiny["fingerprint"](built[0])
-    assert detector.logical_stats == built[0].logical_stats
-    assert detector.structural_stats == built[0].structural_stats
+    assert detector.stats == built[0].stats
+    assert detector.weights == built[0].weights
     assert manifest["threshold"] == 1.5 and manifest["format_version"] == FORMAT_VERSION
     assert set(manifest["files"]) == {"logical.pt", "structural.pt"}
     assert names_in(art.parent) == ["art"]  # no temp folder left behind

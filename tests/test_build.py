@@ -82,16 +82,10 @@ def test_branch_aurocs_recomputed_from_runtime_branch_maps(
         paths = sorted(test_images.glob(f"{kind}/*.png"))
         images = [np.array(Image.open(p).convert("RGB")) for p in paths]
         results[kind], sizes[kind] = rt(images, color="rgb"), images[0].shape[:2]
-    for branch in ("logical", "structural"):
-        alone = {"logical_weight": 0.0, "structural_weight": 0.0, f"{branch}_weight": 1.0}
-        alone["sigma"] = manifest["config"]["fusion"]["sigma"]
+    for branch in manifest["calibration"]:
         scores = {
             kind: [
-                float(
-                    fused_reference(
-                        r.logical_map, r.structural_map, manifest["calibration"], alone, sizes[kind]
-                    ).max()
-                )
+                float(fused_reference(r, manifest, sizes[kind], {branch: 1.0}).max())
                 for r in results[kind]
             ]
             for kind in results

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import build, pipeline
+from engine import build, pipeline, preflight
 from engine.artifact import ArtifactError
 from engine.config import cpu_build_preset
 from engine.data.loco import LocoDataset
-from engine.pipeline import checkpoint_folder, data_fingerprint
+from engine.preflight import checkpoint_folder, data_fingerprint
 from engine.train import LAST_CHECKPOINT
 
 
@@ -203,7 +203,7 @@ def test_save_maps_in_a_read_only_folder_exits_2(
 def test_index_kind_that_cannot_run_here_exits_2(
     tiny_loco: Path, tmp_path: Path, capsys, monkeypatch, no_build, tiny_build_args, kind
 ) -> None:
-    monkeypatch.setattr(pipeline, "faiss_available", lambda: False)
+    monkeypatch.setattr(preflight, "faiss_available", lambda: False)
     argv = _argv(tiny_loco, tmp_path / "art", *tiny_build_args, f"--set=structural.index={kind}")
     assert build.main(argv) == build.EXIT_BAD_INPUT
     assert f"structural.index={kind}" in capsys.readouterr().err
@@ -212,8 +212,8 @@ def test_index_kind_that_cannot_run_here_exits_2(
 def test_faiss_gpu_without_gpu_faiss_exits_2(
     tiny_loco: Path, tmp_path: Path, capsys, monkeypatch, no_build, tiny_build_args
 ) -> None:
-    monkeypatch.setattr(pipeline, "faiss_gpu_available", lambda: False)
-    monkeypatch.setattr(pipeline, "faiss_available", lambda: True)
+    monkeypatch.setattr(preflight, "faiss_gpu_available", lambda: False)
+    monkeypatch.setattr(preflight, "faiss_available", lambda: True)
     argv = _argv(tiny_loco, tmp_path / "art", *tiny_build_args, "--set=structural.index=faiss_gpu")
     assert build.main(argv) == build.EXIT_BAD_INPUT
     assert "GPU support" in capsys.readouterr().err
@@ -313,6 +313,7 @@ def test_failed_evaluation_deletes_the_maps_it_wrote(
 
     class Detector:
         device = torch.device("cpu")
+        branch_names = ("logical", "structural")
 
         def __call__(self, frames):
             return frames

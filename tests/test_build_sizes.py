@@ -58,7 +58,7 @@ def test_each_branch_receives_its_own_input_size(rt: Runtime, sized_build: dict[
         return hook
 
     handles = [
-        rt.detector.structural.register_forward_pre_hook(spy("structural")),
+        rt.detector.structural.patch_features.register_forward_pre_hook(spy("structural")),
         rt.detector.logical.encoder.register_forward_pre_hook(spy("logical")),
     ]
     try:
@@ -93,11 +93,5 @@ def test_runtime_maps_equal_the_saved_maps_and_the_formula(
             / path.relative_to(test_root.parent).with_suffix(".tiff")
         )
         np.testing.assert_allclose(result.anomaly_map, saved, rtol=0, atol=MAP_ATOL, err_msg=path)
-        want = fused_reference(
-            result.logical_map,
-            result.structural_map,
-            manifest["calibration"],
-            manifest["config"]["fusion"],
-            image.shape[:2],
-        )
+        want = fused_reference(result, manifest, image.shape[:2])
         np.testing.assert_allclose(result.anomaly_map, want, rtol=0, atol=MAP_ATOL, err_msg=path)

@@ -21,26 +21,62 @@ def test_fusion_equals_formula() -> None:
     rng = np.random.default_rng(0)
     logical = rng.random((2, 40, 40)).astype(np.float32)
     structural = rng.random((2, 40, 40)).astype(np.float32) * 5
-    ls, ss = BranchStats(0.4, 0.2), BranchStats(2.0, 1.5)
-    got = fuse_maps(torch.from_numpy(logical), torch.from_numpy(structural), ls, ss).numpy()
+    composition = rng.random((2, 40, 40)).astype(np.float32) * 2
+    maps = {"logical": logical, "structural": structural, "composition": composition}
+    stats = {
+        "logical": BranchStats(0.4, 0.2),
+        "structural": BranchStats(2.0, 1.5),
+        "composition": BranchStats(1.0, 0.5),
+    }
+    weights = {"logical": 3.0, "structural": 1.0, "composition": 0.5}
+    got = fuse_maps({b: torch.from_numpy(m) for b, m in maps.items()}, stats, weights, 2.5)
     merged = 1.0 * (structural - 2.0) / 1.5 + 3.0 * (logical - 0.4) / 0.2
-    want = np.stack([gaussian_filter(m.astype(np.float64), sigma=4) for m in merged])
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    merged += 0.5 * (composition - 1.0) / 0.5
+    want = np.stack([gaussian_filter(m.astype(np.float64), sigma=2.5) for m in merged])
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_fusion_weights_and_sigma_from_config() -> None:
+def test_zero_weight_branches_are_left_out_and_all_zero_is_refused() -> None:
     rng = np.random.default_rng(1)
-    logical, structural = rng.random((1, 32, 32)), rng.random((1, 32, 32))
-    cfg = FusionConfig(structural_weight=2.0, logical_weight=0.5, sigma=2.0)
-    got = fuse_maps(
-        torch.from_numpy(logical).float(),
-        torch.from_numpy(structural).float(),
-        BranchStats(0, 1),
-        BranchStats(0, 1),
-        cfg,
-    ).numpy()
-    want = gaussian_filter((2.0 * structural + 0.5 * logical)[0], sigma=2.0)[None]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    logical, structural = (torch.from_numpy(rng.random((1, 32, 32))).float() for _ in range(2))
+    stats = {"logical": BranchStats(0, 1), "structural": BranchStats(0, 1)}
+    only = fuse_maps(
+        {"logical": logical, "structural": structural},
+        stats,
+        {"logical": 2.0, "structural": 0.0},
+        2.0,
+    )
+    want = gaussian_filter(2.0 * logical[0].double().numpy(), sigma=2.0)[None]
+    np.testing.assert_allclose(only.numpy(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="every branch has weight 0"):
+        fuse_maps({"logical": logical}, stats, {"logical": 0.0}, 2.0)
+    with pytest.raises(ValueError, match="no statistics or weight"):
+        fuse_maps({"composition": logical}, stats, {"logical": 1.0}, 2.0)
+
+
+def test_sigma_scales_with_the_map_size() -> None:
+    cfg = FusionConfig(sigma=4.0)
+    assert cfg.sigma_at(256) == 4.0 and cfg.sigma_at(128) == 2.0 and cfg.sigma_at(64) == 1.0
+    assert (cfg.weight("logical"), cfg.weight("structural"), cfg.weight("composition")) == (
+        3.0,
+        1.0,
+        1.0,
+    )
+    with pytest.raises(ValueError, match="unknown branch"):
+        cfg.weight("fused")
+
+
+def test_resize_antialiases_only_when_asked_and_shrinking() -> None:
+    maps = torch.from_numpy(np.random.default_rng(3).random((1, 64, 64))).float()
+    plain = torch.nn.functional.interpolate(maps[:, None], size=(16, 16), mode="bilinear")[:, 0]
+    smooth = torch.nn.functional.interpolate(
+        maps[:, None], size=(16, 16), mode="bilinear", antialias=True
+    )[:, 0]
+    assert torch.equal(resize_to(maps, (16, 16)), plain)
+    assert torch.equal(resize_to(maps, (16, 16), antialias=True), smooth)
+    assert not torch.allclose(plain, smooth)
+    grow = torch.nn.functional.interpolate(maps[:, None], size=(80, 80), mode="bilinear")[:, 0]
+    assert torch.equal(resize_to(maps, (80, 80), antialias=True), grow)
 
 
 def test_branch_stats_streaming_equals_numpy() -> None:

@@ -52,8 +52,12 @@ def test_reference_resize_is_torch_bilinear(
     rng = np.random.default_rng(0)
     branch = rng.normal(size=(64, 64))
     unit = {"mean": 0.0, "std": 1.0}
-    fusion = {"logical_weight": 1.0, "structural_weight": 0.0, "sigma": 2.0}
-    got = fused_reference(branch, branch, {"logical": unit, "structural": unit}, fusion, size)
+    manifest = {
+        "calibration": {"logical": unit, "structural": unit},
+        "fusion_weights": {"logical": 1.0, "structural": 0.0},
+        "config": {"fusion": {"sigma": 8.0}},  # 2 px at 64 px
+    }
+    got = fused_reference({"logical": branch, "structural": branch}, manifest, size)
     blurred = torch.from_numpy(gaussian_filter(branch, sigma=2.0, mode="reflect"))
     want = torch.nn.functional.interpolate(
         blurred[None, None], size=size, mode="bilinear", align_corners=False
@@ -67,18 +71,11 @@ def test_fused_map_equals_the_formula(
 ) -> None:
     images = sorted((tiny_build["data"] / "pushpins" / "test").rglob("*.png"))
     assert len(images) == 9
-    fusion = manifest["config"]["fusion"]
     for path in images:
         image = read_image(path)
         result = rt(image, color="rgb")
         assert isinstance(result, Result)
-        want = fused_reference(
-            result.logical_map,
-            result.structural_map,
-            manifest["calibration"],
-            fusion,
-            image.shape[:2],
-        )
+        want = fused_reference(result, manifest, image.shape[:2])
         np.testing.assert_allclose(result.anomaly_map, want, rtol=0, atol=FUSED_ATOL, err_msg=path)
         assert result.score == pytest.approx(want.max(), abs=FUSED_ATOL)
 

@@ -27,7 +27,7 @@ from engine.data.images import read_rgb
 from engine.data.loco import LocoDataset
 from engine.data.types import Sample
 from engine.metrics import LocoEvaluator, LocoMetrics, format_table, iter_maps, write_metrics_json
-from engine.pipeline import check_output_folder
+from engine.preflight import check_output_folder
 from engine.runtime import Runtime
 
 EXIT_BAD_INPUT = 2

@@ -27,7 +27,7 @@ from engine.data.images import read_rgb
 from engine.data.loco import LocoDataset
 from engine.data.types import GOOD, LOGICAL, STRUCTURAL, Sample
 from engine.metrics import LocoMetrics
-from engine.pipeline import check_output_folder
+from engine.preflight import check_output_folder
 from engine.runtime import Runtime
 from tools.evaluate import (
     DEVICES,

@@ -46,8 +46,8 @@ def apply_backend(detector: Detector, name: str) -> str:
     if chosen == "compile":
         mode = "reduce-overhead" if detector.device.type == "cuda" else None
         detector.logical_fn = torch.compile(detector.logical.anomaly_map, mode=mode)
-        detector.structural_fn = torch.compile(detector.structural.anomaly_map, mode=mode)
+        detector.structural_fn = torch.compile(detector.structural_side, mode=mode)
     else:
         detector.logical_fn = detector.logical.anomaly_map
-        detector.structural_fn = detector.structural.anomaly_map
+        detector.structural_fn = detector.structural_side
     return chosen

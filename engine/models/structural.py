@@ -38,6 +38,7 @@ __all__ = [
     "adaptive_pool_matrix",
     "attach_index",
     "build_memory_bank",
+    "coreset_bank",
     "extract_patch_features",
 ]
 
@@ -159,16 +160,37 @@ def extract_patch_features(
     loader: Iterable,
     device: str | torch.device = "cpu",
     progress: bool = True,
-) -> torch.Tensor:
-    """(N_images * h * w, D) float32 CPU features of every image the loader yields."""
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Patch features of every image the loader yields: (N_images, h*w, D) float32 on CPU, and
+    the (h, w) grid they lie on."""
     patch_features.to(device).eval()
-    chunks = []
+    chunks, grid = [], (0, 0)
     for batch in tqdm(loader, desc="patch features", unit="batch", disable=not progress):
-        features, _ = patch_features(_images(batch).to(device))
-        chunks.append(features.reshape(-1, features.shape[-1]).float().cpu())
+        features, grid = patch_features(_images(batch).to(device))
+        chunks.append(features.float().cpu())
     if not chunks:
         raise ValueError("the training loader yielded no images")
-    return torch.cat(chunks)
+    return torch.cat(chunks), grid
+
+
+def coreset_bank(
+    features: torch.Tensor,
+    cfg: StructuralConfig,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> torch.Tensor:
+    """(N, h*w, D) training patch features reduced to ``cfg.coreset_ratio`` of the patches by
+    greedy coreset: the (M, D) bank on CPU in ``cfg.bank_dtype``."""
+    flat = features.reshape(-1, features.shape[-1])
+    picks = greedy_coreset(
+        flat,
+        ratio=cfg.coreset_ratio,
+        projection_dim=cfg.coreset_projection_dim,
+        seed=cfg.coreset_seed,
+        device=device,
+        progress=progress,
+    )
+    return flat[picks.cpu()].to(getattr(torch, cfg.bank_dtype))
 
 
 def build_memory_bank(
@@ -178,20 +200,9 @@ def build_memory_bank(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> torch.Tensor:
-    """Features of all training images, reduced to ``cfg.coreset_ratio`` by greedy coreset.
-
-    Returns the (M, D) bank on CPU in ``cfg.bank_dtype``.
-    """
-    features = extract_patch_features(patch_features, loader, device, progress)
-    picks = greedy_coreset(
-        features,
-        ratio=cfg.coreset_ratio,
-        projection_dim=cfg.coreset_projection_dim,
-        seed=cfg.coreset_seed,
-        device=device,
-        progress=progress,
-    )
-    return features[picks.cpu()].to(getattr(torch, cfg.bank_dtype))
+    """Features of all training images, reduced by :func:`coreset_bank`."""
+    features, _ = extract_patch_features(patch_features, loader, device, progress)
+    return coreset_bank(features, cfg, device, progress)
 
 
 class StructuralModel(nn.Module):
@@ -259,25 +270,35 @@ class StructuralModel(nn.Module):
             self.bank_sq = bank_sq_norms(self.bank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features, grid = self.patch_features(x)
+        return self.score_features(features, grid)
+
+    def score_features(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, h*w, D) patch features on an (h, w) grid -> (B, h, w) nearest-bank distances."""
         if self.bank.shape[0] == 0:
             raise RuntimeError("StructuralModel has no memory bank: call fit() or set_bank() first")
-        features, (h, w) = self.patch_features(x)
         flat = features.reshape(-1, features.shape[-1])
         if self.index is not None:
             dist = self.index.search(flat.float(), 1)[0][:, 0]
         else:
             dist, _ = knn_min(flat, self.bank, bank_sq=self.bank_sq)
-        return dist.reshape(x.shape[0], h, w)
+        return dist.reshape(features.shape[0], grid[0], grid[1])
+
+    def map_from_features(
+        self, features: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Patch scores of ``features`` upsampled to ``size`` (the input's (S, S)): (B, S, S)."""
+        scores = self.score_features(features, grid)
+        return F.interpolate(scores[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
     def use_index(self, index: KnnIndex | None) -> None:
         """Search ``index`` (built on this model's bank) instead of the bank buffer; None resets."""
         self.index = index
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        scores = self(x)
-        return F.interpolate(
-            scores[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False
-        )[:, 0]
+        """(B, 3, S, S) normalised -> (B, S, S) patch scores, bilinearly upsampled."""
+        features, grid = self.patch_features(x)
+        return self.map_from_features(features, grid, (int(x.shape[-2]), int(x.shape[-1])))
 
 
 def attach_index(

@@ -74,19 +74,21 @@ def _variants() -> list[tuple[str, object, dict[str, str], dict]]:
                 {"se_w": 1, "sd_w": 1},
             )
         )
-        for has_second in (False, True):
+        for num_maps in (1, 2, 3):
             out.append(
                 (
-                    f"blur {dt} merge={has_second}",
+                    f"blur {dt} maps={num_maps}",
                     blur_triton._blur_axis_kernel,
                     {
-                        "a_ptr": f"*{dt}",
-                        "b_ptr": f"*{dt}",
+                        **{f"m{i}_ptr": f"*{dt}" for i in range(3)},
                         "taps_ptr": "*fp32",
                         "out_ptr": "*fp32",
-                        **{f"{p}_{q}": "fp32" for p in "ab" for q in ("weight", "mean", "std")},
+                        **{f"{q}{i}": "fp32" for i in range(3) for q in ("scale", "mean")},
                     },
-                    {"HAS_SECOND": has_second, "sa_across": 1, "sb_across": 1, "so_across": 1},
+                    {
+                        "NUM_MAPS": num_maps,
+                        **{f"s{i}_across": 1 for i in ("0", "1", "2", "o")},
+                    },
                 )
             )
     for align in (False, True):

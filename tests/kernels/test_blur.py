@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from kernels.blur import (
@@ -16,7 +17,13 @@ from kernels.blur import (
 )
 from kernels.blur_triton import gaussian_blur_triton, normalize_merge_blur_triton
 
-STATS_L, STATS_S = (0.2, 1.5), (-0.4, 0.3)
+# (weight, mean, std) of the logical, structural and composition branches.
+AFFINES = [(3.0, 0.2, 1.5), (1.0, -0.4, 0.3), (0.5, 2.0, 0.7)]
+
+
+def rand_maps(gen: torch.Generator, count: int, shape: tuple[int, int, int]) -> list[torch.Tensor]:
+    # Distinct ranges per map so that a slot reading another slot's map is seen.
+    return [torch.rand(shape, generator=gen) * (i + 1) for i in range(count)]
 
 
 @pytest.mark.parametrize(
@@ -38,13 +45,16 @@ def test_reference_matches_scipy(
         np.testing.assert_allclose(ref[b].numpy(), expected, atol=1e-6)
 
 
-def test_merge_reference_matches_formula(gen: torch.Generator) -> None:
-    logical = torch.rand(2, 10, 12, generator=gen)
-    structural = torch.rand(2, 10, 12, generator=gen)
-    out = normalize_merge_blur_reference(logical, structural, STATS_L, STATS_S, 3.0, 1.0, 2.0)
-    merged = 3.0 * (logical - 0.2) / 1.5 + 1.0 * (structural + 0.4) / 0.3
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_merge_reference_matches_scipy(gen: torch.Generator, count: int) -> None:
+    maps = rand_maps(gen, count, (2, 10, 13))
+    out = normalize_merge_blur_reference(maps, AFFINES[:count], 2.0)
+    assert out.shape == (2, 10, 13) and out.dtype == torch.float32
+    merged = sum(
+        w * (m.double().numpy() - mu) / sd for m, (w, mu, sd) in zip(maps, AFFINES[:count])
+    )
     for b in range(2):
-        expected = ndimage.gaussian_filter(merged[b].double().numpy(), 2.0, mode="reflect")
+        expected = ndimage.gaussian_filter(merged[b], 2.0, mode="reflect")
         np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-5)
 
 
@@ -86,38 +96,52 @@ def test_triton_blur_non_contiguous(device: torch.device, gen: torch.Generator) 
         torch.testing.assert_close(out.cpu(), gaussian_blur_reference(view, 1.5))
 
 
-@pytest.mark.parametrize("structural_size", [(24, 20), (7, 5)])  # same size, and resized
+@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("shape", "sigma"),
+    [((2, 13, 11), 1.5), ((1, 9, 7), 4.0)],  # odd sizes; radius 16 > both sides
+)
 def test_triton_merge_matches_reference(
-    device: torch.device, gen: torch.Generator, structural_size: tuple[int, int]
+    device: torch.device,
+    gen: torch.Generator,
+    count: int,
+    shape: tuple[int, int, int],
+    sigma: float,
 ) -> None:
-    logical = torch.rand(2, 24, 20, generator=gen)
-    structural = torch.rand(2, *structural_size, generator=gen)
-    ref = normalize_merge_blur_reference(logical, structural, STATS_L, STATS_S, 3.0, 1.0, 4.0)
-    out = normalize_merge_blur_triton(
-        logical.to(device), structural.to(device), STATS_L, STATS_S, 3.0, 1.0, 4.0
-    )
-    assert out.shape == logical.shape and out.dtype == torch.float32
+    maps = rand_maps(gen, count, shape)
+    ref = normalize_merge_blur_reference(maps, AFFINES[:count], sigma)
+    out = normalize_merge_blur_triton([m.to(device) for m in maps], AFFINES[:count], sigma)
+    assert out.shape == shape and out.dtype == torch.float32
     torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_triton_merge_mixed_dtypes_and_strides(device: torch.device, gen: torch.Generator) -> None:
-    logical = torch.rand(2, 16, 22, generator=gen).half()
-    structural = torch.rand(2, 22, 16, generator=gen).transpose(1, 2)
-    ref = normalize_merge_blur_reference(logical, structural, STATS_L, STATS_S, 2.0, 0.5, 1.0)
-    out = normalize_merge_blur_triton(
-        logical.to(device), structural.to(device), STATS_L, STATS_S, 2.0, 0.5, 1.0
-    )
+def test_triton_merge_mixed_dtypes(device: torch.device, gen: torch.Generator) -> None:
+    maps = rand_maps(gen, 3, (2, 11, 14))
+    maps = [maps[0].half(), maps[1].bfloat16(), maps[2]]
+    ref = normalize_merge_blur_reference(maps, AFFINES, 1.0)
+    out = normalize_merge_blur_triton([m.to(device) for m in maps], AFFINES, 1.0)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_merge_non_contiguous(device: torch.device, gen: torch.Generator) -> None:
+    """Each slot gets its own strides: transposed, sliced, and batch-broadcast (stride 0)."""
+    shape = (2, 9, 12)
+    transposed = torch.rand(2, 12, 9, generator=gen).transpose(1, 2)
+    sliced = torch.rand(2, 18, 37, generator=gen)[:, ::2, 1::3]
+    broadcast = torch.rand(1, *shape[1:], generator=gen).expand(shape)
+    maps = [transposed, sliced, broadcast]
+    assert all(m.shape == shape and not m.is_contiguous() for m in maps)
+    ref = normalize_merge_blur_reference(maps, AFFINES, 1.5)
+    out = normalize_merge_blur_triton([m.to(device) for m in maps], AFFINES, 1.5)
     torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_triton_merge_weights_matter(device: torch.device, gen: torch.Generator) -> None:
-    """Zero structural weight leaves the blurred, normalised logical map alone."""
-    logical = torch.rand(1, 12, 12, generator=gen)
-    structural = torch.rand(1, 12, 12, generator=gen)
-    out = normalize_merge_blur_triton(
-        logical.to(device), structural.to(device), STATS_L, STATS_S, 3.0, 0.0, 1.0
-    )
-    expected = gaussian_blur_reference(3.0 * (logical - 0.2) / 1.5, 1.0)
+    """Zero weights on two maps leave the blurred, normalised third map alone."""
+    maps = rand_maps(gen, 3, (1, 12, 12))
+    affines = [(0.0, 0.2, 1.5), (0.0, -0.4, 0.3), (0.5, 2.0, 0.7)]
+    out = normalize_merge_blur_triton([m.to(device) for m in maps], affines, 1.0)
+    expected = gaussian_blur_reference(0.5 * (maps[2] - 2.0) / 0.7, 1.0)
     torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -125,10 +149,16 @@ def test_dispatchers_forced_triton(device: torch.device, gen: torch.Generator) -
     x = torch.rand(1, 10, 11, generator=gen)
     out = gaussian_blur(x.to(device), 1.0, backend="triton")
     torch.testing.assert_close(out.cpu(), gaussian_blur_reference(x, 1.0))
-    resized = F.interpolate(x[:, None], size=(5, 6), mode="bilinear")[:, 0]
-    out = normalize_merge_blur(x.to(device), resized.to(device), STATS_L, STATS_S, backend="triton")
-    ref = normalize_merge_blur_reference(x, resized, STATS_L, STATS_S)
+    maps = rand_maps(gen, 3, (1, 10, 11))
+    out = normalize_merge_blur([m.to(device) for m in maps], AFFINES, backend="triton")
+    ref = normalize_merge_blur_reference(maps, AFFINES)
     torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_dispatcher_torch_backend_is_reference(gen: torch.Generator) -> None:
+    maps = rand_maps(gen, 2, (1, 8, 9))
+    out = normalize_merge_blur(maps, AFFINES[:2], 2.0, backend="torch")
+    torch.testing.assert_close(out, normalize_merge_blur_reference(maps, AFFINES[:2], 2.0))
 
 
 @pytest.mark.parametrize(
@@ -146,24 +176,51 @@ def test_triton_blur_bad_arguments(x: torch.Tensor, sigma: float, message: str) 
         gaussian_blur_triton(x, sigma)
 
 
+MERGE_FUNCTIONS = {
+    "reference": normalize_merge_blur_reference,
+    "triton": normalize_merge_blur_triton,
+    "dispatcher": normalize_merge_blur,
+}
+ONE = torch.ones(1, 4, 4)
+GOOD = (1.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("function", MERGE_FUNCTIONS.values(), ids=MERGE_FUNCTIONS.keys())
 @pytest.mark.parametrize(
-    ("structural", "stats_s", "weight_s", "message"),
+    ("maps", "affines", "message"),
     [
-        (torch.ones(2, 4, 4), STATS_S, 1.0, "batch"),
-        (torch.ones(1, 4), STATS_S, 1.0, "structural must have 3 dims"),
-        (torch.ones(1, 4, 4), (0.0, 0.0), 1.0, "positive finite std"),
-        (torch.ones(1, 4, 4), (float("nan"), 1.0), 1.0, "structural branch"),
-        (torch.ones(1, 4, 4), (0.0, 1.0, 2.0), 1.0, r"must be \(mean, std\)"),
-        (torch.ones(1, 4, 4), STATS_S, float("inf"), "finite weight"),
+        ([], [], "expected 1 to 3 maps, got 0"),
+        ([ONE] * 4, [GOOD] * 4, "expected 1 to 3 maps, got 4"),
+        (ONE[None], [GOOD], "maps must be a sequence of .* got Tensor"),
+        ([ONE, ONE], [GOOD], "got 2 maps but 1 affines"),
+        ([ONE], [GOOD, GOOD], "got 1 maps but 2 affines"),
+        ([ONE, torch.ones(1, 4, 5)], [GOOD] * 2, r"maps\[1\] has shape \(1, 4, 5\) .* \(1, 4, 4\)"),
+        ([ONE, ONE, torch.ones(2, 4, 4)], [GOOD] * 3, r"maps\[2\] has shape \(2, 4, 4\)"),
+        ([torch.ones(4, 4)], [GOOD], r"maps\[0\] must be a \(B, H, W\) float tensor"),
+        ([ONE, ONE.long()], [GOOD] * 2, r"maps\[1\] must be .* torch.int64"),
+        ([torch.ones(1, 0, 4)], [GOOD], "empty spatial dim"),
+        ([ONE], [(1.0, 0.0, 0.0)], r"affines\[0\] needs .* positive finite std"),
+        ([ONE, ONE], [GOOD, (1.0, 0.0, -1.0)], r"affines\[1\] needs .* std=-1.0"),
+        ([ONE], [(float("inf"), 0.0, 1.0)], r"affines\[0\] needs a finite weight"),
+        ([ONE], [(1.0, float("nan"), 1.0)], r"affines\[0\] needs a finite weight and mean"),
+        ([ONE], [(1.0, 0.0, float("inf"))], "positive finite std"),
+        ([ONE], [(1.0, 2.0)], r"affines\[0\] must be three numbers \(weight, mean, std\)"),
+        ([ONE], [(1.0, "x", 1.0)], r"affines\[0\] must be three numbers"),
     ],
 )
-def test_triton_merge_bad_arguments(
-    structural: torch.Tensor, stats_s: tuple[float, ...], weight_s: float, message: str
+def test_merge_bad_arguments(
+    function: Callable[..., torch.Tensor],
+    maps: list[torch.Tensor],
+    affines: list[tuple[float, ...]],
+    message: str,
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        normalize_merge_blur_triton(
-            torch.ones(1, 4, 4), structural, STATS_L, stats_s, 3.0, weight_s
-        )
+        function(maps, affines)
+
+
+def test_triton_merge_rejects_float64() -> None:
+    with pytest.raises(ValueError, match=r"maps\[1\] has dtype torch.float64"):
+        normalize_merge_blur_triton([ONE, ONE.double()], [GOOD, GOOD])
 
 
 def test_triton_refuses_autograd() -> None:
@@ -171,4 +228,4 @@ def test_triton_refuses_autograd() -> None:
     with pytest.raises(RuntimeError, match="no backward"):
         gaussian_blur_triton(x)
     with pytest.raises(RuntimeError, match="no backward"):
-        normalize_merge_blur_triton(x, torch.ones(1, 4, 4), STATS_L, STATS_S)
+        normalize_merge_blur_triton([ONE, x], [GOOD, GOOD])

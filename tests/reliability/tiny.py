@@ -74,8 +74,8 @@ def tiny_detector(seed: int = 0, index: str = "torch") -> tuple[Detector, BuildC
         searcher = FaissIvfPqIndex(nlist=2, m=2, nbits=4, nprobe=2)
         searcher.add(structural.bank)
         structural.use_index(searcher)
-    stats = BranchStats(0.1, 0.5), BranchStats(0.2, 0.25)
-    detector = Detector(logical, structural, config.fusion, *stats, structural_size=SIZE)
+    stats = {"logical": BranchStats(0.1, 0.5), "structural": BranchStats(0.2, 0.25)}
+    detector = Detector(logical, structural, config.fusion, stats, structural_size=SIZE)
     return detector, config
 
 

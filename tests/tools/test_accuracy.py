@@ -14,7 +14,7 @@ import pytest
 
 from engine.artifact import read_manifest
 from engine.data.types import DefectSpec, GroundTruthChannel
-from engine.pipeline import defect_name
+from engine.metrics.per_defect import defect_name
 from tools import accuracy
 from tools.accuracy_report import (
     NEW_DOCUMENT,

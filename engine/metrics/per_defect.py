@@ -1,0 +1,32 @@
+"""Image AUROC per defect type: which kinds of anomaly a map catches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from engine.data.types import GOOD, GroundTruthChannel
+from engine.metrics.auroc import auroc
+
+__all__ = ["defect_name", "image_auroc_per_defect"]
+
+
+def defect_name(channels: Sequence[GroundTruthChannel]) -> str:
+    """``good`` without channels, else the channels' distinct defect names, sorted, ``+``-joined
+    (a channel without a ``defects_config.json`` entry counts as ``unnamed``)."""
+    if not channels:
+        return GOOD
+    return "+".join(sorted({c.defect.name if c.defect else "unnamed" for c in channels}))
+
+
+def image_auroc_per_defect(scores: np.ndarray, defects: Sequence[str]) -> dict[str, float]:
+    """Tie-correct image AUROC of good images vs the images of each defect name.
+
+    ``scores`` (N,) and ``defects`` (N,) as in :class:`Evaluation`; empty without good images.
+    """
+    names = np.asarray(defects)
+    good = scores[names == GOOD]
+    if good.size == 0:
+        return {}
+    return {name: auroc(good, scores[names == name]) for name in sorted(set(defects) - {GOOD})}

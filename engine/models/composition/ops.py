@@ -1,0 +1,186 @@
+"""Building blocks of the composition branch: seeded k-means, Ledoit-Wolf shrinkage, and
+connected-component labelling written with plain tensor ops (exportable, runs on any device)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["blob_stats", "kmeans", "label_components", "ledoit_wolf", "pca_basis"]
+
+
+def _sq_dist(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(N, K) squared L2 distances between (N, p) rows and (K, p) centroids."""
+    return (
+        (x * x).sum(1, keepdim=True) - 2.0 * x @ centroids.t() + (centroids * centroids).sum(1)
+    ).clamp_min_(0.0)
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: each next centroid drawn with probability ∝ squared distance."""
+    first = int(torch.randint(x.shape[0], (1,), generator=generator))
+    centroids = x[first : first + 1]
+    nearest = _sq_dist(x, centroids)[:, 0]
+    for _ in range(1, k):
+        weights = nearest if float(nearest.sum()) > 0 else torch.ones_like(nearest)
+        pick = int(torch.multinomial(weights, 1, generator=generator))
+        centroids = torch.cat([centroids, x[pick : pick + 1]])
+        nearest = torch.minimum(nearest, _sq_dist(x, x[pick : pick + 1])[:, 0])
+    return centroids
+
+
+def kmeans(
+    x: torch.Tensor, k: int, iterations: int = 50, restarts: int = 3, seed: int = 0
+) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding; the best of ``restarts`` runs by inertia.
+
+    Deterministic for a given ``seed`` (CPU generator, float64 arithmetic). An emptied cluster is
+    re-seeded at the point farthest from its centroid, so all ``k`` centroids stay in use.
+
+    Args:
+        x: (N, p) points, N >= k.
+        k: number of clusters.
+
+    Returns:
+        (k, p) float32 centroids on ``x``'s device.
+    """
+    if x.dim() != 2 or x.shape[0] < k:
+        raise ValueError(f"kmeans needs (N, p) points with N >= k={k}, got {tuple(x.shape)}")
+    points = x.detach().to("cpu", torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    best, best_inertia = None, float("inf")
+    for _ in range(restarts):
+        centroids = _kmeans_pp(points, k, generator)
+        for _ in range(iterations):
+            dist = _sq_dist(points, centroids)
+            assign = dist.argmin(1)
+            counts = torch.bincount(assign, minlength=k)
+            sums = torch.zeros_like(centroids).index_add_(0, assign, points)
+            updated = sums / counts.clamp_min(1)[:, None].to(sums.dtype)
+            mindist = dist.gather(1, assign[:, None])[:, 0]
+            for empty in torch.nonzero(counts == 0)[:, 0].tolist():
+                far = int(mindist.argmax())
+                updated[empty] = points[far]
+                mindist[far] = 0.0
+            if torch.equal(updated, centroids):
+                break
+            centroids = updated
+        inertia = float(_sq_dist(points, centroids).min(1).values.sum())
+        if inertia < best_inertia:
+            best, best_inertia = centroids, inertia
+    assert best is not None
+    return best.float().to(x.device)
+
+
+def pca_basis(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (p,) and top-``dim`` principal directions (p, dim) of (N, p) rows, as float32.
+
+    Directions are sorted by decreasing variance and have a fixed sign (largest loading positive),
+    so the basis is reproducible.
+    """
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"pca_basis needs (N, p) rows with N >= 2, got {tuple(x.shape)}")
+    if not 1 <= dim <= x.shape[1]:
+        raise ValueError(f"pca dim must be in 1..{x.shape[1]}, got {dim}")
+    rows = x.detach().double()
+    mean = rows.mean(0)
+    centred = rows - mean
+    _, vectors = torch.linalg.eigh(centred.t() @ centred / (rows.shape[0] - 1))
+    basis = vectors.flip(1)[:, :dim]
+    signs = torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
+    return mean.float(), (basis * signs).float()
+
+
+def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Ledoit-Wolf shrunk covariance of (n, d) samples (the same estimate as scikit-learn's).
+
+    Returns ``(mean (d,), covariance (d, d), shrinkage)``: the covariance is
+    ``(1 - s) * S + s * trace(S) / d * I`` with ``S`` the maximum-likelihood (1/n) covariance
+    and ``s`` in [0, 1] the Ledoit-Wolf optimal shrinkage. Computed in float64, returned float32.
+    """
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"ledoit_wolf needs (n, d) samples with n >= 2, got {tuple(x.shape)}")
+    rows = x.detach().double()
+    n, d = rows.shape
+    mean = rows.mean(0)
+    centred = rows - mean
+    emp = centred.t() @ centred / n
+    mu = float(torch.trace(emp)) / d
+    squares = centred * centred
+    beta_sum = float((squares.t() @ squares).sum()) / n
+    delta_sum = float((emp * emp).sum())
+    beta = (beta_sum - delta_sum) / (d * n)
+    delta = (delta_sum - 2 * mu * float(torch.trace(emp)) + d * mu * mu) / d
+    beta = min(beta, delta)
+    shrinkage = 0.0 if beta == 0 else beta / delta
+    covariance = (1 - shrinkage) * emp + shrinkage * mu * torch.eye(d, dtype=rows.dtype)
+    return mean.float(), covariance.float(), shrinkage
+
+
+def label_components(mask: torch.Tensor, iterations: int) -> torch.Tensor:
+    """8-connected component labels of binary masks by max-label propagation + pointer jumping.
+
+    Every foreground pixel starts with its own flat index; each iteration takes the largest label
+    in its 3x3 neighbourhood (within the foreground) and then the label its label points at. The
+    labels of a component converge to its largest flat index; ``iterations`` is fixed (no
+    data-dependent loop, so the op traces and exports); about ``2 * log2(H * W)`` iterations
+    label typical masks exactly, a long winding component may need more.
+
+    Args:
+        mask: (M, H, W) bool.
+        iterations: propagation steps, >= 1.
+
+    Returns:
+        (M, H, W) int64 labels: the component's representative flat index, -1 on background.
+    """
+    m, h, w = mask.shape
+    flat_mask = mask.reshape(m, h * w)
+    index = torch.arange(h * w, device=mask.device).expand(m, h * w)
+    background = torch.full_like(index, -1)
+    labels = torch.where(flat_mask, index, background)
+    for _ in range(iterations):
+        grid = labels.reshape(m, 1, h, w).float()  # exact: labels < 2**24
+        pooled = F.max_pool2d(grid, 3, stride=1, padding=1).reshape(m, h * w).long()
+        pooled = torch.where(flat_mask, pooled, background)
+        # hook: a label's representative takes the largest label seen next to any of its pixels
+        labels = labels.scatter_reduce(1, labels.clamp_min(0), pooled, reduce="amax")
+        labels = torch.where(flat_mask, torch.maximum(labels, pooled), background)
+        # jump: follow the representative's own label
+        labels = torch.where(flat_mask, labels.gather(1, labels.clamp_min(0)), background)
+    labels = labels.reshape(m, h, w)
+    return labels
+
+
+def blob_stats(
+    mask: torch.Tensor, values: torch.Tensor, iterations: int, min_size: int, top: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blob counts, the largest blob sizes, and how much the blobs differ from one another.
+
+    Blobs are the 8-connected components of ``mask`` (see :func:`label_components`).
+
+    Args:
+        mask: (M, H, W) bool.
+        values: (M, H*W, q) a value per pixel (read only inside ``mask``).
+        min_size: blobs smaller than this many pixels are neither counted nor compared.
+        top: how many of the largest blob sizes to return.
+
+    Returns:
+        ``(count, sizes, spread)``: (M,) float32 number of blobs of at least ``min_size``
+        pixels; (M, top) float32 largest blob sizes in pixels, largest first, 0 where there are
+        fewer blobs (small blobs included); (M, q) float32 standard deviation over those blobs,
+        each blob weighing one, of the blob's mean value (0 with fewer than two blobs).
+    """
+    m, h, w = mask.shape
+    labels = label_components(mask, iterations).reshape(m, -1).clamp_min(0)
+    inside = mask.reshape(m, -1, 1).float()
+    sizes = torch.zeros(m, h * w, device=mask.device).scatter_add_(1, labels, inside[..., 0])
+    kept = (sizes >= min_size).float()  # (M, H*W): one entry per kept blob, at its label
+    count = kept.sum(1)
+    sums = torch.zeros_like(values).scatter_add_(
+        1, labels[..., None].expand_as(values), values * inside
+    )
+    means = sums / sizes.clamp_min(1.0)[..., None]
+    centre = (means * kept[..., None]).sum(1) / count.clamp_min(1.0)[:, None]
+    deviation = (means - centre[:, None]) ** 2 * kept[..., None]
+    spread = (deviation.sum(1) / count.clamp_min(1.0)[:, None]).sqrt()
+    return count, sizes.topk(top, dim=1).values, spread

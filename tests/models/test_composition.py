@@ -1,0 +1,208 @@
+"""Composition branch: k-means, Ledoit-Wolf, connected components, scores, state, export."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from engine.models.composition import PARTS, CompositionConfig, CompositionModel
+from engine.models.composition.ops import blob_stats, kmeans, label_components, ledoit_wolf
+
+GRID = (16, 16)
+DIM = 8
+SMALL = {"n_components": 3, "pca_dim": 4, "grid": 2, "fit_patches": 4000, "kmeans_restarts": 2}
+
+
+def scenes(n: int, blobs: int, seed: int, extra: int = 0, odd: int = 0) -> torch.Tensor:
+    """(n, 16*16, 8) features of a background with ``blobs + extra`` 2x2 parts at random cells of
+    a 4x4 layout (one part per layout cell, so parts never touch). Each image's parts share one
+    of two finishes (feature 2 = ±0.8); ``odd`` of them take the other one."""
+    rng = np.random.default_rng(seed)
+    background, part = np.zeros(DIM), np.zeros(DIM)
+    background[0], part[1] = 1.0, 3.0
+    out = np.empty((n, *GRID, DIM), dtype=np.float32)
+    for i in range(n):
+        out[i] = background + 0.05 * rng.standard_normal((*GRID, DIM))
+        finish = rng.choice([-0.8, 0.8])
+        for j, cell in enumerate(rng.choice(16, blobs + extra, replace=False)):
+            r, c = 4 * (cell // 4) + rng.integers(0, 2), 4 * (cell % 4) + rng.integers(0, 2)
+            out[i, r : r + 2, c : c + 2] = part + 0.05 * rng.standard_normal((2, 2, DIM))
+            out[i, r : r + 2, c : c + 2, 2] += -finish if j < odd else finish
+    return torch.from_numpy(out.reshape(n, -1, DIM))
+
+
+@pytest.fixture(scope="module")
+def fitted() -> CompositionModel:
+    config = CompositionConfig(**SMALL, parts=PARTS)
+    return CompositionModel(config, DIM, GRID).fit(scenes(40, 4, seed=0), GRID)
+
+
+def test_kmeans_is_deterministic_from_its_seed_and_finds_separated_clusters() -> None:
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = torch.from_numpy(np.concatenate([c + rng.standard_normal((50, 2)) for c in centres]))
+    first, again = kmeans(x, 3, seed=5), kmeans(x, 3, seed=5)
+    assert torch.equal(first, again)
+    assert first.dtype == torch.float32 and first.shape == (3, 2)
+    nearest = torch.cdist(torch.from_numpy(centres).float(), first).min(1).values
+    assert (nearest < 0.5).all()
+    with pytest.raises(ValueError, match="N >= k"):
+        kmeans(x[:2], 3)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.45, 0.6, 0.8])
+def test_blob_counts_equal_scipy_label_with_8_connectivity(density: float) -> None:
+    rng = np.random.default_rng(int(density * 100))
+    masks = rng.random((40, 24, 20)) < density
+    expected = [ndimage.label(m, structure=np.ones((3, 3)))[1] for m in masks]
+    values = torch.zeros(40, 24 * 20, 1)
+    count, _, _ = blob_stats(torch.from_numpy(masks), values, iterations=12, min_size=1)
+    assert count.long().tolist() == expected
+
+
+def test_labels_are_exact_on_a_64_by_64_spiral_within_12_iterations() -> None:
+    n = 64
+    mask = np.zeros((n, n), bool)
+    mask[::2] = True  # rows joined alternately at the right and left ends: one snake
+    mask[1::4, -1] = True
+    mask[3::4, 0] = True
+    labels = label_components(torch.from_numpy(mask)[None], iterations=12)[0].numpy()
+    reference, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    assert count == 1
+    assert (labels[mask] == np.flatnonzero(mask.ravel()).max()).all()
+    assert (labels[~mask] == -1).all() and (reference[~mask] == 0).all()
+
+
+def test_blob_stats_count_size_and_compare_blobs_of_min_size() -> None:
+    mask = torch.zeros(2, 8, 8, dtype=torch.bool)
+    values = torch.zeros(2, 8, 8, 1)
+    mask[0, 0, 0] = True  # 1 pixel: too small to count or compare
+    values[0, 0, 0] = 100.0
+    mask[0, 4:6, 4:6] = True  # 4 pixels, value 3
+    values[0, 4:6, 4:6] = 3.0
+    mask[0, 7, 0:3] = True  # 3 pixels, value 1
+    values[0, 7, 0:3] = 1.0
+    count, sizes, spread = blob_stats(mask, values.reshape(2, 64, 1), 12, min_size=2, top=2)
+    assert count.tolist() == [2.0, 0.0]
+    assert sizes.tolist() == [[4.0, 3.0], [0.0, 0.0]]
+    assert spread.tolist() == [[1.0], [0.0]]  # std of the blob means 3 and 1; none in mask 1
+
+
+def test_ledoit_wolf_matches_scikit_learn() -> None:
+    covariance_module = pytest.importorskip("sklearn.covariance")
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((30, 50)))
+    mean, covariance, shrinkage = ledoit_wolf(x)
+    reference = covariance_module.LedoitWolf().fit(x.numpy())
+    assert shrinkage == pytest.approx(reference.shrinkage_, rel=1e-6)
+    np.testing.assert_allclose(covariance.numpy(), reference.covariance_, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(mean.numpy(), reference.location_, rtol=1e-5, atol=1e-6)
+
+
+def test_an_extra_part_scores_above_every_good_image(fitted: CompositionModel) -> None:
+    good, good_cells = fitted(scenes(20, 4, seed=1), GRID)
+    extra, extra_cells = fitted(scenes(20, 4, seed=2, extra=1), GRID)
+    assert good.max() < extra.min()
+    assert good.std() < 0.5 * (extra.mean() - good.mean())
+    # every group adds about 1 to a good image's squared score, every cell about 1 too
+    assert 0.5 < (good**2).mean() / len(fitted.config.groups) < 2.0
+    assert 0.5 < (good_cells**2).mean() < 2.0
+    assert extra_cells.shape == (20, 2, 2) and (extra_cells >= 0).all()
+
+
+def test_one_part_of_the_other_finish_needs_the_relations_between_blobs() -> None:
+    # two components, background and parts: both finishes are one component
+    config = CompositionConfig(
+        **SMALL | {"n_components": 2}, parts=("area+appearance+blob_spread",)
+    )
+    model = CompositionModel(config, DIM, GRID).fit(scenes(40, 4, seed=0), GRID)
+    good, _ = model(scenes(20, 4, seed=1), GRID)
+    mixed, _ = model(scenes(20, 4, seed=2, odd=1), GRID)
+    assert good.max() < mixed.min()
+    blind = CompositionModel(replace(config, parts=("area",)), DIM, GRID)
+    blind.fit(scenes(40, 4, seed=0), GRID)
+    blind_good, _ = blind(scenes(20, 4, seed=1), GRID)
+    blind_mixed, _ = blind(scenes(20, 4, seed=2, odd=1), GRID)
+    assert blind_good.max() >= blind_mixed.min()  # the areas alone cannot tell
+
+
+def test_parts_have_their_documented_sizes(fitted: CompositionModel) -> None:
+    parts = fitted.parts(scenes(2, 4, seed=3), PARTS)
+    sizes = fitted.config.part_sizes()
+    assert set(sizes) == set(PARTS)
+    assert {name: tuple(v.shape) for name, v in parts.items()} == {
+        name: (2, sizes[name]) for name in PARTS
+    }
+    # the component of the parts: 4 blobs of 2x2 cells, 16 of the 256 cells
+    part = (parts["area"][0] - 16 / 256).abs().argmin()
+    assert parts["blobs"][:, part].tolist() == [4.0, 4.0]
+    assert parts["area"][:, part].tolist() == [16 / 256, 16 / 256]
+
+
+def test_state_dict_round_trip_reproduces_the_outputs(fitted: CompositionModel) -> None:
+    x = scenes(3, 4, seed=4)
+    restored = CompositionModel(fitted.config, DIM, GRID)
+    restored.load_state_dict(fitted.state_dict())
+    for got, want in zip(restored(x, GRID), fitted(x, GRID)):
+        assert torch.equal(got, want)
+
+
+def test_unfitted_model_and_wrong_inputs_are_refused(fitted: CompositionModel) -> None:
+    x = scenes(1, 4, seed=5)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        CompositionModel(fitted.config, DIM, GRID)(x, GRID)
+    with pytest.raises(ValueError, match="16x16 patch grid"):
+        fitted(x, (8, 32))
+    with pytest.raises(ValueError, match=r"\(B, 256, 8\)"):
+        fitted(x[..., :4], GRID)
+    with pytest.raises(ValueError, match="NaN"):
+        CompositionModel(fitted.config, DIM, GRID).fit(torch.full((2, 256, DIM), np.nan), GRID)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("n_components", 1, "n_components must be >= 2"),
+        ("pca_dim", 0, "pca_dim must be a positive int"),
+        ("grid", True, "grid must be a positive int"),
+        ("appearance_dim", 64, "must not exceed pca_dim"),
+        ("parts", ("area", "colour"), "every name once"),
+        ("parts", ["area"], "parts must be a non-empty tuple of strings"),
+        ("parts", (), "parts must be a non-empty tuple of strings"),
+        ("parts", ("area", "grid+area"), "every name once"),
+        ("parts", ("area+",), "every name once"),
+        ("temperature", -0.1, "temperature must be in"),
+        ("scale_floor", 0.0, "scale_floor must be in"),
+        ("seed", -1, "seed must be a non-negative int"),
+    ],
+)
+def test_config_rejects_bad_values(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CompositionConfig(**{field: value})
+
+
+def test_config_parts_are_covariance_groups() -> None:
+    config = CompositionConfig(n_components=4, parts=("area+grid", "spread"))
+    assert config.groups == (("area", "grid"), ("spread",))
+    assert config.part_names == ("area", "grid", "spread")
+    width = CompositionModel(config, DIM, GRID).descriptor_mean.shape[0]
+    assert width == 4 + 4 * 16 + 4 * 2
+
+
+def test_forward_exports_with_torch_export(fitted: CompositionModel) -> None:
+    x = scenes(2, 4, seed=6)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, model: CompositionModel) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.model(features, GRID)
+
+    exported = torch.export.export(Wrapped(fitted), (x,))
+    for got, want in zip(exported.module()(x), fitted(x, GRID)):
+        torch.testing.assert_close(got, want)
