@@ -229,8 +229,9 @@ def cpu_build_preset() -> BuildConfig:
     mean image AUROC (0.69 vs 0.59) for about 2.5 min instead of 1 (docs/PERFORMANCE.md).
     """
     structural = replace(StructuralConfig(), backbone="efficientnet_lite0")
-    train = replace(cpu_train_preset(), epochs=16)
-    return BuildConfig(preset="cpu", logical=cpu_preset(), structural=structural, train=train)
+    return BuildConfig(
+        preset="cpu", logical=cpu_preset(), structural=structural, train=cpu_train_preset()
+    )
 
 
 def missing_paper_weights() -> list[str]:

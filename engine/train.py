@@ -116,13 +116,14 @@ def _check_types(cfg: TrainConfig) -> None:
 def cpu_train_preset() -> TrainConfig:
     """Loop settings for :func:`engine.models.logical.cpu_preset` on 2 CPU cores.
 
-    Batch 4 amortises per-step overhead on CPU. Measured on a shared 2-core machine with one
-    intra-op thread (60-image synthetic juice_bottle, 128 px): ~10-20 s per epoch; image
-    AUROC (good vs logical, max of the map) 0.58 untrained, 0.82 after 1 epoch, 0.91 after 3,
-    0.92 after 4-7. Small CPU models train much faster with ``torch.set_num_threads(1)`` when
-    the cores are shared: synchronising two threads on tiny tensors cost 10x here.
+    Batch 4 amortises per-step overhead on CPU. 48 epochs (720 steps on 60 images): with 16
+    the coarse decoder levels had not yet learned to follow the image (decoder/encoder
+    across-image std 0.18 at layer2 on synthetic pushpins, a collapsed template by the build's
+    criterion), with 48 they do (0.50); docs/ACCURACY.md. Small CPU models train much faster
+    with ``torch.set_num_threads(1)`` when the cores are shared: synchronising two threads on
+    tiny tensors cost 10x here.
     """
-    return TrainConfig(epochs=8, batch_size=4, lr=2e-3, early_stop_patience=None)
+    return TrainConfig(epochs=48, batch_size=4, lr=2e-3, early_stop_patience=None)
 
 
 @dataclass
@@ -322,15 +323,33 @@ def _run_epoch(
         generator=_epoch_generator(cfg.seed, state.epoch),
         num_workers=cfg.num_workers,
     )
+    if state.epoch == 0 and run.model.config.codebook_init == "kmeans":
+        _init_codebooks(run, train_set)
     state.train_losses.append(
         _train_epoch(
             run.model, loader, run.optimizer, run.scaler, run.device, run.use_amp, bar, state.epoch
         )
     )
+    if run.model.config.codebook_restart:
+        run.model.decoder.restart_dead_codes()
     state.epoch += 1
     if val_set is not None:
         state.val_losses.append(evaluate_loss(run.model, val_set, cfg, run.device, run.use_amp))
         bar.set_postfix(epoch=state.epoch, val=f"{state.val_losses[-1]:.4f}")
+
+
+CODEBOOK_INIT_IMAGES = 64  # training images whose atrous output seeds the codebook k-means
+
+
+def _init_codebooks(run: _Run, train_set: Dataset) -> None:
+    """k-means codebooks from the first training images (in order, so it is reproducible)."""
+    count = min(len(train_set), CODEBOOK_INIT_IMAGES)
+    loader = DataLoader(
+        torch.utils.data.Subset(train_set, range(count)),
+        batch_size=max(run.cfg.batch_size, 4),
+        num_workers=run.cfg.num_workers,
+    )
+    run.model.init_codebooks((_images(b).to(run.device) for b in loader), seed=run.cfg.seed)
 
 
 def _diagnose(run: _Run, state: TrainState, diagnose: Diagnose) -> None:

@@ -28,6 +28,7 @@ resize happens.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -42,6 +43,8 @@ from engine.models.vq import AtrousBlock, VectorQuantizer
 from kernels import cosine_maps
 
 FEATURE_LOSSES = ("pixel", "flat")
+BOTTLENECK_INPUTS = ("last", "fused")
+CODEBOOK_INITS = ("kmeans", "batch")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,16 @@ class LogicalConfig:
 
     ``decoder_blocks`` lists the de-ResNet blocks per compared level, in the order of
     ``compared_levels``; (6, 4, 3) is RD4AD's de-WideResNet-50 (fine to coarse).
+
+    ``bottleneck_input``: what the OCE compresses. ``"last"``: the bottleneck level alone (the
+    paper's wording); ``"fused"``: RD4AD-style multi-scale fusion, every compared level pooled to
+    the bottleneck level's grid, projected and concatenated with it, so the bottleneck carries
+    the image at every scale (docs/ACCURACY.md: with ``"last"`` the coarse decoder levels
+    collapse into a fixed template). ``oce_strides``: the strides of the OCE's two convolutions
+    (paper: 2 and 2; a 4×4 layer4 map at 128 px becomes 1×1 with them, so the cpu preset uses
+    1 and 1). ``codebook_init``: ``"kmeans"`` over the first training batches' atrous output
+    (training mode), or ``"batch"``: entries drawn from the first batch. ``codebook_restart``:
+    move entries unused for a whole epoch onto recent vectors.
 
     ``feature_loss``: ``"pixel"`` (default) is the mean over pixels of 1 − cos over channels,
     the very quantity the anomaly map scores, so training lowers the normal-image map at every
@@ -81,10 +94,14 @@ class LogicalConfig:
     feature_weight: float = 1.0
     image_weight: float = 1.0
     vq_weight: float = 1.0
+    bottleneck_input: str = "last"
+    oce_strides: tuple[int, int] = (2, 2)
+    codebook_init: str = "kmeans"
+    codebook_restart: bool = True
 
     def __post_init__(self) -> None:
         # Accept lists (configs read back from JSON manifests).
-        for name in ("compared_levels", "atrous_dilations", "decoder_blocks"):
+        for name in ("compared_levels", "atrous_dilations", "decoder_blocks", "oce_strides"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not self.compared_levels:
             raise ValueError("compared_levels must name at least one level")
@@ -96,6 +113,16 @@ class LogicalConfig:
             raise ValueError(
                 f"decoder_blocks {self.decoder_blocks} needs one entry per compared level "
                 f"{self.compared_levels}"
+            )
+        if self.bottleneck_input not in BOTTLENECK_INPUTS:
+            raise ValueError(
+                f"bottleneck_input must be one of {BOTTLENECK_INPUTS}, got {self.bottleneck_input!r}"
+            )
+        if len(self.oce_strides) != 2 or any(s not in (1, 2) for s in self.oce_strides):
+            raise ValueError(f"oce_strides must be two values of 1 or 2, got {self.oce_strides}")
+        if self.codebook_init not in CODEBOOK_INITS:
+            raise ValueError(
+                f"codebook_init must be one of {CODEBOOK_INITS}, got {self.codebook_init!r}"
             )
         if self.feature_loss not in FEATURE_LOSSES:
             raise ValueError(
@@ -129,12 +156,16 @@ def cpu_preset() -> LogicalConfig:
     """Small logical module that trains on a ~60-image category in minutes on 2 CPU cores.
 
     EfficientNet-Lite0 (real offline weights), 128 px, narrow fusion/codebook widths, one
-    de-ResNet block per level and one LeWin block pair per stage. Pair it with
+    de-ResNet block per level and one LeWin block pair per stage. The OCE keeps the 4×4 grid of
+    the fused bottleneck input (strides 1, 1): the paper's two stride-2 convolutions would leave
+    a 1×1 bottleneck at 128 px (docs/ACCURACY.md). Pair it with
     :func:`engine.train.cpu_train_preset`.
     """
     return LogicalConfig(
         backbone="efficientnet_lite0",
         image_size=128,
+        bottleneck_input="fused",
+        oce_strides=(1, 1),
         codebook_dim=32,
         context_dim=16,
         learned_text_dim=64,
@@ -178,13 +209,45 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(1, channels)
 
 
-def _conv_norm_relu(in_ch: int, out_ch: int) -> nn.Sequential:
+def _conv_norm_relu(in_ch: int, out_ch: int, stride: int = 2, kernel: int = 3) -> nn.Sequential:
     # GroupNorm(1): the OCE's last map is 1×1 at 128 px, where BatchNorm cannot train at batch 1.
     return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1, bias=False),
+        nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
         _group_norm(out_ch),
         nn.ReLU(inplace=True),
     )
+
+
+def _bridge_stage(in_ch: int, out_ch: int, stride: int) -> nn.Module:
+    """Undo one OCE convolution: a ×2 de-ResNet stage for stride 2, a 3×3 conv for stride 1."""
+    if stride == 2:
+        return DecodeStage(in_ch, out_ch, norm_layer=_group_norm)
+    return _conv_norm_relu(in_ch, out_ch, stride=1)
+
+
+class MultiScaleFusion(nn.Module):
+    """RD4AD-style bottleneck input: each finer level average-pooled to the bottleneck level's
+    grid and projected (1×1) to a quarter of its width, concatenated with the bottleneck level
+    and merged back to its width (1×1).
+
+    Shapes: ``{level: (B, C_l, h_l, w_l)}`` -> (B, C_b, h_b, w_b).
+    """
+
+    def __init__(self, channels: dict[str, int], levels: tuple[str, ...], bottleneck: str) -> None:
+        super().__init__()
+        c_b = channels[bottleneck]
+        width = max(c_b // 4, 16)
+        self.levels, self.bottleneck = levels, bottleneck
+        self.project = nn.ModuleDict(
+            {lv: _conv_norm_relu(channels[lv], width, stride=1, kernel=1) for lv in levels}
+        )
+        self.merge = _conv_norm_relu(c_b + width * len(levels), c_b, stride=1, kernel=1)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        last = features[self.bottleneck]
+        grid = (int(last.shape[-2]), int(last.shape[-1]))
+        pooled = [F.adaptive_avg_pool2d(self.project[lv](features[lv]), grid) for lv in self.levels]
+        return self.merge(torch.cat([last, *pooled], dim=1))
 
 
 class LevelFusion(nn.Module):
@@ -285,15 +348,22 @@ class FusionDecoder(nn.Module):
 
         c_b = channels[self.bottleneck]
         oce_mid, oce_out = max(c_b // 2, 1), max(c_b // 4, 1)
-        self.oce = nn.Sequential(_conv_norm_relu(c_b, oce_mid), _conv_norm_relu(oce_mid, oce_out))
+        first, second = c.oce_strides
+        self.fuse_levels = (
+            MultiScaleFusion(channels, self.levels, self.bottleneck)
+            if c.bottleneck_input == "fused"
+            else None
+        )
+        self.oce = nn.Sequential(
+            _conv_norm_relu(c_b, oce_mid, first), _conv_norm_relu(oce_mid, oce_out, second)
+        )
         self.context_project = nn.Conv2d(oce_out + c.context_dim, c.fusion_width, 1)
         self.context_fuse = LeWinStage(
             c.fusion_width, c.lewin_depth, c.lewin_window, c.lewin_head_dim, c.lewin_mlp_ratio
         )
         # GroupNorm for the same reason as the OCE: the bridge starts from the OCE's 1×1/2×2 map.
         self.bridge = nn.Sequential(
-            DecodeStage(c.fusion_width, oce_mid, norm_layer=_group_norm),
-            DecodeStage(oce_mid, c_b, norm_layer=_group_norm),
+            _bridge_stage(c.fusion_width, oce_mid, second), _bridge_stage(oce_mid, c_b, first)
         )
         self.stages = nn.ModuleDict()
         state_ch = c_b
@@ -315,7 +385,7 @@ class FusionDecoder(nn.Module):
         self, features: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         prior = features[self.bottleneck]
-        oce = self.oce(prior)
+        oce = self.oce(prior if self.fuse_levels is None else self.fuse_levels(features))
         state = self.context_fuse(self.context_project(torch.cat([oce, self.context(oce)], dim=1)))
         state = _resize_to(self.bridge(state), prior)
         decoded: dict[str, torch.Tensor] = {}
@@ -325,6 +395,36 @@ class FusionDecoder(nn.Module):
             state = decoded[level] = _resize_to(out, features[level])
             vq_loss = vq_loss + level_vq
         return decoded, vq_loss
+
+    def quantizers(self) -> dict[str, VectorQuantizer]:
+        """Each compared level's codebook, by the level its stage reproduces."""
+        return {level: self.stages[level].vq for level in self.levels}
+
+    @torch.no_grad()
+    def init_codebooks(
+        self, batches: Iterable[dict[str, torch.Tensor]], seed: int, max_vectors: int = 20_000
+    ) -> None:
+        """k-means initialisation of every codebook on the atrous output of encoder feature
+        ``batches`` (``{level: (B, C, h, w)}``), run in training mode (BatchNorm on batch
+        statistics, as in training); at most ``max_vectors`` rows (a seeded sample) per level."""
+        was_training = self.training
+        self.train()
+        vectors: dict[str, list[torch.Tensor]] = {level: [] for level in self.levels}
+        for features in batches:
+            for level, prior in zip(self.levels, self.priors, strict=True):
+                z = self.stages[level].atrous(features[prior])
+                vectors[level].append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).cpu())
+        generator = torch.Generator().manual_seed(seed)
+        for i, (level, quantizer) in enumerate(self.quantizers().items()):
+            rows = torch.cat(vectors[level])
+            if rows.shape[0] > max_vectors:
+                rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_vectors]]
+            quantizer.init_from_data(rows, seed=seed + i)
+        self.train(was_training)
+
+    def restart_dead_codes(self) -> dict[str, int]:
+        """:meth:`VectorQuantizer.restart_dead` for every codebook; entries moved per level."""
+        return {level: q.restart_dead() for level, q in self.quantizers().items()}
 
 
 class LogicalModel(nn.Module):
@@ -382,6 +482,13 @@ class LogicalModel(nn.Module):
             encoded = self.encoder(x)
         decoded, vq_loss = self.decoder(encoded)
         return [encoded[lv] for lv in self.levels], [decoded[lv] for lv in self.levels], vq_loss
+
+    def init_codebooks(self, images: Iterable[torch.Tensor], seed: int) -> None:
+        """k-means initialisation of the codebooks from batches of normalised (B, 3, H, W)
+        training images (see :meth:`FusionDecoder.init_codebooks`)."""
+        with torch.no_grad():
+            encoded = (self.encoder(x) for x in images)
+            self.decoder.init_codebooks(encoded, seed)
 
     def forward(self, x: torch.Tensor) -> LogicalOutput:
         encoder, decoder, vq_loss = self.features(x)

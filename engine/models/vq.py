@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.kmeans import kmeans
 from kernels import vq_nearest
 
 
@@ -67,11 +68,20 @@ class VectorQuantizer(nn.Module):
     output drifting away from the codebook, and a weight below 1 lets the codebook move towards
     the data faster than the data moves towards it.
 
-    The codebook is initialised from the data: on the first training forward, entries are drawn
-    (with replacement when there are fewer vectors than entries, plus a little noise to break
-    ties) from that batch's vectors, so no entry starts far from the data and dies unused. Until
-    then it holds N(0, 1) values; the flag is a buffer, so it survives checkpoints.
+    Codebook hygiene (the paper is silent on it; without it entries die and the codes that stay
+    alive end up encoding position rather than content):
+
+    - :meth:`init_from_data`: k-means over vectors gathered from several training batches
+      (the caller runs the model in training mode, so BatchNorm normalises as it will in
+      training). Without it, the first training batch seeds the entries (a fallback).
+    - :meth:`restart_dead`: entries no vector chose since the last call are moved onto vectors
+      of the latest training batch; the training loop calls it after every epoch.
+
+    ``initialized`` is a buffer, so it survives checkpoints; usage counts and the latest batch
+    are per-epoch training state and are not saved.
     """
+
+    RECENT = 4096  # latest training vectors kept for restarts
 
     def __init__(self, num_codes: int = 16, dim: int = 256, beta: float = 0.25) -> None:
         super().__init__()
@@ -82,13 +92,42 @@ class VectorQuantizer(nn.Module):
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.codebook = nn.Parameter(torch.randn(num_codes, dim))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("usage", torch.zeros(num_codes), persistent=False)
+        self._recent: torch.Tensor | None = None
 
     @torch.no_grad()
-    def _init_from_data(self, flat: torch.Tensor) -> None:
+    def init_from_data(self, vectors: torch.Tensor, seed: int = 0) -> None:
+        """Set the entries to the k-means centroids of ``vectors`` (N, dim), N >= num_codes."""
+        if vectors.dim() != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"expected (N, {self.dim}) vectors, got {tuple(vectors.shape)}")
+        if not torch.isfinite(vectors).all():
+            raise RuntimeError(
+                "non-finite features reach the codebook initialisation (NaN/Inf in the training "
+                "images or the model)"
+            )
+        centroids = kmeans(vectors, self.num_codes, iterations=25, restarts=1, seed=seed)
+        self.codebook.copy_(centroids.to(self.codebook.device))
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _init_from_batch(self, flat: torch.Tensor) -> None:
         picks = torch.randint(0, flat.shape[0], (self.num_codes,), device=flat.device)
         noise = 0.01 * torch.randn(self.num_codes, self.dim, device=flat.device)
         self.codebook.copy_(flat[picks].float() + noise)
         self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def restart_dead(self) -> int:
+        """Move the entries unused since the last call onto random recent training vectors and
+        reset the usage counts; returns how many were moved (0 before any training batch)."""
+        dead = self.usage == 0
+        moved = int(dead.sum()) if self._recent is not None else 0
+        if moved:
+            assert self._recent is not None
+            picks = torch.randint(0, self._recent.shape[0], (moved,), device=self._recent.device)
+            self.codebook[dead] = self._recent[picks].to(self.codebook.dtype)
+        self.usage.zero_()
+        return moved
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Quantise a feature map.
@@ -105,8 +144,12 @@ class VectorQuantizer(nn.Module):
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
         if self.training and not bool(self.initialized):
-            self._init_from_data(flat.detach())
+            self._init_from_batch(flat.detach())
         indices, _ = vq_nearest(flat.detach(), self.codebook.detach())
+        if self.training:
+            with torch.no_grad():
+                self.usage += torch.bincount(indices, minlength=self.num_codes).to(self.usage)
+                self._recent = flat.detach()[-self.RECENT :].float()
         # Gather again with gradient so the codebook term reaches the entries.
         codes = F.embedding(indices, self.codebook).to(flat.dtype)
         loss = F.mse_loss(codes, flat.detach()) + self.beta * F.mse_loss(flat, codes.detach())

@@ -10,7 +10,13 @@ import torch
 from scipy import ndimage
 
 from engine.models.composition import PARTS, CompositionConfig, CompositionModel
-from engine.models.composition.ops import blob_stats, kmeans, label_components, ledoit_wolf
+from engine.models.composition.ops import (
+    blob_stats,
+    kmeans,
+    label_components,
+    ledoit_wolf,
+    pca_basis,
+)
 
 GRID = (16, 16)
 DIM = 8
@@ -52,6 +58,15 @@ def test_kmeans_is_deterministic_from_its_seed_and_finds_separated_clusters() ->
     assert (nearest < 0.5).all()
     with pytest.raises(ValueError, match="N >= k"):
         kmeans(x[:2], 3)
+
+
+def test_pca_basis_finds_the_main_axis_with_a_fixed_sign() -> None:
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.standard_normal((500, 3)) * [0.1, 5.0, 1.0] + [1.0, 2.0, 3.0])
+    mean, basis = pca_basis(-x, 2)
+    torch.testing.assert_close(mean, torch.tensor([-1.0, -2.0, -3.0]), atol=0.5, rtol=0)
+    assert basis.shape == (3, 2) and basis[1, 0] > 0.99 and basis[2, 1] > 0.99
+    torch.testing.assert_close(basis.t() @ basis, torch.eye(2), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("density", [0.2, 0.45, 0.6, 0.8])

@@ -165,6 +165,48 @@ class _MapOnly(torch.nn.Module):
         return self.model.anomaly_map(x)
 
 
+@pytest.mark.parametrize(
+    ("bottleneck_input", "strides", "grid"), [("last", (2, 2), 1), ("fused", (1, 1), 4)]
+)
+def test_bottleneck_input_and_oce_strides_set_the_bottleneck(bottleneck_input, strides, grid):
+    model = _model(
+        "efficientnet_lite0", bottleneck_input=bottleneck_input, oce_strides=strides
+    ).eval()
+    seen = {}
+    model.decoder.oce.register_forward_hook(lambda m, i, o: seen.update(oce=o.shape))
+    x = torch.randn(2, 3, 128, 128)  # layer4 is 4×4
+    _check_shapes(model, x)
+    assert seen["oce"][-2:] == (grid, grid)
+    assert (model.decoder.fuse_levels is None) == (bottleneck_input == "last")
+
+
+def test_fused_bottleneck_sees_every_compared_level():
+    model = _model(bottleneck_input="fused", oce_strides=(1, 1)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    features = model.encoder(x)
+    fused = model.decoder.fuse_levels(features)
+    for level in model.levels:  # change one finer level only: the bottleneck input changes
+        changed = dict(features, **{level: features[level] + 1.0})
+        assert not torch.allclose(model.decoder.fuse_levels(changed), fused)
+
+
+def test_codebooks_are_initialised_by_kmeans_on_training_batches():
+    model = _model()
+    images = [torch.randn(2, 3, 64, 64) for _ in range(3)]
+    model.init_codebooks(images, seed=0)
+    codebooks = {lv: q.codebook.detach().clone() for lv, q in model.decoder.quantizers().items()}
+    assert all(bool(q.initialized) for q in model.decoder.quantizers().values())
+    again = _model()
+    again.init_codebooks(images, seed=0)
+    for level, quantizer in again.decoder.quantizers().items():
+        assert torch.equal(quantizer.codebook, codebooks[level])
+    model.eval()
+    _, indices, _ = model.decoder.stages["layer1"].vq(
+        model.decoder.stages["layer1"].atrous(model.encoder(images[0])["layer2"])
+    )
+    assert indices.unique().numel() > 1  # not one entry for everything
+
+
 def test_cpu_preset_builds_and_runs():
     config = cpu_preset()
     assert config.backbone == "efficientnet_lite0"
@@ -192,6 +234,10 @@ def test_cpu_preset_builds_and_runs():
         {"image_weight": -1.0},
         {"vq_weight": float("nan")},
         {"decoder_blocks": (1, 0, 1)},
+        {"bottleneck_input": "all"},
+        {"oce_strides": (2, 3)},
+        {"oce_strides": (2,)},
+        {"codebook_init": "random"},
     ],
 )
 def test_bad_config_is_rejected(overrides):

@@ -111,3 +111,47 @@ def test_atrous_block_keeps_the_grid_and_sets_the_width():
 def test_atrous_block_rejects_bad_dilations(dilations):
     with pytest.raises(ValueError, match="dilations"):
         AtrousBlock(4, 4, dilations)
+
+
+def test_init_from_data_puts_one_entry_on_each_cluster():
+    centres = torch.randn(16, 8) * 10
+    vectors = centres.repeat_interleave(50, 0) + 0.01 * torch.randn(800, 8)
+    vq = VectorQuantizer(num_codes=16, dim=8)
+    vq.init_from_data(vectors, seed=3)
+    assert bool(vq.initialized)
+    nearest = torch.cdist(centres, vq.codebook.detach()).min(1).values
+    assert nearest.max() < 0.1  # every cluster got its own entry
+    again = VectorQuantizer(num_codes=16, dim=8)
+    again.init_from_data(vectors, seed=3)
+    assert torch.equal(again.codebook, vq.codebook)  # seeded
+    with pytest.raises(RuntimeError, match="non-finite"):
+        vq.init_from_data(torch.full((32, 8), float("nan")))
+    with pytest.raises(ValueError, match=r"\(N, 8\)"):
+        vq.init_from_data(torch.randn(32, 4))
+
+
+def test_restart_moves_only_unused_entries_onto_recent_vectors():
+    vq = _initialised_vq(num_codes=4, dim=2)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [50.0, 50.0], [-50.0, 50.0]]))
+    assert vq.restart_dead() == 0  # nothing seen yet: nothing to move onto
+    vq.train()
+    z = torch.tensor([[0.1, 0.0], [0.9, 1.1], [0.0, 0.2], [1.0, 0.8]])[:, :, None, None]
+    vq(z.permute(1, 0, 2, 3).reshape(1, 2, 4, 1))
+    before = vq.codebook.detach().clone()
+    assert vq.restart_dead() == 2
+    moved = vq.codebook.detach()
+    assert torch.equal(moved[:2], before[:2])  # used entries stay
+    recent = z[:, :, 0, 0]
+    for row in moved[2:]:
+        assert (recent - row).abs().sum(1).min() == 0  # dead ones now sit on recent vectors
+    assert vq.usage.sum() == 0  # counts start again
+
+
+def test_usage_is_counted_in_training_only():
+    vq = _initialised_vq().eval()
+    vq(torch.randn(1, 8, 3, 3))
+    assert vq.usage.sum() == 0
+    vq.train()(torch.randn(1, 8, 3, 3))
+    assert vq.usage.sum() == 9
+    assert "usage" not in vq.state_dict()  # per-epoch training state, not saved

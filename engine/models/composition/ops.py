@@ -82,10 +82,12 @@ def pca_basis(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"pca_basis needs (N, p) rows with N >= 2, got {tuple(x.shape)}")
     if not 1 <= dim <= x.shape[1]:
         raise ValueError(f"pca dim must be in 1..{x.shape[1]}, got {dim}")
-    rows = x.detach().double()
-    mean = rows.mean(0)
-    centred = rows - mean
-    _, vectors = torch.linalg.eigh(centred.t() @ centred / (rows.shape[0] - 1))
+    rows = x.detach().float()
+    mean = rows.double().mean(0)
+    centred = rows - mean.float()
+    # the (p, p) product in float32 (the cost), the eigen-decomposition in float64
+    covariance = (centred.t() @ centred).double() / (rows.shape[0] - 1)
+    _, vectors = torch.linalg.eigh(covariance)
     basis = vectors.flip(1)[:, :dim]
     signs = torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
     return mean.float(), (basis * signs).float()
