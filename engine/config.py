@@ -230,7 +230,11 @@ def cpu_build_preset() -> BuildConfig:
     """
     structural = replace(StructuralConfig(), backbone="efficientnet_lite0")
     return BuildConfig(
-        preset="cpu", logical=cpu_preset(), structural=structural, train=cpu_train_preset()
+        preset="cpu",
+        logical=cpu_preset(),
+        structural=structural,
+        train=cpu_train_preset(),
+        composition=CompositionConfig(enabled=True),
     )
 
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 def test_build_writes_a_complete_artifact(tiny_build: dict[str, Path]) -> None:
     manifest = read_manifest(tiny_build["artifact"])
     assert manifest["category"] == "pushpins"
-    assert set(manifest["files"]) == {"logical.pt", "structural.pt"}
+    assert set(manifest["files"]) == {"logical.pt", "structural.pt", "composition.pt"}
     assert manifest["text_prior"] == {"kind": "learned", "prompt": "pushpins", "dim": None}
     assert manifest["backbones"]["logical"]["arch"] == "efficientnet_lite0"
     config = BuildConfig.from_dict(manifest["config"])

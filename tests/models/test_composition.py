@@ -10,13 +10,8 @@ import torch
 from scipy import ndimage
 
 from engine.models.composition import PARTS, CompositionConfig, CompositionModel
-from engine.models.composition.ops import (
-    blob_stats,
-    kmeans,
-    label_components,
-    ledoit_wolf,
-    pca_basis,
-)
+from engine.models.composition.ops import blob_stats, label_components, ledoit_wolf, pca_basis
+from engine.models.kmeans import kmeans
 
 GRID = (16, 16)
 DIM = 8

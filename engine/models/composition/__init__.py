@@ -1,34 +1,40 @@
 """Composition branch (SPEC §3.5, beyond the paper): which parts an image holds, how much of
-each, where, and how alike they look — scored against the good training images.
+each, where, and how alike they are — scored against the good training images.
 
 Input: the structural branch's frozen patch features, ``(B, h*w, D)`` in row-major grid order
 with their grid ``(h, w)`` (:class:`engine.models.structural.PatchFeatures`), so the branch adds
 no backbone pass. Fitted on ``train/good`` only; every fitted value is a buffer.
 
-Pipeline per image:
+Per image:
 
-1. project each patch feature on the top ``pca_dim`` principal directions of training patches;
-2. assign it to the nearest of K k-means centroids (hard index) and give it soft weights
+1. each patch feature is projected on the top ``pca_dim`` principal directions of training
+   patches and assigned to the nearest of K k-means centroids (hard index), with soft weights
    ``softmax(-d² / (temperature * m))`` over the K components;
-3. describe the image by the descriptor ``parts`` (``CompositionConfig.part_sizes``):
+2. the descriptor parts (sizes in ``CompositionConfig.part_sizes``; q = ``appearance_dim``):
 
    - ``area`` (K): each component's share of the image (soft weights);
+   - ``pairs`` (K(K-1)/2): ``sqrt(area_k * area_l)``, large only where both components are
+     present (variants that must not be mixed; a Gaussian on the areas cannot see this);
    - ``blobs`` (K): per component, the number of 8-connected blobs of at least ``min_blob``
-     cells of its hard mask (labelled by :func:`ops.label_components`);
+     cells of its hard mask (:func:`ops.label_components`, plain tensor ops);
    - ``blob_size`` (2K): per component, its two largest blobs' areas (fractions of the grid);
    - ``grid`` (K·G²): per cell of a G x G grid, each component's share of the cell;
-   - ``appearance`` (K·q): per component, the mean of its pixels' coordinates along the q main
-     directions of that component's own variation on the training set (which variant);
-   - ``spread`` (K·q): their standard deviation within the image (do the parts of one kind
-     look alike: one colour, one finish, one size);
+   - ``appearance`` (K·q): per component, the mean of its patches' coordinates along the q main
+     directions of that component's own variation on the training set (which variant it is);
+   - ``spread`` (K·q): their standard deviation over the component's patches in the image;
+   - ``blob_spread`` (K·q): their standard deviation over the component's blobs, each blob's
+     mean weighing one (do the parts of one kind share one colour, one finish, one size);
 
-4. ``image_score``: every descriptor dimension is standardised by its training mean and std;
-   per part, the squared Mahalanobis distance under a Ledoit-Wolf covariance of the training
-   descriptors, divided by the part's size; the image score is the square root of their sum;
-5. ``cell_map`` (B, G, G): per grid cell, the Mahalanobis distance of the cell's K-component
-   histogram to that cell's training histograms (Ledoit-Wolf, not standardised): "this cell
-   holds an unusual mix of parts". It localises coarsely and carries only the ``grid`` kind of
-   evidence; counts, sizes and appearance relations reach only the image score.
+3. ``image_score`` (B,): every descriptor dimension standardised by its training mean and std
+   (floored); per covariance group of ``parts``, the squared Mahalanobis distance under the
+   group's Ledoit-Wolf covariance of the training descriptors, divided by the group's size; the
+   score is the square root of the sum over groups (about sqrt(number of groups) on typical good
+   images);
+4. ``cell_map`` (B, G, G): per grid cell, ``sqrt(d² / K)`` with d the Mahalanobis distance of
+   the cell's K-component histogram to that cell's training histograms (Ledoit-Wolf, variance
+   floor one patch): "this cell holds an unusual mix of parts", about 1 on good cells. It
+   carries only the where-evidence of the ``grid`` kind; counts, sizes and relations reach only
+   the image score.
 
 Typical use::
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.composition.ops import blob_stats, kmeans, ledoit_wolf, pca_basis
+from engine.models.composition.ops import blob_stats, ledoit_wolf, pca_basis
+from engine.models.kmeans import kmeans
 from kernels import vq_nearest
 
 __all__ = ["PARTS", "CompositionConfig", "CompositionModel"]
@@ -387,5 +388,5 @@ def _shrunk_precision(samples: torch.Tensor, ridge: float = 1e-6) -> torch.Tenso
     so dimensions constant on the training set stay invertible and bounded."""
     _, covariance, _ = ledoit_wolf(samples)
     covariance = covariance.double()
-    eye = torch.eye(covariance.shape[0], dtype=covariance.dtype)
+    eye = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
     return torch.linalg.inv(covariance + ridge * eye).float()

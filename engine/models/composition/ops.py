@@ -1,75 +1,13 @@
-"""Building blocks of the composition branch: seeded k-means, Ledoit-Wolf shrinkage, and
-connected-component labelling written with plain tensor ops (exportable, runs on any device)."""
+"""Building blocks of the composition branch: PCA, Ledoit-Wolf shrinkage, and connected-component
+labelling written with plain tensor ops (exportable, runs on any device). The seeded k-means is
+the engine's shared one (:mod:`engine.models.kmeans`)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["blob_stats", "kmeans", "label_components", "ledoit_wolf", "pca_basis"]
-
-
-def _sq_dist(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """(N, K) squared L2 distances between (N, p) rows and (K, p) centroids."""
-    return (
-        (x * x).sum(1, keepdim=True) - 2.0 * x @ centroids.t() + (centroids * centroids).sum(1)
-    ).clamp_min_(0.0)
-
-
-def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding: each next centroid drawn with probability ∝ squared distance."""
-    first = int(torch.randint(x.shape[0], (1,), generator=generator))
-    centroids = x[first : first + 1]
-    nearest = _sq_dist(x, centroids)[:, 0]
-    for _ in range(1, k):
-        weights = nearest if float(nearest.sum()) > 0 else torch.ones_like(nearest)
-        pick = int(torch.multinomial(weights, 1, generator=generator))
-        centroids = torch.cat([centroids, x[pick : pick + 1]])
-        nearest = torch.minimum(nearest, _sq_dist(x, x[pick : pick + 1])[:, 0])
-    return centroids
-
-
-def kmeans(
-    x: torch.Tensor, k: int, iterations: int = 50, restarts: int = 3, seed: int = 0
-) -> torch.Tensor:
-    """Lloyd's k-means with k-means++ seeding; the best of ``restarts`` runs by inertia.
-
-    Deterministic for a given ``seed`` (CPU generator, float64 arithmetic). An emptied cluster is
-    re-seeded at the point farthest from its centroid, so all ``k`` centroids stay in use.
-
-    Args:
-        x: (N, p) points, N >= k.
-        k: number of clusters.
-
-    Returns:
-        (k, p) float32 centroids on ``x``'s device.
-    """
-    if x.dim() != 2 or x.shape[0] < k:
-        raise ValueError(f"kmeans needs (N, p) points with N >= k={k}, got {tuple(x.shape)}")
-    points = x.detach().to("cpu", torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    best, best_inertia = None, float("inf")
-    for _ in range(restarts):
-        centroids = _kmeans_pp(points, k, generator)
-        for _ in range(iterations):
-            dist = _sq_dist(points, centroids)
-            assign = dist.argmin(1)
-            counts = torch.bincount(assign, minlength=k)
-            sums = torch.zeros_like(centroids).index_add_(0, assign, points)
-            updated = sums / counts.clamp_min(1)[:, None].to(sums.dtype)
-            mindist = dist.gather(1, assign[:, None])[:, 0]
-            for empty in torch.nonzero(counts == 0)[:, 0].tolist():
-                far = int(mindist.argmax())
-                updated[empty] = points[far]
-                mindist[far] = 0.0
-            if torch.equal(updated, centroids):
-                break
-            centroids = updated
-        inertia = float(_sq_dist(points, centroids).min(1).values.sum())
-        if inertia < best_inertia:
-            best, best_inertia = centroids, inertia
-    assert best is not None
-    return best.float().to(x.device)
+__all__ = ["blob_stats", "label_components", "ledoit_wolf", "pca_basis"]
 
 
 def pca_basis(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +53,9 @@ def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     delta = (delta_sum - 2 * mu * float(torch.trace(emp)) + d * mu * mu) / d
     beta = min(beta, delta)
     shrinkage = 0.0 if beta == 0 else beta / delta
-    covariance = (1 - shrinkage) * emp + shrinkage * mu * torch.eye(d, dtype=rows.dtype)
+    covariance = (1 - shrinkage) * emp + shrinkage * mu * torch.eye(
+        d, dtype=rows.dtype, device=rows.device
+    )
     return mean.float(), covariance.float(), shrinkage
 
 
