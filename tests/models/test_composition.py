@@ -117,8 +117,9 @@ def test_an_extra_part_scores_above_every_good_image(fitted: CompositionModel) -
     extra, extra_cells = fitted(scenes(20, 4, seed=2, extra=1), GRID)
     assert good.max() < extra.min()
     assert good.std() < 0.5 * (extra.mean() - good.mean())
-    # every group adds about 1 to a good image's squared score, every cell about 1 too
-    assert 0.5 < (good**2).mean() / len(fitted.config.groups) < 2.0
+    # every group adds at most about 1 to a good image's squared score (less where the variance
+    # floor caps a direction's precision), every cell about 1 too
+    assert 0.25 < (good**2).mean() / len(fitted.config.groups) < 2.0
     assert 0.5 < (good_cells**2).mean() < 2.0
     assert extra_cells.shape == (20, 2, 2) and (extra_cells >= 0).all()
 
@@ -216,3 +217,14 @@ def test_forward_exports_with_torch_export(fitted: CompositionModel) -> None:
     exported = torch.export.export(Wrapped(fitted), (x,))
     for got, want in zip(exported.module()(x), fitted(x, GRID)):
         torch.testing.assert_close(got, want)
+
+
+def test_few_training_images_give_bounded_scores() -> None:
+    """Parts that never vary on a handful of training images must not make the smallest change
+    score in the millions (a build on 8 images fused maps of 8e6 before the floors)."""
+    model = CompositionModel(CompositionConfig(**SMALL), DIM, GRID)
+    model.fit(scenes(1, 4, seed=0).repeat(3, 1, 1), GRID)  # nothing varies at all
+    good, _ = model(scenes(5, 4, seed=1), GRID)
+    extra, cells = model(scenes(5, 4, seed=2, extra=1), GRID)
+    assert torch.isfinite(extra).all() and torch.isfinite(cells).all()
+    assert extra.max() < 1e3 and good.max() < 1e3

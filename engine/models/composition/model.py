@@ -43,6 +43,10 @@ class CompositionConfig:
     independent and each adds its squared distance divided by its size.
     ``min_blob``: blobs smaller than this many grid cells are neither counted nor compared.
     ``label_iterations``: connected-component steps (12 labels any mask up to 64 x 64 exactly).
+    ``variance_floor``: added to the diagonal of every standardised descriptor covariance, so
+    no direction has less variance than this (unit = a typical dimension's variance). With few
+    training images some directions never vary; without a floor their precision is huge and one
+    small change scores millions (a 1e-6 floor on 8 images gave fused maps of 8e6).
     ``scale_floor``: a descriptor dimension's scale is at least this fraction of its part's
     median scale, so dimensions constant on the training set stay finite.
     ``fit_patches``: patches sampled (seeded) from the training images for the PCA and k-means.
@@ -59,6 +63,7 @@ class CompositionConfig:
     min_blob: int = 2
     label_iterations: int = 12
     scale_floor: float = 0.1
+    variance_floor: float = 0.1
     fit_patches: int = 50_000
     kmeans_iterations: int = 50
     kmeans_restarts: int = 3
@@ -98,6 +103,12 @@ class CompositionConfig:
         ):
             raise ValueError(
                 f"CompositionConfig.temperature must be in [0, 1000), got {self.temperature!r}"
+            )
+        if isinstance(self.variance_floor, bool) or not (
+            isinstance(self.variance_floor, int | float) and 0 < self.variance_floor <= 10
+        ):
+            raise ValueError(
+                f"CompositionConfig.variance_floor must be in (0, 10], got {self.variance_floor!r}"
             )
         if (
             isinstance(self.scale_floor, bool)
@@ -348,12 +359,16 @@ class CompositionModel(nn.Module):
         mean, std = descriptors.mean(0), descriptors.std(0)
         sizes = self.config.part_sizes()
         scale = torch.empty_like(std)
+        varying = std[std > 1e-6]
+        # A part constant on every training image (few images) borrows the typical scale of
+        # the others, else 1: a floor of ~0 would turn the smallest change into a huge score.
+        typical = float(varying.median()) if varying.numel() else 1.0
         start = 0
         for name in self.config.part_names:
             part = slice(start, start + sizes[name])
-            scale[part] = std[part].clamp_min(
-                self.config.scale_floor * std[part].median().clamp_min(1e-6)
-            )
+            part_median = float(std[part].median())
+            reference = part_median if part_median > 1e-6 else typical
+            scale[part] = std[part].clamp_min(self.config.scale_floor * reference)
             start += sizes[name]
         standardised = (descriptors - mean) / scale
         precision = torch.zeros_like(self.descriptor_precision)
@@ -361,7 +376,9 @@ class CompositionModel(nn.Module):
         for group in self.config.groups:
             width = sum(sizes[name] for name in group)
             block = slice(start, start + width)
-            precision[block, block] = _shrunk_precision(standardised[:, block]) / width
+            precision[block, block] = (
+                _shrunk_precision(standardised[:, block], self.config.variance_floor) / width
+            )
             start += width
         self.descriptor_mean.copy_(mean)
         self.descriptor_scale.copy_(scale)
