@@ -25,6 +25,7 @@ __all__ = [
     "FusionConfig",
     "calibrate_threshold",
     "fuse_maps",
+    "gated_composition",
     "image_scores",
     "resize_to",
 ]
@@ -130,12 +131,15 @@ def fuse_maps(
     stats: Mapping[str, BranchStats],
     weights: Mapping[str, float],
     sigma: float,
+    gate_power: float | None = None,
 ) -> torch.Tensor:
     """(B, S, S) fused map: ``blur_sigma(sum_b w_b * (maps_b - mean_b) / std_b)``.
 
     ``maps``: same-size (B, S, S) model-resolution maps by branch name; ``stats`` and
     ``weights`` must hold every branch of ``maps``; branches of weight 0 are left out. ``sigma``
-    is in pixels of these maps (see :meth:`FusionConfig.sigma_at`).
+    is in pixels of these maps (see :meth:`FusionConfig.sigma_at`). With ``gate_power`` the
+    composition map (its image score at every pixel) is placed where the other branches see
+    the anomaly: see :func:`gated_composition`.
     """
     missing = [b for b in maps if b not in stats or b not in weights]
     if missing:
@@ -143,11 +147,39 @@ def fuse_maps(
     used = [b for b in maps if weights[b] != 0]
     if not used:
         raise ValueError("every branch has weight 0: nothing to fuse")
-    return normalize_merge_blur(
-        [maps[b] for b in used],
-        [(float(weights[b]), *stats[b].as_tuple()) for b in used],
-        sigma=sigma,
-    )
+    affines = {b: (float(weights[b]), *stats[b].as_tuple()) for b in used}
+    inputs = {b: maps[b] for b in used}
+    if gate_power is not None and "composition" in inputs and len(inputs) > 1:
+        others = {b: affines[b] for b in used if b != "composition"}
+        inputs["composition"] = gated_composition(
+            inputs["composition"], stats["composition"], maps, others, gate_power
+        )
+        affines["composition"] = (affines["composition"][0], 0.0, 1.0)
+    return normalize_merge_blur(list(inputs.values()), list(affines.values()), sigma=sigma)
+
+
+def gated_composition(
+    composition: torch.Tensor,
+    stats: BranchStats,
+    maps: Mapping[str, torch.Tensor],
+    affines: Mapping[str, tuple[float, float, float]],
+    power: float,
+) -> torch.Tensor:
+    """The composition evidence placed where the other branches point: (B, S, S).
+
+    ``z = max(0, (score - mean) / std)`` (the image's composition score above the validation
+    mean, in validation standard deviations) times ``g ** power``, with ``g`` the other
+    branches' merged normalised map (``affines``: ``(weight, mean, std)`` each) rescaled to
+    [0, 1] per image. The image's most anomalous region gains ``z``, normal regions almost
+    nothing: a map that is the score everywhere raises every pixel of an image whose parts are
+    miscounted and costs AU-sPRO (docs/ACCURACY.md).
+    """
+    base = sum(w * (maps[b].float() - mean) / std for b, (w, mean, std) in affines.items())
+    assert isinstance(base, torch.Tensor)
+    low = base.amin(dim=(-2, -1), keepdim=True)
+    span = (base.amax(dim=(-2, -1), keepdim=True) - low).clamp_min(1e-12)
+    z = ((composition.float() - stats.mean) / stats.std).clamp_min(0.0)
+    return z * ((base - low) / span) ** power
 
 
 def resize_to(maps: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:

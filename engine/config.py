@@ -223,10 +223,12 @@ def paper_preset() -> BuildConfig:
 def cpu_build_preset() -> BuildConfig:
     """Settings that build one small category in minutes on 2 CPU cores.
 
-    Both branches use EfficientNet-Lite0 (real offline ImageNet weights): the logical module at
-    128 px with a narrow decoder and 16 epochs, the memory bank at the paper's 256 px and 1024-d
-    patches. On synthetic pushpins (2 cores) this beat 128 px / 256-d / 8 epochs by +0.10 fused
-    mean image AUROC (0.69 vs 0.59) for about 2.5 min instead of 1 (docs/PERFORMANCE.md).
+    EfficientNet-Lite0 (real offline ImageNet weights) in every branch: the logical module at
+    128 px with a narrow decoder, a fused bottleneck input and 48 epochs; the memory bank at the
+    paper's 256 px and 1024-d patches; the composition branch on the memory bank's features.
+    Fusion weights are equal (1:1:1), the neutral choice after each map is normalised: the
+    paper's structural:logical = 1:3 leaves the fused map below the structural branch alone at
+    this preset (docs/ACCURACY.md), since the small logical module is the weakest branch here.
     """
     structural = replace(StructuralConfig(), backbone="efficientnet_lite0")
     return BuildConfig(
@@ -234,6 +236,7 @@ def cpu_build_preset() -> BuildConfig:
         logical=cpu_preset(),
         structural=structural,
         train=cpu_train_preset(),
+        fusion=FusionConfig(logical_weight=1.0, structural_weight=1.0, composition_weight=1.0),
         composition=CompositionConfig(enabled=True),
     )
 

@@ -63,8 +63,8 @@ class StructuralSide(nn.Module):
     by the composition model (which reuses the same features).
 
     ``forward(x)``: (B, 3, s, s) normalised -> ``(structural (B, s, s), composition (B, s, s) or
-    None)``. The composition map is its per-cell map resized to the input grid plus the image
-    score: every pixel carries the image's composition evidence, the cells say where.
+    None)``. The composition map is the image score at every pixel (its evidence is about the
+    whole image); fusion decides where it counts (``CompositionConfig.fused_map``).
     """
 
     def __init__(
@@ -80,9 +80,8 @@ class StructuralSide(nn.Module):
         structural = self.structural.map_from_features(features, grid, size)
         if self.composition is None:
             return structural, None
-        image_score, cells = self.composition(features, grid)
-        composition = resize_to(cells, size) + image_score[:, None, None]
-        return structural, composition
+        image_score, _ = self.composition(features, grid)
+        return structural, image_score[:, None, None].expand(-1, *size).contiguous()
 
 
 class Detector:
@@ -152,7 +151,11 @@ class Detector:
         """The fused (B, S, S) map of same-size branch ``maps`` with the calibrated statistics."""
         if self.stats is None:
             raise RuntimeError("the detector is not calibrated: branch statistics are missing")
-        return fuse_maps(maps, self.stats, self.weights, self.fusion.sigma_at(self.map_size))
+        gate = None
+        if self.composition is not None and self.composition.config.fused_map == "gated":
+            gate = self.composition.config.gate_power
+        sigma = self.fusion.sigma_at(self.map_size)
+        return fuse_maps(maps, self.stats, self.weights, sigma, gate)
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor) -> Maps:

@@ -116,11 +116,24 @@ def reference_fused_map(
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"branch maps differ in shape or are not 2-D: {shapes}")
     side = next(iter(shapes))[0]
-    merged = np.zeros(next(iter(shapes)), dtype=np.float64)
-    for name, branch_map in maps.items():
+
+    def normalised(name: str) -> np.ndarray:
         stats = manifest["calibration"][name]
-        normalised = (branch_map.astype(np.float64) - stats["mean"]) / stats["std"]
-        merged += weights.get(name, 0.0) * normalised
+        return (maps[name].astype(np.float64) - stats["mean"]) / stats["std"]
+
+    others = [n for n in maps if n != "composition" and weights.get(n, 0.0)]
+    merged = np.zeros((side, side), dtype=np.float64)
+    for name in others:
+        merged += weights[name] * normalised(name)
+    if "composition" in maps and weights.get("composition", 0.0):
+        composition = manifest["config"]["composition"]
+        evidence = normalised("composition")
+        if composition["fused_map"] == "gated" and others:
+            # the image's composition score above the validation mean, placed on the other
+            # branches' merged map rescaled to [0, 1] and raised to the gate power
+            gate = (merged - merged.min()) / max(merged.max() - merged.min(), 1e-12)
+            evidence = np.maximum(evidence, 0.0) * gate ** composition["gate_power"]
+        merged = merged + weights["composition"] * evidence
     sigma = manifest["config"]["fusion"]["sigma"] * side / 256
     blurred = gaussian_filter(merged, sigma=sigma, mode="reflect", truncate=4.0)
     return bilinear_resize(blurred, size)

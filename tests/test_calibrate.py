@@ -12,6 +12,7 @@ from engine.calibrate import (
     FusionConfig,
     calibrate_threshold,
     fuse_maps,
+    gated_composition,
     image_scores,
     resize_to,
 )
@@ -52,6 +53,36 @@ def test_zero_weight_branches_are_left_out_and_all_zero_is_refused() -> None:
         fuse_maps({"logical": logical}, stats, {"logical": 0.0}, 2.0)
     with pytest.raises(ValueError, match="no statistics or weight"):
         fuse_maps({"composition": logical}, stats, {"logical": 1.0}, 2.0)
+
+
+def test_gated_composition_lands_on_the_other_branches_peak() -> None:
+    rng = np.random.default_rng(4)
+    logical = rng.random((2, 16, 16)).astype(np.float32)
+    structural = rng.random((2, 16, 16)).astype(np.float32)
+    logical[0, 3, 5] = 9.0  # image 0: the other branches point at (3, 5)
+    composition = np.stack([np.full((16, 16), 5.0), np.full((16, 16), -1.0)]).astype(np.float32)
+    stats = {b: BranchStats(0.0, 1.0) for b in ("logical", "structural")}
+    stats["composition"] = BranchStats(1.0, 2.0)
+    affines = {"logical": (1.0, 0.0, 1.0), "structural": (1.0, 0.0, 1.0)}
+    maps = {"logical": torch.from_numpy(logical), "structural": torch.from_numpy(structural)}
+    gated = gated_composition(
+        torch.from_numpy(composition), stats["composition"], maps, affines, 8.0
+    ).numpy()
+    base = logical + structural
+    gate = (base - base.min((1, 2), keepdims=True)) / np.ptp(base, (1, 2), keepdims=True)
+    z = np.maximum((composition - 1.0) / 2.0, 0.0)  # 2 for image 0, 0 for image 1 (below mean)
+    np.testing.assert_allclose(gated, z * gate**8, rtol=1e-5, atol=1e-6)
+    assert gated[0, 3, 5] == pytest.approx(2.0) and gated[0].mean() < 0.1
+    assert not gated[1].any()
+    fused = fuse_maps(
+        {**maps, "composition": torch.from_numpy(composition)},
+        stats,
+        {"logical": 1.0, "structural": 1.0, "composition": 1.0},
+        1.0,
+        gate_power=8.0,
+    )
+    want = gaussian_filter(base[0] + gated[0], sigma=1.0)
+    np.testing.assert_allclose(fused[0].numpy(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_sigma_scales_with_the_map_size() -> None:

@@ -21,9 +21,10 @@ from PIL import Image
 from engine.runtime import Result, Runtime
 
 # The engine fuses and blurs in float32, the reference in float64. On the tiny build (fused
-# values within +-10) they differed by 3e-6 at most; swapping the branch statistics moves the map
-# by whole units.
+# values within +-40, the gated composition term raised to the 8th power) they differ by up to
+# 1.5e-6 relative; swapping the branch statistics moves the map by whole units.
 FUSED_ATOL = 3e-5
+FUSED_RTOL = 1e-5
 # Scores of the same batch as the build's calibration: only float32 rounding may differ.
 SCORE_ATOL = 1e-5
 
@@ -76,8 +77,10 @@ def test_fused_map_equals_the_formula(
         result = rt(image, color="rgb")
         assert isinstance(result, Result)
         want = fused_reference(result, manifest, image.shape[:2])
-        np.testing.assert_allclose(result.anomaly_map, want, rtol=0, atol=FUSED_ATOL, err_msg=path)
-        assert result.score == pytest.approx(want.max(), abs=FUSED_ATOL)
+        np.testing.assert_allclose(
+            result.anomaly_map, want, rtol=FUSED_RTOL, atol=FUSED_ATOL, err_msg=path
+        )
+        assert result.score == pytest.approx(want.max(), rel=FUSED_RTOL, abs=FUSED_ATOL)
 
 
 @pytest.mark.slow
