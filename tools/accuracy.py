@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from engine.artifact import read_manifest
 from engine.build import apply_overrides, resolve_device
 from engine.config import PRESETS, BuildConfig, resolve_preset
 from engine.data.loco import LocoDataset
@@ -207,8 +208,26 @@ def ensure_dataset(plan: Plan, category: str, seed: int) -> Path:
     return root
 
 
+def kept_diagnostics(artifact: Path) -> dict:
+    """The logical collapse diagnostics of the epoch whose weights the artifact holds."""
+    training = read_manifest(artifact, verify=False)["training"]
+    kept = [d for d in training["diagnostics"] if d["epoch"] == training["best_epoch"]]
+    if not kept:
+        return {}
+    levels = kept[0]["levels"]
+    return {
+        "epoch": training["best_epoch"],
+        "ratio": {
+            level: v["decoder_relative_std"] / max(v["encoder_relative_std"], 1e-12)
+            for level, v in levels.items()
+        },
+        "collapsed_levels": kept[0]["collapsed_levels"],
+    }
+
+
 def build_record(result: BuildResult, dataset: LocoDataset, seed: int, seconds: float) -> dict:
-    """The JSON-ready raw result of one build (metrics per branch, per-image scores)."""
+    """The JSON-ready raw result of one build (metrics per branch, per-image scores, the kept
+    epoch's logical collapse diagnostics)."""
     kinds = {
         defect: KINDS[sample.defect_type]
         for sample, defect in zip(dataset.samples("test"), result.test_defects, strict=True)
@@ -226,6 +245,7 @@ def build_record(result: BuildResult, dataset: LocoDataset, seed: int, seconds: 
         "defect_kinds": kinds,
         "test_defects": list(result.test_defects),
         "image_scores": {b: s.tolist() for b, s in result.image_scores.items()},
+        "logical_diagnostics": kept_diagnostics(result.artifact),
     }
 
 

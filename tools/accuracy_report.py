@@ -124,6 +124,22 @@ def defect_table(records: Sequence[dict]) -> str:
     return markdown_table(["category", "defect type", "kind", "n", *branches], rows, 3)
 
 
+def collapse_table(records: Sequence[dict]) -> str:
+    """Decoder/encoder across-image std per logical level at the kept epoch, per build."""
+    with_diagnostics = [r for r in records if r.get("logical_diagnostics")]
+    levels = sorted({lv for r in with_diagnostics for lv in r["logical_diagnostics"]["ratio"]})
+    rows = [
+        [
+            r["category"],
+            str(r["seed"]),
+            *(f"{r['logical_diagnostics']['ratio'].get(lv, float('nan')):.2f}" for lv in levels),
+            ", ".join(r["logical_diagnostics"]["collapsed_levels"]) or "none",
+        ]
+        for r in with_diagnostics
+    ]
+    return markdown_table(["category", "seed", *levels, "collapsed"], rows, 2)
+
+
 def time_table(records: Sequence[dict]) -> str:
     """Seconds per build, per category and overall, over seeds."""
     seeds = sorted({r["seed"] for r in records})
@@ -166,6 +182,12 @@ def render_block(records: Sequence[dict], meta: dict, tag: str | None) -> str:
             parts.append(category_table(records, metric, key))
     parts.append(f"{level}# Image AUROC per defect type (good vs that type)\n")
     parts.append(defect_table(records))
+    parts.append(
+        f"{level}# Logical decoder collapse check\n\nDecoder/encoder across-image standard "
+        "deviation per compared level at the epoch the artifact keeps; a level below the build's "
+        "collapse ratio compares every image with one fixed template.\n"
+    )
+    parts.append(collapse_table(records))
     parts.append(f"{level}# Build time\n")
     parts.append(time_table(records))
     return "\n".join(parts)

@@ -20,6 +20,7 @@ from tools.accuracy_report import (
     NEW_DOCUMENT,
     category_table,
     cell,
+    collapse_table,
     defect_table,
     render_block,
     update_document,
@@ -299,3 +300,19 @@ def test_tiny_end_to_end_run(tmp_path: Path, capsys, tiny_build_args: list[str])
         logical = [s for s, d in zip(scores, defects) if kinds.get(d) == "logical"]
         subset = build["metrics"][branch]["image_auroc_tie_correct"]["logical_anomalies"]
         assert subset == pytest.approx(_mann_whitney(good, logical))
+
+
+def test_collapse_table_lists_each_build_and_its_collapsed_levels() -> None:
+    healthy = {"ratio": {"layer1": 0.61, "layer2": 0.5}, "collapsed_levels": [], "epoch": 48}
+    collapsed = {"ratio": {"layer1": 0.6, "layer2": 0.04}, "collapsed_levels": ["layer2"]}
+    records = [
+        {"category": "pushpins", "seed": 0, "logical_diagnostics": healthy},
+        {"category": "screw_bag", "seed": 1, "logical_diagnostics": collapsed},
+        {"category": "juice_bottle", "seed": 0, "logical_diagnostics": {}},
+    ]
+    assert collapse_table(records).splitlines() == [
+        "| category | seed | layer1 | layer2 | collapsed |",
+        "| --- | --- | ---: | ---: | ---: |",
+        "| pushpins | 0 | 0.61 | 0.50 | none |",
+        "| screw_bag | 1 | 0.60 | 0.04 | layer2 |",
+    ]
