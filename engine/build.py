@@ -143,6 +143,7 @@ def build_config(args: argparse.Namespace, device: torch.device) -> BuildConfig:
     train: dict[str, Any] = {}
     if args.epochs is not None:
         train["epochs"] = args.epochs
+        train["steps"] = None  # an explicit epoch count wins over the preset's step budget
     if args.seed is not None:
         train["seed"] = args.seed
     config = replace(config, train=replace(config.train, **train), **top)

@@ -224,7 +224,7 @@ def cpu_build_preset() -> BuildConfig:
     """Settings that build one small category in minutes on 2 CPU cores.
 
     EfficientNet-Lite0 (real offline ImageNet weights) in every branch: the logical module at
-    128 px with a narrow decoder, a fused bottleneck input and 48 epochs; the memory bank at the
+    128 px with a narrow decoder, a fused bottleneck input and 720 training steps; the memory bank at the
     paper's 256 px and 1024-d patches; the composition branch on the memory bank's features.
     Fusion weights are equal (1:1:1), the neutral choice after each map is normalised: the
     paper's structural:logical = 1:3 leaves the fused map below the structural branch alone at

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,13 @@ class TrainConfig:
     """Optimiser and loop settings. Paper: Adam, betas (0.5, 0.999), 50 epochs, batch 1; its
     learning rate was lost in extraction, so 5e-3 as in RD4AD. ``amp`` only acts on CUDA
     (float16 autocast + gradient scaling). ``early_stop_patience``: stop after this many epochs
-    without a lower validation loss (None = never)."""
+    without a lower validation loss (None = never). ``steps``: when set, the number of epochs
+    is derived from the training set, ``ceil(steps / steps per epoch)``, and ``epochs`` is not
+    used: training time then does not grow with the data (the cpu preset's 720 steps are 48
+    epochs of 60 images and 9 of 350)."""
 
     epochs: int = 50
+    steps: int | None = None
     batch_size: int = 1
     lr: float = 5e-3
     betas: tuple[float, float] = (0.5, 0.999)
@@ -65,6 +69,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         object.__setattr__(self, "betas", tuple(self.betas))
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be None or positive, got {self.steps}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(
                 f"epochs and batch_size must be positive, got {self.epochs}, {self.batch_size}"
@@ -92,6 +98,7 @@ def _check_types(cfg: TrainConfig) -> None:
 
     checks = {
         "epochs": (is_int(cfg.epochs), "an integer"),
+        "steps": (cfg.steps is None or is_int(cfg.steps), "an integer or null"),
         "batch_size": (is_int(cfg.batch_size), "an integer"),
         "lr": (is_number(cfg.lr), "a number"),
         "betas": (
@@ -113,17 +120,27 @@ def _check_types(cfg: TrainConfig) -> None:
             raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(cfg, name)!r}")
 
 
+def epochs_for(cfg: TrainConfig, train_size: int) -> TrainConfig:
+    """``cfg`` with ``epochs`` resolved for a training set of ``train_size`` images (see
+    ``TrainConfig.steps``); unchanged when ``steps`` is None."""
+    if cfg.steps is None:
+        return cfg
+    per_epoch = math.ceil(train_size / cfg.batch_size)
+    return replace(cfg, epochs=max(1, math.ceil(cfg.steps / per_epoch)))
+
+
 def cpu_train_preset() -> TrainConfig:
     """Loop settings for :func:`engine.models.logical.cpu_preset` on 2 CPU cores.
 
-    Batch 4 amortises per-step overhead on CPU. 48 epochs (720 steps on 60 images): with 16
+    Batch 4 amortises per-step overhead on CPU. 720 steps (48 epochs of 60 images): with 240
     the coarse decoder levels had not yet learned to follow the image (decoder/encoder
     across-image std 0.18 at layer2 on synthetic pushpins, a collapsed template by the build's
-    criterion), with 48 they do (0.50); docs/ACCURACY.md. Small CPU models train much faster
+    criterion), with 720 they do (0.50); docs/ACCURACY.md. A step budget rather than epochs
+    keeps a LOCO-size category (350 images) inside its build-time budget. Small CPU models train much faster
     with ``torch.set_num_threads(1)`` when the cores are shared: synchronising two threads on
     tiny tensors cost 10x here.
     """
-    return TrainConfig(epochs=48, batch_size=4, lr=2e-3, early_stop_patience=None)
+    return TrainConfig(epochs=48, steps=720, batch_size=4, lr=2e-3, early_stop_patience=None)
 
 
 @dataclass
@@ -220,6 +237,7 @@ def train_logical(
     """
     if len(train_set) == 0:
         raise ValueError("the training set is empty")
+    cfg = epochs_for(cfg, len(train_set))
     run = _setup(model, cfg, checkpoint_dir, device, fingerprint)
     state = _resume(run)
     resumed_epochs, began = state.epoch, time.perf_counter()

@@ -25,7 +25,7 @@ START_FRESH = (
     "first epoch"
 )
 # May change between a run and its resume: they do not alter the trajectory of the epochs run.
-RESUME_EXEMPT = ("epochs", "early_stop_patience", "num_workers")
+RESUME_EXEMPT = ("epochs", "steps", "early_stop_patience", "num_workers")
 
 
 def atomic_save(obj: Any, path: Path) -> None:

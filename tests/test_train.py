@@ -18,6 +18,7 @@ from engine.train import (
     check_checkpoint_dir,
     cpu_train_preset,
     discard_checkpoints,
+    epochs_for,
     train_logical,
 )
 
@@ -369,3 +370,13 @@ def test_learns_a_synthetic_category(tmp_path: Path):
     good = np.array([v for v, s in zip(scores, test, strict=True) if s.defect_type == "good"])
     logical = np.array([v for v, s in zip(scores, test, strict=True) if s.defect_type != "good"])
     assert auroc(good, logical) > 0.7  # untrained: ~0.5-0.6
+
+
+def test_a_step_budget_sets_the_epochs_from_the_data_size():
+    cfg = TrainConfig(epochs=50, steps=720, batch_size=4)
+    assert epochs_for(cfg, 60).epochs == 48  # 15 steps per epoch
+    assert epochs_for(cfg, 350).epochs == 9  # 88 steps per epoch: 792 >= 720
+    assert epochs_for(cfg, 4000).epochs == 1
+    assert epochs_for(TrainConfig(epochs=7), 350).epochs == 7  # no budget: epochs as given
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
