@@ -18,6 +18,16 @@ if not torch.cuda.is_available():
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: intra-op threads cost more in synchronisation than they save (10x on a
+    loaded 2-core machine), so such tests run single-threaded and restore the setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Settings of the end-to-end build used by tests/test_build.py and tests/test_runtime.py: tiny
 # enough for a couple of minutes on 2 CPU cores, real enough to exercise every step.
 TINY_BUILD_ARGS = [

@@ -36,14 +36,7 @@ TINY = LogicalConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads cost more in synchronisation than they save (10x on a
-    loaded 2-core machine), so these tests run single-threaded and restore the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_encoder() -> FeatureExtractor:

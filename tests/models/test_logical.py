@@ -8,14 +8,7 @@ from kernels import cosine_maps
 SMALL = {"codebook_dim": 16, "context_dim": 8, "learned_text_dim": 12, "fusion_width": 32}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads cost more in synchronisation than they save (10x on a
-    loaded 2-core machine), so these tests run single-threaded and restore the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(backbone: str = "resnet18", text: torch.Tensor | None = None, **overrides):

@@ -21,7 +21,8 @@ from engine.models.logical import LogicalModel, cpu_preset
 from engine.models.logical_diagnostics import logical_diagnostics
 from engine.train import cpu_train_preset, train_logical
 
-pytestmark = pytest.mark.slow
+# one thread: tiny tensors train faster, and the result does not depend on the core count
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 PAPER_LITERAL = {
     "bottleneck_input": "last",

@@ -30,12 +30,8 @@ def tiny() -> dict[str, Any]:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds contention on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _tiny_tensors(one_thread: None) -> None:
+    """Every test here works on tiny tensors (see ``one_thread``)."""
 
 
 @pytest.fixture(scope="session")
