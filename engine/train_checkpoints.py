@@ -7,13 +7,13 @@ with ``os.replace``, so an interruption at any moment leaves the previous comple
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from engine.atomic import atomic_file
 
 CHECKPOINT_FORMAT = 3  # 2: adds the input fingerprint; 3: the per-epoch diagnostics
 LAST_CHECKPOINT = "last.pt"
@@ -29,17 +29,9 @@ RESUME_EXEMPT = ("epochs", "steps", "early_stop_patience", "num_workers")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in ``path``'s folder, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` replacing ``path`` in one step (:func:`engine.atomic.atomic_file`)."""
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -8,14 +8,13 @@ A *record* is one build's JSON-ready result (see ``tools.accuracy.build_record``
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from engine.atomic import atomic_file
 
 SUBSETS = (
     ("logical_anomalies", "logical"),
@@ -241,19 +240,5 @@ def results_json(records: Sequence[dict], meta: dict, tag: str | None) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` in one step: an interruption leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # mkstemp makes the file private (0600); a docs file keeps its mode, a new one the umask's
-    umask = os.umask(0)
-    os.umask(umask)
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~umask
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(handle, mode)
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, text=True) as file:
+        file.write(text)

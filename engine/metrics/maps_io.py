@@ -7,7 +7,7 @@ naming the file, anything the official evaluator would choke on or silently misr
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
+from engine.atomic import atomic_file
 from engine.data.types import DatasetError, Sample
 
 MAP_EXTENSIONS = (".tiff", ".tif", ".TIFF", ".TIF")
@@ -35,13 +36,10 @@ def write_map(path: str | Path, anomaly_map: np.ndarray) -> None:
         raise ValueError(
             f"{path}: a map must be a 2-D real array, got {scores.dtype} {scores.shape}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tifffile.imwrite(temp, scores.astype(np.float32, copy=False))
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    encoded = io.BytesIO()  # tifffile wants a named file; the atomic handle is a bare descriptor
+    tifffile.imwrite(encoded, scores.astype(np.float32, copy=False))
+    with atomic_file(path) as handle:
+        handle.write(encoded.getvalue())
 
 
 def write_maps(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from engine.atomic import atomic_file
 from engine.data.types import LOGICAL, STRUCTURAL
 from engine.metrics.loco import MEAN, LocoMetrics
 
@@ -15,18 +15,9 @@ _ROWS = ((LOGICAL, "logical"), (STRUCTURAL, "structural"), (MEAN, "mean"))
 
 def write_metrics_json(metrics: LocoMetrics, out_dir: str | Path) -> Path:
     """Write ``<out_dir>/metrics.json`` (indent 4, sorted keys, as the official script) atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / METRICS_FILE
-    temp = out_dir / f".{METRICS_FILE}.tmp-{os.getpid()}"
-    try:
-        with open(temp, "w") as f:
-            json.dump(metrics.to_official_json(), f, indent=4, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    path = Path(out_dir) / METRICS_FILE
+    with atomic_file(path, text=True) as f:
+        json.dump(metrics.to_official_json(), f, indent=4, sort_keys=True)
     return path
 
 
