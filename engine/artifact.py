@@ -9,7 +9,7 @@ Layout (``FORMAT_VERSION`` 2)::
       logical.pt        LogicalModel state dict (frozen encoder included: the artifact is
                         self-contained and never needs $TORCH_HOME)
       structural.pt     StructuralModel state dict: frozen backbone and the coreset memory bank
-      index/            the kNN index, only when it is approximate (IVF-PQ); exact FAISS or
+      index/            the kNN index, only when it is approximate (HNSW, IVF-PQ); exact FAISS or
                         PyTorch search is rebuilt from the bank at load time
 
 Writing: the folder is assembled in a hidden sibling ``.<name>.tmp-<host>-<pid>-*`` folder,
@@ -49,7 +49,6 @@ from engine.artifact_manifest import (
     INDEX_FOLDER,
     LOGICAL_FILE,
     REBUILD,
-    SAVED_INDEX_KIND,
     STRUCTURAL_FILE,
     ArtifactError,
     ManifestSpec,
@@ -65,7 +64,7 @@ from engine.config import BuildConfig
 from engine.detector import Detector
 from engine.models.backbones import load_backbone
 from engine.models.composition import CompositionModel
-from engine.models.knn_index import FaissIvfPqIndex
+from engine.models.knn_index import SAVED_KINDS, KnnIndex, restore_index
 from engine.models.logical import LogicalModel
 from engine.models.structural import PatchFeatures, StructuralModel, attach_index
 
@@ -272,7 +271,7 @@ def save_artifact(
         torch.save(_cpu_state(detector.structural), writer.file(STRUCTURAL_FILE))
         if composition is not None:
             torch.save(_cpu_state(composition), writer.file(COMPOSITION_FILE))
-        if index is not None and index.kind == SAVED_INDEX_KIND:
+        if index is not None and index.kind in SAVED_KINDS:
             index.save(writer.file(INDEX_FOLDER))
         return writer.commit(manifest)
 
@@ -315,9 +314,11 @@ def load_artifact(
     )
     states = {name: _state_dict(root / name, blobs.pop(name)) for name in members}
     sc = spec.config.structural
-    _check_bank(root / STRUCTURAL_FILE, states[STRUCTURAL_FILE].get("bank"), sc.feature_dim)
     with untrusted(f"{root}: the weights do not fit the model the manifest describes"):
         logical, structural, composition = _empty_modules(spec)
+    bank_dim = structural.patch_features.out_dim
+    _check_bank(root / STRUCTURAL_FILE, states[STRUCTURAL_FILE].get("bank"), bank_dim)
+    with untrusted(f"{root}: the weights do not fit the model the manifest describes"):
         logical.load_state_dict(states[LOGICAL_FILE])
         structural.load_state_dict(states[STRUCTURAL_FILE])
         if composition is not None:
@@ -332,8 +333,8 @@ def load_artifact(
         weights=spec.fusion_weights,
     ).to(device)
     with untrusted(f"{root}: cannot set up the kNN index"):
-        if spec.index["kind"] == SAVED_INDEX_KIND:
-            structural.use_index(_ivfpq_index(root, blobs, spec.index, structural.bank))
+        if spec.index["kind"] in SAVED_KINDS:
+            structural.use_index(_saved_index(root, blobs, spec.index, structural.bank))
         else:
             attach_index(structural, sc.index, device)
     return detector, manifest
@@ -452,7 +453,7 @@ def _check_bank(path: Path, bank: Any, dim: int) -> None:
         got = (tuple(bank.shape), bank.dtype) if isinstance(bank, torch.Tensor) else bank
         raise ArtifactError(
             f"{path}: the memory bank must be a non-empty (M, {dim}) float32 or float16 tensor "
-            f"(config.structural.feature_dim={dim}), got {got}; {REBUILD}"
+            f"(the structural features' dimension), got {got}; {REBUILD}"
         )
 
 
@@ -472,36 +473,29 @@ def _empty_modules(
     logical = LogicalModel(
         lc, backbone("logical", (*lc.compared_levels, lc.bottleneck_level)), embedding
     )
-    structural = StructuralModel(
-        PatchFeatures(backbone("structural", sc.levels), sc.feature_dim, sc.patch_size)
+    features = PatchFeatures(
+        backbone("structural", sc.levels), sc.feature_dim, sc.patch_size, sc.compact_features
     )
+    structural = StructuralModel(features)
     composition = None
     if spec.composition_grid is not None:
         composition = CompositionModel(
-            spec.config.composition, sc.feature_dim, spec.composition_grid
+            spec.config.composition, features.out_dim, spec.composition_grid
         )
     return logical, structural, composition
 
 
-def _ivfpq_index(
+def _saved_index(
     root: Path, blobs: dict[str, bytes], identity: dict[str, Any], bank: torch.Tensor
-) -> FaissIvfPqIndex:
-    """The saved IVF-PQ index, from the bytes already read and checked."""
-    import faiss
-
+) -> KnnIndex:
+    """The saved approximate index, from the bytes already read and checked."""
     folder = root / INDEX_FOLDER
     if parse_json(blobs[f"{INDEX_FOLDER}/index.json"], str(folder / "index.json")) != identity:
         raise ArtifactError(f"{folder / 'index.json'} differs from the manifest's structural_index")
     vectors = np.load(io.BytesIO(blobs[f"{INDEX_FOLDER}/bank.npy"]), allow_pickle=False)
     if vectors.dtype != np.float32 or not np.array_equal(vectors, bank.float().cpu().numpy()):
         raise ArtifactError(f"{folder / 'bank.npy'} is not the memory bank of {STRUCTURAL_FILE}")
-    raw = np.frombuffer(blobs[f"{INDEX_FOLDER}/index.faiss"], dtype=np.uint8)
-    searcher = faiss.deserialize_index(raw)
-    if not isinstance(searcher, faiss.IndexIVFPQ) or (searcher.ntotal, searcher.d) != vectors.shape:
-        raise ArtifactError(f"{folder / 'index.faiss'} is not an IVF-PQ index of the memory bank")
-    index = FaissIvfPqIndex(identity["nlist"], identity["m"], identity["nbits"], identity["nprobe"])
-    # KnnIndex reads indexes from paths only; fill in what FaissIvfPqIndex._read would.
-    index.bank = torch.from_numpy(vectors)
-    searcher.nprobe = index.nprobe
-    index._index = searcher
-    return index
+    try:
+        return restore_index(identity, vectors, blobs[f"{INDEX_FOLDER}/index.faiss"])
+    except ValueError as error:
+        raise ArtifactError(f"{folder / 'index.faiss'}: {error}") from error

@@ -21,6 +21,7 @@ from typing import Any
 from engine.calibrate import BranchStats, FusionConfig
 from engine.config import BuildConfig
 from engine.models.composition import CompositionConfig
+from engine.models.knn_index import SAVED_KINDS, saved_params
 from engine.models.logical import LogicalConfig
 from engine.models.structural import StructuralConfig
 from engine.models.weights import ARCHS, WeightsInfo
@@ -33,10 +34,9 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 LOGICAL_FILE = "logical.pt"
 STRUCTURAL_FILE = "structural.pt"
 COMPOSITION_FILE = "composition.pt"
-INDEX_FOLDER = "index"  # only for approximate (IVF-PQ) indexes; exact ones are rebuilt
+INDEX_FOLDER = "index"  # only for approximate indexes (SAVED_KINDS); exact ones are rebuilt
 INDEX_FILES = ("bank.npy", "index.faiss", "index.json")
-SAVED_INDEX_KIND = "faiss_ivfpq"
-LOADED_INDEX_KINDS = ("torch", "faiss_flat", "faiss_gpu", SAVED_INDEX_KIND)
+LOADED_INDEX_KINDS = ("torch", "faiss_flat", "faiss_gpu", *SAVED_KINDS)
 
 # Plausibility bounds on the numbers inference uses. No real setting, statistic or
 # normalisation comes near them; a hand-edited manifest could otherwise make model
@@ -134,7 +134,7 @@ def expected_files(index_kind: str, composition: bool) -> set[str]:
     """The exact set of files an artifact holds (manifest aside), given its index kind and
     whether its composition branch is enabled."""
     names = {LOGICAL_FILE, STRUCTURAL_FILE} | ({COMPOSITION_FILE} if composition else set())
-    if index_kind == SAVED_INDEX_KIND:
+    if index_kind in SAVED_KINDS:
         names |= {f"{INDEX_FOLDER}/{name}" for name in INDEX_FILES}
     return names
 
@@ -348,14 +348,16 @@ def _parse_index(f: _Fields, index: dict[str, Any], config: BuildConfig) -> dict
     kind = f.get(index, "kind", "structural_index.kind")
     if kind not in LOADED_INDEX_KINDS:
         raise f.fail("structural_index.kind", f"one of {LOADED_INDEX_KINDS}", kind)
-    if (kind == SAVED_INDEX_KIND) != (config.structural.index == SAVED_INDEX_KIND):
+    if (kind in SAVED_KINDS or config.structural.index in SAVED_KINDS) and (
+        kind != config.structural.index
+    ):
         raise f.fail(
             "structural_index.kind",
             f"consistent with config.structural.index={config.structural.index!r}",
             kind,
         )
-    if kind == SAVED_INDEX_KIND:
-        for key in ("nlist", "m", "nbits", "nprobe", "size", "dim"):
+    if kind in SAVED_KINDS:
+        for key in (*saved_params(kind), "size", "dim"):
             if f.count(index, key, f"structural_index.{key}") < 1:
                 raise f.fail(f"structural_index.{key}", "positive", index[key])
     return index

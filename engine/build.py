@@ -9,11 +9,16 @@ can be overridden with ``--set section.field=value`` (e.g. ``--set train.lr=1e-3
 
 Every option is checked before any work starts (values converted to their field's type, output
 folders that may be written, the kNN index); expected failures print a message and exit 2.
+
+Settings apply in this order: the preset, then ``--config FILE`` (a JSON object in the format
+``--print-config`` prints; fields it leaves out keep the preset's values), then the options
+``--epochs``, ``--seed``, ``--weights``, ``--text-prior``, ``--target-far``, then every ``--set``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -23,10 +28,12 @@ from typing import Any
 
 import torch
 
+from engine.cli import DEVICES, description, setup_logging
 from engine.config import PRESETS, BuildConfig, field_types, parse_value, resolve_preset
 from engine.data.loco import check_category_name, list_categories
 from engine.data.synthetic import CATEGORIES, GENERATOR_VERSION, generate_category
 from engine.data.types import DatasetError
+from engine.operating_point import operating_point_lines
 from engine.pipeline import BuildResult, build_category
 from engine.preflight import check_index_kind, check_outputs
 
@@ -45,18 +52,45 @@ def synthetic_root(cache_dir: Path | None = None) -> Path:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.build", description=__doc__.split("\n\n")[0]
+        prog="python -m engine.build", description=description(__doc__)
     )
-    parser.add_argument("--category", required=True, help="category folder name, or 'all'")
+    parser.add_argument("--category", help="category folder name, or 'all' (required to build)")
     parser.add_argument(
         "--data-root",
         type=Path,
         help="MVTec LOCO AD style folder (default: $MVTEC_LOCO_ROOT, else synthetic data)",
     )
     parser.add_argument("--out", type=Path, help="artifact folder (default artifacts/<category>)")
-    parser.add_argument("--preset", choices=PRESETS, default="auto")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="auto",
+        help="paper: the paper's models and settings; cpu: small models that train in minutes "
+        "on a CPU; auto: paper on CUDA with the paper's weights present, else cpu (default)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="training and inference device (default: cuda when present)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="JSON settings file, the format --print-config prints (may hold only some fields)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved settings as JSON and exit without building",
+    )
     parser.add_argument("--save-maps", type=Path, help="write fused float32 TIFF maps here")
+    parser.add_argument(
+        "--target-far",
+        type=float,
+        help="share of good parts the threshold may reject (fusion.target_false_alarm_rate, "
+        "default 0.05); change it later without a rebuild with python -m tools.threshold",
+    )
     parser.add_argument("--epochs", type=int, help="training epochs (overrides the preset)")
     parser.add_argument("--seed", type=int, help="training seed (overrides the preset)")
     parser.add_argument(
@@ -87,7 +121,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help="synthetic data cache")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.category is None and not args.print_config:
+        parser.error("the following arguments are required: --category")
+    return args
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,9 +165,36 @@ def _set_path(obj: Any, path: list[str], raw: str, key: str) -> Any:
     return replace(obj, **{path[0]: _set_path(child, path[1:], raw, key)})
 
 
-def build_config(args: argparse.Namespace, device: torch.device) -> BuildConfig:
+def read_config_file(path: Path, base: BuildConfig) -> BuildConfig:
+    """``base`` with the fields of the JSON object in ``path`` replaced (ValueError names the
+    file and the field)."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--config {path}: not a JSON file ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a JSON object, got {type(values).__name__}")
+    try:
+        return BuildConfig.from_dict(_merged(base.to_dict(), values))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--config {path}: {error}") from None
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied, nested objects merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = _merged(base[key], value) if nested else value
+    return out
+
+
+def build_config(args: argparse.Namespace, device: torch.device) -> tuple[BuildConfig, str]:
+    """The resolved configuration (see the module docstring for the order) and why the preset
+    was chosen."""
     config, why = resolve_preset(args.preset, device)
-    print(f"[config] {why}", flush=True)
+    if args.config is not None:
+        config = read_config_file(args.config, config)
     top: dict[str, Any] = {}
     if args.weights is not None:
         top["weights"] = args.weights
@@ -146,8 +210,10 @@ def build_config(args: argparse.Namespace, device: torch.device) -> BuildConfig:
         train["steps"] = None  # an explicit epoch count wins over the preset's step budget
     if args.seed is not None:
         train["seed"] = args.seed
+    if args.target_far is not None:
+        top["fusion"] = replace(config.fusion, target_false_alarm_rate=args.target_far)
     config = replace(config, train=replace(config.train, **train), **top)
-    return apply_overrides(config, args.set)
+    return apply_overrides(config, args.set), why
 
 
 def find_categories(args: argparse.Namespace) -> tuple[Path, list[str], bool]:
@@ -187,8 +253,15 @@ def generate_synthetic(cache: Path, names: Sequence[str], progress: bool) -> Non
     print(f"[data] synthetic LOCO-style data from {cache} (no --data-root given)", flush=True)
 
 
-def result_table(results: Sequence[BuildResult]) -> str:
-    """Image AUROC and AU-sPRO@0.05 (logical / structural / mean) per branch, and step times."""
+LEGEND = (
+    "map: the branch scored alone, or the fused map; log / struct / mean: the logical-anomaly "
+    "and structural-anomaly test images (each against the good ones) and their mean"
+)
+
+
+def result_table(results: Sequence[BuildResult], target_far: float) -> str:
+    """Image AUROC and AU-sPRO@0.05 (logical / structural / mean) per branch with a legend, step
+    times, and what the threshold does on the test images."""
     head = ["category", "map", "AUROC log", "struct", "mean", "sPRO@.05 log", "struct", "mean"]
     rows = [head]
     keys = ("logical_anomalies", "structural_anomalies", "mean")
@@ -204,21 +277,33 @@ def result_table(results: Sequence[BuildResult]) -> str:
         for r in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
+    lines.append(LEGEND)
     for result in results:
         steps = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items())
         lines.append(f"{result.category}: {steps}; total {sum(result.seconds.values()):.1f}s")
-        lines.append(f"{result.category}: threshold {result.threshold:.4g} -> {result.artifact}")
+        lines.append(f"{result.category}: artifact {result.artifact}")
+        scores = result.image_scores.get("fused")
+        if scores is not None:
+            first, *rest = operating_point_lines(
+                scores, result.test_defects, result.threshold, target_far
+            )
+            lines += [f"{result.category}: {first}", *rest]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging()
     progress = not args.no_progress
     try:
         if args.category == "all" and args.out is not None:
             raise ValueError("--out names one artifact; with --category all omit it")
         device = resolve_device(args.device)
-        config = build_config(args, device)
+        config, why = build_config(args, device)
+        if args.print_config:
+            print(json.dumps(config.to_dict(), indent=2))
+            return 0
+        print(f"[config] {why}", flush=True)
         root, categories, synthetic = find_categories(args)
         outs = {category: args.out or Path("artifacts") / category for category in categories}
         # Everything that can fail without data or a model fails here, before any work.
@@ -248,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(error_message(error), file=sys.stderr)
         return EXIT_BAD_INPUT
     print()
-    print(result_table(results))
+    print(result_table(results, config.fusion.target_false_alarm_rate))
     return 0
 
 

@@ -25,6 +25,7 @@ from engine.models.structural import StructuralModel
 
 MapFn = Callable[[torch.Tensor], torch.Tensor]
 StructuralFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+FeaturesFn = Callable[[torch.Tensor], tuple[torch.Tensor, tuple[int, int]]]
 
 try:
     import nvtx as _nvtx
@@ -65,6 +66,8 @@ class StructuralSide(nn.Module):
     ``forward(x)``: (B, 3, s, s) normalised -> ``(structural (B, s, s), composition (B, s, s) or
     None)``. The composition map is the image score at every pixel (its evidence is about the
     whole image); fusion decides where it counts (``CompositionConfig.fused_map``).
+    ``features_fn``, when set by a backend, computes the patch features in place of the
+    module's own ``patch_features``.
     """
 
     def __init__(
@@ -73,9 +76,10 @@ class StructuralSide(nn.Module):
         super().__init__()
         self.structural = structural
         self.composition = composition
+        self.features_fn: FeaturesFn | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        features, grid = self.structural.patch_features(x)
+        features, grid = (self.features_fn or self.structural.patch_features)(x)
         size = (int(x.shape[-2]), int(x.shape[-1]))
         structural = self.structural.map_from_features(features, grid, size)
         if self.composition is None:

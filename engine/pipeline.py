@@ -283,7 +283,11 @@ def build_category(
         )
         loader = DataLoader(bank_set, batch_size=INFERENCE_BATCH, shuffle=False)
         features, grid = extract_patch_features(structural.patch_features, loader, device, progress)
-        structural.set_bank(coreset_bank(features, config.structural, device, progress))
+        structural.set_bank(
+            coreset_bank(
+                features, config.structural, device, progress, structural.patch_features.basis
+            )
+        )
         structural.to(device)
         index_kind = attach_index(structural, config.structural.index, device)
         if verbose:

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -29,19 +28,13 @@ import torch
 from engine.artifact import load_artifact
 from engine.backends import apply_backend
 from engine.calibrate import image_scores, resize_to
-from engine.data.images import list_image_files, read_rgb
-from engine.data.types import DatasetError
 from engine.detector import Detector
+from engine.sources import LatestFrames, Source, SourceLost, open_source
+
+__all__ = ["COLORS", "Result", "Runtime", "SourceLost", "check_frame"]
 
 log = logging.getLogger(__name__)
 COLORS = ("bgr", "rgb")
-CAP_PROP_FRAME_COUNT = 7  # cv2.CAP_PROP_FRAME_COUNT, read without importing OpenCV
-MAX_BACKOFF_S = 30.0  # longest wait between two reconnect attempts
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # rtsp://, http://, ...: handed to OpenCV as is
-
-
-class SourceLost(ConnectionError):
-    """A live video source (camera, stream URL) stopped delivering frames."""
 
 
 @dataclass
@@ -67,6 +60,12 @@ class Result:
     threshold: float
     source_index: int = 0
     composition_map: np.ndarray | None = None
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool (H, W): pixels whose fused value is above the decision threshold. The score is
+        the map's maximum, so the mask is non-empty exactly when the frame is anomalous."""
+        return self.anomaly_map > self.threshold
 
 
 def _pick_device(device: str | torch.device) -> torch.device:
@@ -271,6 +270,7 @@ class Runtime:
         *,
         reconnect: int = 0,
         reconnect_delay: float = 1.0,
+        latest: bool = False,
     ) -> Iterator[tuple[np.ndarray, Result]]:
         """Score frames from ``source`` as they come; yields ``(frame, result)`` pairs.
 
@@ -288,10 +288,14 @@ class Runtime:
         file, or a capture reporting ``CAP_PROP_FRAME_COUNT > 0``. Any other capture (camera
         index, URL, capture object without a frame count) is *live*: when its ``read()`` fails,
         :class:`SourceLost` is raised, after ``reconnect`` further attempts per outage, waiting
-        ``reconnect_delay`` seconds, doubled each time up to :data:`MAX_BACKOFF_S`. A reconnect
+        ``reconnect_delay`` seconds, doubled each time up to :data:`engine.sources.MAX_BACKOFF_S`. A reconnect
         re-opens a source the stream opened itself, and retries ``read()`` on a capture passed in.
         Captures the stream opened are released when it ends, is closed or raises; captures
         passed in are left to their owner.
+
+        ``latest=True`` (for live cameras): a background thread reads the source continuously
+        and each step scores the newest frame, dropping those that arrived meanwhile, so the
+        verdicts never lag behind the line (``source_index`` shows the gaps).
         """
         if color is not None and color not in COLORS:
             raise ValueError(f"color must be one of {COLORS}, got {color!r}")
@@ -301,19 +305,20 @@ class Runtime:
             raise ValueError(
                 f"reconnect_delay must be a finite number >= 0, got {reconnect_delay!r}"
             )
-        opened = _open_source(source, reconnect, float(reconnect_delay))
-        scored = self._score(opened, color or opened.color)
+        opened = open_source(source, reconnect, float(reconnect_delay))
+        scored = self._score(opened, color or opened.color, latest)
         next(scored)  # enter the generator's try, so that closing it even now releases the source
         return cast(Iterator[tuple[np.ndarray, Result]], scored)
 
     def _score(
-        self, source: _Source, color: str
+        self, source: Source, color: str, latest: bool
     ) -> Generator[tuple[np.ndarray, Result] | None, None, None]:
         """The body of :meth:`stream`; its first ``yield`` (None) only primes the generator."""
         skipped = 0
+        reader = LatestFrames(source.frames) if latest else None
         try:
             yield None
-            for index, frame in enumerate(source.frames):
+            for index, frame in reader or enumerate(source.frames):
                 try:
                     if isinstance(frame, Exception):  # an image of a folder that did not decode
                         raise frame
@@ -327,6 +332,8 @@ class Runtime:
                 result.source_index = index
                 yield frame, result
         finally:
+            if reader is not None:
+                reader.close()  # before releasing the capture it reads from
             source.close()
             if skipped:
                 log.warning("stream from %s: %d bad frame(s) skipped", source.name, skipped)
@@ -359,139 +366,3 @@ def _as_tensor(frame: np.ndarray) -> torch.Tensor:
         # torch.from_numpy refuses negative strides (frame[..., ::-1]) and warns on read-only data
         frame = frame.copy(order="C")
     return torch.from_numpy(frame)
-
-
-class _Capture:
-    """A ``read() -> (ok, frame)`` source. ``target`` (index or string) when the stream opened
-    it, so that it can re-open and must release it; None for a capture passed in."""
-
-    def __init__(self, capture: Any, target: int | str | None, finite: bool) -> None:
-        self.capture, self.target, self.finite = capture, target, finite
-        self.name = f"video source {target!r}" if target is not None else type(capture).__name__
-
-    def frames(self, reconnect: int, delay: float) -> Iterator[np.ndarray]:
-        delivered = 0
-        while True:
-            ok, frame = self.capture.read()
-            if not ok:
-                if self.finite:
-                    return
-                frame = self._recover(reconnect, delay, delivered)
-            delivered += 1
-            yield frame
-
-    def _recover(self, attempts: int, delay: float, delivered: int) -> np.ndarray:
-        """The next frame after a failed read, or SourceLost once ``attempts`` are spent."""
-        for attempt in range(attempts):
-            wait = min(delay * 2**attempt, MAX_BACKOFF_S)
-            log.warning(
-                "%s: no frame; reconnect attempt %d of %d in %.1f s",
-                self.name,
-                attempt + 1,
-                attempts,
-                wait,
-            )
-            time.sleep(wait)
-            if self._reopen():
-                ok, frame = self.capture.read()
-                if ok:
-                    log.warning("%s: reconnected", self.name)
-                    return frame
-        raise SourceLost(
-            f"{self.name} stopped delivering frames after {delivered} frame(s) and "
-            f"{attempts} reconnect attempt(s)"
-        )
-
-    def _reopen(self) -> bool:
-        if self.target is None:
-            return True
-        self.capture.release()
-        try:
-            self.capture = _open_capture(self.target)
-        except ValueError as error:
-            log.warning("%s", error)
-            return False
-        return True
-
-    def release(self) -> None:
-        if self.target is not None:
-            self.capture.release()
-
-
-@dataclass
-class _Source:
-    """An opened stream source: its frames (or the errors of unreadable images), default colour
-    order, a name for messages, and what to call when the stream ends."""
-
-    frames: Iterable[Any]
-    color: str
-    name: str
-    close: Callable[[], None] = lambda: None
-
-
-def _open_source(source: Any, reconnect: int, delay: float) -> _Source:
-    """Open ``source`` now (see :meth:`Runtime.stream`); ValueError when it cannot be read."""
-    capture = _capture_of(source)
-    if capture is not None:
-        return _Source(capture.frames(reconnect, delay), "bgr", capture.name, capture.release)
-    if isinstance(source, str | Path) and Path(source).is_dir():
-        try:
-            files = list_image_files(Path(source))
-        except OSError as error:
-            raise ValueError(f"{source}: cannot read the image folder ({error})") from error
-        if not files:
-            raise ValueError(f"{source}: folder holds no images")
-        return _Source((_read_or_error(f) for f in files), "rgb", str(source))
-    if isinstance(source, str | Path):
-        raise ValueError(f"{source}: no such video file or image folder")
-    if isinstance(source, Iterable):
-        return _Source(source, "bgr", type(source).__name__)
-    raise ValueError(
-        f"unsupported stream source {type(source).__name__}: pass a VideoCapture, a camera "
-        "index, a stream URL, a video file, an image folder or an iterable of frames"
-    )
-
-
-def _capture_of(source: Any) -> _Capture | None:
-    """``source`` as a capture (opened now when it is an index, URL or file), else None."""
-    if hasattr(source, "read") and callable(source.read):
-        return _Capture(source, None, finite=_reports_frame_count(source))
-    if isinstance(source, int) and not isinstance(source, bool):
-        if source < 0:
-            raise ValueError(f"camera index must be >= 0, got {source}")
-        return _Capture(_open_capture(source), source, finite=False)
-    if isinstance(source, str) and _URL.match(source):
-        return _Capture(_open_capture(source), source, finite=False)
-    if isinstance(source, str | Path) and Path(source).is_file():
-        return _Capture(_open_capture(str(source)), str(source), finite=True)
-    return None
-
-
-def _reports_frame_count(capture: Any) -> bool:
-    """Whether a capture passed in is finite (a video file): it reports a frame count > 0."""
-    get = getattr(capture, "get", None)
-    try:
-        return callable(get) and float(get(CAP_PROP_FRAME_COUNT)) > 0
-    except (TypeError, ValueError):
-        return False
-
-
-def _open_capture(target: int | str) -> Any:
-    try:
-        import cv2
-    except ImportError as error:
-        raise RuntimeError(
-            "cameras and video files need OpenCV: install the project's 'camera' extra"
-        ) from error
-    capture = cv2.VideoCapture(target)
-    if not capture.isOpened():
-        capture.release()
-        raise ValueError(f"cannot open video source {target!r} (no such camera or unreadable file)")
-    return capture
-
-
-def _read_or_error(path: Path) -> np.ndarray | Exception:
-    try:
-        return read_rgb(path)
-    except DatasetError as error:
-        return error

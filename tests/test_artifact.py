@@ -77,8 +77,9 @@ def test_round_trip_keeps_weights_calibration_and_threshold(built, art: Path) ->
     assert names_in(art.parent) == ["art"]  # no temp folder left behind
 
 
-def test_ivfpq_index_round_trip(tmp_path: Path) -> None:
-    detector, config = tiny["tiny_detector"](3, index="faiss_ivfpq")
+@pytest.mark.parametrize("kind", ["faiss_ivfpq", "faiss_hnsw"])
+def test_saved_index_round_trip(tmp_path: Path, kind: str) -> None:
+    detector, config = tiny["tiny_detector"](3, index=kind)
     out = tiny["save"](tmp_path / "art", detector, config)
     assert {"index/bank.npy", "index/index.faiss", "index/index.json"} <= set(
         read_manifest(out)["files"]

@@ -168,3 +168,51 @@ def test_config_round_trips_through_a_manifest_dict() -> None:
     assert BuildConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="unknown BuildConfig fields"):
         BuildConfig.from_dict({"bogus": 1})
+
+
+def test_print_config_prints_the_resolved_settings(capsys) -> None:
+    argv = ["--print-config", "--preset=cpu", "--epochs=3", "--set=logical.image_size=96"]
+    assert build.main([*argv, "--target-far=0.01"]) == 0
+    printed = json.loads(capsys.readouterr().out)  # nothing but the JSON on stdout
+    config = BuildConfig.from_dict(printed)
+    assert config.preset == "cpu" and config.logical.image_size == 96
+    assert config.train.epochs == 3 and config.train.steps is None
+    assert config.fusion.target_false_alarm_rate == 0.01
+    assert build.main([*argv, "--target-far=1.5"]) == build.EXIT_BAD_INPUT
+
+
+def test_config_file_then_options_then_set(tmp_path: Path, capsys) -> None:
+    """A partial file keeps the preset's other values; --set still wins over the file."""
+    path = tmp_path / "line3.json"
+    path.write_text(json.dumps({"logical": {"image_size": 64}, "train": {"lr": 0.002}}))
+    argv = ["--print-config", "--preset=cpu", f"--config={path}", "--set=train.lr=0.003"]
+    assert build.main(argv) == 0
+    config = BuildConfig.from_dict(json.loads(capsys.readouterr().out))
+    preset = cpu_build_preset()
+    assert config.logical.image_size == 64 and config.train.lr == 0.003
+    assert (
+        config.structural == preset.structural and config.logical.backbone == "efficientnet_lite0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not a JSON file"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"logical": {"nope": 1}}', "unknown LogicalConfig fields"),
+        ('{"logical": {"image_size": "big"}}', "logical.image_size"),
+    ],
+)
+def test_bad_config_files_are_refused(tmp_path: Path, capsys, content: str, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    assert build.main(["--print-config", f"--config={path}"]) == build.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert str(path) in err and message in err
+
+
+def test_category_is_required_to_build(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build.main([])
+    assert exit_info.value.code == 2 and "--category" in capsys.readouterr().err

@@ -154,10 +154,22 @@ def test_tampered_artifact_refuses_to_load(tiny_build: dict[str, Path], tmp_path
 def test_unavailable_backends_say_so(tiny_build: dict[str, Path]) -> None:
     with pytest.raises((RuntimeError, NotImplementedError), match="tensorrt"):
         Runtime.load(tiny_build["artifact"], device="cpu", backend="tensorrt")
-    with pytest.raises(NotImplementedError, match="onnx"):
-        Runtime.load(tiny_build["artifact"], device="cpu", backend="onnx")
     with pytest.raises(ValueError, match="unknown backend"):
         Runtime.load(tiny_build["artifact"], device="cpu", backend="fast")
+
+
+@pytest.mark.slow
+def test_onnx_backend_gives_the_eager_maps(
+    tiny_build: dict[str, Path], rt: Runtime, frame: np.ndarray, tmp_path: Path, monkeypatch
+) -> None:
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    onnx = Runtime.load(tiny_build["artifact"], device="cpu", backend="onnx")
+    assert onnx.backend == "onnx"
+    got, want = onnx(frame), rt(frame)
+    for name in ("anomaly_map", "logical_map", "structural_map"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-4)
+    assert got.score == pytest.approx(want.score, rel=1e-4)
 
 
 def test_faiss_and_torch_search_give_the_same_maps(rt: Runtime, frame: np.ndarray) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import runtime
+from engine import sources
 from engine.detector import Maps
 from engine.runtime import Runtime, SourceLost
 
@@ -53,7 +54,7 @@ class FakeCapture:
         return True
 
     def get(self, prop: int) -> float:
-        assert prop == runtime.CAP_PROP_FRAME_COUNT
+        assert prop == sources.CAP_PROP_FRAME_COUNT
         return -1.0 if self.frame_count is None else self.frame_count
 
     def release(self) -> None:
@@ -87,14 +88,14 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, FakeCapture]]:
         log.append((target, capture))
         return capture
 
-    monkeypatch.setattr(runtime, "_open_capture", fake_open)
+    monkeypatch.setattr(sources, "_open_capture", fake_open)
     return log
 
 
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     waited: list[float] = []
-    monkeypatch.setattr(runtime.time, "sleep", waited.append)
+    monkeypatch.setattr(sources.time, "sleep", waited.append)
     return waited
 
 
@@ -312,3 +313,52 @@ def test_a_concurrent_call_raises() -> None:
         worker.join(10)
     assert len(results) == 1 and results[0].is_anomalous
     assert not rt(colored(0), color="rgb").is_anomalous  # free again once the first call returned
+
+
+# --- stream(latest=True): a slow consumer gets the newest frame, never a backlog -----------------
+
+
+class FastCamera(FakeCapture):
+    """A live capture that always has a new frame, about every millisecond, up to ``total``."""
+
+    def __init__(self, total: int = 100_000) -> None:
+        super().__init__([], frame_count=None)
+        self.total = total
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        self.reads += 1
+        time.sleep(0.001)
+        return self.reads <= self.total, colored(0) if self.reads <= self.total else None
+
+
+def test_latest_drops_frames_a_slow_consumer_cannot_take() -> None:
+    camera = FastCamera()
+    stream = make_runtime().stream(camera, latest=True)
+    indices = []
+    for _, result in stream:
+        indices.append(result.source_index)
+        time.sleep(0.03)  # a consumer ~30x slower than the camera
+        if len(indices) == 5:
+            break
+    stream.close()
+    gaps = np.diff(indices)
+    assert (gaps >= 5).all(), indices  # frames were dropped, not queued
+    reads = camera.reads
+    time.sleep(0.05)
+    assert camera.reads == reads  # the reader thread stopped with the stream
+    assert camera.released == 0  # a capture passed in stays its owner's
+
+
+def test_latest_delivers_the_last_frame_then_the_loss() -> None:
+    camera = FastCamera(total=20)
+    results = []
+    with pytest.raises(SourceLost):
+        for _, result in make_runtime().stream(camera, latest=True):
+            results.append(result.source_index)
+    assert results and results[-1] == 19  # the newest frame before the camera died
+
+
+def test_latest_on_a_finite_source_ends_normally() -> None:
+    frames = [colored(200)] * 3
+    got = [r.source_index for _, r in make_runtime().stream(frames, latest=True)]
+    assert got and got[-1] == 2 and got == sorted(set(got))

@@ -32,6 +32,7 @@ import torch
 
 from engine.artifact import read_manifest
 from engine.build import apply_overrides, resolve_device
+from engine.cli import DEVICES, description, setup_logging
 from engine.config import PRESETS, BuildConfig, resolve_preset
 from engine.data.loco import LocoDataset
 from engine.data.synthetic import CATEGORIES, GENERATOR_VERSION, generate_category
@@ -76,7 +77,7 @@ class Plan:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.accuracy", description=__doc__.split("\n\n")[0]
+        prog="python -m tools.accuracy", description=description(__doc__)
     )
     parser.add_argument("--categories", default="all", help="comma-separated names, or 'all'")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated data+training seeds")
@@ -84,7 +85,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--n-validation", type=int, default=16, help="validation images")
     parser.add_argument("--n-test", type=int, default=100, help="good, logical, structural each")
     parser.add_argument("--preset", choices=PRESETS, default="cpu")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=DEVICES, default="cpu")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config value"
     )
@@ -341,6 +342,7 @@ def run_meta(plan: Plan, args: argparse.Namespace, argv: Sequence[str], wall: fl
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    setup_logging()
     work: Path | None = None
     try:
         plan = make_plan(args)

@@ -7,6 +7,8 @@
 When the source is a camera index and no camera opens, the loop falls back to ``--fallback``
 (default: the synthetic test images of the artifact's category, when they are in the cache), so
 the example runs on machines without a camera. ``--show`` opens an OpenCV window (q quits).
+``--log FILE.jsonl|.csv`` keeps one record per frame (see :mod:`engine.records`);
+``--threshold T`` replaces the artifact's calibrated threshold for this run.
 Stream URLs (``rtsp://``, ``http://``) go to OpenCV as given. A source that cannot be opened, or
 a live camera that stops delivering (after ``--reconnect N`` attempts), ends with a message on
 stderr and exit code 2.
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,8 @@ from engine import overlay
 from engine.artifact import ArtifactError
 from engine.backends import BACKENDS
 from engine.build import synthetic_root
+from engine.cli import DEVICES, description, setup_logging
+from engine.records import FORMATS, ResultLog
 from engine.runtime import Result, Runtime, SourceLost
 
 
@@ -50,7 +56,7 @@ def parse_source(text: str) -> int | str | Path:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.camera_loop", description=__doc__.split("\n\n")[0]
+        prog="python -m tools.camera_loop", description=description(__doc__)
     )
     parser.add_argument("--artifact", type=Path, required=True, help="engine.build artifact")
     parser.add_argument(
@@ -61,9 +67,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--fallback", type=Path, help="video/folder to use when no camera opens")
     parser.add_argument("--out", type=Path, help="write overlay PNGs here")
-    parser.add_argument("--show", action="store_true", help="display overlays (needs a screen)")
+    parser.add_argument(
+        "--show",
+        action="store_true",
+        help="display overlays (needs a screen and OpenCV with GUI support: opencv-python)",
+    )
+    parser.add_argument(
+        "--save-alarms",
+        type=Path,
+        metavar="DIR",
+        help="keep the raw frame and its overlay of every anomalous frame here",
+    )
+    parser.add_argument(
+        "--keep",
+        type=non_negative_int,
+        default=1000,
+        help="with --save-alarms: how many alarms to keep, oldest deleted first (0: all)",
+    )
     parser.add_argument(
         "--max-frames", type=non_negative_int, default=0, help="stop after N frames (0: all)"
+    )
+    parser.add_argument(
+        "--latest",
+        action="store_true",
+        help="live cameras: score the newest frame, dropping those that arrived meanwhile",
     )
     parser.add_argument(
         "--reconnect",
@@ -72,8 +99,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="reconnect attempts (with back-off) when a live camera stops delivering (default 0)",
     )
     parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present"
+        "--log", type=Path, help="append a record per frame to FILE.jsonl or FILE.csv"
     )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="decision threshold (default: the artifact's calibrated one)",
+    )
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when present")
     parser.add_argument(
         "--backend", choices=BACKENDS, default="auto", help="see engine.backends (default auto)"
     )
@@ -113,8 +146,15 @@ def choose_source(args: argparse.Namespace, category: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging()
     try:
-        rt = Runtime.load(args.artifact, device=args.device, backend=args.backend)
+        if args.show:
+            check_gui()
+        if args.log is not None and args.log.suffix not in FORMATS:
+            raise ValueError(f"--log {args.log}: the file must end in one of {FORMATS}")
+        rt = Runtime.load(
+            args.artifact, device=args.device, backend=args.backend, threshold=args.threshold
+        )
     except (ArtifactError, ValueError, RuntimeError) as error:
         return _fail(error)
     source = None
@@ -122,10 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = choose_source(args, rt.category)
         # The stream's default order: RGB for image folders, BGR (OpenCV) for everything else.
         color = "rgb" if isinstance(source, Path) and source.is_dir() else "bgr"
-        if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)
+        for folder in (args.out, args.save_alarms):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
         # Opens the source now, so that a bad one fails before the (possibly long) warm-up.
-        frames = rt.stream(source, color=color, reconnect=args.reconnect)
+        frames = rt.stream(source, color=color, reconnect=args.reconnect, latest=args.latest)
     except (ValueError, RuntimeError, OSError) as error:
         _release(source)
         return _fail(error)
@@ -133,9 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     alarms = 0
     try:
         print(f"{rt}; warm-up {rt.warmup():.1f} ms", flush=True)
-        for result in _run(frames, args, color):
-            latencies.append(result.latency_ms)
-            alarms += result.is_anomalous
+        log = None if args.log is None else ResultLog(args.log, rt, args.source)
+        with log or nullcontext():
+            for result in _run(frames, args, color):
+                latencies.append(result.latency_ms)
+                alarms += result.is_anomalous
+                if log is not None:
+                    log.write(result)
     except SourceLost as error:
         hint = "" if args.reconnect else " (--reconnect N retries a lost camera)"
         return _fail(f"source {args.source}: {error}", hint)
@@ -165,11 +210,15 @@ def _run(
             flush=True,
         )
         keep_going = True
-        if args.out is not None or args.show:
+        alarm = args.save_alarms is not None and result.is_anomalous
+        if args.out is not None or args.show or alarm:
             drawn = overlay(frame, result, color=color)
             rgb = drawn if color == "rgb" else drawn[..., ::-1]
             if args.out is not None:
                 Image.fromarray(rgb).save(args.out / f"{result.source_index:05d}.png")
+            if alarm:
+                raw = frame if color == "rgb" else frame[..., ::-1]
+                save_alarm(args.save_alarms, result, raw, rgb, args.keep)
             if args.show:
                 keep_going = show(np.ascontiguousarray(rgb[..., ::-1]))
         yield result
@@ -190,6 +239,38 @@ def _release(source: Any) -> None:
     """Release a camera this tool opened (the stream leaves captures passed in to their owner)."""
     if source is not None and hasattr(source, "release"):
         source.release()
+
+
+def save_alarm(folder: Path, result: Result, raw: np.ndarray, drawn: np.ndarray, keep: int) -> None:
+    """Write an alarm's raw frame and overlay (RGB) as ``<UTC time>_<frame>_{raw,overlay}.png``,
+    then delete the oldest alarms beyond ``keep`` (0: keep all)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    stem = f"{stamp}_{result.source_index:06d}"
+    Image.fromarray(np.ascontiguousarray(raw)).save(folder / f"{stem}_raw.png")
+    Image.fromarray(np.ascontiguousarray(drawn)).save(folder / f"{stem}_overlay.png")
+    if keep:
+        stems = sorted({p.name.rsplit("_", 1)[0] for p in folder.glob("*_raw.png")})
+        for old in stems[:-keep]:
+            for part in ("raw", "overlay"):
+                (folder / f"{old}_{part}.png").unlink(missing_ok=True)
+
+
+def check_gui() -> None:
+    """Raise RuntimeError saying what to install when OpenCV cannot open a window here."""
+    try:
+        import cv2
+    except ImportError:
+        raise RuntimeError("--show needs OpenCV: pip install opencv-python") from None
+    try:
+        cv2.namedWindow("npgmf")
+        cv2.destroyWindow("npgmf")
+    except cv2.error as error:
+        raise RuntimeError(
+            "--show needs OpenCV with GUI support and a display; this OpenCV has none "
+            "(opencv-python-headless, what the 'camera' extra installs, cannot open windows): "
+            "pip install opencv-python, or drop --show and use --out / --save-alarms "
+            f"({str(error).strip().splitlines()[-1]})"
+        ) from None
 
 
 def show(frame_bgr: np.ndarray) -> bool:

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.artifact import ArtifactError
+from engine.cli import DEVICES, setup_logging
 from engine.data.images import read_rgb
 from engine.data.loco import LocoDataset
 from engine.data.types import Sample
@@ -32,7 +33,6 @@ from engine.runtime import Runtime
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-DEVICES = ("auto", "cpu", "cuda")
 
 MapSource = Iterable[tuple[Sample, str, np.ndarray]]
 """(sample, name used in error messages, (H, W) map) per test image."""
@@ -97,6 +97,7 @@ def evaluate_category(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging()
     progress = not args.no_progress
     try:
         check_output_folder(args.out, "--out")

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from engine.cli import description
 from engine.data.synthetic import CATEGORIES, generate_category, get_category
 from engine.data.synthetic.contact_sheet import contact_sheet
 
@@ -41,7 +42,7 @@ def _count(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.make_synthetic", description=__doc__.splitlines()[0]
+        prog="python -m tools.make_synthetic", description=description(__doc__)
     )
     parser.add_argument("--out", required=True, help="output root; categories go below it")
     parser.add_argument("--category", default="all", choices=[*CATEGORIES, "all"])

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 from engine import overlay
 from engine.artifact import ArtifactError
 from engine.build import synthetic_root
+from engine.cli import DEVICES, setup_logging
 from engine.data.images import read_rgb
 from engine.data.loco import LocoDataset
 from engine.data.types import GOOD, LOGICAL, STRUCTURAL, Sample
@@ -30,7 +31,6 @@ from engine.metrics import LocoMetrics
 from engine.preflight import check_output_folder
 from engine.runtime import Runtime
 from tools.evaluate import (
-    DEVICES,
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
     evaluate_category,
@@ -107,6 +107,7 @@ def overlay_sheet(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging()
     try:
         if args.n < 1:
             raise ValueError(f"--n must be at least 1, got {args.n}")

@@ -2,9 +2,10 @@
 
 ``eager`` runs the PyTorch modules as they are (the reference every other backend is compared
 with). ``compile`` wraps both branch functions in ``torch.compile`` (Inductor; CUDA graphs with
-``mode="reduce-overhead"`` on GPU). ``onnx`` and ``tensorrt`` are not implemented in this version
-and say so. ``auto`` picks ``compile`` on CUDA and ``eager`` on CPU, where compilation costs
-minutes on small machines and gains little.
+``mode="reduce-overhead"`` on GPU). ``onnx`` runs both networks in ONNX Runtime on CPU (see
+:mod:`engine.backends.onnx`). ``tensorrt`` is not implemented in this version and says so.
+``auto`` picks ``compile`` on CUDA and ``eager`` on CPU, where compilation costs minutes on
+small machines and gains little.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib.util
 
 import torch
 
+from engine.backends.onnx import apply_onnx, onnx_available
 from engine.detector import Detector
 
 BACKENDS = ("auto", "eager", "compile", "onnx", "tensorrt")
@@ -34,16 +36,26 @@ def resolve_backend(name: str, device: torch.device) -> str:
             "backend 'tensorrt' is not implemented in this version; use 'compile' or 'eager'"
         )
     if name == "onnx":
-        raise NotImplementedError(
-            "backend 'onnx' is not implemented in this version; use 'compile' or 'eager'"
-        )
+        if not onnx_available():
+            raise RuntimeError(
+                "backend 'onnx' needs onnxruntime and onnxscript (the project's 'onnx' extra), "
+                "which are not installed; use backend='eager'"
+            )
+        if device.type != "cpu":
+            raise NotImplementedError(
+                "backend 'onnx' runs on CPU only in this version (no CUDA provider or IO "
+                "binding); use 'compile' or 'eager' on CUDA"
+            )
     return name
 
 
 def apply_backend(detector: Detector, name: str) -> str:
     """Install backend ``name`` into ``detector`` (already on its device); returns the one used."""
     chosen = resolve_backend(name, detector.device)
-    if chosen == "compile":
+    detector.structural_side.features_fn = None
+    if chosen == "onnx":
+        apply_onnx(detector)
+    elif chosen == "compile":
         mode = "reduce-overhead" if detector.device.type == "cuda" else None
         detector.logical_fn = torch.compile(detector.logical.anomaly_map, mode=mode)
         detector.structural_fn = torch.compile(detector.structural_side, mode=mode)

@@ -65,6 +65,9 @@ class ImageTransform:
         self.size = size
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        # (1, 3, 1, 1) mean and std per device, made once: building them per call would copy
+        # from the host (a sync on CUDA) on every frame.
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ImageTransform):
@@ -125,8 +128,13 @@ class ImageTransform:
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Float (B, 3, S, S) with values 0..255 -> normalised contiguous float32 (B, 3, S, S)."""
         images = images.contiguous()
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        if images.device not in self._stats:
+            mean, std = torch.tensor(self.mean), torch.tensor(self.std)
+            self._stats[images.device] = (
+                mean.view(1, 3, 1, 1).to(images.device),
+                std.view(1, 3, 1, 1).to(images.device),
+            )
+        mean, std = self._stats[images.device]
         return (images / 255.0 - mean) / std
 
 

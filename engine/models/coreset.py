@@ -39,18 +39,29 @@ def random_projection(
     generator: torch.Generator,
     device: torch.device,
     batch: int = 16384,
+    basis: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, D) features -> (N, projection_dim) float32 on ``device``, projected ``batch`` rows at a time.
 
     The matrix is i.i.d. N(0, 1/projection_dim) (drawn on CPU from ``generator`` so that the seed
     means the same matrix on every device). With ``projection_dim >= D`` the features are used as
     they are (a projection could only add noise).
+
+    ``basis``: when the features are coordinates ``x`` of vectors ``x @ basis.T`` of a larger
+    space (a (D_full, D) orthonormal basis, see ``PatchFeatures``), the matrix is drawn in that
+    space and mapped onto the basis, so the projection, and so the coreset, is the one the
+    full-space vectors would get.
     """
     n, d = features.shape
-    if projection_dim >= d:
+    full = d if basis is None else basis.shape[0]
+    if basis is not None and tuple(basis.shape) != (full, d):
+        raise ValueError(f"basis must be (D_full, {d}), got {tuple(basis.shape)}")
+    if projection_dim >= full:
         return features.to(device=device, dtype=torch.float32, copy=True)
-    matrix = torch.randn(d, projection_dim, generator=generator) / math.sqrt(projection_dim)
-    matrix = matrix.to(device)
+    matrix = torch.randn(full, projection_dim, generator=generator) / math.sqrt(projection_dim)
+    if basis is not None:
+        matrix = basis.t().double().cpu() @ matrix.double()
+    matrix = matrix.float().to(device)
     out = torch.empty(n, projection_dim, dtype=torch.float32, device=device)
     for start in range(0, n, batch):
         out[start : start + batch] = features[start : start + batch].to(device).float() @ matrix
@@ -66,6 +77,7 @@ def greedy_coreset(
     num_starts: int = 10,
     device: str | torch.device | None = None,
     progress: bool = True,
+    basis: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices of an approximate greedy k-center coreset of ``features``.
 
@@ -78,6 +90,8 @@ def greedy_coreset(
         num_starts: random start points (PatchCore: 10), see the module docstring.
         device: where to compute (default: the device of ``features``).
         progress: show a tqdm bar over the picks.
+        basis: the (D_full, D) orthonormal basis ``features`` are coordinates in, if any (see
+            :func:`random_projection`); the picks are then those of the full-space vectors.
 
     Returns:
         (K,) int64 distinct indices into ``features`` in pick order, on ``features.device``.
@@ -102,7 +116,7 @@ def greedy_coreset(
     device = torch.device(device) if device is not None else features.device
     generator = torch.Generator().manual_seed(seed)
 
-    projected = random_projection(features, projection_dim, generator, device)
+    projected = random_projection(features, projection_dim, generator, device, basis=basis)
     if not torch.isfinite(projected).all():
         raise ValueError("features contain NaN or infinite values")
     sq_norms = projected.pow(2).sum(1)

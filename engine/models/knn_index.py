@@ -8,15 +8,19 @@ scores do not depend on the backend:
 - ``faiss_flat``: exact FAISS ``IndexFlatL2`` on CPU (FAISS returns squared L2: square-rooted here).
 - ``faiss_gpu``: ``IndexFlatL2`` on a GPU, only when the installed FAISS has GPU support and sees a
   GPU (the faiss-cpu wheel used here has none; the GPU machine has no FAISS).
+- ``faiss_hnsw``: FAISS ``IndexHNSWFlat`` (a graph over the exact vectors). **Approximate**: the
+  search walks the graph with a candidate list of ``ef_search`` entries and can miss the true
+  nearest neighbour; the distances it returns are exact for the row it finds. On CPU it is the
+  fast choice for LOCO-size banks (docs/PERFORMANCE.md has its recall and speed).
 - ``faiss_ivfpq``: FAISS ``IndexIVFPQ`` for very large banks. **Approximate**: it searches only
   ``nprobe`` of ``nlist`` inverted lists, over product-quantised codes, so it can miss the true
   nearest neighbour and its distances are estimates from the codes.
 
 Saving writes a folder: ``bank.npy`` (the exact float32 bank), ``index.json`` (``identity``) and,
-for IVF-PQ only, ``index.faiss`` (faiss.write_index). Exact indexes are rebuilt from the bank on
-load: for a flat index the bank *is* the index, so this round-trips bit-exactly without storing
-the vectors twice. IVF-PQ's trained quantisers are written because retraining need not reproduce
-them.
+for the approximate kinds, ``index.faiss`` (faiss.write_index). Exact indexes are rebuilt from the
+bank on load: for a flat index the bank *is* the index, so this round-trips bit-exactly without
+storing the vectors twice. Approximate indexes are written because rebuilding them need not
+reproduce them (trained quantisers; a graph built by several threads).
 """
 
 from __future__ import annotations
@@ -32,9 +36,19 @@ import torch
 from kernels import knn_min
 from kernels.knn import bank_sq_norms
 
-__all__ = ["INDEX_KINDS", "KnnIndex", "faiss_available", "faiss_gpu_available", "make_index"]
+__all__ = [
+    "INDEX_KINDS",
+    "SAVED_KINDS",
+    "KnnIndex",
+    "faiss_available",
+    "faiss_gpu_available",
+    "make_index",
+    "restore_index",
+    "saved_params",
+]
 
-INDEX_KINDS = ("auto", "torch", "faiss_flat", "faiss_gpu", "faiss_ivfpq")
+INDEX_KINDS = ("auto", "torch", "faiss_flat", "faiss_gpu", "faiss_hnsw", "faiss_ivfpq")
+SAVED_KINDS = ("faiss_hnsw", "faiss_ivfpq")  # approximate: their FAISS index is saved
 
 
 def faiss_available() -> bool:
@@ -141,13 +155,11 @@ class KnnIndex:
         bank = torch.from_numpy(np.load(bank_path, allow_pickle=False))
         if tuple(bank.shape) != (meta.get("size"), meta.get("dim")):
             raise ValueError(f"{bank_path} has shape {tuple(bank.shape)}, {meta_path} says {meta}")
-        if kind == "faiss_ivfpq":
-            index: KnnIndex = FaissIvfPqIndex(
-                meta["nlist"], meta["m"], meta["nbits"], meta["nprobe"]
-            )
-            index.bank = bank
-            index._read(folder / "index.faiss")
-            return index
+        if kind in SAVED_KINDS:
+            index_file = folder / "index.faiss"
+            if not index_file.is_file():
+                raise FileNotFoundError(f"kNN index file missing: {index_file}")
+            return restore_index(meta, bank.numpy(), index_file.read_bytes())
         index = make_index(kind, device=device)
         index.add(bank.to(device) if kind == "torch" else bank)
         return index
@@ -185,6 +197,9 @@ class _FaissIndex(KnnIndex):
             raise RuntimeError(f"the {self.kind} kNN index needs faiss, which is not installed")
         self._index: Any = None
 
+    # FAISS is a C++ call through host numpy: torch.compile must run it as it is (Dynamo cannot
+    # trace SWIG pointers and would fail the frame's guards).
+    @torch.compiler.disable
     def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         d2, idx = self._index.search(q, k)
@@ -230,7 +245,59 @@ class FaissGpuIndex(_FaissIndex):
         self._index.add(self.bank.numpy())
 
 
-class FaissIvfPqIndex(_FaissIndex):
+class _SavedFaissIndex(_FaissIndex):
+    """An approximate FAISS index, saved as ``index.faiss`` (see the module docstring)."""
+
+    faiss_type = ""  # the faiss class name a saved index must have
+
+    def _configure(self) -> None:
+        """Apply the search-time parameters to ``self._index``."""
+        raise NotImplementedError
+
+    def _save_extra(self, folder: Path) -> None:
+        import faiss
+
+        faiss.write_index(self._index, str(folder / "index.faiss"))
+
+
+def _positive_ints(**values: Any) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class FaissHnswIndex(_SavedFaissIndex):
+    """Approximate ``IndexHNSWFlat``: ``m`` graph links per vector, a candidate list of
+    ``ef_construction`` entries while building and ``ef_search`` while searching (more = better
+    recall, slower)."""
+
+    kind = "faiss_hnsw"
+    faiss_type = "IndexHNSWFlat"
+    param_names = ("m", "ef_construction", "ef_search")
+
+    def __init__(self, m: int = 32, ef_construction: int = 40, ef_search: int = 128) -> None:
+        super().__init__()
+        _positive_ints(m=m, ef_construction=ef_construction, ef_search=ef_search)
+        self.m, self.ef_construction, self.ef_search = m, ef_construction, ef_search
+
+    def _params(self) -> dict[str, Any]:
+        return {"m": self.m, "ef_construction": self.ef_construction, "ef_search": self.ef_search}
+
+    def _configure(self) -> None:
+        self._index.hnsw.efSearch = self.ef_search
+
+    def _build(self) -> None:
+        import faiss
+
+        assert self.bank is not None
+        self.bank = self.bank.cpu()
+        self._index = faiss.IndexHNSWFlat(self.bank.shape[1], self.m)
+        self._index.hnsw.efConstruction = self.ef_construction
+        self._index.add(self.bank.numpy())
+        self._configure()
+
+
+class FaissIvfPqIndex(_SavedFaissIndex):
     """Approximate ``IndexIVFPQ``: ``nlist`` coarse cells, ``m`` sub-quantisers of ``nbits`` bits.
 
     Training needs at least ``max(nlist, 2 ** nbits)`` bank rows (FAISS k-means) and ``m`` must
@@ -238,16 +305,19 @@ class FaissIvfPqIndex(_FaissIndex):
     """
 
     kind = "faiss_ivfpq"
+    faiss_type = "IndexIVFPQ"
+    param_names = ("nlist", "m", "nbits", "nprobe")
 
     def __init__(self, nlist: int = 1024, m: int = 64, nbits: int = 8, nprobe: int = 16) -> None:
         super().__init__()
-        for name, value in (("nlist", nlist), ("m", m), ("nbits", nbits), ("nprobe", nprobe)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _positive_ints(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe)
         self.nlist, self.m, self.nbits, self.nprobe = nlist, m, nbits, nprobe
 
     def _params(self) -> dict[str, Any]:
         return {"nlist": self.nlist, "m": self.m, "nbits": self.nbits, "nprobe": self.nprobe}
+
+    def _configure(self) -> None:
+        self._index.nprobe = self.nprobe
 
     def _build(self) -> None:
         import faiss
@@ -267,36 +337,47 @@ class FaissIvfPqIndex(_FaissIndex):
         vectors = self.bank.numpy()
         index.train(vectors)
         index.add(vectors)
-        index.nprobe = self.nprobe
         self._quantizer, self._index = quantizer, index
+        self._configure()
 
-    def _save_extra(self, folder: Path) -> None:
-        import faiss
 
-        faiss.write_index(self._index, str(folder / "index.faiss"))
+def restore_index(identity: dict[str, Any], bank: np.ndarray, raw: bytes) -> KnnIndex:
+    """The saved approximate index described by ``identity``, from its (M, D) float32 bank and
+    serialised FAISS bytes; ValueError when the bytes are not such an index of that bank."""
+    import faiss
 
-    def _read(self, path: Path) -> None:
-        import faiss
+    kind = identity.get("kind")
+    if kind not in SAVED_KINDS:
+        raise ValueError(f"{kind!r} is not a saved kNN index kind {SAVED_KINDS}")
+    cls = FaissHnswIndex if kind == "faiss_hnsw" else FaissIvfPqIndex
+    index = cls(**{name: identity[name] for name in saved_params(kind)})
+    searcher = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
+    if type(searcher).__name__ != cls.faiss_type or (searcher.ntotal, searcher.d) != bank.shape:
+        raise ValueError(f"index.faiss is not a {cls.faiss_type} of the {bank.shape} bank")
+    index.bank = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
+    index._index = searcher
+    index._configure()
+    return index
 
-        if not path.is_file():
-            raise FileNotFoundError(f"kNN index file missing: {path}")
-        self._index = faiss.read_index(str(path))
-        self._index.nprobe = self.nprobe
+
+def saved_params(kind: str) -> tuple[str, ...]:
+    """The integer parameters a saved (approximate) index of ``kind`` records in its identity."""
+    return {"faiss_hnsw": FaissHnswIndex, "faiss_ivfpq": FaissIvfPqIndex}[kind].param_names
 
 
 def make_index(kind: str = "auto", device: str | torch.device = "cpu", **params: Any) -> KnnIndex:
     """An empty index of ``kind`` (see :data:`INDEX_KINDS`).
 
     ``auto``: ``torch`` when ``device`` is CUDA (no FAISS GPU build here), ``faiss_flat`` on CPU
-    when faiss imports, else ``torch``. ``params`` go to the IVF-PQ index (nlist, m, nbits, nprobe)
-    or the GPU index (gpu).
+    when faiss imports, else ``torch``. ``params`` go to the HNSW index (m, ef_construction,
+    ef_search), the IVF-PQ index (nlist, m, nbits, nprobe) or the GPU index (gpu).
     """
     if kind not in INDEX_KINDS:
         raise ValueError(f"unknown kNN index kind {kind!r}; expected one of {INDEX_KINDS}")
     device = torch.device(device)
     if kind == "auto":
         kind = "torch" if device.type == "cuda" or not faiss_available() else "faiss_flat"
-    if kind not in ("faiss_ivfpq", "faiss_gpu") and params:
+    if kind not in (*SAVED_KINDS, "faiss_gpu") and params:
         raise ValueError(f"the {kind} index takes no parameters, got {sorted(params)}")
     if kind == "torch":
         return TorchKnnIndex(device)
@@ -304,4 +385,6 @@ def make_index(kind: str = "auto", device: str | torch.device = "cpu", **params:
         return FaissFlatIndex()
     if kind == "faiss_gpu":
         return FaissGpuIndex(**params)
+    if kind == "faiss_hnsw":
+        return FaissHnswIndex(**params)
     return FaissIvfPqIndex(**params)

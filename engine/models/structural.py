@@ -12,6 +12,14 @@ Patch features (``PatchFeatures``), per backbone level:
 
 Because steps 1-3 are all linear, projecting before upsampling gives the same numbers as
 PatchCore's order while upsampling only ``feature_dim`` channels.
+
+Compact coordinates (``compact=True``, the default): every feature is a sum of the per-level
+projections, so it lies in the column space of the stacked projection matrices, whose rank ``r``
+is at most the backbone's total channel count (152 for EfficientNet-Lite0's layer2 + layer3,
+against ``feature_dim`` 1024). Features are then given in an orthonormal basis of that space:
+an isometry, so every distance (kNN, coreset, scores) is PatchCore's, while the bank, the kNN
+and the 1x1 projection shrink by ``feature_dim / r``. When ``r == feature_dim`` (ResNeXt-101)
+the features are PatchCore's coordinates unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from tqdm import tqdm
 
 from engine.models.backbones import FeatureExtractor, load_backbone
 from engine.models.coreset import greedy_coreset
-from engine.models.knn_index import INDEX_KINDS, KnnIndex, make_index
+from engine.models.knn_index import INDEX_KINDS, SAVED_KINDS, KnnIndex, make_index
 from kernels import knn_min
 from kernels.knn import bank_sq_norms
 
@@ -52,6 +60,7 @@ class StructuralConfig:
     image_size: int = 256
     patch_size: int = 3
     feature_dim: int = 1024
+    compact_features: bool = True  # exact: see the module docstring
     coreset_ratio: float = 0.1
     coreset_projection_dim: int = 128
     coreset_seed: int = 0
@@ -80,6 +89,10 @@ class StructuralConfig:
             )
         if self.k != 1:
             raise ValueError("StructuralConfig.k: only k=1 (PatchCore's score) is implemented")
+        if not isinstance(self.compact_features, bool):
+            raise ValueError(
+                f"StructuralConfig.compact_features must be a bool, got {self.compact_features!r}"
+            )
 
 
 def adaptive_pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -92,15 +105,28 @@ def adaptive_pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
     return matrix.float()
 
 
+def column_basis(matrix: torch.Tensor) -> torch.Tensor:
+    """(D, r) orthonormal float64 basis of the column space of a (D, n) matrix, r its rank."""
+    u, s, _ = torch.linalg.svd(matrix.double(), full_matrices=False)
+    rank = int((s > s[0] * 1e-9).sum())
+    return u[:, :rank]
+
+
 class PatchFeatures(nn.Module):
     """Frozen backbone -> locally aggregated, projected patch features on the finest level's grid.
 
     ``forward(x)`` takes (B, 3, S, S) normalised images and returns ``(features, (h, w))`` with
-    features of shape (B, h*w, feature_dim) in row-major grid order, (h, w) the finest level's grid.
+    features of shape (B, h*w, out_dim) in row-major grid order, (h, w) the finest level's grid.
+    ``out_dim`` is ``feature_dim``, or with ``compact`` the rank of the feature space (module
+    docstring); distances between features are the same either way.
     """
 
     def __init__(
-        self, backbone: FeatureExtractor, feature_dim: int = 1024, patch_size: int = 3
+        self,
+        backbone: FeatureExtractor,
+        feature_dim: int = 1024,
+        patch_size: int = 3,
+        compact: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
@@ -117,12 +143,29 @@ class PatchFeatures(nn.Module):
         self.patch_size = patch_size
         levels = backbone.levels
         stacked = adaptive_pool_matrix(len(levels) * feature_dim, feature_dim)
-        for i, level in enumerate(levels):
-            per_level = adaptive_pool_matrix(backbone.channels[level], feature_dim)
-            folded = per_level @ stacked[i * feature_dim : (i + 1) * feature_dim]
-            # As a (D, C, 1, 1) 1x1-convolution weight.
-            weight = folded.t().contiguous()[:, :, None, None]
-            self.register_buffer(f"projection_{level}", weight, persistent=False)
+        folded = [  # per level, the (D, C_level) map from pooled channels to features
+            (
+                adaptive_pool_matrix(backbone.channels[level], feature_dim)
+                @ stacked[i * feature_dim : (i + 1) * feature_dim]
+            ).t()
+            for i, level in enumerate(levels)
+        ]
+        basis = None
+        if compact:
+            basis = column_basis(torch.cat(folded, dim=1))
+            if basis.shape[1] < feature_dim:
+                folded = [(basis.t() @ weight.double()).float() for weight in folded]
+            else:
+                basis = None
+        # (feature_dim, out_dim): features are coordinates in this orthonormal basis; None when
+        # they are PatchCore's own coordinates.
+        self.basis = None if basis is None else basis.float()
+        self.out_dim = int(folded[0].shape[0])
+        for level, weight in zip(levels, folded, strict=True):
+            # As an (out_dim, C, 1, 1) 1x1-convolution weight.
+            self.register_buffer(
+                f"projection_{level}", weight.contiguous()[:, :, None, None], persistent=False
+            )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         maps = self.backbone(x)
@@ -178,9 +221,11 @@ def coreset_bank(
     cfg: StructuralConfig,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    basis: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, h*w, D) training patch features reduced to ``cfg.coreset_ratio`` of the patches by
-    greedy coreset: the (M, D) bank on CPU in ``cfg.bank_dtype``."""
+    greedy coreset: the (M, D) bank on CPU in ``cfg.bank_dtype``. ``basis``: the
+    :attr:`PatchFeatures.basis` of compact features (the picks are then the full features')."""
     flat = features.reshape(-1, features.shape[-1])
     picks = greedy_coreset(
         flat,
@@ -189,6 +234,7 @@ def coreset_bank(
         seed=cfg.coreset_seed,
         device=device,
         progress=progress,
+        basis=basis,
     )
     return flat[picks.cpu()].to(getattr(torch, cfg.bank_dtype))
 
@@ -202,7 +248,7 @@ def build_memory_bank(
 ) -> torch.Tensor:
     """Features of all training images, reduced by :func:`coreset_bank`."""
     features, _ = extract_patch_features(patch_features, loader, device, progress)
-    return coreset_bank(features, cfg, device, progress)
+    return coreset_bank(features, cfg, device, progress, patch_features.basis)
 
 
 class StructuralModel(nn.Module):
@@ -217,7 +263,7 @@ class StructuralModel(nn.Module):
     def __init__(self, patch_features: PatchFeatures, bank: torch.Tensor | None = None) -> None:
         super().__init__()
         self.patch_features = patch_features
-        self.register_buffer("bank", torch.empty(0, patch_features.feature_dim))
+        self.register_buffer("bank", torch.empty(0, patch_features.out_dim))
         self.register_buffer("bank_sq", torch.empty(0), persistent=False)
         self.index: KnnIndex | None = None
         if bank is not None:
@@ -232,11 +278,12 @@ class StructuralModel(nn.Module):
         verbose: bool = True,
     ) -> StructuralModel:
         backbone = load_backbone(cfg.backbone, cfg.levels, weights, allow_random, verbose)
-        return cls(PatchFeatures(backbone, cfg.feature_dim, cfg.patch_size))
+        return cls(PatchFeatures(backbone, cfg.feature_dim, cfg.patch_size, cfg.compact_features))
 
     def set_bank(self, bank: torch.Tensor) -> None:
-        """Install an (M, D) float32 or float16 bank (kept in its dtype, on the model's device)."""
-        d = self.patch_features.feature_dim
+        """Install an (M, D) float32 or float16 bank (kept in its dtype, on the model's device);
+        D is the features' ``out_dim``."""
+        d = self.patch_features.out_dim
         if bank.dim() != 2 or bank.shape[0] == 0 or bank.shape[1] != d:
             raise ValueError(f"the bank must be (M, {d}) with M > 0, got {tuple(bank.shape)}")
         if bank.dtype not in (torch.float32, torch.float16):
@@ -310,8 +357,8 @@ def attach_index(
     """Install the kNN index ``kind`` (resolved for ``device``) on ``model``; returns the kind used.
 
     ``torch`` searches the bank buffer directly (no index object). Exact FAISS indexes are rebuilt
-    from the bank, so artifacts need not store them; an IVF-PQ index is read from ``saved`` when
-    given (its trained quantisers are not reproducible), else trained on the bank now.
+    from the bank, so artifacts need not store them; an approximate one (HNSW, IVF-PQ) is read
+    from ``saved`` when given (rebuilding need not reproduce it), else built on the bank now.
     """
     if model.bank.shape[0] == 0:
         raise RuntimeError("attach_index needs a memory bank: call fit() or set_bank() first")
@@ -319,7 +366,7 @@ def attach_index(
     if index.kind == "torch":
         model.use_index(None)
         return index.kind
-    if index.kind == "faiss_ivfpq" and saved is not None:
+    if index.kind in SAVED_KINDS and saved is not None:
         index = KnnIndex.load(saved)
     else:
         index.add(model.bank.float().cpu())

@@ -113,6 +113,22 @@ def test_random_projection_batches_agree() -> None:
     torch.testing.assert_close(full, small)
 
 
+def test_coordinates_in_a_basis_give_the_full_vectors_picks() -> None:
+    """Features given as coordinates in an orthonormal basis of a subspace (compact patch
+    features) get the coreset their full-space vectors get."""
+    generator = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(64, 12, generator=generator))[0]  # (D_full, D)
+    coordinates = torch.randn(400, 12, generator=generator)
+    full = coordinates @ basis.t()
+    want = greedy_coreset(full, count=40, projection_dim=8, progress=False)
+    got = greedy_coreset(coordinates, count=40, projection_dim=8, basis=basis, progress=False)
+    assert torch.equal(got, want)
+    unmapped = greedy_coreset(coordinates, count=40, projection_dim=8, progress=False)
+    assert not torch.equal(unmapped, want)  # without the basis the projection differs
+    with pytest.raises(ValueError, match=r"basis must be \(D_full, 12\)"):
+        greedy_coreset(coordinates, count=4, basis=basis[:, :5], progress=False)
+
+
 @pytest.mark.parametrize(
     ("features", "kwargs", "message"),
     [

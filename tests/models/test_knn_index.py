@@ -15,6 +15,7 @@ from engine.models.knn_index import (
     faiss_available,
     faiss_gpu_available,
     make_index,
+    restore_index,
 )
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
@@ -81,13 +82,18 @@ def test_faiss_flat_k_greater_than_one_sorted() -> None:
     torch.testing.assert_close(dist.double(), want, rtol=1e-4, atol=1e-4)
 
 
+def clustered(seed: int, rows: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (rows, 32) bank around 64 centres, and 500 queries: its first rows plus ``noise``."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(64, 32, generator=g) * 4
+    bank = centers[torch.randint(0, 64, (rows,), generator=g)] + torch.randn(rows, 32, generator=g)
+    return bank, bank[:500] + noise * torch.randn(500, 32, generator=g)
+
+
 @pytest.mark.slow
 @needs_faiss
 def test_ivfpq_recall_on_clustered_data() -> None:
-    g = torch.Generator().manual_seed(2)
-    centers = torch.randn(64, 32, generator=g) * 4
-    bank = centers[torch.randint(0, 64, (8000,), generator=g)] + torch.randn(8000, 32, generator=g)
-    queries = bank[:500] + 0.05 * torch.randn(500, 32, generator=g)
+    bank, queries = clustered(seed=2, rows=8000, noise=0.05)
     index = make_index("faiss_ivfpq", nlist=32, m=8, nbits=6, nprobe=8)
     index.add(bank)
     _, idx = index.search(queries, k=1)
@@ -106,6 +112,40 @@ def test_ivfpq_recall_on_clustered_data() -> None:
     }
 
 
+@needs_faiss
+def test_hnsw_recall_and_exact_distances_on_clustered_data() -> None:
+    bank, queries = clustered(seed=4, rows=4000, noise=0.3)
+    index = make_index("faiss_hnsw", m=16, ef_search=16)
+    index.add(bank)
+    dist, idx = index.search(queries, k=1)
+    want_dist, want = exact_nearest(bank, queries)
+    recall = float((idx[:, 0].numpy() == want).mean())
+    assert recall >= 0.95, recall  # approximate by design
+    # The distance returned is the exact distance to the row found, never below the true minimum.
+    found = (queries - bank[idx[:, 0]]).norm(dim=1)
+    torch.testing.assert_close(dist[:, 0], found, rtol=1e-4, atol=1e-4)
+    assert (dist[:, 0].double() >= torch.as_tensor(want_dist) - 1e-4).all()
+    assert index.identity == {
+        "kind": "faiss_hnsw", "size": 4000, "dim": 32, "m": 16, "ef_construction": 40,
+        "ef_search": 16,
+    }  # fmt: skip
+
+
+@needs_faiss
+def test_restore_refuses_bytes_of_another_index() -> None:
+    bank, _ = data(m=300, d=16)
+    flat = make_index("faiss_flat")
+    flat.add(bank)
+    import faiss
+
+    raw = faiss.serialize_index(flat._index).tobytes()
+    identity = {"kind": "faiss_hnsw", "m": 8, "ef_construction": 40, "ef_search": 8}
+    with pytest.raises(ValueError, match="not a IndexHNSWFlat"):
+        restore_index(identity, bank.numpy(), raw)
+    with pytest.raises(ValueError, match="not a saved kNN index kind"):
+        restore_index({"kind": "faiss_flat"}, bank.numpy(), raw)
+
+
 @pytest.mark.parametrize(
     "kind, params",
     [
@@ -114,6 +154,7 @@ def test_ivfpq_recall_on_clustered_data() -> None:
         pytest.param(
             "faiss_ivfpq", {"nlist": 16, "m": 8, "nbits": 4, "nprobe": 4}, marks=needs_faiss
         ),
+        pytest.param("faiss_hnsw", {"m": 8, "ef_search": 8}, marks=needs_faiss),
     ],
 )
 def test_save_load_round_trip(tmp_path: Path, kind: str, params: dict) -> None:

@@ -71,6 +71,36 @@ def test_patch_features_follow_patchcore_recipe(resnet18: FeatureExtractor) -> N
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch, rank", [("resnet18", 384), ("efficientnet_lite0", 152)])
+def test_compact_features_are_an_isometry(arch: str, rank: int) -> None:
+    """Compact coordinates have the rank of the feature space (the backbones' 128 + 256 and
+    40 + 112 channels) and keep every distance, so bank scores are PatchCore's."""
+    torch.manual_seed(2)
+    extractor = backbone(arch)
+    compact, full = PatchFeatures(extractor, 1024), PatchFeatures(extractor, 1024, compact=False)
+    assert (compact.out_dim, full.out_dim) == (rank, 1024)
+    train, query = torch.randn(2, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        (a, _), (b, _) = compact(train), full(train)
+        a, b = a.reshape(-1, rank), b.reshape(-1, 1024)
+        da, db = torch.cdist(a.double(), a.double()), torch.cdist(b.double(), b.double())
+        torch.testing.assert_close(da, db, rtol=1e-4, atol=1e-4)
+        scores = [StructuralModel(pf, bank)(query) for pf, bank in ((compact, a), (full, b))]
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-4)
+
+
+def test_compact_features_config_round_trip() -> None:
+    model = StructuralModel.from_config(
+        StructuralConfig(backbone="efficientnet_lite0", compact_features=False),
+        "random",
+        allow_random=True,
+        verbose=False,
+    )
+    assert model.patch_features.out_dim == 1024
+    with pytest.raises(ValueError, match="compact_features must be a bool"):
+        StructuralConfig(compact_features="yes")
+
+
 def test_patch_features_deterministic(resnet18: FeatureExtractor) -> None:
     pf = PatchFeatures(resnet18, feature_dim=32)
     x = torch.randn(1, 3, 64, 64)

@@ -20,7 +20,7 @@ from engine.artifact import load_artifact, save_artifact
 from engine.calibrate import BranchStats
 from engine.config import BuildConfig
 from engine.detector import Detector
-from engine.models.knn_index import FaissIvfPqIndex
+from engine.models.knn_index import SAVED_KINDS, make_index
 from engine.models.logical import LogicalConfig, LogicalModel
 from engine.models.structural import StructuralConfig, StructuralModel
 
@@ -62,16 +62,17 @@ def tiny_config(index: str = "torch") -> BuildConfig:
 
 
 def tiny_detector(seed: int = 0, index: str = "torch") -> tuple[Detector, BuildConfig]:
-    """A calibrated detector with random weights; ``index="faiss_ivfpq"`` attaches a tiny
-    trained IVF-PQ index (so the artifact holds ``index/`` files)."""
+    """A calibrated detector with random weights; ``index="faiss_ivfpq"`` or ``"faiss_hnsw"``
+    attaches a tiny approximate index (so the artifact holds ``index/`` files)."""
     torch.manual_seed(seed)
     config = tiny_config(index)
     logical = LogicalModel.build(config.logical, None, "random", True, verbose=False)
     structural = StructuralModel.from_config(config.structural, "random", True, verbose=False)
-    bank_rows = 64 if index == "faiss_ivfpq" else 16
+    bank_rows = 64 if index in SAVED_KINDS else 16
     structural.set_bank(torch.randn(bank_rows, FEATURE_DIM))
-    if index == "faiss_ivfpq":
-        searcher = FaissIvfPqIndex(nlist=2, m=2, nbits=4, nprobe=2)
+    if index in SAVED_KINDS:
+        params = {"nlist": 2, "m": 2, "nbits": 4, "nprobe": 2} if index == "faiss_ivfpq" else {}
+        searcher = make_index(index, **params)
         searcher.add(structural.bank)
         structural.use_index(searcher)
     stats = {"logical": BranchStats(0.1, 0.5), "structural": BranchStats(0.2, 0.25)}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import runtime
+from engine import sources
 from engine.detector import Maps
 from engine.runtime import Runtime
 from tools import camera_loop
@@ -54,7 +54,7 @@ FRAME = np.full((6, 8, 3), 40, np.uint8)
 def fake_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
     rt = Runtime(MeanDetector(), {"threshold": 0.5, "category": "fake"}, "eager")
     monkeypatch.setattr(camera_loop.Runtime, "load", lambda *args, **kwargs: rt)
-    monkeypatch.setattr(runtime.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(sources.time, "sleep", lambda seconds: None)
 
 
 def run(*extra: str) -> int:
@@ -133,8 +133,16 @@ def test_camera_urls_stay_strings(monkeypatch: pytest.MonkeyPatch, capsys) -> No
         opened.append(target)
         return FakeCamera([FRAME])
 
-    monkeypatch.setattr(runtime, "_open_capture", fake_open)
+    monkeypatch.setattr(sources, "_open_capture", fake_open)
     url = "rtsp://user:pw@10.0.0.7:554/stream1"
     assert camera_loop.parse_source(url) == url
     assert run(f"--source={url}", "--max-frames=1") == 0
     assert opened == [url]
+
+
+def test_latest_mode_scores_frames_and_reports_a_lost_camera(monkeypatch, capsys) -> None:
+    capture = camera(monkeypatch, [FRAME, FRAME, FRAME])
+    assert run("--source=0", "--latest") == 2  # the camera died after its frames
+    captured = capsys.readouterr()
+    assert "stopped delivering frames" in captured.err
+    assert "frame " in captured.out and capture.released == 1

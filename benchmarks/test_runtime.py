@@ -1,0 +1,163 @@
+"""Whole-Runtime frame latency: ``Runtime.load(artifact)`` then ``rt(frames)``, as a user runs it.
+
+Cases are named ``test_runtime[<backend>-<precision>-b<batch>]``: every backend that can run
+here, batch 1 and a larger batch (8 on CPU, 32 on CUDA), 640x480 uint8 frames, the ``cpu``
+preset on CPU and the ``paper`` preset on CUDA. Weights are random (timing only: the
+architecture, not the values, sets the cost); the memory bank has the size a LOCO category
+gives (10 % of 360 images' patches), searched with the index the Runtime picks. Each case
+records in ``extra_info``: p50/p95 per call, images/s, the first call after loading (compile
+autotune and, on a cold cache, ONNX export included), the peak extra GPU memory, and the largest
+difference of its fused
+maps from ``eager``'s (compact features) on the same frames. ``python -m tools.bench_report FILE.json`` turns a
+``--benchmark-json`` file into the table of ``docs/PERFORMANCE.md``, with each case's ratio to
+``eager`` from the same run. ``test_bank_coordinates`` times compact against full-coordinate
+patch features (the same distances; see ``engine.models.structural``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import Runtime
+from engine.artifact import save_artifact
+from engine.calibrate import BranchStats
+from engine.config import BuildConfig, cpu_build_preset, paper_preset
+from engine.detector import Detector
+from engine.models.logical import LogicalModel
+from engine.models.structural import PatchFeatures, StructuralModel, attach_index
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+PRESET = "paper" if CUDA else "cpu"
+TRAIN_IMAGES, CORESET_RATIO = 360, 0.1
+BATCHES = (1, 32) if CUDA else (1, 8)
+BACKENDS = ("eager", "compile", "onnx")
+_EAGER_MAPS: dict[int, np.ndarray] = {}  # batch -> eager fused maps of the compact artifact
+
+
+def random_detector(config: BuildConfig) -> Detector:
+    torch.manual_seed(0)
+    logical = LogicalModel.build(config.logical, None, "random", True, verbose=False)
+    structural = StructuralModel.from_config(config.structural, "random", True, verbose=False)
+    grid = (config.structural.image_size // 8) ** 2
+    bank_rows = int(TRAIN_IMAGES * grid * CORESET_RATIO)
+    # Rows drawn in compact coordinates, mapped to full ones where needed: both artifacts then
+    # hold the same bank and must give the same maps.
+    pf = structural.patch_features
+    basis = PatchFeatures(pf.backbone, pf.feature_dim, pf.patch_size, compact=True).basis
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(
+        bank_rows, pf.feature_dim if basis is None else basis.shape[1], generator=generator
+    )
+    structural.set_bank(rows if pf.basis is not None or basis is None else rows @ basis.t())
+    attach_index(structural, config.structural.index, "cpu")
+    stats = {"logical": BranchStats(0.5, 0.1), "structural": BranchStats(0.5, 0.1)}
+    return Detector(
+        logical, structural, config.fusion, stats, structural_size=config.structural.image_size
+    )
+
+
+def make_artifact(folder: Path, compact: bool = True) -> Path:
+    """A random-weight artifact of the preset timed here, written through the public API."""
+    config = paper_preset() if PRESET == "paper" else cpu_build_preset()
+    structural = replace(config.structural, compact_features=compact)
+    composition = replace(config.composition, enabled=False)
+    config = replace(
+        config,
+        weights="random",
+        allow_random=True,
+        text_prior="learned",
+        structural=structural,
+        composition=composition,
+    )
+    info = {
+        "category": "timing",
+        "threshold": 1.0,
+        "text_prior": {"kind": "learned", "prompt": "timing", "dim": None},
+        "validation_scores": [0.5, 1.0],
+        "metrics": {},
+    }
+    return save_artifact(folder / "artifact", random_detector(config), config, info)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
+    root = tmp_path_factory.mktemp("runtime-bench")
+    return {compact: make_artifact(root / str(compact), compact) for compact in (True, False)}
+
+
+def frames(batch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(batch)
+    return torch.randint(0, 256, (batch, 480, 640, 3), dtype=torch.uint8, generator=gen)
+
+
+def fused(runtime: Runtime, batch: torch.Tensor) -> np.ndarray:
+    return np.stack([r.anomaly_map for r in runtime(batch, color="rgb")])
+
+
+def eager_maps(artifact: Path, batch: int) -> np.ndarray:
+    if batch not in _EAGER_MAPS:
+        _EAGER_MAPS[batch] = fused(
+            Runtime.load(artifact, device=DEVICE, backend="eager"), frames(batch)
+        )
+    return _EAGER_MAPS[batch]
+
+
+def timed_runtime(benchmark, artifacts: dict, backend: str, batch: int, compact: bool) -> None:
+    artifact = artifacts[compact]
+    start = time.perf_counter()
+    runtime = Runtime.load(artifact, device=DEVICE, backend=backend)
+    data = frames(batch)
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    first = fused(runtime, data)
+    first_ms = (time.perf_counter() - start) * 1e3
+    for _ in range(2):  # allocator and autotune warm-up
+        fused(runtime, data)
+    maps = benchmark.pedantic(
+        fused, args=(runtime, data), rounds=20 if CUDA else 5, iterations=1, warmup_rounds=0
+    )
+    assert np.isfinite(maps).all() and np.array_equal(maps.shape, first.shape)
+    reference = eager_maps(artifacts[True], batch)
+    times = np.asarray(benchmark.stats.stats.data) * 1e3
+    benchmark.extra_info.update(
+        {
+            "device": torch.cuda.get_device_name() if CUDA else "cpu",
+            "preset": PRESET,
+            "backend": runtime.backend,
+            "precision": "fp32",
+            "batch": batch,
+            "features": "compact" if compact else "full",
+            "p50_ms": float(np.median(times)),
+            "p95_ms": float(np.percentile(times, 95)),
+            "images_per_s": batch / float(np.median(times)) * 1e3,
+            "first_call_ms": first_ms,
+            "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if CUDA else None,
+            "max_map_diff_vs_eager": float(np.abs(maps - reference).max()),
+        }
+    )
+
+
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("precision", ["fp32"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runtime(benchmark, artifacts: dict, backend: str, precision: str, batch: int) -> None:
+    if backend == "compile" and not CUDA:
+        pytest.skip("compile is timed on CUDA only (minutes of compilation on CPU, no gain)")
+    if backend == "onnx" and CUDA:
+        pytest.skip("the onnx backend runs on CPU only")
+    benchmark.group = f"runtime ({PRESET} preset, {DEVICE.type}, b{batch})"
+    timed_runtime(benchmark, artifacts, backend, batch, compact=True)
+
+
+@pytest.mark.skipif(CUDA, reason="the paper preset's features are full-rank: nothing to compare")
+@pytest.mark.parametrize("features", ["compact", "full"])
+def test_bank_coordinates(benchmark, artifacts: dict, features: str) -> None:
+    benchmark.group = "runtime (cpu preset, cpu, b1): compact vs full patch features"
+    timed_runtime(benchmark, artifacts, "eager", 1, compact=features == "compact")

@@ -1,0 +1,158 @@
+"""The ``onnx`` backend: both networks exported with the dynamo exporter, run by ONNX Runtime.
+
+Two graphs, each with a dynamic batch dimension: the logical branch (normalised image -> map)
+and the structural patch features (normalised image -> (B, h*w, D) features). The memory-bank
+search (FAISS or :func:`kernels.knn_min`), the composition model and fusion stay in PyTorch:
+they consume the features, and the search is one BLAS product that ONNX Runtime would not run
+faster. CPU only in this version (ONNX Runtime's CPU provider).
+
+Exporting takes tens of seconds, so the graphs are cached in
+``$XDG_CACHE_HOME/npgmf-engine/onnx/<key>`` (default ``~/.cache/...``, beside the synthetic data
+cache), keyed by a hash of the weights, input sizes and library versions:
+a changed artifact never meets a stale graph. The cache is written atomically; where it cannot
+be written the graphs are exported into a temporary folder for this process only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import tempfile
+import warnings
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.detector import Detector
+
+log = logging.getLogger(__name__)
+MAX_BATCH = 256  # the exported graphs accept batches of 1..MAX_BATCH
+
+
+def onnx_available() -> bool:
+    return all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnxscript"))
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "npgmf-engine" / "onnx"
+
+
+class _Method(nn.Module):
+    """A module method as a module (what the exporter takes): ``forward(x) = method(x)``."""
+
+    def __init__(self, owner: nn.Module, method: str, first_only: bool = False) -> None:
+        super().__init__()
+        self.owner, self.method, self.first_only = owner, method, first_only
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = getattr(self.owner, self.method)(x)
+        return out[0] if self.first_only else out
+
+
+class OrtFunction:
+    """An ONNX Runtime session called like the module it was exported from: a float32 CPU
+    tensor in, a float32 CPU tensor out."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Idle ONNX Runtime workers spin by default: on a small CPU that steals the cores from
+        # the PyTorch and FAISS work between two graph runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        return torch.from_numpy(self.session.run(None, {self.input: array})[0])
+
+
+class OrtPatchFeatures:
+    """:class:`~engine.models.structural.PatchFeatures` through ONNX Runtime: ``(features,
+    grid)``, the grid being fixed by the input size the graph was exported for."""
+
+    def __init__(self, function: OrtFunction, grid: tuple[int, int]) -> None:
+        self.function, self.grid = function, grid
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        return self.function(x), self.grid
+
+
+def graph_key(detector: Detector) -> str:
+    """Hash of everything the exported graphs depend on."""
+    import onnxscript
+
+    digest = hashlib.sha256()
+    sizes = (detector.map_size, detector.structural_transform.size)
+    digest.update(f"{torch.__version__} {onnxscript.__version__} {sizes} {MAX_BATCH}".encode())
+    for module in (detector.logical, detector.structural.patch_features):
+        # Buffers include the non-persistent ones (the structural projections).
+        for name, tensor in chain(module.named_parameters(), module.named_buffers()):
+            digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _export(module: nn.Module, size: int, path: Path) -> None:
+    """Export ``module`` for (B, 3, size, size) inputs to ``path``, atomically."""
+    example = torch.zeros(2, 3, size, size)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module.eval(), (example,), dynamo=True, dynamic_shapes={"x": {0: batch}}, verbose=False
+        )
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        program.save(str(temporary))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _graph_folder(key: str) -> Path:
+    folder = cache_root() / key
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+        return folder
+    except OSError as error:
+        fallback = Path(tempfile.mkdtemp(prefix="npgmf-onnx-"))
+        log.warning(
+            "cannot write the ONNX cache %s (%s); exporting into %s", folder, error, fallback
+        )
+        return fallback
+
+
+def apply_onnx(detector: Detector) -> None:
+    """Swap the networks of ``detector`` (on CPU) for ONNX Runtime sessions, exported now or
+    read from the cache."""
+    folder = _graph_folder(graph_key(detector))
+    logical_path, features_path = folder / "logical.onnx", folder / "features.onnx"
+    structural_size = detector.structural_transform.size
+    features = detector.structural.patch_features
+    if not logical_path.is_file():
+        log.info("exporting the logical branch to ONNX (%s)", logical_path)
+        _export(_Method(detector.logical, "anomaly_map"), detector.map_size, logical_path)
+    if not features_path.is_file():
+        log.info("exporting the structural features to ONNX (%s)", features_path)
+        _export(_Method(features, "forward", first_only=True), structural_size, features_path)
+    with torch.no_grad():
+        _, grid = features(torch.zeros(1, 3, structural_size, structural_size))
+    threads = torch.get_num_threads()
+    detector.logical_fn = OrtFunction(logical_path, threads)
+    detector.structural_side.features_fn = OrtPatchFeatures(
+        OrtFunction(features_path, threads), grid
+    )
+    detector.structural_fn = detector.structural_side

@@ -1,0 +1,44 @@
+"""The ``compile`` backend gives the eager maps, with every kNN search kind it can use."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.backends import apply_backend
+from engine.models.knn_index import faiss_available, make_index
+
+TINY = runpy.run_path(str(Path(__file__).parents[1] / "reliability" / "tiny.py"))
+
+
+CASES = [
+    pytest.param("cpu", "torch", marks=pytest.mark.slow),
+    pytest.param("cpu", "faiss_flat", marks=pytest.mark.slow),
+    pytest.param("cuda", "torch", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize(("device", "index"), CASES)
+def test_compile_equals_eager(device: str, index: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if index == "faiss_flat" and not faiss_available():
+        pytest.skip("faiss is not installed")
+    detector, _ = TINY["tiny_detector"](0)
+    detector.to(device)
+    if index != "torch":
+        searcher = make_index(index)
+        searcher.add(detector.structural.bank)
+        detector.structural.use_index(searcher)
+    frames = torch.randint(0, 256, (2, 40, 50, 3), dtype=torch.uint8, device=device)
+    eager = detector(frames)
+    assert apply_backend(detector, "compile") == "compile"
+    for _ in range(2):  # the second call runs the compiled code without recompiling
+        compiled = detector(frames)
+        for name in ("fused", "logical", "structural"):
+            torch.testing.assert_close(
+                getattr(compiled, name), getattr(eager, name), rtol=1e-4, atol=1e-4
+            )

@@ -1,0 +1,83 @@
+"""The ``onnx`` backend: the eager maps, a graph cache keyed by the weights, clear refusals."""
+
+from __future__ import annotations
+
+import runpy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import backends
+from engine.backends import apply_backend, onnx
+
+TINY = runpy.run_path(str(Path(__file__).parents[1] / "reliability" / "tiny.py"))
+pytestmark = pytest.mark.skipif(not onnx.onnx_available(), reason="onnxruntime not installed")
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "npgmf-engine" / "onnx"
+
+
+def frames() -> torch.Tensor:
+    return torch.randint(0, 256, (3, 40, 50, 3), dtype=torch.uint8)
+
+
+@pytest.mark.slow
+def test_onnx_equals_eager_and_caches_its_graphs(cache: Path, monkeypatch) -> None:
+    detector, _ = TINY["tiny_detector"](0)
+    batch = frames()
+    eager = detector(batch)
+    assert apply_backend(detector, "onnx") == "onnx"
+    assert isinstance(detector.logical_fn, onnx.OrtFunction)
+    assert isinstance(detector.structural_side.features_fn, onnx.OrtPatchFeatures)
+    got = detector(batch)
+    for name in ("fused", "logical", "structural"):
+        torch.testing.assert_close(getattr(got, name), getattr(eager, name), rtol=1e-4, atol=1e-4)
+    graphs = sorted(p.name for p in cache.glob("*/*.onnx"))
+    assert graphs == ["features.onnx", "logical.onnx"]
+
+    # Same weights: the cached graphs are used, nothing is exported again.
+    def no_export(*args: object) -> None:
+        raise AssertionError("exported although the graphs are cached")
+
+    monkeypatch.setattr(onnx, "_export", no_export)
+    again, _ = TINY["tiny_detector"](0)
+    apply_backend(again, "onnx")
+    torch.testing.assert_close(again(batch).fused, got.fused)
+    # Back to eager: the module's own features again.
+    apply_backend(again, "eager")
+    assert again.structural_side.features_fn is None
+
+
+def test_graph_key_follows_the_weights() -> None:
+    first, _ = TINY["tiny_detector"](0)
+    same, _ = TINY["tiny_detector"](0)
+    other, _ = TINY["tiny_detector"](1)
+    assert onnx.graph_key(first) == onnx.graph_key(same) != onnx.graph_key(other)
+    with torch.no_grad():
+        next(same.structural.patch_features.parameters()).add_(1e-3)
+    assert onnx.graph_key(same) != onnx.graph_key(first)
+
+
+def test_unwritable_cache_falls_back_to_a_temporary_folder(tmp_path: Path, monkeypatch, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    folder = onnx._graph_folder("key")
+    try:
+        assert folder.is_dir() and blocker not in folder.parents
+        assert "cannot write the ONNX cache" in caplog.text
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_refusals_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(NotImplementedError, match="CPU only"):
+        backends.resolve_backend("onnx", torch.device("cuda"))
+    monkeypatch.setattr(backends, "onnx_available", lambda: False)
+    with pytest.raises(RuntimeError, match="onnxruntime and onnxscript"):
+        backends.resolve_backend("onnx", torch.device("cpu"))
