@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
 from engine import overlay
 from engine.artifact import ArtifactError
@@ -83,6 +84,29 @@ def plot_spro(metrics: LocoMetrics, path: Path, limit: float = 0.3) -> None:
     plt.close(fig)
 
 
+def plot_score_histogram(
+    scores: dict[str, np.ndarray], threshold: float, path: Path, bins: int = 30
+) -> None:
+    """Image scores of the good images and of each anomaly type, with the decision threshold:
+    what the threshold rejects and misses at a glance."""
+    present = {kind: np.asarray(v, dtype=float) for kind, v in scores.items() if len(v)}
+    if not present:
+        raise ValueError("no image scores to plot")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    edges = np.histogram_bin_edges(np.concatenate(list(present.values())), bins=bins)
+    for kind, values in present.items():
+        label = "good" if kind == GOOD else LABELS.get(kind, kind)
+        ax.hist(values, bins=edges, alpha=0.5, label=f"{label} (n={values.size})")
+    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
+    ax.set_xlabel("image score (max of the fused map)")
+    ax.set_ylabel("images")
+    ax.set_title("test image scores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def overlay_sheet(
     rt: Runtime, dataset: LocoDataset, samples: list[Sample], title: str, path: Path
 ) -> None:
@@ -138,6 +162,7 @@ def write_plots(
     out.mkdir(parents=True, exist_ok=True)
     plot_roc(metrics, out / "roc.png")
     plot_spro(metrics, out / "spro_fpr.png")
+    plot_score_histogram(metrics.image_scores, rt.threshold, out / "score_histogram.png")
 
     by_type = {
         kind: [s for s in dataset.samples("test") if s.defect_type == kind]
@@ -157,7 +182,7 @@ def write_plots(
         "misses.png": ("lowest-scoring anomalies", [s for _, s in anomalies[:n]]),
         "detections.png": ("highest-scoring anomalies", [s for _, s in anomalies[::-1][:n]]),
     }
-    written = ["roc.png", "spro_fpr.png"]
+    written = ["roc.png", "spro_fpr.png", "score_histogram.png"]
     for name, (title, samples) in sheets.items():
         if samples:
             overlay_sheet(rt, dataset, samples, title, out / name)

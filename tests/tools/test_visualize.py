@@ -10,7 +10,10 @@ from PIL import Image
 
 from tools import visualize
 
-PLOTS = ("roc.png", "spro_fpr.png", "false_alarms.png", "misses.png", "detections.png")
+PLOTS = (
+    "roc.png", "spro_fpr.png", "score_histogram.png", "false_alarms.png", "misses.png",
+    "detections.png",
+)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -54,3 +57,15 @@ def test_bad_n_exits_2(tmp_path: Path, capsys) -> None:
     assert visualize.main(argv) == 2
     assert "--n must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "plots").exists()
+
+
+def test_score_histogram_draws_every_kind_and_the_threshold(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    scores = {"good": rng.normal(0, 1, 50), "logical_anomalies": rng.normal(3, 1, 40)}
+    path = tmp_path / "hist.png"
+    visualize.plot_score_histogram(scores, 1.5, path)
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[0] >= 400 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 16
+    with pytest.raises(ValueError, match="no image scores"):
+        visualize.plot_score_histogram({"good": np.array([])}, 1.0, tmp_path / "empty.png")
