@@ -34,7 +34,7 @@ from engine.data.loco import check_category_name, list_categories
 from engine.data.synthetic import CATEGORIES, GENERATOR_VERSION, generate_category
 from engine.data.types import DatasetError
 from engine.operating_point import operating_point_lines
-from engine.pipeline import BuildResult, build_category
+from engine.pipeline import FUSED, BuildResult, build_category
 from engine.preflight import check_index_kind, check_outputs
 
 EXIT_BAD_INPUT = 2
@@ -282,7 +282,7 @@ def result_table(results: Sequence[BuildResult], target_far: float) -> str:
         steps = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items())
         lines.append(f"{result.category}: {steps}; total {sum(result.seconds.values()):.1f}s")
         lines.append(f"{result.category}: artifact {result.artifact}")
-        scores = result.image_scores.get("fused")
+        scores = result.image_scores.get(FUSED)
         if scores is not None:
             first, *rest = operating_point_lines(
                 scores, result.test_defects, result.threshold, target_far

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "BranchStats",
     "FusionConfig",
     "calibrate_threshold",
+    "finite_threshold",
     "fuse_maps",
     "gated_composition",
     "image_scores",
@@ -80,6 +82,15 @@ class FusionConfig:
 def _check_rate(rate: float) -> None:
     if not (isinstance(rate, int | float) and 0 <= rate < 1):
         raise ValueError(f"the target false-alarm rate must be in [0, 1), got {rate!r}")
+
+
+def finite_threshold(value: Any, what: str = "threshold") -> float:
+    """``value`` as a float, or ValueError: a NaN or infinite threshold would pass every frame."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value!r} (it would pass every frame)")
+    return float(value)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from engine.artifact_manifest import SEAL_KEY
 
-__all__ = ["COLUMNS", "ResultLog"]
+__all__ = ["COLUMNS", "FORMATS", "ResultLog", "check_log_path"]
 
 COLUMNS = (
     "timestamp", "source", "frame", "score", "threshold", "verdict", "latency_ms", "artifact_sha256",
@@ -29,13 +29,19 @@ COLUMNS = (
 FORMATS = (".jsonl", ".csv")
 
 
+def check_log_path(path: Path, what: str = "records file") -> Path:
+    """``path`` if its suffix names a record format, else ValueError saying which do (``what``:
+    how to name the path in the message, e.g. the option that gave it)."""
+    if path.suffix not in FORMATS:
+        raise ValueError(f"{what} {path}: the file must end in one of {FORMATS}")
+    return path
+
+
 class ResultLog:
     """Append one row per :class:`engine.runtime.Result` to ``path`` (``.jsonl`` or ``.csv``)."""
 
     def __init__(self, path: str | Path, runtime: Any, source: object = "") -> None:
-        self.path = Path(path)
-        if self.path.suffix not in FORMATS:
-            raise ValueError(f"--log {self.path}: the file must end in one of {FORMATS}")
+        self.path = check_log_path(Path(path))
         self.artifact = str(runtime.manifest.get(SEAL_KEY, ""))
         self.source = str(source)
         self._file: TextIO | None = None

@@ -27,7 +27,7 @@ import torch
 
 from engine.artifact import load_artifact
 from engine.backends import apply_backend
-from engine.calibrate import image_scores, resize_to
+from engine.calibrate import finite_threshold, image_scores, resize_to
 from engine.detector import Detector
 from engine.sources import LatestFrames, Source, SourceLost, open_source
 
@@ -120,7 +120,7 @@ class Runtime:
         self.manifest = manifest
         self.backend = backend
         if threshold is None:
-            self._threshold = _finite_threshold(
+            self._threshold = finite_threshold(
                 manifest.get("threshold"), "the manifest's threshold"
             )
         else:
@@ -134,7 +134,7 @@ class Runtime:
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        self._threshold = _finite_threshold(value)
+        self._threshold = finite_threshold(value)
 
     @classmethod
     def load(
@@ -153,7 +153,7 @@ class Runtime:
         A non-finite ``threshold`` raises ``ValueError`` before anything is loaded.
         """
         if threshold is not None:
-            _finite_threshold(threshold)
+            finite_threshold(threshold)
         chosen_device = _pick_device(device)
         detector, manifest = load_artifact(path, chosen_device, verify)
         chosen = apply_backend(detector, backend)
@@ -288,8 +288,9 @@ class Runtime:
         file, or a capture reporting ``CAP_PROP_FRAME_COUNT > 0``. Any other capture (camera
         index, URL, capture object without a frame count) is *live*: when its ``read()`` fails,
         :class:`SourceLost` is raised, after ``reconnect`` further attempts per outage, waiting
-        ``reconnect_delay`` seconds, doubled each time up to :data:`engine.sources.MAX_BACKOFF_S`. A reconnect
-        re-opens a source the stream opened itself, and retries ``read()`` on a capture passed in.
+        ``reconnect_delay`` seconds, doubled each time up to
+        :data:`engine.sources.MAX_BACKOFF_S`. A reconnect re-opens a source the stream opened
+        itself, and retries ``read()`` on a capture passed in.
         Captures the stream opened are released when it ends, is closed or raises; captures
         passed in are left to their owner.
 
@@ -349,15 +350,6 @@ def _check_batch(frames: torch.Tensor) -> torch.Tensor:
             f"expected a (B, H, W, 3) frame batch with B > 0, got {tuple(frames.shape)}"
         )
     return frames
-
-
-def _finite_threshold(value: Any, what: str = "threshold") -> float:
-    """``value`` as a float, or ValueError: a NaN or infinite threshold would pass every frame."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be finite, got {value!r} (it would pass every frame)")
-    return float(value)
 
 
 def _as_tensor(frame: np.ndarray) -> torch.Tensor:

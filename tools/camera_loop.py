@@ -32,7 +32,7 @@ from engine.artifact import ArtifactError
 from engine.backends import BACKENDS
 from engine.build import synthetic_root
 from engine.cli import DEVICES, description, setup_logging
-from engine.records import FORMATS, ResultLog
+from engine.records import ResultLog, check_log_path
 from engine.runtime import Result, Runtime, SourceLost
 
 
@@ -150,8 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.show:
             check_gui()
-        if args.log is not None and args.log.suffix not in FORMATS:
-            raise ValueError(f"--log {args.log}: the file must end in one of {FORMATS}")
+        if args.log is not None:
+            check_log_path(args.log, "--log")
         rt = Runtime.load(
             args.artifact, device=args.device, backend=args.backend, threshold=args.threshold
         )

@@ -20,7 +20,7 @@ from engine.artifact import ArtifactError
 from engine.cli import DEVICES, description, setup_logging
 from engine.data.images import list_image_files, read_rgb
 from engine.data.types import DatasetError
-from engine.records import FORMATS, ResultLog
+from engine.records import ResultLog, check_log_path
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -41,8 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     skipped = 0
     try:
-        if args.out.suffix not in FORMATS:
-            raise ValueError(f"--out {args.out}: the file must end in one of {FORMATS}")
+        check_log_path(args.out, "--out")
         images = list_image_files(args.input) if args.input.is_dir() else None
         if not images:
             raise DatasetError(f"--input {args.input}: not a folder of images")

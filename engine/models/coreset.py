@@ -53,9 +53,9 @@ def random_projection(
     full-space vectors would get.
     """
     n, d = features.shape
-    full = d if basis is None else basis.shape[0]
-    if basis is not None and tuple(basis.shape) != (full, d):
+    if basis is not None and (basis.dim() != 2 or basis.shape[1] != d):
         raise ValueError(f"basis must be (D_full, {d}), got {tuple(basis.shape)}")
+    full = d if basis is None else basis.shape[0]
     if projection_dim >= full:
         return features.to(device=device, dtype=torch.float32, copy=True)
     matrix = torch.randn(full, projection_dim, generator=generator) / math.sqrt(projection_dim)

@@ -48,7 +48,6 @@ __all__ = [
 ]
 
 INDEX_KINDS = ("auto", "torch", "faiss_flat", "faiss_gpu", "faiss_hnsw", "faiss_ivfpq")
-SAVED_KINDS = ("faiss_hnsw", "faiss_ivfpq")  # approximate: their FAISS index is saved
 
 
 def faiss_available() -> bool:
@@ -249,6 +248,10 @@ class _SavedFaissIndex(_FaissIndex):
     """An approximate FAISS index, saved as ``index.faiss`` (see the module docstring)."""
 
     faiss_type = ""  # the faiss class name a saved index must have
+    param_names: tuple[str, ...] = ()  # its integer parameters, recorded in the identity
+
+    def _params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.param_names}
 
     def _configure(self) -> None:
         """Apply the search-time parameters to ``self._index``."""
@@ -280,9 +283,6 @@ class FaissHnswIndex(_SavedFaissIndex):
         _positive_ints(m=m, ef_construction=ef_construction, ef_search=ef_search)
         self.m, self.ef_construction, self.ef_search = m, ef_construction, ef_search
 
-    def _params(self) -> dict[str, Any]:
-        return {"m": self.m, "ef_construction": self.ef_construction, "ef_search": self.ef_search}
-
     def _configure(self) -> None:
         self._index.hnsw.efSearch = self.ef_search
 
@@ -313,9 +313,6 @@ class FaissIvfPqIndex(_SavedFaissIndex):
         _positive_ints(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe)
         self.nlist, self.m, self.nbits, self.nprobe = nlist, m, nbits, nprobe
 
-    def _params(self) -> dict[str, Any]:
-        return {"nlist": self.nlist, "m": self.m, "nbits": self.nbits, "nprobe": self.nprobe}
-
     def _configure(self) -> None:
         self._index.nprobe = self.nprobe
 
@@ -341,6 +338,12 @@ class FaissIvfPqIndex(_SavedFaissIndex):
         self._configure()
 
 
+_SAVED_CLASSES: dict[str, type[_SavedFaissIndex]] = {
+    cls.kind: cls for cls in (FaissHnswIndex, FaissIvfPqIndex)
+}
+SAVED_KINDS = tuple(_SAVED_CLASSES)  # approximate: their FAISS index is saved with the bank
+
+
 def restore_index(identity: dict[str, Any], bank: np.ndarray, raw: bytes) -> KnnIndex:
     """The saved approximate index described by ``identity``, from its (M, D) float32 bank and
     serialised FAISS bytes; ValueError when the bytes are not such an index of that bank."""
@@ -349,8 +352,8 @@ def restore_index(identity: dict[str, Any], bank: np.ndarray, raw: bytes) -> Knn
     kind = identity.get("kind")
     if kind not in SAVED_KINDS:
         raise ValueError(f"{kind!r} is not a saved kNN index kind {SAVED_KINDS}")
-    cls = FaissHnswIndex if kind == "faiss_hnsw" else FaissIvfPqIndex
-    index = cls(**{name: identity[name] for name in saved_params(kind)})
+    cls = _SAVED_CLASSES[kind]
+    index = cls(**{name: identity[name] for name in cls.param_names})
     searcher = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
     if type(searcher).__name__ != cls.faiss_type or (searcher.ntotal, searcher.d) != bank.shape:
         raise ValueError(f"index.faiss is not a {cls.faiss_type} of the {bank.shape} bank")
@@ -362,7 +365,7 @@ def restore_index(identity: dict[str, Any], bank: np.ndarray, raw: bytes) -> Knn
 
 def saved_params(kind: str) -> tuple[str, ...]:
     """The integer parameters a saved (approximate) index of ``kind`` records in its identity."""
-    return {"faiss_hnsw": FaissHnswIndex, "faiss_ivfpq": FaissIvfPqIndex}[kind].param_names
+    return _SAVED_CLASSES[kind].param_names
 
 
 def make_index(kind: str = "auto", device: str | torch.device = "cpu", **params: Any) -> KnnIndex:
@@ -385,6 +388,4 @@ def make_index(kind: str = "auto", device: str | torch.device = "cpu", **params:
         return FaissFlatIndex()
     if kind == "faiss_gpu":
         return FaissGpuIndex(**params)
-    if kind == "faiss_hnsw":
-        return FaissHnswIndex(**params)
-    return FaissIvfPqIndex(**params)
+    return _SAVED_CLASSES[kind](**params)

@@ -150,16 +150,14 @@ class PatchFeatures(nn.Module):
             ).t()
             for i, level in enumerate(levels)
         ]
-        basis = None
+        # (feature_dim, out_dim): features are coordinates in this orthonormal basis; None when
+        # they are PatchCore's own coordinates.
+        self.basis: torch.Tensor | None = None
         if compact:
             basis = column_basis(torch.cat(folded, dim=1))
             if basis.shape[1] < feature_dim:
                 folded = [(basis.t() @ weight.double()).float() for weight in folded]
-            else:
-                basis = None
-        # (feature_dim, out_dim): features are coordinates in this orthonormal basis; None when
-        # they are PatchCore's own coordinates.
-        self.basis = None if basis is None else basis.float()
+                self.basis = basis.float()
         self.out_dim = int(folded[0].shape[0])
         for level, weight in zip(levels, folded, strict=True):
             # As an (out_dim, C, 1, 1) 1x1-convolution weight.
