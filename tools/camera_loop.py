@@ -17,6 +17,7 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -241,6 +242,9 @@ def _release(source: Any) -> None:
         source.release()
 
 
+ALARM_NAME = re.compile(r"(\d{8}T\d{6}\.\d{6}Z_\d{6,})_raw\.png")
+
+
 def save_alarm(folder: Path, result: Result, raw: np.ndarray, drawn: np.ndarray, keep: int) -> None:
     """Write an alarm's raw frame and overlay (RGB) as ``<UTC time>_<frame>_{raw,overlay}.png``,
     then delete the oldest alarms beyond ``keep`` (0: keep all)."""
@@ -249,7 +253,9 @@ def save_alarm(folder: Path, result: Result, raw: np.ndarray, drawn: np.ndarray,
     Image.fromarray(np.ascontiguousarray(raw)).save(folder / f"{stem}_raw.png")
     Image.fromarray(np.ascontiguousarray(drawn)).save(folder / f"{stem}_overlay.png")
     if keep:
-        stems = sorted({p.name.rsplit("_", 1)[0] for p in folder.glob("*_raw.png")})
+        # Only files this tool names: anything else in the folder is the user's and stays.
+        names = (ALARM_NAME.fullmatch(p.name) for p in folder.glob("*_raw.png"))
+        stems = sorted({found[1] for found in names if found})
         for old in stems[:-keep]:
             for part in ("raw", "overlay"):
                 (folder / f"{old}_{part}.png").unlink(missing_ok=True)

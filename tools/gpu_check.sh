@@ -52,9 +52,9 @@ step gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable -m
     --ignore=tests/kernels --junitxml="$OUT/gpu_tests.xml" tests
 step benchmarks 150 "$PY" -m pytest -q -p no:cacheprovider benchmarks --benchmark-only \
     --benchmark-json="$OUT/benchmarks.json"
-DATA="$OUT/data"
+DATA=$(mktemp -d "$OUT/synthetic.XXXXXX")  # ours alone: removed at the end
 step tiny_data 60 "$PY" -m tools.make_synthetic --out "$DATA" --category pushpins \
-    --n-train 16 --n-validation 4 --n-test 4 --overwrite --no-progress
+    --n-train 16 --n-validation 4 --n-test 4 --no-progress
 step tiny_paper_build 150 "$PY" -m engine.build --category pushpins --data-root "$DATA" \
     --out "$OUT/artifact" --preset paper --device cuda --weights random --allow-random-weights \
     --text-prior learned --epochs 1 --no-progress

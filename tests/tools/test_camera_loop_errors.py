@@ -146,3 +146,16 @@ def test_latest_mode_scores_frames_and_reports_a_lost_camera(monkeypatch, capsys
     captured = capsys.readouterr()
     assert "stopped delivering frames" in captured.err
     assert "frame " in captured.out and capture.released == 1
+
+
+def test_alarm_retention_deletes_only_alarms_it_wrote(tmp_path: Path) -> None:
+    mine = tmp_path / "holiday_raw.png"  # the user's file, with a name like ours
+    mine.write_bytes(b"keep me")
+    image = np.zeros((4, 4, 3), np.uint8)
+    for index in range(3):
+        result = type("R", (), {"source_index": index})()
+        camera_loop.save_alarm(tmp_path, result, image, image, keep=1)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "holiday_raw.png" in names and mine.read_bytes() == b"keep me"
+    alarms = [n for n in names if n != "holiday_raw.png"]
+    assert len(alarms) == 2 and all("_000002_" in n for n in alarms)
