@@ -5,13 +5,13 @@ here, batch 1 and a larger batch (8 on CPU, 32 on CUDA), 640x480 uint8 frames, t
 preset on CPU and the ``paper`` preset on CUDA. Weights are random (timing only: the
 architecture, not the values, sets the cost); the memory bank has the size a LOCO category
 gives (10 % of 360 images' patches), searched with the index the Runtime picks. Each case
-records in ``extra_info``: p50/p95 per call, images/s, the first call after loading (compile
-autotune and, on a cold cache, ONNX export included), the peak extra GPU memory, and the largest
-difference of its fused
-maps from ``eager``'s (compact features) on the same frames. ``python -m tools.bench_report FILE.json`` turns a
-``--benchmark-json`` file into the table of ``docs/PERFORMANCE.md``, with each case's ratio to
-``eager`` from the same run. ``test_bank_coordinates`` times compact against full-coordinate
-patch features (the same distances; see ``engine.models.structural``).
+records in ``extra_info``: p50/p95 per call, images/s, per-stage times of one call (CUDA events
+on GPU), the first call after loading (compile autotune and, on a cold cache, ONNX export
+included), the peak extra GPU memory, and the largest difference of its fused maps from
+``eager``'s (fp32, compact features) on the same frames. ``python -m tools.bench_report
+FILE.json`` turns a ``--benchmark-json`` file into the table of ``docs/PERFORMANCE.md``, with
+each case's ratio to ``eager`` from the same run. ``test_bank_coordinates`` times compact
+against full-coordinate patch features (the same distances; see ``engine.models.structural``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from engine.config import BuildConfig, cpu_build_preset, paper_preset
 from engine.detector import Detector
 from engine.models.logical import LogicalModel
 from engine.models.structural import PatchFeatures, StructuralModel, attach_index
+from engine.stage_timer import StageTimer
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -38,6 +39,8 @@ PRESET = "paper" if CUDA else "cpu"
 TRAIN_IMAGES, CORESET_RATIO = 360, 0.1
 BATCHES = (1, 32) if CUDA else (1, 8)
 BACKENDS = ("eager", "compile", "onnx")
+# 16-bit runs where it pays: on CUDA (CPUs without bf16/fp16 matrix units only get slower).
+PRECISIONS = ("fp32", "bf16", "fp16") if CUDA else ("fp32",)
 _EAGER_MAPS: dict[int, np.ndarray] = {}  # batch -> eager fused maps of the compact artifact
 
 
@@ -109,10 +112,12 @@ def eager_maps(artifact: Path, batch: int) -> np.ndarray:
     return _EAGER_MAPS[batch]
 
 
-def timed_runtime(benchmark, artifacts: dict, backend: str, batch: int, compact: bool) -> None:
+def timed_runtime(
+    benchmark, artifacts: dict, backend: str, batch: int, compact: bool, precision: str = "fp32"
+) -> None:
     artifact = artifacts[compact]
     start = time.perf_counter()
-    runtime = Runtime.load(artifact, device=DEVICE, backend=backend)
+    runtime = Runtime.load(artifact, device=DEVICE, backend=backend, precision=precision)
     data = frames(batch)
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -124,6 +129,9 @@ def timed_runtime(benchmark, artifacts: dict, backend: str, batch: int, compact:
         fused, args=(runtime, data), rounds=20 if CUDA else 5, iterations=1, warmup_rounds=0
     )
     assert np.isfinite(maps).all() and np.array_equal(maps.shape, first.shape)
+    runtime.detector.stage_timer = timer = StageTimer(runtime.device)
+    fused(runtime, data)
+    runtime.detector.stage_timer = None
     reference = eager_maps(artifacts[True], batch)
     times = np.asarray(benchmark.stats.stats.data) * 1e3
     benchmark.extra_info.update(
@@ -131,7 +139,7 @@ def timed_runtime(benchmark, artifacts: dict, backend: str, batch: int, compact:
             "device": torch.cuda.get_device_name() if CUDA else "cpu",
             "preset": PRESET,
             "backend": runtime.backend,
-            "precision": "fp32",
+            "precision": runtime.precision,
             "batch": batch,
             "features": "compact" if compact else "full",
             "p50_ms": float(np.median(times)),
@@ -140,12 +148,13 @@ def timed_runtime(benchmark, artifacts: dict, backend: str, batch: int, compact:
             "first_call_ms": first_ms,
             "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if CUDA else None,
             "max_map_diff_vs_eager": float(np.abs(maps - reference).max()),
+            "stage_ms": timer.elapsed_ms(),
         }
     )
 
 
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
-@pytest.mark.parametrize("precision", ["fp32"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_runtime(benchmark, artifacts: dict, backend: str, precision: str, batch: int) -> None:
     if backend == "compile" and not CUDA:
@@ -153,7 +162,7 @@ def test_runtime(benchmark, artifacts: dict, backend: str, precision: str, batch
     if backend == "onnx" and CUDA:
         pytest.skip("the onnx backend runs on CPU only")
     benchmark.group = f"runtime ({PRESET} preset, {DEVICE.type}, b{batch})"
-    timed_runtime(benchmark, artifacts, backend, batch, compact=True)
+    timed_runtime(benchmark, artifacts, backend, batch, compact=True, precision=precision)
 
 
 @pytest.mark.skipif(CUDA, reason="the paper preset's features are full-rank: nothing to compare")

@@ -1,10 +1,15 @@
-"""``python -m engine.build``: train, calibrate, evaluate and export NPGMF for LOCO categories.
+"""``python -m engine.build``: train, calibrate, evaluate and export NPGMF, category by category.
 
     python -m engine.build --category pushpins
     python -m engine.build --category all --data-root /data/mvtec_loco --preset paper
+    python -m engine.build --data-format folder --data-root line3 --category bracket
 
-Without ``--data-root`` (and without ``$MVTEC_LOCO_ROOT``) the synthetic LOCO-style dataset is
-generated once into a cache folder and used. Any setting of :class:`engine.config.BuildConfig`
+``--data-format`` names the layout of ``DATA_ROOT/CATEGORY``: ``loco`` (MVTec LOCO AD), ``mvtec``
+(MVTec AD), ``folder`` (good/ and optional validation/, bad/, masks/), or ``auto`` (the default),
+which detects it and says which. What the test images can evaluate (LOCO metrics, pixel-level,
+image-level or nothing) is decided from the data before training; the artifact is written
+either way. Without ``--data-root`` (and without ``$MVTEC_LOCO_ROOT``) the synthetic LOCO-style
+dataset is generated once into a cache folder and used. Any setting of :class:`engine.config.BuildConfig`
 can be overridden with ``--set section.field=value`` (e.g. ``--set train.lr=1e-3``).
 
 Every option is checked before any work starts (values converted to their field's type, output
@@ -26,15 +31,25 @@ from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.cli import DEVICES, description, setup_logging
 from engine.config import PRESETS, BuildConfig, field_types, parse_value, resolve_preset
-from engine.data.loco import check_category_name, list_categories
+from engine.data.formats import (
+    DATA_FORMATS,
+    IMAGE_LEVEL,
+    LOCO_LEVEL,
+    PIXEL_LEVEL,
+    list_categories,
+)
+from engine.data.loco import check_category_name
 from engine.data.synthetic import CATEGORIES, GENERATOR_VERSION, generate_category
 from engine.data.types import DatasetError
+from engine.evaluation import FUSED
+from engine.metrics import LocoMetrics, TestMetrics, metric_cells
 from engine.operating_point import operating_point_lines
-from engine.pipeline import FUSED, BuildResult, build_category
+from engine.pipeline import BuildResult, build_category
 from engine.preflight import check_index_kind, check_outputs
 
 EXIT_BAD_INPUT = 2
@@ -58,7 +73,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--data-root",
         type=Path,
-        help="MVTec LOCO AD style folder (default: $MVTEC_LOCO_ROOT, else synthetic data)",
+        help="folder holding the category folders (default: $MVTEC_LOCO_ROOT, else synthetic "
+        "LOCO-style data)",
+    )
+    parser.add_argument(
+        "--data-format",
+        choices=DATA_FORMATS,
+        default="auto",
+        help="layout of DATA_ROOT/CATEGORY: loco (MVTec LOCO AD), mvtec (MVTec AD), folder "
+        "(good/ with optional validation/, bad/, masks/), or auto: detect it and say which "
+        "(default)",
     )
     parser.add_argument("--out", type=Path, help="artifact folder (default artifacts/<category>)")
     parser.add_argument(
@@ -229,10 +253,17 @@ def find_categories(args: argparse.Namespace) -> tuple[Path, list[str], bool]:
             raise DatasetError(f"{root}: data root folder does not exist")
         if args.category != "all":
             return root, [check_category_name(args.category)], False
-        found = list_categories(root)
+        found = list_categories(root, args.data_format)
         if not found:
-            raise DatasetError(f"{root}: no MVTec LOCO AD categories found")
+            raise DatasetError(
+                f"{root}: no category folders found (--data-format {args.data_format})"
+            )
         return root, found, False
+    if args.data_format not in ("auto", "loco"):
+        raise ValueError(
+            f"--data-format {args.data_format} needs --data-root (the synthetic data is in the "
+            "MVTec LOCO AD layout)"
+        )
 
     names = list(CATEGORIES) if args.category == "all" else [check_category_name(args.category)]
     for name in names:
@@ -253,41 +284,66 @@ def generate_synthetic(cache: Path, names: Sequence[str], progress: bool) -> Non
     print(f"[data] synthetic LOCO-style data from {cache} (no --data-root given)", flush=True)
 
 
-LEGEND = (
-    "map: the branch scored alone, or the fused map; log / struct / mean: the logical-anomaly "
-    "and structural-anomaly test images (each against the good ones) and their mean"
-)
+MAP_LEGEND = "map: the branch scored alone, or the fused map"
+LEGENDS = {
+    LOCO_LEVEL: f"{MAP_LEGEND}; log / struct / mean: the logical-anomaly and structural-anomaly "
+    "test images (each against the good ones) and their mean",
+    PIXEL_LEVEL: f"{MAP_LEGEND}; AU-PRO@0.3: area under the per-region overlap curve up to 30 % "
+    "false-positive pixels, normalised (exact MVTec AD PRO)",
+    IMAGE_LEVEL: f"{MAP_LEGEND}; image-level metrics only: the anomalous images have no masks",
+}
+NO_METRICS_NOTE = "no test metrics: the test split holds no anomalous image"
+LOCO_KEYS = ("logical_anomalies", "structural_anomalies", "mean")
+LOCO_HEAD = ["AUROC log", "struct", "mean", "sPRO@.05 log", "struct", "mean"]
 
 
-def result_table(results: Sequence[BuildResult], target_far: float) -> str:
-    """Image AUROC and AU-sPRO@0.05 (logical / structural / mean) per branch with a legend, step
-    times, and what the threshold does on the test images."""
-    head = ["category", "map", "AUROC log", "struct", "mean", "sPRO@.05 log", "struct", "mean"]
-    rows = [head]
-    keys = ("logical_anomalies", "structural_anomalies", "mean")
+def _metric_row(metrics: TestMetrics) -> tuple[list[str], list[float | None]]:
+    """Column headers and values of one branch's metrics (LOCO or another level)."""
+    if isinstance(metrics, LocoMetrics):
+        values = [metrics.auroc[k] for k in LOCO_KEYS]
+        return LOCO_HEAD, values + [metrics.auc_spro[k][0.05] for k in LOCO_KEYS]
+    cells = metric_cells(metrics)
+    return list(cells), list(cells.values())
+
+
+def _metric_table(results: Sequence[BuildResult]) -> list[str]:
+    """One aligned table of the branches' metrics of ``results`` (all of one level)."""
+    rows: list[list[str]] = []
     for result in results:
         for branch, m in result.metrics.items():
-            cells = [m.auroc[k] for k in keys] + [m.auc_spro[k][0.05] for k in keys]
-            rows.append(
-                [result.category, branch] + ["-" if v is None else f"{v:.3f}" for v in cells]
-            )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+            head, values = _metric_row(m)
+            cells = ["-" if v is None else f"{v:.3f}" for v in values]
+            rows.append([result.category, branch, *cells])
+    rows.insert(0, ["category", "map", *head])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
         for r in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append(LEGEND)
+    return lines
+
+
+def result_table(results: Sequence[BuildResult], target_far: float) -> str:
+    """The metrics per branch, one table with its legend per evaluation level (LOCO: image
+    AUROC and AU-sPRO@0.05 per subset), step times, and what the threshold does on the test
+    images."""
+    lines: list[str] = []
+    for level, legend in LEGENDS.items():
+        chosen = [r for r in results if r.evaluation_level == level and r.metrics]
+        if chosen:
+            lines += [*_metric_table(chosen), legend]
     for result in results:
+        if not result.metrics:
+            lines.append(f"{result.category}: {NO_METRICS_NOTE}")
         steps = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items())
         lines.append(f"{result.category}: {steps}; total {sum(result.seconds.values()):.1f}s")
         lines.append(f"{result.category}: artifact {result.artifact}")
-        scores = result.image_scores.get(FUSED)
-        if scores is not None:
-            first, *rest = operating_point_lines(
-                scores, result.test_defects, result.threshold, target_far
-            )
-            lines += [f"{result.category}: {first}", *rest]
+        scores = result.image_scores.get(FUSED, np.empty(0))
+        first, *rest = operating_point_lines(
+            scores, result.test_defects, result.threshold, target_far
+        )
+        lines += [f"{result.category}: {first}", *rest]
     return "\n".join(lines)
 
 
@@ -314,7 +370,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             generate_synthetic(root, categories, progress)
         results = [
             build_category(
-                root, c, outs[c], config, device, args.save_maps, progress, fresh=args.fresh
+                root,
+                c,
+                outs[c],
+                config,
+                device,
+                args.save_maps,
+                progress,
+                fresh=args.fresh,
+                data_format=args.data_format,
             )
             for c in categories
         ]

@@ -10,8 +10,8 @@ runs on its own CUDA stream, concurrently with the logical branch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,15 @@ from engine.data.transforms import ImageTransform
 from engine.models.composition import CompositionModel
 from engine.models.logical import LogicalModel
 from engine.models.structural import StructuralModel
+from engine.stage_timer import StageTimer
+
+# Runtime precisions: the networks run under autocast in the dtype, the kNN searches the bank in
+# it; preprocessing, fusion and everything after stay float32.
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 MapFn = Callable[[torch.Tensor], torch.Tensor]
 StructuralFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
@@ -84,7 +93,10 @@ class StructuralSide(nn.Module):
         structural = self.structural.map_from_features(features, grid, size)
         if self.composition is None:
             return structural, None
-        image_score, _ = self.composition(features, grid)
+        # Mahalanobis distances lose too much in 16-bit arithmetic: the composition model runs
+        # in float32 at every precision.
+        with torch.autocast(x.device.type, enabled=False):
+            image_score, _ = self.composition(features.float(), grid)
         return structural, image_score[:, None, None].expand(-1, *size).contiguous()
 
 
@@ -124,6 +136,15 @@ class Detector:
         self.logical_fn: MapFn = logical.anomaly_map
         self.structural_fn: StructuralFn = self.structural_side
         self._side_stream: torch.cuda.Stream | None = None
+        self.precision = "fp32"
+        self.stage_timer: StageTimer | None = None  # set to time each stage (profiling only)
+
+    def set_precision(self, precision: str) -> None:
+        """Run the networks in ``precision`` (a key of :data:`PRECISIONS`)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {tuple(PRECISIONS)}")
+        self.precision = precision
+        self.structural.set_search_dtype(PRECISIONS[precision])
 
     @property
     def branch_names(self) -> tuple[str, ...]:
@@ -164,7 +185,7 @@ class Detector:
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor) -> Maps:
         """uint8 RGB frames (B, H, W, 3) on :attr:`device` -> :class:`Maps` at model size."""
-        with nvtx_range("preprocess"):
+        with self._stage("preprocess"):
             # The layout is given: a frame of height 3, (B, 3, W, 3), would look ambiguous.
             x_logical = self.logical_transform.batch(frames, channels_last=True)
             x_structural = (
@@ -172,33 +193,58 @@ class Detector:
                 if self.shares_input
                 else self.structural_transform.batch(frames, channels_last=True)
             )
-        if self._side_stream is not None:
-            main = torch.cuda.current_stream(self.device)
-            self._side_stream.wait_stream(main)
-            with torch.cuda.stream(self._side_stream), nvtx_range("structural"):
-                structural, composition = self.structural_fn(x_structural)
-            with nvtx_range("logical"):
-                logical = self.logical_fn(x_logical)
-            main.wait_stream(self._side_stream)
-            for side in (structural, composition):
-                if side is not None:
-                    side.record_stream(main)
-        else:
-            with nvtx_range("structural"):
-                structural, composition = self.structural_fn(x_structural)
-            with nvtx_range("logical"):
-                logical = self.logical_fn(x_logical)
+        with self._autocast():
+            logical, structural, composition = self._branches(x_logical, x_structural)
         size = (self.map_size, self.map_size)
         # Shrinking a finer structural grid to the fused map low-pass filters it first.
         maps = Maps(
             logical.float(),
-            resize_to(structural, size, antialias=True),
+            resize_to(structural.float(), size, antialias=True),
             composition=None if composition is None else resize_to(composition, size, True),
         )
         if self.stats is not None:
-            with nvtx_range("fuse"):
+            with self._stage("fuse"):
                 maps.fused = self.fuse(maps.branches())
         return maps
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        """An NVTX range, and the stage's time when :attr:`stage_timer` is set."""
+        with nvtx_range(name):
+            if self.stage_timer is None:
+                yield
+                return
+            self.stage_timer.start(name)
+            yield
+            self.stage_timer.stop(name)
+
+    def _autocast(self) -> AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _branches(
+        self, x_logical: torch.Tensor, x_structural: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(logical, structural, composition or None) maps; on CUDA the structural stream runs
+        on the side stream, concurrently with the logical branch."""
+        if self._side_stream is None:
+            with self._stage("structural"):
+                structural, composition = self.structural_fn(x_structural)
+            with self._stage("logical"):
+                return self.logical_fn(x_logical), structural, composition
+        main = torch.cuda.current_stream(self.device)
+        self._side_stream.wait_stream(main)
+        with torch.cuda.stream(self._side_stream), self._stage("structural"):
+            structural, composition = self.structural_fn(x_structural)
+        with self._stage("logical"):
+            logical = self.logical_fn(x_logical)
+        main.wait_stream(self._side_stream)
+        for side in (structural, composition):
+            if side is not None:
+                side.record_stream(main)
+        return logical, structural, composition
 
 
 def model_transform(size: int, backbone) -> ImageTransform:

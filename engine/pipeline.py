@@ -1,10 +1,12 @@
 """Build one category: train, memory bank, calibrate, evaluate, export (``engine.build`` steps).
 
-Calibration and evaluation run through the same :class:`~engine.detector.Detector` the Runtime
-loads, at the same batch composition rules, so the artifact reproduces the reported metrics.
+Calibration and evaluation (:mod:`engine.evaluation`) run through the same
+:class:`~engine.detector.Detector` the Runtime loads, at the same batch composition rules, so the
+artifact reproduces the reported metrics.
 
 Everything that can be checked without a model is checked first (:mod:`engine.preflight`), so
-bad input or a bad output path fails in seconds and leaves nothing behind.
+bad input or a bad output path fails in seconds and leaves nothing behind; what the test split
+can evaluate is decided then too, so a trained model is always exported.
 """
 
 from __future__ import annotations
@@ -22,15 +24,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from engine.artifact import save_artifact
-from engine.calibrate import BranchStats, calibrate_threshold, fuse_maps, image_scores, resize_to
+from engine.calibrate import BranchStats, calibrate_threshold, image_scores, resize_to
 from engine.config import BuildConfig
-from engine.data.images import read_rgb
-from engine.data.loco import LocoDataset
+from engine.data.formats import (
+    FORMAT_NAMES,
+    CategoryDataset,
+    evaluation_level,
+    evaluation_plan,
+    format_of,
+    open_dataset,
+)
 from engine.data.transforms import ImageFolderDataset
-from engine.data.types import DatasetError, Sample
-from engine.detector import Detector, Maps, model_transform
-from engine.metrics import LocoEvaluator, LocoMetrics, map_path, write_map
-from engine.metrics.per_defect import defect_name, image_auroc_per_defect
+from engine.data.types import Sample
+from engine.detector import Detector, model_transform
+from engine.evaluation import INFERENCE_BATCH, Evaluation, evaluate, frame_batches, summary
+from engine.metrics import TestMetrics
 from engine.models.composition import CompositionModel
 from engine.models.logical import LogicalModel
 from engine.models.logical_diagnostics import (
@@ -57,9 +65,6 @@ from engine.preflight import (
 )
 from engine.train import Diagnose, TrainResult, discard_checkpoints, train_logical
 
-FUSED = "fused"
-INFERENCE_BATCH = 8
-
 
 @dataclass
 class BuildResult:
@@ -67,26 +72,14 @@ class BuildResult:
 
     category: str
     artifact: Path
-    metrics: dict[str, LocoMetrics]
+    metrics: dict[str, TestMetrics]  # per branch; empty when the data allows no test metrics
     threshold: float
     seconds: dict[str, float] = field(default_factory=dict)
     # per branch: (N,) image score of each test image (see Evaluation), and its defect name
     image_scores: dict[str, np.ndarray] = field(default_factory=dict)
     test_defects: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Evaluation:
-    """What :func:`evaluate` measured on the test split, images in ``samples("test")`` order.
-
-    ``image_scores[branch]`` is (N,) float64: the max of the branch's map at original size,
-    exactly the image score the LOCO metrics use. ``test_defects`` is (N,) names: ``good``, the
-    image's defect name, or its distinct defect names sorted and joined with ``+``.
-    """
-
-    metrics: dict[str, LocoMetrics]
-    image_scores: dict[str, np.ndarray]
-    test_defects: list[str]
+    data_format: str = "loco"  # engine.data.formats: loco, mvtec or folder
+    evaluation_level: str = "loco"  # what the test split measured: loco, pixel, image or none
 
 
 @contextmanager
@@ -96,34 +89,6 @@ def _step(seconds: dict[str, float], name: str, verbose: bool) -> Iterator[None]
     start = time.perf_counter()
     yield
     seconds[name] = time.perf_counter() - start
-
-
-def frame_batches(
-    samples: Sequence[Sample], batch_size: int, desc: str, progress: bool
-) -> Iterator[tuple[list[Sample], torch.Tensor]]:
-    """Decoded test/validation images as uint8 (B, H, W, 3) batches (a category shares one size)."""
-    for start in tqdm(
-        range(0, len(samples), batch_size), desc=desc, unit="batch", disable=not progress
-    ):
-        chunk = list(samples[start : start + batch_size])
-        images = [read_rgb(sample.image_path) for sample in chunk]
-        shapes = {image.shape for image in images}
-        if len(shapes) != 1:
-            raise DatasetError(
-                f"{chunk[0].image_path.parent}: images of one split differ in size {sorted(shapes)}"
-            )
-        yield chunk, torch.from_numpy(np.stack(images))
-
-
-def branch_only(maps: Maps, branch: str, detector: Detector) -> torch.Tensor:
-    """The map a branch alone yields: normalised and blurred like the fused map, weight 1."""
-    if branch == FUSED:
-        assert maps.fused is not None
-        return maps.fused
-    only = {branch: maps.branches()[branch]}
-    assert detector.stats is not None
-    sigma = detector.fusion.sigma_at(detector.map_size)
-    return fuse_maps(only, detector.stats, {branch: 1.0}, sigma)
 
 
 def calibrate(
@@ -153,49 +118,6 @@ def calibrate(
     return calibrate_threshold(scores_np, rate), scores_np
 
 
-def evaluate(
-    detector: Detector,
-    dataset: LocoDataset,
-    save_maps: Path | None,
-    progress: bool,
-) -> Evaluation:
-    """Exact LOCO metrics of each branch alone and of the fused map, at original resolution,
-    and every test image's score per branch with its defect name.
-
-    With ``save_maps`` the fused maps are written as float32 TIFFs in the official layout.
-    """
-    branches = (*detector.branch_names, FUSED)
-    evaluators = {branch: LocoEvaluator() for branch in branches}
-    scores: dict[str, list[float]] = {branch: [] for branch in branches}
-    defects: list[str] = []
-    samples = dataset.samples("test")
-    written: list[Path] = []
-    try:
-        for chunk, frames in frame_batches(samples, INFERENCE_BATCH, "test maps", progress):
-            maps = detector(frames.to(detector.device))
-            size = (int(frames.shape[1]), int(frames.shape[2]))
-            truths = [dataset.ground_truth(sample) for sample in chunk]
-            defects += [defect_name(channels) for channels in truths]
-            for branch in branches:
-                full = resize_to(branch_only(maps, branch, detector), size).cpu().numpy()
-                for sample, channels, anomaly_map in zip(chunk, truths, full, strict=True):
-                    evaluators[branch].add(anomaly_map, sample.defect_type, channels, sample.stem)
-                    scores[branch].append(float(anomaly_map.max()))
-                    if save_maps is not None and branch == FUSED:
-                        path = map_path(save_maps, sample)
-                        write_map(path, anomaly_map)  # atomic: a failed write leaves nothing
-                        written.append(path)
-    except BaseException as error:
-        if written:
-            _remove_partial_maps(written, len(samples), save_maps, error)
-        raise
-    metrics = {
-        branch: evaluator.compute(progress=progress and branch == FUSED)
-        for branch, evaluator in evaluators.items()
-    }
-    return Evaluation(metrics, {b: np.asarray(s) for b, s in scores.items()}, defects)
-
-
 def build_category(
     data_root: str | Path,
     category: str,
@@ -206,24 +128,31 @@ def build_category(
     progress: bool = True,
     verbose: bool = True,
     fresh: bool = False,
+    data_format: str = "auto",
 ) -> BuildResult:
-    """Train, fit, calibrate, evaluate and export one MVTec LOCO AD category to ``out``.
+    """Train, fit, calibrate, evaluate and export one category to ``out``.
 
-    Training checkpoints live in ``<out>.checkpoints/`` next to the artifact until the artifact
-    is written, so an interrupted build resumes its training where it stopped, provided the
-    data, weights, text prior and configs are unchanged (else ValueError); ``fresh`` discards
-    them first. Outputs and every input file are checked before any model is built.
+    ``data_format`` names the layout of ``<data_root>/<category>`` (``auto``: detected, see
+    :mod:`engine.data.formats`). Training checkpoints live in ``<out>.checkpoints/`` next to the
+    artifact until the artifact is written, so an interrupted build resumes its training where
+    it stopped, provided the data, weights, text prior and configs are unchanged (else
+    ValueError); ``fresh`` discards them first. Outputs and every input file are checked, and
+    what the test split can evaluate is decided, before any model is built; without test
+    metrics the artifact is written all the same.
     """
     seconds: dict[str, float] = {}
     out = Path(out)
     maps_root = Path(save_maps) if save_maps is not None else None
     checkpoints = checkpoint_folder(out)
     check_outputs(out, maps_root)
-    dataset = LocoDataset(data_root, category)
+    dataset = open_dataset(data_root, category, data_format)
     with _step(seconds, "validate inputs", verbose):
         validate_inputs(dataset, progress)
         check_index_kind(config.structural.index, device)
         data_digest = data_fingerprint(dataset)
+        data_info = _data_info(dataset)
+        if verbose:
+            print(_data_lines(dataset, data_info), flush=True)
     if fresh:
         discard_checkpoints(checkpoints)
 
@@ -312,13 +241,19 @@ def build_category(
             detector, dataset.samples("validation"), config.fusion.target_false_alarm_rate, progress
         )
 
-    with _step(seconds, "evaluate on test", verbose):
-        evaluation = evaluate(detector, dataset, maps_root, progress)
-        metrics = evaluation.metrics
+    if dataset.samples("test"):
+        with _step(seconds, "evaluate on test", verbose):
+            evaluation = evaluate(detector, dataset, maps_root, progress)
+    else:
+        evaluation = Evaluation({}, {}, [])
+        if verbose:
+            print("\n== evaluate on test: skipped, no test images", flush=True)
+    metrics = evaluation.metrics
 
     with _step(seconds, "export artifact", verbose):
         info = {
             "category": category,
+            "data": data_info,
             "text_prior": text_identity,
             "threshold": threshold,
             "validation_scores": val_scores.tolist(),
@@ -345,6 +280,31 @@ def build_category(
         seconds,
         evaluation.image_scores,
         evaluation.test_defects,
+        data_info["format"],
+        data_info["evaluation"],
+    )
+
+
+def _data_info(dataset: CategoryDataset) -> dict:
+    """What the manifest records of the data: format, evaluation level, images per split."""
+    return {
+        "format": format_of(dataset),
+        "evaluation": evaluation_level(dataset),
+        "images": {split: len(dataset.samples(split)) for split in ("train", "validation")},
+        "test_images": {
+            "good": sum(not s.label for s in dataset.samples("test")),
+            "anomalous": sum(s.label for s in dataset.samples("test")),
+        },
+    }
+
+
+def _data_lines(dataset: CategoryDataset, info: dict) -> str:
+    """The build's log lines on the data: layout, split sizes, the metrics it will report."""
+    images = info["images"]
+    return (
+        f"[data] {dataset.path}: {FORMAT_NAMES[info['format']]} layout; "
+        f"{images['train']} training, {images['validation']} validation images\n"
+        f"[data] {evaluation_plan(dataset)}"
     )
 
 
@@ -368,36 +328,4 @@ def _warn_if_collapsed(trained: TrainResult, model: LogicalModel, probe: torch.T
         print(warning, file=sys.stderr, flush=True)
 
 
-def summary(metrics: LocoMetrics, scores: np.ndarray, defects: Sequence[str]) -> dict:
-    """Image AUROC and AU-sPRO@0.05 per subset (logical, structural, mean) of one branch, and
-    its image AUROC per defect type from the test images' ``scores`` and ``defects`` (N,)."""
-    return {
-        "image_auroc": dict(metrics.auroc),
-        "image_auroc_tie_correct": dict(metrics.auroc_tie_correct),
-        "au_spro_0.05": {kind: values.get(0.05) for kind, values in metrics.auc_spro.items()},
-        "image_auroc_per_defect": image_auroc_per_defect(scores, defects),
-    }
-
-
-def _remove_partial_maps(
-    written: list[Path], total: int, maps_root: Path, error: BaseException
-) -> None:
-    """Delete the maps a failed evaluation wrote and say so on ``error``: a partial set, maybe
-    beside older maps, must not look like this run's result."""
-    for path in written:
-        path.unlink(missing_ok=True)
-    error.add_note(
-        f"evaluation stopped after writing {len(written)} of {total} fused maps under "
-        f"{maps_root}; those maps were deleted (they were incomplete)"
-    )
-
-
-__all__ = [
-    "FUSED",
-    "BuildResult",
-    "Evaluation",
-    "build_category",
-    "calibrate",
-    "evaluate",
-    "summary",
-]
+__all__ = ["BuildResult", "build_category", "calibrate"]

@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from engine import artifact as artifact_module
+from engine.data.formats import CategoryDataset
 from engine.data.images import read_image_size, read_rgb
-from engine.data.loco import LocoDataset
-from engine.data.types import SPLITS, DatasetError
+from engine.data.types import MIN_VALIDATION_IMAGES, DatasetError
 from engine.models.knn_index import faiss_available, faiss_gpu_available
 from engine.models.weights import WeightsInfo, file_sha256
 from engine.train import check_checkpoint_dir
@@ -84,23 +84,32 @@ def check_index_kind(kind: str, device: torch.device) -> None:
         )
 
 
-def validate_inputs(dataset: LocoDataset, progress: bool) -> None:
+def validate_inputs(dataset: CategoryDataset, progress: bool) -> None:
     """Check every file the build reads, before any training, so bad input costs no work.
 
     Every image header (readable, within Pillow's pixel limit), one image size per validation
     and test split (inference batches need it), every test image decoded in full (training and
-    validation images are decoded before training anyway), every ground-truth mask read and
-    matched to ``defects_config.json`` and to its image's size with a positive sPRO saturation
-    area, and at least one anomalous test image. Raises DatasetError naming the file.
+    validation images are decoded before training anyway), at least ``MIN_VALIDATION_IMAGES``
+    validation images, every ground-truth mask read and
+    matched to ``defects_config.json`` (LOCO) and to its image's size with a positive sPRO
+    saturation area. A test split may be empty or hold no anomaly: what it can evaluate is
+    :func:`engine.data.formats.evaluation_level`. Raises DatasetError naming the file.
     """
-    for split in SPLITS:
+    for split in ("train", "validation"):
         if not dataset.samples(split):
             raise DatasetError(f"{dataset.path / split}: no images")
+    validation = dataset.samples("validation")
+    if len(validation) < MIN_VALIDATION_IMAGES:
+        raise DatasetError(
+            f"{validation[0].image_path.parent}: {len(validation)} validation image; calibration "
+            f"needs at least {MIN_VALIDATION_IMAGES}"
+        )
     for sample in dataset.samples("train"):
         read_image_size(sample.image_path)
     dataset.image_size("validation")
-    dataset.image_size("test")
     test = dataset.samples("test")
+    if test:
+        dataset.image_size("test")
     for sample in tqdm(test, desc="check test data", unit="img", disable=not progress):
         read_rgb(sample.image_path)
         channels = dataset.ground_truth(sample)
@@ -111,13 +120,9 @@ def validate_inputs(dataset: LocoDataset, progress: bool) -> None:
                     f"{channel.area} pixels ({channel.defect}); raise its saturation_threshold "
                     "in defects_config.json"
                 )
-    if not any(sample.label for sample in test):
-        raise DatasetError(
-            f"{dataset.path / 'test'}: no anomalous test image; the LOCO metrics need at least one"
-        )
 
 
-def data_fingerprint(dataset: LocoDataset) -> str:
+def data_fingerprint(dataset: CategoryDataset) -> str:
     """sha256 over (path relative to the category folder, content sha256) of every training and
     validation image: what a resumed training must find unchanged.
 

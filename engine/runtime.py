@@ -27,14 +27,16 @@ import torch
 
 from engine.artifact import load_artifact
 from engine.backends import apply_backend
-from engine.calibrate import finite_threshold, image_scores, resize_to
-from engine.detector import Detector
+from engine.calibrate import finite_threshold, resize_to
+from engine.detector import PRECISIONS, Detector
 from engine.sources import LatestFrames, Source, SourceLost, open_source
+from engine.transfers import Transfers
 
-__all__ = ["COLORS", "Result", "Runtime", "SourceLost", "check_frame"]
+__all__ = ["BRANCH_MAPS", "COLORS", "Result", "Runtime", "SourceLost", "check_frame"]
 
 log = logging.getLogger(__name__)
 COLORS = ("bgr", "rgb")
+BRANCH_MAPS = ("logical", "structural", "composition")
 
 
 @dataclass
@@ -45,21 +47,23 @@ class Result:
     or infinite score means the engine is broken, and the call raises ``RuntimeError`` instead of
     returning a verdict). ``is_anomalous``: ``score > threshold``. ``anomaly_map``: (H, W)
     float32 at the frame's size (fused, normalised units). ``logical_map`` / ``structural_map`` /
-    ``composition_map`` (None when that branch is off): each branch's raw map at model
-    resolution (S, S). ``latency_ms``: wall time of the call that
+    ``composition_map``: each branch's raw map at model resolution (S, S); None when that
+    branch is off or the Runtime was loaded without it (``branch_maps``). ``latency_ms``: wall time of the call that
     produced the result (for a batch, the whole batch). ``threshold``: the one ``is_anomalous``
-    used. ``source_index``: position in the input batch or stream.
+    used. ``source_index``: position in the input batch or stream. ``precision``: the network
+    precision that produced it (see :meth:`Runtime.load`).
     """
 
     score: float
     is_anomalous: bool
     anomaly_map: np.ndarray
-    logical_map: np.ndarray
-    structural_map: np.ndarray
+    logical_map: np.ndarray | None
+    structural_map: np.ndarray | None
     latency_ms: float
     threshold: float
     source_index: int = 0
     composition_map: np.ndarray | None = None
+    precision: str = "fp32"
 
     @property
     def mask(self) -> np.ndarray:
@@ -115,8 +119,11 @@ class Runtime:
         manifest: dict[str, Any],
         backend: str,
         threshold: float | None = None,
+        branch_maps: tuple[str, ...] = BRANCH_MAPS,
     ) -> None:
         self.detector = detector
+        self.branch_maps = _check_branch_maps(branch_maps)
+        self._transfers = Transfers(detector.device)
         self.manifest = manifest
         self.backend = backend
         if threshold is None:
@@ -144,24 +151,40 @@ class Runtime:
         backend: str = "auto",
         threshold: float | None = None,
         verify: bool = True,
+        precision: str = "fp32",
+        branch_maps: tuple[str, ...] = BRANCH_MAPS,
     ) -> Runtime:
         """Load the artifact at ``path``.
 
         ``device``: ``auto`` (CUDA when present) | ``cpu`` | ``cuda[:N]``. ``backend``: see
         :mod:`engine.backends`. ``threshold`` overrides the calibrated one. ``verify`` checks
         every file's sha256 (raises :class:`engine.artifact.ArtifactError` on a mismatch).
-        A non-finite ``threshold`` raises ``ValueError`` before anything is loaded.
+        ``precision``: ``fp32`` (the reference), ``bf16`` or ``fp16``: the networks run under
+        autocast in that dtype and the memory bank is searched in it; preprocessing, the
+        composition model and fusion stay float32. Meant for CUDA (on CPU 16-bit is slower).
+        ``branch_maps``: the branch maps each :class:`Result` carries (a subset of
+        :data:`BRANCH_MAPS`); ``()`` copies only the fused map back from the device.
+        A non-finite ``threshold``, an unknown ``precision`` or branch map name raises
+        ``ValueError`` before anything is loaded.
         """
         if threshold is not None:
             finite_threshold(threshold)
+        branch_maps = _check_branch_maps(branch_maps)
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {tuple(PRECISIONS)}")
         chosen_device = _pick_device(device)
         detector, manifest = load_artifact(path, chosen_device, verify)
+        detector.set_precision(precision)
         chosen = apply_backend(detector, backend)
-        return cls(detector, manifest, chosen, threshold)
+        return cls(detector, manifest, chosen, threshold, branch_maps)
 
     @property
     def device(self) -> torch.device:
         return self.detector.device
+
+    @property
+    def precision(self) -> str:
+        return self.detector.precision
 
     @property
     def category(self) -> str:
@@ -170,7 +193,7 @@ class Runtime:
     def __repr__(self) -> str:
         return (
             f"Runtime(category={self.category!r}, device={self.device}, backend={self.backend!r}, "
-            f"threshold={self.threshold:.4g})"
+            f"precision={self.precision!r}, threshold={self.threshold:.4g})"
         )
 
     def __call__(
@@ -217,38 +240,41 @@ class Runtime:
     def _run(self, batch: torch.Tensor, color: str) -> list[Result]:
         """uint8 (B, H, W, 3) -> results; the timed part includes the host-device copies."""
         start = time.perf_counter()
-        device = self.device
-        if batch.device != device:
-            if device.type == "cuda" and batch.device.type == "cpu":
-                batch = batch.pin_memory()
-            batch = batch.to(device, non_blocking=True)
+        batch = self._transfers.to_device(batch)
         if color == "bgr":
             batch = batch.flip(-1)
         maps = self.detector(batch)
         assert maps.fused is not None
         height, width = int(batch.shape[1]), int(batch.shape[2])
-        full = resize_to(maps.fused, (height, width))
-        scores = image_scores(full).cpu().numpy()
+        branches = {
+            "logical": maps.logical,
+            "structural": maps.structural,
+            "composition": maps.composition,
+        }
+        wanted = [branches[name] if name in self.branch_maps else None for name in BRANCH_MAPS]
+        full_np, logical, structural, composition = self._transfers.to_host(
+            [resize_to(maps.fused, (height, width)), *wanted]
+        )
+        assert full_np is not None
+        scores = full_np.reshape(len(full_np), -1).max(axis=1)  # image score: the map's maximum
         if not np.isfinite(scores).all():
             raise RuntimeError(
                 f"the engine produced non-finite scores {scores.tolist()}: the engine is broken "
                 "(NaN/Inf in its weights, memory bank or calibration); no verdict was given"
             )
-        full_np = full.cpu().numpy()
-        logical, structural = maps.logical.cpu().numpy(), maps.structural.cpu().numpy()
-        composition = None if maps.composition is None else maps.composition.cpu().numpy()
         latency = (time.perf_counter() - start) * 1e3
         return [
             Result(
                 score=float(scores[i]),
                 is_anomalous=bool(scores[i] > self.threshold),
                 anomaly_map=full_np[i],
-                logical_map=logical[i],
-                structural_map=structural[i],
+                logical_map=None if logical is None else logical[i],
+                structural_map=None if structural is None else structural[i],
                 composition_map=None if composition is None else composition[i],
                 latency_ms=latency,
                 threshold=self.threshold,
                 source_index=i,
+                precision=self.precision,
             )
             for i in range(len(scores))
         ]
@@ -338,6 +364,13 @@ class Runtime:
             source.close()
             if skipped:
                 log.warning("stream from %s: %d bad frame(s) skipped", source.name, skipped)
+
+
+def _check_branch_maps(names: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [name for name in names if name not in BRANCH_MAPS]
+    if isinstance(names, str) or unknown:
+        raise ValueError(f"branch_maps must be a subset of {BRANCH_MAPS}, got {names!r}")
+    return tuple(names)
 
 
 def _check_batch(frames: torch.Tensor) -> torch.Tensor:

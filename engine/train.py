@@ -472,8 +472,10 @@ def _train_epoch(
             output = model(images)
         loss = logical_loss(output, images, model.config).total
         if not torch.isfinite(loss):
+            hint = " under float16 autocast; try --set train.amp=false" if use_amp else ""
             raise RuntimeError(
                 f"non-finite training loss {loss.item()} at epoch {epoch + 1}, step {step + 1}"
+                f"{hint}"
             )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

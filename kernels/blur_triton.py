@@ -165,8 +165,9 @@ def gaussian_blur_triton(
         (B, H, W) float32, equal to ``scipy.ndimage.gaussian_filter`` per map.
     """
     _check_maps("x", x)
-    device = check_device(x=x)
     check_no_autograd("gaussian_blur_triton", x)
+    gaussian_taps(float(sigma), float(truncate))  # argument errors before device errors
+    device = check_device(x=x)
     taps = _device_taps(float(sigma), float(truncate), device)
     across_h = torch.empty(x.shape, dtype=torch.float32, device=device)
     out = torch.empty_like(across_h)
@@ -195,8 +196,9 @@ def normalize_merge_blur_triton(
     checked = check_merge_inputs(maps, affines)
     for i, x in enumerate(maps):
         check_float_tensor(f"maps[{i}]", x, 3)
-    device = check_device(**{f"maps[{i}]": x for i, x in enumerate(maps)})
     check_no_autograd("normalize_merge_blur_triton", *maps)
+    gaussian_taps(float(sigma))  # argument errors before device errors
+    device = check_device(**{f"maps[{i}]": x for i, x in enumerate(maps)})
     taps = _device_taps(float(sigma), 4.0, device)
     scale_means = [(weight / std, mean) for weight, mean, std in checked]
 

@@ -196,7 +196,9 @@ def _level_tables(
     )
 
 
-def _check_levels(encoder: Sequence[torch.Tensor], decoder: Sequence[torch.Tensor]) -> torch.device:
+def _check_levels(
+    encoder: Sequence[torch.Tensor], decoder: Sequence[torch.Tensor]
+) -> dict[str, torch.Tensor]:
     if len(encoder) != len(decoder) or not encoder:
         raise ValueError("encoder and decoder must hold the same, non-zero number of levels")
     tensors = {}
@@ -215,9 +217,8 @@ def _check_levels(encoder: Sequence[torch.Tensor], decoder: Sequence[torch.Tenso
             raise ValueError(f"level {i} has an empty channel or spatial dim: {tuple(e.shape)}")
         tensors[f"encoder[{i}]"] = e
         tensors[f"decoder[{i}]"] = d
-    device = check_device(**tensors)
     check_no_autograd("cosine_maps_triton", *tensors.values())
-    return device
+    return tensors
 
 
 def cosine_maps_triton(
@@ -239,11 +240,12 @@ def cosine_maps_triton(
     Returns:
         (B, H, W) float32 map.
     """
-    device = _check_levels(encoder, decoder)
+    tensors = _check_levels(encoder, decoder)
     if len(out_size) != 2 or any(int(s) != s or s <= 0 for s in out_size):
         raise ValueError(f"out_size must be two positive ints, got {out_size}")
     if check_finite("eps", eps) < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    device = check_device(**tensors)  # argument errors come before device errors
     out_h, out_w = int(out_size[0]), int(out_size[1])
     batch = encoder[0].shape[0]
     out = torch.empty((batch, out_h, out_w), dtype=torch.float32, device=device)

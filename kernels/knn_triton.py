@@ -201,11 +201,13 @@ def knn_min_triton(
         raise ValueError("the memory bank is empty")
     if bank.shape[1] == 0:
         raise ValueError("the feature dim D is 0")
-    device = check_device(queries=queries, bank=bank)
     check_no_autograd("knn_min_triton", queries, bank)
     n_q, d = queries.shape
     m = bank.shape[0]
     bank_sq = resolve_bank_sq(bank, bank_sq)
+    if splits is not None and not (isinstance(splits, int) and 1 <= splits <= m):
+        raise ValueError(f"splits must be an int in [1, M={m}], got {splits}")
+    device = check_device(queries=queries, bank=bank)  # argument errors come first
     dist = torch.empty(n_q, dtype=torch.float32, device=device)
     idx = torch.empty(n_q, dtype=torch.int64, device=device)
     if n_q == 0:
@@ -214,8 +216,6 @@ def knn_min_triton(
     smallest_block_q = min(c.kwargs["BLOCK_Q"] for c in _knn_partial_kernel.configs)
     if splits is None:
         splits = _num_ranges(triton.cdiv(n_q, smallest_block_q), m, device)
-    elif not (isinstance(splits, int) and 1 <= splits <= m):
-        raise ValueError(f"splits must be an int in [1, M={m}], got {splits}")
     range_len = triton.cdiv(triton.cdiv(m, splits), RANGE_ALIGN) * RANGE_ALIGN
     num_ranges = triton.cdiv(m, range_len)
     part_score = torch.empty((num_ranges, n_q), dtype=torch.float32, device=device)

@@ -132,8 +132,8 @@ def vq_nearest_triton(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Te
         )
     if codebook.shape[0] == 0 or codebook.shape[1] == 0:
         raise ValueError(f"the codebook must be non-empty, got shape {tuple(codebook.shape)}")
-    device = check_device(x=x, codebook=codebook)
     check_no_autograd("vq_nearest_triton", x, codebook)
+    device = check_device(x=x, codebook=codebook)
 
     n, d = x.shape
     k = codebook.shape[0]

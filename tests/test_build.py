@@ -24,6 +24,12 @@ pytestmark = pytest.mark.slow
 def test_build_writes_a_complete_artifact(tiny_build: dict[str, Path]) -> None:
     manifest = read_manifest(tiny_build["artifact"])
     assert manifest["category"] == "pushpins"
+    assert manifest["data"] == {
+        "format": "loco",
+        "evaluation": "loco",
+        "images": {"train": 8, "validation": 4},
+        "test_images": {"good": 3, "anomalous": 6},
+    }
     assert set(manifest["files"]) == {"logical.pt", "structural.pt", "composition.pt"}
     assert manifest["text_prior"] == {"kind": "learned", "prompt": "pushpins", "dim": None}
     assert manifest["backbones"]["logical"]["arch"] == "efficientnet_lite0"

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import build, pipeline, preflight
+from engine import build, evaluation, pipeline, preflight
 from engine.artifact import ArtifactError
 from engine.config import cpu_build_preset
 from engine.data.loco import LocoDataset
@@ -257,15 +257,12 @@ def _truncated_test_image(data: Path) -> str:
     return "002.png"
 
 
-def _no_anomalous_test_image(data: Path) -> str:
-    for kind in ("logical_anomalies", "structural_anomalies"):
-        for folder in (
-            data / "pushpins" / "test" / kind,
-            data / "pushpins" / "ground_truth" / kind,
-        ):
-            shutil.rmtree(folder)
-            folder.mkdir()
-    return "no anomalous test image"
+def _one_validation_image(data: Path) -> str:
+    # Without anomalous test images a build runs (no test metrics); without two validation
+    # images it cannot calibrate.
+    for image in sorted((data / "pushpins" / "validation" / "good").iterdir())[1:]:
+        image.unlink()
+    return "calibration needs at least 2"
 
 
 def _zero_saturation_area(data: Path) -> str:
@@ -283,7 +280,7 @@ def _zero_saturation_area(data: Path) -> str:
         _mask_of_wrong_size,
         _mask_value_not_in_config,
         _truncated_test_image,
-        _no_anomalous_test_image,
+        _one_validation_image,
         _zero_saturation_area,
     ],
 )
@@ -318,12 +315,12 @@ def test_failed_evaluation_deletes_the_maps_it_wrote(
         def __call__(self, frames):
             return frames
 
-    monkeypatch.setattr(pipeline, "write_map", write_map_then_fill_the_disk)
+    monkeypatch.setattr(evaluation, "write_map", write_map_then_fill_the_disk)
     monkeypatch.setattr(
-        pipeline, "branch_only", lambda frames, branch, detector: frames[..., 0].float()
+        evaluation, "branch_only", lambda frames, branch, detector: frames[..., 0].float()
     )
     with pytest.raises(OSError, match="No space left") as error:
-        pipeline.evaluate(Detector(), dataset, tmp_path / "maps", progress=False)
+        evaluation.evaluate(Detector(), dataset, tmp_path / "maps", progress=False)
     assert "2 of 9 fused maps" in " ".join(error.value.__notes__)
     assert written and not any(p.exists() for p in written)
 

@@ -23,6 +23,7 @@ from engine.runtime import Runtime, SourceLost
 
 class FakeDetector:
     device = torch.device("cpu")
+    precision = "fp32"
 
     def __init__(self, fill: float | None = None, error: Exception | None = None) -> None:
         self.fill, self.error, self.calls = fill, error, 0

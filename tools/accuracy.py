@@ -37,8 +37,8 @@ from engine.config import PRESETS, BuildConfig, resolve_preset
 from engine.data.loco import LocoDataset
 from engine.data.synthetic import CATEGORIES, GENERATOR_VERSION, generate_category
 from engine.data.types import LOGICAL, STRUCTURAL
+from engine.evaluation import summary as branch_summary
 from engine.pipeline import BuildResult, build_category
-from engine.pipeline import summary as branch_summary
 from engine.preflight import check_index_kind, check_output_folder
 from tools.accuracy_report import (
     read_document,

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a machine with a CUDA GPU and a plain python3 holding torch, triton,
 # torchvision and pytest (no network, no pip). Run from anywhere; results go under $OUT
-# (default ./gpu_check_out). Every step has its own time limit and the whole run stays within
-# about 8 minutes; a failed step is recorded and the run goes on. Exit status: 0 when every
-# step passed, 1 when one failed, 2 when there is no CUDA device.
+# (default ./gpu_check_out). Every step has its own time limit and a failed step is recorded
+# and the run goes on. Exit status: 0 when every step passed, 1 when one failed, 2 when there
+# is no CUDA device. STEPS (space-separated step names, default all) runs a subset, e.g. to fit
+# two short leases; BENCH_FILTER is a pytest -k expression for the benchmark step.
+# Measured on an H200 (2026-11-30, docs/PERFORMANCE.md): tiny paper build 56 s, the eager probe
+# cases 45 s, compiling the paper models more than 2 minutes, the kernel tests more than 150 s;
+# all steps take 12-16 minutes, more than one lease of 10, so split them with STEPS.
 #
 #   OUT=/tmp/gpu tools/gpu_check.sh
+#   STEPS="kernel_tests tiny_data tiny_paper_build precision_gate runtime_probe" tools/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,6 +35,9 @@ fi
 step() {
     local name=$1 limit=$2 start rc
     shift 2
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+        return 0
+    fi
     start=$(date +%s)
     echo "== $name" >&2
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -46,19 +54,25 @@ step() {
     git rev-parse --short=12 HEAD 2>/dev/null || echo "commit unknown"
 } > "$OUT/env.txt" 2>&1
 
-step kernel_tests 150 "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable \
-    -m "gpu or not slow" --junitxml="$OUT/kernel_tests.xml" tests/kernels
-step gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable -m gpu \
-    --ignore=tests/kernels --junitxml="$OUT/gpu_tests.xml" tests
-step benchmarks 150 "$PY" -m pytest -q -p no:cacheprovider benchmarks --benchmark-only \
-    --benchmark-json="$OUT/benchmarks.json"
-DATA=$(mktemp -d "$OUT/synthetic.XXXXXX")  # ours alone: removed at the end
-step tiny_data 60 "$PY" -m tools.make_synthetic --out "$DATA" --category pushpins \
-    --n-train 16 --n-validation 4 --n-test 4 --no-progress
-step tiny_paper_build 150 "$PY" -m engine.build --category pushpins --data-root "$DATA" \
-    --out "$OUT/artifact" --preset paper --device cuda --weights random --allow-random-weights \
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # data and artifact: ours alone, removed
+trap 'rm -rf "$WORK"' EXIT
+DATA=$WORK/data
+ARTIFACT=$WORK/artifact
+step tiny_data 30 "$PY" -m tools.make_synthetic --out "$DATA" --category pushpins \
+    --n-train 16 --n-validation 4 --n-test 8 --no-progress
+step tiny_paper_build 120 "$PY" -m engine.build --category pushpins --data-root "$DATA" \
+    --out "$ARTIFACT" --preset paper --device cuda --weights random --allow-random-weights \
     --text-prior learned --epochs 1 --no-progress
-step runtime_probe 150 "$PY" -m tools.gpu_probe --artifact "$OUT/artifact" --out "$OUT"
-rm -rf "$DATA"
+step precision_gate 60 "$PY" -m tools.precision_gate --artifact "$ARTIFACT" \
+    --data-root "$DATA" --category pushpins --device cuda --out "$OUT/precision_gate.json"
+step runtime_probe 240 "$PY" -m tools.gpu_probe --artifact "$ARTIFACT" --out "$OUT"
+step kernel_tests 240 "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable --durations=15 \
+    -m "gpu or not slow" --junitxml="$OUT/kernel_tests.xml" tests/kernels
+step gpu_tests 90 "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable -m gpu \
+    --ignore=tests/kernels --junitxml="$OUT/gpu_tests.xml" tests
+FILTER=()
+[ -n "${BENCH_FILTER:-}" ] && FILTER=(-k "$BENCH_FILTER")
+step benchmarks 200 "$PY" -m pytest -q -p no:cacheprovider benchmarks --benchmark-only \
+    "${FILTER[@]}" --benchmark-json="$OUT/benchmarks.json"
 cat "$SUMMARY"
 exit $failed

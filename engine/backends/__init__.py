@@ -52,6 +52,11 @@ def resolve_backend(name: str, device: torch.device) -> str:
 def apply_backend(detector: Detector, name: str) -> str:
     """Install backend ``name`` into ``detector`` (already on its device); returns the one used."""
     chosen = resolve_backend(name, detector.device)
+    if chosen == "onnx" and detector.precision != "fp32":
+        raise NotImplementedError(
+            f"backend 'onnx' runs float32 graphs only in this version; precision "
+            f"{detector.precision!r} needs backend 'eager' or 'compile'"
+        )
     detector.structural_side.features_fn = None
     if chosen == "onnx":
         apply_onnx(detector)

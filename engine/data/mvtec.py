@@ -8,8 +8,9 @@
       ground_truth/<defect>/NNN_mask.png      binary 0/255, one per anomalous test image
 
 MVTec AD has no validation split. Calibration needs one, so a deterministic fraction of
-``train/good`` is held out: images at evenly spaced positions of the name-sorted list (spread over
-the capture sequence rather than its tail), never used for training.
+``train/good`` (at least two images) is held out: images at evenly spaced positions of the
+name-sorted list (spread over the capture sequence rather than its tail), never used for
+training.
 """
 
 from __future__ import annotations
@@ -18,18 +19,26 @@ from pathlib import Path
 
 from engine.data.images import check_mask_size, common_image_size, list_image_files, read_mask
 from engine.data.loco import check_category_name
-from engine.data.types import GOOD, SPLITS, DatasetError, DefectSpec, GroundTruthChannel, Sample
+from engine.data.types import (
+    GOOD,
+    MIN_VALIDATION_IMAGES,
+    SPLITS,
+    DatasetError,
+    DefectSpec,
+    GroundTruthChannel,
+    Sample,
+)
 
 MASK_SUFFIX = "_mask"
 
 
-def holdout_indices(count: int, fraction: float) -> list[int]:
+def holdout_indices(count: int, fraction: float, minimum: int = 1) -> list[int]:
     """Evenly spaced positions of ``round(fraction * count)`` of ``count`` items.
 
-    At least one position and at most ``count - 1``, so both sides of the split are non-empty
-    when ``count >= 2``.
+    At least ``minimum`` positions and at most ``count - 1``, so both sides of the split are
+    non-empty when ``count >= 2``.
     """
-    n_holdout = min(count - 1, max(1, round(fraction * count)))
+    n_holdout = min(count - 1, max(minimum, round(fraction * count)))
     return sorted({int((i + 0.5) * count / n_holdout) for i in range(n_holdout)})
 
 
@@ -40,7 +49,7 @@ class MVTecADDataset:
         root: the folder holding the category folders.
         category: the category folder name (a plain name, see ``check_category_name``).
         validation_fraction: share of ``train/good`` held out as the ``validation`` split, in
-            (0, 1); at least one image is held out and at least one is kept for training.
+            (0, 1); at least two images are held out and at least one is kept for training.
 
     ``defects`` is empty (no saturation config); GT channels carry ``defect=None``.
     """
@@ -67,12 +76,14 @@ class MVTecADDataset:
     def _split_train(self) -> tuple[list[Sample], list[Sample]]:
         folder = self.path / "train" / GOOD
         images = list_image_files(folder)
-        if len(images) < 2:
+        if len(images) <= MIN_VALIDATION_IMAGES:
             raise DatasetError(
-                f"{folder}: {len(images)} image(s); at least 2 are needed to hold out a "
-                "validation split"
+                f"{folder}: {len(images)} image(s); at least {MIN_VALIDATION_IMAGES + 1} are "
+                f"needed to hold out {MIN_VALIDATION_IMAGES} for validation and train on the rest"
             )
-        held_out = set(holdout_indices(len(images), self.validation_fraction))
+        held_out = set(
+            holdout_indices(len(images), self.validation_fraction, MIN_VALIDATION_IMAGES)
+        )
         train, validation = [], []
         for index, image in enumerate(images):
             if index in held_out:

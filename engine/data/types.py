@@ -18,6 +18,9 @@ GOOD = "good"
 LOGICAL = "logical_anomalies"
 STRUCTURAL = "structural_anomalies"
 LOCO_ANOMALY_TYPES = (LOGICAL, STRUCTURAL)
+# Calibration fits each branch's mean and std over the validation maps and the threshold over
+# their scores: one image gives a constant composition map (std 0) and a threshold of one sample.
+MIN_VALIDATION_IMAGES = 2
 
 
 class DatasetError(ValueError):

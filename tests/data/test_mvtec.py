@@ -1,4 +1,4 @@
-"""engine.data.mvtec (MVTec AD layout, validation hold-out) and engine.data.open_dataset."""
+"""engine.data.mvtec (MVTec AD layout, validation hold-out)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.data import LocoDataset, MVTecADDataset, open_dataset
+from engine.data import MVTecADDataset
 from engine.data.images import read_rgb
 from engine.data.mvtec import holdout_indices
 from engine.data.types import DatasetError
@@ -35,10 +35,14 @@ def test_splits_and_holdout(mvtec_tree) -> None:
     assert again.samples("validation") == validation
 
 
-def test_default_holdout_is_one_tenth(mvtec_tree) -> None:
+def test_default_holdout_is_one_tenth_and_at_least_two(mvtec_tree) -> None:
     dataset = MVTecADDataset(mvtec_tree.root, mvtec_tree.category)
-    assert len(dataset.samples("validation")) == 1
-    assert len(dataset.samples("train")) == mvtec_tree.train_count - 1
+    assert len(dataset.samples("validation")) == 2  # a tenth of 10, raised to the minimum
+    assert len(dataset.samples("train")) == mvtec_tree.train_count - 2
+    for index in range(mvtec_tree.train_count, 30):
+        image = np.random.default_rng(index).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        mvtec_tree.write_image(f"train/good/{index:03d}.png", image)
+    assert len(MVTecADDataset(mvtec_tree.root, mvtec_tree.category).samples("validation")) == 3
 
 
 @pytest.mark.parametrize(("count", "fraction"), [(2, 0.9), (7, 0.01), (100, 0.1), (3, 0.5)])
@@ -48,6 +52,11 @@ def test_holdout_indices_bounds(count: int, fraction: float) -> None:
     assert len(set(indices)) == len(indices) and all(0 <= i < count for i in indices)
     if count == 100:
         assert indices == list(range(5, 100, 10))
+
+
+def test_holdout_indices_minimum() -> None:
+    assert holdout_indices(10, 0.1, minimum=2) == [2, 7]
+    assert holdout_indices(2, 0.1, minimum=2) == [1]  # never all of them
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
@@ -96,9 +105,9 @@ def test_missing_train_folder(mvtec_tree) -> None:
 
 def test_too_few_train_images(mvtec_tree) -> None:
     folder = mvtec_tree.path / "train" / "good"
-    for image in sorted(folder.iterdir())[1:]:
+    for image in sorted(folder.iterdir())[2:]:
         image.unlink()
-    with _raises_naming(folder, "at least 2"):
+    with _raises_naming(folder, "at least 3"):
         MVTecADDataset(mvtec_tree.root, mvtec_tree.category)
 
 
@@ -142,25 +151,3 @@ def test_mask_size_mismatch(mvtec_tree) -> None:
     sample = dataset.samples("test")[-1]
     with _raises_naming(path, "differs from the image size"):
         dataset.ground_truth(sample)
-
-
-def test_open_dataset_detects_layout(loco_tree, mvtec_tree) -> None:
-    assert isinstance(open_dataset(loco_tree.root, loco_tree.category), LocoDataset)
-    assert isinstance(open_dataset(mvtec_tree.root, mvtec_tree.category), MVTecADDataset)
-
-
-def test_open_dataset_neither_layout(tmp_path: Path) -> None:
-    (tmp_path / "thing" / "images").mkdir(parents=True)
-    with _raises_naming(tmp_path / "thing", "neither"):
-        open_dataset(tmp_path, "thing")
-
-
-def test_open_dataset_missing_category(mvtec_tree) -> None:
-    with _raises_naming(mvtec_tree.root / "cable", mvtec_tree.category):
-        open_dataset(mvtec_tree.root, "cable")
-
-
-def test_open_dataset_malformed_loco_is_not_read_as_mvtec(loco_tree) -> None:
-    shutil.rmtree(loco_tree.path / "validation")
-    with _raises_naming(loco_tree.path / "validation", "missing folder"):
-        open_dataset(loco_tree.root, loco_tree.category)

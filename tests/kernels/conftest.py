@@ -38,3 +38,12 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 def gen() -> torch.Generator:
     """Seeded CPU generator: test data is drawn on CPU, then moved."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def as_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU tensors are refused as on a GPU machine (no interpreter): argument errors must still
+    come before that device error, so the bad-argument tests pass on every machine."""
+    import kernels.triton_support
+
+    monkeypatch.setattr(kernels.triton_support, "interpreter_enabled", lambda: False)

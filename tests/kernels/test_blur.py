@@ -171,6 +171,7 @@ def test_dispatcher_torch_backend_is_reference(gen: torch.Generator) -> None:
         (torch.ones(1, 4, 4), float("inf"), "sigma must be a positive"),
     ],
 )
+@pytest.mark.usefixtures("as_on_a_gpu_machine")
 def test_triton_blur_bad_arguments(x: torch.Tensor, sigma: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         gaussian_blur_triton(x, sigma)
@@ -208,6 +209,7 @@ GOOD = (1.0, 0.0, 1.0)
         ([ONE], [(1.0, "x", 1.0)], r"affines\[0\] must be three numbers"),
     ],
 )
+@pytest.mark.usefixtures("as_on_a_gpu_machine")
 def test_merge_bad_arguments(
     function: Callable[..., torch.Tensor],
     maps: list[torch.Tensor],
@@ -218,11 +220,13 @@ def test_merge_bad_arguments(
         function(maps, affines)
 
 
+@pytest.mark.usefixtures("as_on_a_gpu_machine")
 def test_triton_merge_rejects_float64() -> None:
     with pytest.raises(ValueError, match=r"maps\[1\] has dtype torch.float64"):
         normalize_merge_blur_triton([ONE, ONE.double()], [GOOD, GOOD])
 
 
+@pytest.mark.usefixtures("as_on_a_gpu_machine")
 def test_triton_refuses_autograd() -> None:
     x = torch.ones(1, 4, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="no backward"):

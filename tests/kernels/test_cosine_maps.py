@@ -160,6 +160,7 @@ def feats(*shape: int) -> torch.Tensor:
         ([feats(1, 2, 3, 3)], [feats(1, 2, 3, 3)], (4, 4), float("nan"), "eps must be finite"),
     ],
 )
+@pytest.mark.usefixtures("as_on_a_gpu_machine")
 def test_triton_bad_arguments(
     encoder: list[torch.Tensor],
     decoder: list[torch.Tensor],
@@ -171,6 +172,7 @@ def test_triton_bad_arguments(
         cosine_maps_triton(encoder, decoder, out_size, eps=eps)
 
 
+@pytest.mark.usefixtures("as_on_a_gpu_machine")
 def test_triton_refuses_autograd() -> None:
     e = torch.ones(1, 2, 3, 3, requires_grad=True)
     with pytest.raises(RuntimeError, match="no backward"):

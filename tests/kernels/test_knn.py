@@ -165,6 +165,7 @@ def test_dispatcher_forced_triton(device: torch.device, gen: torch.Generator) ->
         (torch.ones(4, 4), torch.ones(3, 4), {"splits": 4}, "splits must be an int"),
     ],
 )
+@pytest.mark.usefixtures("as_on_a_gpu_machine")
 def test_triton_bad_arguments(
     queries: torch.Tensor, bank: torch.Tensor, kwargs: dict, message: str
 ) -> None:
@@ -181,6 +182,7 @@ def test_reference_bad_arguments(kwargs: dict, message: str) -> None:
         knn_min_reference(torch.ones(2, 3), torch.ones(3, 3), **kwargs)
 
 
+@pytest.mark.usefixtures("as_on_a_gpu_machine")
 def test_triton_refuses_autograd() -> None:
     with pytest.raises(RuntimeError, match="no backward"):
         knn_min_triton(torch.ones(2, 3, requires_grad=True), torch.ones(3, 3))

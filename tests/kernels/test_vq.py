@@ -120,11 +120,13 @@ def test_dispatcher_forced_triton(device: torch.device, gen: torch.Generator) ->
         ([[1.0]], torch.ones(3, 1), "torch.Tensor"),
     ],
 )
+@pytest.mark.usefixtures("as_on_a_gpu_machine")
 def test_triton_bad_arguments(x: object, codebook: torch.Tensor, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         vq_nearest_triton(x, codebook)
 
 
+@pytest.mark.usefixtures("as_on_a_gpu_machine")
 def test_triton_refuses_autograd() -> None:
     x = torch.ones(4, 3, requires_grad=True)
     with pytest.raises(RuntimeError, match="no backward"):

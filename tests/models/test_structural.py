@@ -248,3 +248,19 @@ def test_structural_only_detects_synthetic_structural_defects(tmp_path: Path) ->
     labels = np.array([s.defect_type == "structural_anomalies" for s in test])
     value = auroc(scores.numpy()[~labels], scores.numpy()[labels])
     assert value > 0.5, value
+
+
+def test_search_bank_follows_the_precision(resnet18: FeatureExtractor) -> None:
+    pf = PatchFeatures(resnet18, feature_dim=48)
+    model = StructuralModel(pf, torch.randn(5, pf.out_dim))
+    queries = torch.randn(1, 3, pf.out_dim)
+    exact = model.score_features(queries, (1, 3))
+    model.set_search_dtype(torch.float16)
+    assert model.search_bank.dtype == torch.float16
+    assert torch.equal(model.search_bank_sq, model.search_bank.float().pow(2).sum(1))
+    torch.testing.assert_close(model.score_features(queries, (1, 3)), exact, atol=1e-2, rtol=0)
+    model.set_bank(torch.randn(7, pf.out_dim))  # a new bank keeps the search dtype
+    assert model.search_bank.shape == (7, pf.out_dim)
+    assert model.search_bank.dtype == torch.float16
+    model.set_search_dtype(None)
+    assert model.search_bank is None

@@ -20,6 +20,7 @@ from tools import camera_loop
 
 class MeanDetector:
     device = torch.device("cpu")
+    precision = "fp32"
 
     def __call__(self, frames: torch.Tensor) -> Maps:
         score = frames[..., 0].float().mean(dim=(1, 2)) / 255.0

@@ -205,7 +205,7 @@ def test_module_entry_point(setup) -> None:
 def test_out_that_is_a_file_exits_2_before_any_work(setup, capsys, monkeypatch) -> None:
     argv, _, out = setup
     out.write_text("not a folder")
-    monkeypatch.setattr("tools.evaluate.LocoDataset", _never_called)
+    monkeypatch.setattr("tools.evaluate.open_dataset", _never_called)
     assert main(argv) == EXIT_BAD_INPUT
     assert "--out" in capsys.readouterr().err
     assert out.read_text() == "not a folder"
@@ -255,7 +255,7 @@ def test_visualize_maps_write_failures_to_exit_2(tmp_path: Path, capsys, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(visualize.Runtime, "load", lambda *a, **k: SimpleNamespace(category="x"))
-    monkeypatch.setattr(visualize, "LocoDataset", lambda *a: None)
+    monkeypatch.setattr(visualize, "open_dataset", lambda *a: None)
     monkeypatch.setattr(visualize, "evaluate_category", lambda *a, **k: None)
     monkeypatch.setattr(visualize, "write_plots", disk_full)
     argv = ["--artifact", str(tmp_path), "--out", str(tmp_path / "plots"), "--no-progress"]

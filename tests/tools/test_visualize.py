@@ -69,3 +69,21 @@ def test_score_histogram_draws_every_kind_and_the_threshold(tmp_path: Path) -> N
     assert pixels.shape[0] >= 400 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 16
     with pytest.raises(ValueError, match="no image scores"):
         visualize.plot_score_histogram({"good": np.array([])}, 1.0, tmp_path / "empty.png")
+
+
+def test_roc_and_pro_curves_are_drawn_from_scores_and_mvtec_metrics(tmp_path: Path) -> None:
+    from engine.metrics import compute_mvtec_metrics
+
+    rng = np.random.default_rng(1)
+    visualize.plot_roc(rng.normal(0, 1, 20), {"crack": rng.normal(2, 1, 9)}, tmp_path / "roc.png")
+    maps = [rng.random((16, 16)) for _ in range(4)]
+    masks = [None, None, np.zeros((16, 16), bool), np.zeros((16, 16), bool)]
+    masks[2][2:6, 2:6] = masks[3][8:12, 1:9] = True
+    for anomaly_map, mask in zip(maps, masks, strict=True):
+        if mask is not None:
+            anomaly_map[mask] += 0.5
+    visualize.plot_pro(compute_mvtec_metrics(maps, masks), tmp_path / "pro.png")
+    for name in ("roc.png", "pro.png"):
+        with Image.open(tmp_path / name) as image:
+            pixels = np.asarray(image.convert("L"))
+        assert min(pixels.shape) >= 300 and len(np.unique(pixels)) > 16, name
