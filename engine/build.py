@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -51,6 +52,8 @@ from engine.metrics import LocoMetrics, TestMetrics, metric_cells
 from engine.operating_point import operating_point_lines
 from engine.pipeline import BuildResult, build_category
 from engine.preflight import check_index_kind, check_outputs
+
+log = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -279,9 +282,9 @@ def generate_synthetic(cache: Path, names: Sequence[str], progress: bool) -> Non
     """Generate the synthetic categories missing from ``cache``."""
     for name in names:
         if not (cache / name).is_dir():
-            print(f"[data] generating the synthetic {name} dataset into {cache}", flush=True)
+            log.info("generating the synthetic %s dataset into %s", name, cache)
             generate_category(cache, name, seed=SYNTHETIC_SEED, progress=progress)
-    print(f"[data] synthetic LOCO-style data from {cache} (no --data-root given)", flush=True)
+    log.info("synthetic LOCO-style data from %s (no --data-root given)", cache)
 
 
 MAP_LEGEND = "map: the branch scored alone, or the fused map"
@@ -359,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
             return 0
-        print(f"[config] {why}", flush=True)
+        log.info("config: %s", why)
         root, categories, synthetic = find_categories(args)
         outs = {category: args.out or Path("artifacts") / category for category in categories}
         # Everything that can fail without data or a model fails here, before any work.

@@ -11,7 +11,7 @@ can evaluate is decided then too, so a trained model is always exported.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -64,6 +64,8 @@ from engine.preflight import (
     validate_inputs,
 )
 from engine.train import Diagnose, TrainResult, discard_checkpoints, train_logical
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -321,11 +323,11 @@ def _epoch_diagnostics(probe: torch.Tensor, verbose: bool) -> Diagnose:
 
 
 def _warn_if_collapsed(trained: TrainResult, model: LogicalModel, probe: torch.Tensor) -> None:
-    """Warn on stderr when the weights kept (the best epoch's) have a collapsed level."""
+    """Log a warning when the weights kept (the best epoch's) have a collapsed level."""
     kept = [d for d in trained.diagnostics if d["epoch"] == trained.best_epoch]
     warning = collapse_warning(kept[0] if kept else logical_diagnostics(model, probe))
     if warning is not None:
-        print(warning, file=sys.stderr, flush=True)
+        log.warning("%s", warning.removeprefix("WARNING: "))
 
 
 __all__ = ["BuildResult", "build_category", "calibrate"]

@@ -18,6 +18,7 @@ checkpoint folder with :func:`discard_checkpoints`, which only ever deletes the 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,8 @@ from engine.train_checkpoints import (
     load_best,
     load_checkpoint,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -449,7 +452,7 @@ def _report_interrupt(last_path: Path | None) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         intact = last_path if last_path is not None and last_path.exists() else "none"
-        print(f"[train] interrupted; last complete checkpoint: {intact}", flush=True)
+        log.warning("training interrupted; last complete checkpoint: %s", intact)
         raise
 
 

@@ -17,6 +17,7 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,8 @@ from engine.build import synthetic_root
 from engine.cli import DEVICES, description, setup_logging
 from engine.records import ResultLog, check_log_path
 from engine.runtime import Result, Runtime, SourceLost
+
+logger = logging.getLogger(__name__)
 
 
 def non_negative_int(text: str) -> int:
@@ -141,7 +144,7 @@ def choose_source(args: argparse.Namespace, category: str) -> Any:
             f"no camera at index {args.source} and no fallback at {fallback}; "
             "pass --source VIDEO|FOLDER"
         )
-    print(f"no camera at index {args.source}: using {fallback}", flush=True)
+    logger.warning("no camera at index %s: using %s", args.source, fallback)
     return fallback
 
 
@@ -174,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     latencies: list[float] = []
     alarms = 0
     try:
-        print(f"{rt}; warm-up {rt.warmup():.1f} ms", flush=True)
+        logger.info("%s; warm-up %.1f ms", rt, rt.warmup())
         log = None if args.log is None else ResultLog(args.log, rt, args.source)
         with log or nullcontext():
             for result in _run(frames, args, color):

@@ -10,6 +10,7 @@ reported and skipped; the exit code is 2 when any was skipped or the input is ba
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from engine.cli import DEVICES, description, setup_logging
 from engine.data.images import list_image_files, read_rgb
 from engine.data.types import DatasetError
 from engine.records import ResultLog, check_log_path
+
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -54,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     image = read_rgb(path)
                 except DatasetError as error:
-                    print(f"skipped: {error}", file=sys.stderr)
+                    logger.warning("skipped: %s", error)
                     skipped += 1
                     continue
                 result = runtime(image, color="rgb")

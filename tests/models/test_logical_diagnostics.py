@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -211,7 +212,7 @@ def test_collapse_warning_says_what_collapse_means():
     assert "docs/ACCURACY.md" in warning
 
 
-def test_build_warns_on_stderr_when_the_kept_epoch_collapsed(capsys, model, probe):
+def test_build_logs_a_warning_when_the_kept_epoch_collapsed(caplog, model, probe):
     def result(collapsed: list[str]) -> TrainResult:
         history = [
             {"epoch": 1, "collapsed_levels": collapsed},
@@ -219,12 +220,14 @@ def test_build_warns_on_stderr_when_the_kept_epoch_collapsed(capsys, model, prob
         ]
         return TrainResult([1.0, 0.9], [1.0, 1.1], best_epoch=1, seconds=1.0, diagnostics=history)
 
-    pipeline._warn_if_collapsed(result(["layer3"]), model, probe)
-    assert capsys.readouterr().err.startswith(
-        "WARNING: the logical decoder has collapsed at layer3"
-    )
+    with caplog.at_level(logging.WARNING, logger="engine.pipeline"):
+        pipeline._warn_if_collapsed(result(["layer3"]), model, probe)
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    assert record.getMessage().startswith("the logical decoder has collapsed at layer3")
+    caplog.clear()
     pipeline._warn_if_collapsed(result([]), model, probe)
-    assert capsys.readouterr().err == ""
+    assert caplog.records == []
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import sys
@@ -91,24 +92,31 @@ def test_category_prompt() -> None:
         category_prompt("__")
 
 
-def test_learned_returns_none(capsys: pytest.CaptureFixture[str]) -> None:
+def logged(caplog: pytest.LogCaptureFixture) -> str:
+    return " ".join(r.getMessage() for r in caplog.records if r.name == text_prior.__name__)
+
+
+def test_learned_returns_none(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=text_prior.__name__)
     assert resolve_text_prior("learned") is None
-    assert "learned" in capsys.readouterr().out
+    assert "learned" in logged(caplog)
 
 
 def test_auto_picks_learned_without_minilm(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger=text_prior.__name__)
     monkeypatch.setattr(text_prior, "minilm_available", lambda: False)
     assert resolve_text_prior("auto") is None
-    assert "learned" in capsys.readouterr().out
+    assert "learned" in logged(caplog)
 
 
 @needs_minilm
-def test_auto_picks_minilm_when_installed(capsys: pytest.CaptureFixture[str]) -> None:
+def test_auto_picks_minilm_when_installed(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=text_prior.__name__)
     prior = resolve_text_prior("auto")
     assert isinstance(prior, MiniLMPrior)
-    assert "MiniLM" in capsys.readouterr().out
+    assert "MiniLM" in logged(caplog)
 
 
 def test_minilm_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,15 +45,18 @@ def test_records_match_the_runtime(artifact: Path, tmp_path: Path, capsys) -> No
     assert "3 images scored" in capsys.readouterr().out
 
 
-def test_unreadable_image_is_skipped_and_exit_2(artifact: Path, tmp_path: Path, capsys) -> None:
+def test_unreadable_image_is_skipped_and_exit_2(
+    artifact: Path, tmp_path: Path, capsys, caplog
+) -> None:
     images(tmp_path / "in", 2)
     (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "scores.jsonl"
     argv = [f"--artifact={artifact}", f"--input={tmp_path / 'in'}", f"--out={out}", "--no-progress"]
     assert predict.main(argv) == 2
     assert len(out.read_text().splitlines()) == 2
-    captured = capsys.readouterr()
-    assert "broken.png" in captured.err and "1 skipped" in captured.out
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "broken.png" in warning.getMessage()
+    assert "1 skipped" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["no-folder", "bad-suffix"])
