@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from kernels.knn import bank_sq_norms, knn_min_reference
+from kernels.knn import knn_min_reference
+from kernels.knn_args import bank_sq_norms
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

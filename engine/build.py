@@ -53,7 +53,7 @@ from engine.operating_point import operating_point_lines
 from engine.pipeline import BuildResult, build_category
 from engine.preflight import check_index_kind, check_outputs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("engine.build")  # not __name__: "__main__" under -m
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130

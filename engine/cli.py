@@ -12,12 +12,18 @@ def description(doc: str | None) -> str:
     return (doc or "").strip().split("\n\n")[0].replace("``", "")
 
 
+# The project's logger namespaces. A CLI module names its logger itself ("tools.predict"):
+# run as ``python -m``, its __name__ is "__main__", outside them.
+LOGGERS = ("engine", "tools")
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    """Timestamped, levelled log lines on stderr for the engine's messages (reconnects, skipped
+    """Timestamped, levelled log lines on stderr for the project's messages (reconnects, skipped
     frames, exports) at ``level``, other libraries' from WARNING; results stay on stdout."""
     logging.basicConfig(
         level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S%z",
     )
-    logging.getLogger("engine").setLevel(level)
+    for name in LOGGERS:
+        logging.getLogger(name).setLevel(level)

@@ -16,13 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.blur import MAX_MAPS, Affine, check_merge_inputs, gaussian_taps
+from kernels.blur_args import MAX_MAPS, Affine, check_merge_inputs, gaussian_taps
 from kernels.triton_support import (
     check_device,
     check_float_tensor,
     check_no_autograd,
     on_device,
     pick_configs,
+    size_bucket,
 )
 
 GPU_CONFIGS = [
@@ -43,7 +44,7 @@ def _normalised_tap(base, src, s_along, mask, scale, mean):
 
 @triton.autotune(
     configs=pick_configs(GPU_CONFIGS, INTERPRETER_CONFIG),
-    key=["n_along", "n_across", "num_taps", "NUM_MAPS"],
+    key=["n_along", "n_across", "num_taps", "batch_bucket", "NUM_MAPS"],
     cache_results=True,
 )
 @triton.jit
@@ -56,6 +57,7 @@ def _blur_axis_kernel(
     n_along,
     n_across,
     num_taps,
+    batch_bucket,  # autotune key only: the batch (grid axis 2) changes the best tiles
     s0_batch,
     s0_along,
     s0_across,
@@ -140,6 +142,7 @@ def _launch_axis(
         n_along,
         n_across,
         taps.numel(),
+        size_bucket(out.shape[0]),
         *(s for t in slots for s in strides(t)),
         *strides(out),
         *(v for pair in affines for v in pair),

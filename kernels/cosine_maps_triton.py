@@ -31,6 +31,7 @@ from kernels.triton_support import (
     check_no_autograd,
     on_device,
     pick_configs,
+    size_bucket,
 )
 
 LEVEL_GPU_CONFIGS = [
@@ -53,7 +54,7 @@ UPSAMPLE_INTERPRETER_CONFIG = triton.Config({"BLOCK": 1024})
 
 @triton.autotune(
     configs=pick_configs(LEVEL_GPU_CONFIGS, LEVEL_INTERPRETER_CONFIG),
-    key=["C", "HW"],
+    key=["C", "HW", "batch_bucket"],
     cache_results=True,
 )
 @triton.jit
@@ -65,6 +66,7 @@ def _cosine_level_kernel(
     HW,
     W,
     eps,
+    batch_bucket,  # autotune key only: the batch (grid axis 1) changes the best tiles
     se_b,
     se_c,
     se_h,
@@ -106,7 +108,7 @@ def _cosine_level_kernel(
 
 @triton.autotune(
     configs=pick_configs(UPSAMPLE_GPU_CONFIGS, UPSAMPLE_INTERPRETER_CONFIG),
-    key=["H", "W", "num_levels", "ALIGN_CORNERS"],
+    key=["H", "W", "num_levels", "batch_bucket", "ALIGN_CORNERS"],
     cache_results=True,
 )
 @triton.jit
@@ -118,6 +120,7 @@ def _upsample_sum_kernel(
     num_levels,
     H,
     W,
+    batch_bucket,  # autotune key only, as above
     ALIGN_CORNERS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -266,10 +269,19 @@ def cosine_maps_triton(
                 hw,
                 e.shape[3],
                 eps,
+                size_bucket(batch),
                 *e.stride(),
                 *d.stride(),
             )
         _upsample_sum_kernel[lambda meta: (triton.cdiv(out_h * out_w, meta["BLOCK"]), batch)](
-            maps, layout, scales, out, len(encoder), out_h, out_w, ALIGN_CORNERS=align_corners
+            maps,
+            layout,
+            scales,
+            out,
+            len(encoder),
+            out_h,
+            out_w,
+            size_bucket(batch),
+            ALIGN_CORNERS=align_corners,
         )
     return out

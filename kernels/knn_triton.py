@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import interpreter_enabled
-from kernels.knn import resolve_bank_sq
+from kernels.knn_args import resolve_bank_sq
 from kernels.triton_support import (
     check_device,
     check_float_tensor,
@@ -184,7 +184,7 @@ def knn_min_triton(
 
     Args:
         queries: (Q, D); bank: (M, D); float16 / bfloat16 / float32, any strides.
-        bank_sq: optional (M,) float32 :func:`kernels.knn.bank_sq_norms` of ``bank``,
+        bank_sq: optional (M,) float32 :func:`kernels.knn_args.bank_sq_norms` of ``bank``,
             precomputed once per bank; computed here when None.
         splits: number of bank ranges searched in parallel; None fills the GPU.
 

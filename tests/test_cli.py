@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 MODULES = [
     "engine.build", "tools.accuracy", "tools.bench_report", "tools.camera_loop",
-    "tools.evaluate", "tools.gpu_probe", "tools.make_synthetic", "tools.predict", "tools.threshold",
-    "tools.visualize",
+    "tools.evaluate", "tools.gpu_probe", "tools.make_synthetic", "tools.precision_gate",
+    "tools.predict", "tools.threshold", "tools.visualize",
 ]  # fmt: skip
 
 
@@ -31,3 +34,11 @@ def test_device_choices_are_the_same_everywhere(name: str, capsys) -> None:
     with pytest.raises(SystemExit):
         module.main(["--help"])
     assert "--device {auto,cpu,cuda}" in capsys.readouterr().out
+
+
+def test_messages_of_a_cli_run_with_dash_m_are_logged(tmp_path: Path) -> None:
+    """Under ``python -m`` a module is ``__main__``; its INFO lines must still be shown."""
+    argv = [sys.executable, "-m", "engine.build", "--category=none", f"--data-root={tmp_path}"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert " INFO engine.build: config: preset " in result.stderr

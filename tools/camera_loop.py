@@ -37,7 +37,7 @@ from engine.cli import DEVICES, description, setup_logging
 from engine.records import ResultLog, check_log_path
 from engine.runtime import Result, Runtime, SourceLost
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("tools.camera_loop")  # not __name__: "__main__" under -m
 
 
 def non_negative_int(text: str) -> int:

@@ -23,7 +23,7 @@ from engine.data.images import list_image_files, read_rgb
 from engine.data.types import DatasetError
 from engine.records import ResultLog, check_log_path
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("tools.predict")  # not __name__: "__main__" under -m
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

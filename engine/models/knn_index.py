@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from kernels import knn_min
-from kernels.knn import bank_sq_norms
+from kernels.knn_args import bank_sq_norms
 
 __all__ = [
     "INDEX_KINDS",

@@ -37,7 +37,7 @@ from engine.models.backbones import FeatureExtractor, load_backbone
 from engine.models.coreset import greedy_coreset
 from engine.models.knn_index import INDEX_KINDS, SAVED_KINDS, KnnIndex, make_index
 from kernels import knn_min
-from kernels.knn import bank_sq_norms
+from kernels.knn_args import bank_sq_norms
 
 __all__ = [
     "PatchFeatures",

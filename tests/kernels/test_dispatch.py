@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 import triton
@@ -53,3 +56,31 @@ def test_configs_with_small_dot_tiles_are_refused() -> None:
     assert pick_configs([good], good, dot_tiles=("BLOCK_M", "BLOCK_K"))
     with pytest.raises(ValueError, match=r"tl\.dot tiles must be >= 16"):
         pick_configs([good, triton.Config({"BLOCK_M": 8, "BLOCK_K": 16})], good, ("BLOCK_M",))
+
+
+@pytest.mark.parametrize("name", ["blur", "cosine_maps", "knn", "vq"])
+def test_triton_modules_do_not_import_their_reference(name: str) -> None:
+    """x_triton.py may use the leaf helper modules, never x.py (which imports x_triton.py)."""
+    source = Path(__file__).resolve().parents[2] / "kernels" / f"{name}_triton.py"
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source.read_text()))
+        if isinstance(node, ast.ImportFrom)
+    }
+    assert f"kernels.{name}" not in imported
+
+
+def test_autotune_keys_see_the_batch() -> None:
+    """Every autotuned kernel's key covers the batch (directly, or in a bucket of rows that
+    grows with it), so a config tuned at batch 1 is not reused at batch 32."""
+    from kernels import blur_triton, cosine_maps_triton, knn_triton, vq_triton
+
+    batch_keys = {
+        blur_triton._blur_axis_kernel: "batch_bucket",
+        cosine_maps_triton._cosine_level_kernel: "batch_bucket",
+        cosine_maps_triton._upsample_sum_kernel: "batch_bucket",
+        knn_triton._knn_partial_kernel: "q_bucket",  # batch x patches query rows
+        vq_triton._vq_nearest_kernel: "n_bucket",  # batch x positions vectors
+    }
+    for kernel, key in batch_keys.items():
+        assert key in kernel.keys, (kernel.fn.__name__, kernel.keys)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.knn import bank_sq_norms, knn_min, knn_min_reference
+from kernels.knn import knn_min, knn_min_reference
+from kernels.knn_args import bank_sq_norms
 from kernels.knn_triton import knn_min_triton
 
 
