@@ -6,8 +6,9 @@ Scores the category's LOCO test split with ``Runtime.load(A, precision=P)`` for 
 ``--precision`` asked for (default bf16 and fp16), and compares image AUROC (tie-correct) and
 AU-sPRO@0.05 on the logical, structural and mean subsets with fp32's. A precision passes when
 every image AUROC moves by at most 0.002 and every AU-sPRO by at most 0.005. Prints one line
-per precision and, with ``--out FILE``, writes the numbers as JSON. Exit code: 0 when every
-precision asked for passes, 1 when one fails, 2 on bad input.
+per precision, and a note when one swapped pair of images already moves AUROC beyond the gate
+(as on small test splits); with ``--out FILE`` it writes the numbers as JSON. Exit code: 0 when
+every precision asked for passes, 1 when one fails, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from engine.cli import DEVICES, description, setup_logging
 from engine.data.images import read_rgb
 from engine.data.loco import LocoDataset
-from engine.data.types import DatasetError
+from engine.data.types import GOOD, LOGICAL, STRUCTURAL, DatasetError
 from engine.metrics import compute_loco_metrics
 from engine.runtime import Runtime
 
@@ -38,6 +39,17 @@ def split_metrics(runtime: Runtime, dataset: LocoDataset) -> dict[str, dict[str,
     )
     spro = {subset: values[SPRO_LIMIT] for subset, values in metrics.auc_spro.items()}
     return {"auroc": dict(metrics.auroc_tie_correct), "spro": spro}
+
+
+def swap_step(dataset: LocoDataset) -> float:
+    """How far one swapped (good, anomalous) pair moves an image AUROC on this test split: 1 /
+    (good x anomalous images) of its smallest subset. Above the gate's 0.002 the AUROC gate
+    tolerates no swapped pair at all; judge 16-bit on a test split where it is smaller."""
+    samples = dataset.samples("test")
+    good = sum(s.defect_type == GOOD for s in samples)
+    anomalous = [sum(s.defect_type == kind for s in samples) for kind in (LOGICAL, STRUCTURAL)]
+    pairs = [good * n for n in anomalous if good * n > 0]
+    return 1.0 / min(pairs) if pairs else float("nan")
 
 
 def worst_changes(reference: dict, lowered: dict) -> dict[str, float]:
@@ -60,7 +72,8 @@ def gate(
 ) -> dict[str, dict]:
     """Metrics of fp32 and each of ``precisions``, with each one's worst change and verdict."""
     report: dict[str, dict] = {
-        "fp32": split_metrics(Runtime.load(artifact, device=device), dataset)
+        "fp32": split_metrics(Runtime.load(artifact, device=device), dataset),
+        "swap_step": swap_step(dataset),
     }
     for precision in precisions:
         lowered = split_metrics(Runtime.load(artifact, device=device, precision=precision), dataset)
@@ -93,9 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"precision_gate: {error}", file=sys.stderr)
         return 2
     report = gate(args.artifact, dataset, args.device, args.precision or ["bf16", "fp16"])
-    for precision, values in report.items():
-        if precision == "fp32":
-            continue
+    lowered = {k: v for k, v in report.items() if k not in ("fp32", "swap_step")}
+    for precision, values in lowered.items():
         change = values["worst_change"]
         verdict = "passes" if values["passed"] else "FAILS"
         print(
@@ -103,9 +115,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"<= {AUROC_GATE}, worst AU-sPRO@{SPRO_LIMIT} change {change['spro']:.4f} "
             f"<= {SPRO_GATE})"
         )
+    if report["swap_step"] > AUROC_GATE:
+        print(
+            f"note: one swapped (good, anomalous) pair moves image AUROC by "
+            f"{report['swap_step']:.4f} on this test split, more than the gate allows; "
+            "a test split with more images judges 16-bit more fairly"
+        )
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if all(v["passed"] for k, v in report.items() if k != "fp32") else 1
+    return 0 if all(v["passed"] for v in lowered.values()) else 1
 
 
 if __name__ == "__main__":

@@ -42,3 +42,9 @@ def test_cli_refuses_a_missing_category(tmp_path: Path, capsys: pytest.CaptureFi
     argv = ["--artifact", str(tmp_path), "--data-root", str(tmp_path), "--category", "none"]
     assert precision_gate.main(argv) == 2
     assert "none: category folder not found" in capsys.readouterr().err
+
+
+def test_swap_step_is_one_pair_of_the_smallest_subset(tiny_loco: Path) -> None:
+    # tiny_loco: 3 good, 3 logical and 3 structural test images.
+    dataset = LocoDataset(tiny_loco, "pushpins")
+    assert precision_gate.swap_step(dataset) == pytest.approx(1 / 9)
