@@ -60,13 +60,11 @@ from engine.artifact_manifest import (
     parse_manifest,
     untrusted,
 )
+from engine.artifact_modules import check_materialised, empty_modules
 from engine.config import BuildConfig
 from engine.detector import Detector
-from engine.models.backbones import load_backbone
-from engine.models.composition import CompositionModel
 from engine.models.knn_index import SAVED_KINDS, KnnIndex, restore_index
-from engine.models.logical import LogicalModel
-from engine.models.structural import PatchFeatures, StructuralModel, attach_index
+from engine.models.structural import attach_index
 
 __all__ = [
     "FORMAT_VERSION",
@@ -315,14 +313,15 @@ def load_artifact(
     states = {name: _state_dict(root / name, blobs.pop(name)) for name in members}
     sc = spec.config.structural
     with untrusted(f"{root}: the weights do not fit the model the manifest describes"):
-        logical, structural, composition = _empty_modules(spec)
+        logical, structural, composition = empty_modules(spec)
     bank_dim = structural.patch_features.out_dim
     _check_bank(root / STRUCTURAL_FILE, states[STRUCTURAL_FILE].get("bank"), bank_dim)
     with untrusted(f"{root}: the weights do not fit the model the manifest describes"):
-        logical.load_state_dict(states[LOGICAL_FILE])
-        structural.load_state_dict(states[STRUCTURAL_FILE])
+        logical.load_state_dict(states[LOGICAL_FILE], assign=True)
+        structural.load_state_dict(states[STRUCTURAL_FILE], assign=True)
         if composition is not None:
-            composition.load_state_dict(states[COMPOSITION_FILE])
+            composition.load_state_dict(states[COMPOSITION_FILE], assign=True)
+        check_materialised(root, logical, structural)
     detector = Detector(
         logical,
         structural,
@@ -455,34 +454,6 @@ def _check_bank(path: Path, bank: Any, dim: int) -> None:
             f"{path}: the memory bank must be a non-empty (M, {dim}) float32 or float16 tensor "
             f"(the structural features' dimension), got {got}; {REBUILD}"
         )
-
-
-def _empty_modules(
-    spec: ManifestSpec,
-) -> tuple[LogicalModel, StructuralModel, CompositionModel | None]:
-    """The modules the manifest describes, with random weights to be overwritten."""
-
-    def backbone(branch: str, levels: tuple[str, ...]):
-        info = spec.weights[branch]
-        extractor = load_backbone(info.arch, levels, "random", allow_random=True, verbose=False)
-        extractor.weights = info
-        return extractor
-
-    lc, sc = spec.config.logical, spec.config.structural
-    embedding = None if spec.text_dim is None else torch.zeros(spec.text_dim)
-    logical = LogicalModel(
-        lc, backbone("logical", (*lc.compared_levels, lc.bottleneck_level)), embedding
-    )
-    features = PatchFeatures(
-        backbone("structural", sc.levels), sc.feature_dim, sc.patch_size, sc.compact_features
-    )
-    structural = StructuralModel(features)
-    composition = None
-    if spec.composition_grid is not None:
-        composition = CompositionModel(
-            spec.config.composition, features.out_dim, spec.composition_grid
-        )
-    return logical, structural, composition
 
 
 def _saved_index(

@@ -469,3 +469,25 @@ def test_manifest_is_sealed_and_sorted(art: Path) -> None:
     manifest = json.loads(data)
     assert tiny["reseal"](data) == data  # the documented seal, recomputed independently
     assert list(manifest) == sorted(manifest)
+
+
+def test_loading_builds_the_backbones_without_initialising_them(
+    monkeypatch: pytest.MonkeyPatch, art: Path
+) -> None:
+    """Runtime.load does not pay for a random initialisation: the backbones are built on the
+    meta device and every tensor is then filled from the artifact."""
+    import engine.artifact_modules
+
+    built_on: list[torch.device] = []
+    original = engine.artifact_modules.load_backbone
+
+    def spy(*args, **kwargs):
+        extractor = original(*args, **kwargs)
+        built_on.append(next(extractor.parameters()).device)
+        return extractor
+
+    monkeypatch.setattr(engine.artifact_modules, "load_backbone", spy)
+    detector, _ = load_artifact(art, "cpu")
+    assert built_on and all(device.type == "meta" for device in built_on)
+    tensors = [*detector.logical.parameters(), *detector.structural_side.buffers()]
+    assert not any(t.is_meta for t in tensors)
