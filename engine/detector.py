@@ -32,6 +32,14 @@ PRECISIONS: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
 }
 
+
+def check_precision(precision: str) -> torch.dtype | None:
+    """The network dtype of ``precision`` (None: float32); ValueError for an unknown name."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {tuple(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
 MapFn = Callable[[torch.Tensor], torch.Tensor]
 StructuralFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 FeaturesFn = Callable[[torch.Tensor], tuple[torch.Tensor, tuple[int, int]]]
@@ -141,10 +149,8 @@ class Detector:
 
     def set_precision(self, precision: str) -> None:
         """Run the networks in ``precision`` (a key of :data:`PRECISIONS`)."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {tuple(PRECISIONS)}")
+        self.structural.set_search_dtype(check_precision(precision))
         self.precision = precision
-        self.structural.set_search_dtype(PRECISIONS[precision])
 
     @property
     def branch_names(self) -> tuple[str, ...]:

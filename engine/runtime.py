@@ -28,7 +28,7 @@ import torch
 from engine.artifact import load_artifact
 from engine.backends import apply_backend
 from engine.calibrate import finite_threshold, resize_to
-from engine.detector import PRECISIONS, Detector
+from engine.detector import Detector, check_precision
 from engine.sources import LatestFrames, Source, SourceLost, open_source
 from engine.transfers import Transfers
 
@@ -170,8 +170,7 @@ class Runtime:
         if threshold is not None:
             finite_threshold(threshold)
         branch_maps = _check_branch_maps(branch_maps)
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {tuple(PRECISIONS)}")
+        check_precision(precision)
         chosen_device = _pick_device(device)
         detector, manifest = load_artifact(path, chosen_device, verify)
         detector.set_precision(precision)

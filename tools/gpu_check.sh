@@ -7,7 +7,7 @@
 # two short leases; BENCH_FILTER is a pytest -k expression for the benchmark step.
 # Measured on an H200 (2026-11-30, docs/PERFORMANCE.md): tiny paper build 56 s, the eager probe
 # cases 45 s, compiling the paper models more than 2 minutes, the kernel tests more than 150 s;
-# all steps take 12-16 minutes, more than one lease of 10, so split them with STEPS.
+# the step limits add up to about 16 minutes, more than one 10-minute lease: split with STEPS.
 #
 #   OUT=/tmp/gpu tools/gpu_check.sh
 #   STEPS="kernel_tests tiny_data tiny_paper_build precision_gate runtime_probe" tools/gpu_check.sh

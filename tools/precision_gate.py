@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.cli import DEVICES, description, setup_logging
-from engine.data.images import read_rgb
 from engine.data.loco import LocoDataset
 from engine.data.types import GOOD, LOGICAL, STRUCTURAL, DatasetError
-from engine.metrics import compute_loco_metrics
+from engine.metrics import LocoMetrics
 from engine.runtime import Runtime
+from tools.evaluate import evaluate_category, maps_from_artifact
 
 AUROC_GATE, SPRO_GATE = 0.002, 0.005
 SPRO_LIMIT = 0.05
@@ -32,11 +32,10 @@ SPRO_LIMIT = 0.05
 
 def split_metrics(runtime: Runtime, dataset: LocoDataset) -> dict[str, dict[str, float]]:
     """``{"auroc": {subset: value}, "spro": {subset: value}}`` of ``runtime`` on the test split."""
-    samples = dataset.samples("test")
-    maps = (runtime(read_rgb(s.image_path), color="rgb").anomaly_map for s in samples)
-    metrics = compute_loco_metrics(
-        maps, [s.defect_type for s in samples], [dataset.ground_truth(s) for s in samples]
+    metrics = evaluate_category(
+        dataset, maps_from_artifact(dataset, runtime, False), progress=False
     )
+    assert isinstance(metrics, LocoMetrics)
     spro = {subset: values[SPRO_LIMIT] for subset, values in metrics.auc_spro.items()}
     return {"auroc": dict(metrics.auroc_tie_correct), "spro": spro}
 
