@@ -9,8 +9,10 @@ Layout (``FORMAT_VERSION`` 2)::
       logical.pt        LogicalModel state dict (frozen encoder included: the artifact is
                         self-contained and never needs $TORCH_HOME)
       structural.pt     StructuralModel state dict: frozen backbone and the coreset memory bank
-      index/            the kNN index, only when it is approximate (HNSW, IVF-PQ); exact FAISS or
-                        PyTorch search is rebuilt from the bank at load time
+      index/            the kNN index, only when it is approximate (any FAISS index but Flat:
+                        HNSW, IVF, PQ, ...): index.faiss (faiss.write_index), index.json (its
+                        identity), bank.npy (the bank it indexes); exact FAISS or PyTorch search
+                        is rebuilt from the bank at load time
 
 Writing: the folder is assembled in a hidden sibling ``.<name>.tmp-<host>-<pid>-*`` folder,
 every file and folder is fsynced, then it is swapped into place in one atomic
@@ -63,7 +65,7 @@ from engine.artifact_manifest import (
 from engine.artifact_modules import check_materialised, empty_modules
 from engine.config import BuildConfig
 from engine.detector import Detector
-from engine.models.knn_index import SAVED_KINDS, KnnIndex, restore_index
+from engine.models.knn_index import KnnIndex, is_approximate, restore_index
 from engine.models.structural import attach_index
 
 __all__ = [
@@ -246,6 +248,7 @@ def save_artifact(
     if detector.stats is None:
         raise ValueError("the detector is not calibrated: branch statistics are missing")
     index = detector.structural.index
+    saved_index = index is not None and not index.exact
     composition = detector.composition
     manifest = {
         "config": config.to_dict(),
@@ -259,9 +262,7 @@ def save_artifact(
         **({"composition_grid": list(composition.grid)} if composition is not None else {}),
         **info,
     }
-    names = sorted(
-        expected_files(index.kind if index is not None else "torch", composition is not None)
-    )
+    names = sorted(expected_files(saved_index, composition is not None))
     draft = {**manifest, "files": {n: {"sha256": "0" * 64, "bytes": 0} for n in names}}
     parse_manifest(json.loads(json.dumps(draft, default=str)), f"{path} (to be written)")
     with ArtifactWriter(path) as writer:
@@ -269,7 +270,7 @@ def save_artifact(
         torch.save(_cpu_state(detector.structural), writer.file(STRUCTURAL_FILE))
         if composition is not None:
             torch.save(_cpu_state(composition), writer.file(COMPOSITION_FILE))
-        if index is not None and index.kind in SAVED_KINDS:
+        if saved_index:
             index.save(writer.file(INDEX_FOLDER))
         return writer.commit(manifest)
 
@@ -332,10 +333,11 @@ def load_artifact(
         weights=spec.fusion_weights,
     ).to(device)
     with untrusted(f"{root}: cannot set up the kNN index"):
-        if spec.index["kind"] in SAVED_KINDS:
-            structural.use_index(_saved_index(root, blobs, spec.index, structural.bank))
+        if is_approximate(spec.index):
+            recorded = manifest["structural_index"]
+            structural.use_index(_saved_index(root, blobs, recorded, spec.index, structural.bank))
         else:
-            attach_index(structural, sc.index, device)
+            attach_index(structural, sc.index, device, sc.index_params)
     return detector, manifest
 
 
@@ -457,11 +459,16 @@ def _check_bank(path: Path, bank: Any, dim: int) -> None:
 
 
 def _saved_index(
-    root: Path, blobs: dict[str, bytes], identity: dict[str, Any], bank: torch.Tensor
+    root: Path,
+    blobs: dict[str, bytes],
+    recorded: dict[str, Any],
+    identity: dict[str, Any],
+    bank: torch.Tensor,
 ) -> KnnIndex:
-    """The saved approximate index, from the bytes already read and checked."""
+    """The saved approximate index, from the bytes already read and checked: ``recorded`` is
+    the manifest's structural_index as written, ``identity`` in this version's form."""
     folder = root / INDEX_FOLDER
-    if parse_json(blobs[f"{INDEX_FOLDER}/index.json"], str(folder / "index.json")) != identity:
+    if parse_json(blobs[f"{INDEX_FOLDER}/index.json"], str(folder / "index.json")) != recorded:
         raise ArtifactError(f"{folder / 'index.json'} differs from the manifest's structural_index")
     vectors = np.load(io.BytesIO(blobs[f"{INDEX_FOLDER}/bank.npy"]), allow_pickle=False)
     if vectors.dtype != np.float32 or not np.array_equal(vectors, bank.float().cpu().numpy()):

@@ -21,11 +21,17 @@ from typing import Any
 from engine.calibrate import BranchStats, FusionConfig
 from engine.config import BuildConfig
 from engine.models.composition import CompositionConfig
-from engine.models.knn_index import SAVED_KINDS, saved_params
-from engine.models.logical import LogicalConfig
+from engine.models.knn_index import (
+    CHOICES,
+    OLD_NAMES,
+    is_approximate,
+    parse_params,
+    upgrade_identity,
+)
+from engine.models.logical_config import LogicalConfig
 from engine.models.structural import StructuralConfig
 from engine.models.weights import ARCHS, WeightsInfo
-from engine.train import TrainConfig
+from engine.train_config import TrainConfig
 
 SEAL_KEY = "manifest_sha256"
 _SEAL_PLACEHOLDER = "0" * 64
@@ -34,9 +40,16 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 LOGICAL_FILE = "logical.pt"
 STRUCTURAL_FILE = "structural.pt"
 COMPOSITION_FILE = "composition.pt"
-INDEX_FOLDER = "index"  # only for approximate indexes (SAVED_KINDS); exact ones are rebuilt
+INDEX_FOLDER = "index"  # only for approximate indexes (is_approximate); exact ones are rebuilt
 INDEX_FILES = ("bank.npy", "index.faiss", "index.json")
-LOADED_INDEX_KINDS = ("torch", "faiss_flat", "faiss_gpu", *SAVED_KINDS)
+# structural_index.kind of this version, and of earlier ones with the fields each one records
+INDEX_KINDS = ("torch", "faiss")
+OLD_INDEX_FIELDS = {
+    "faiss_flat": (),
+    "faiss_gpu": (),
+    "faiss_hnsw": ("m", "ef_construction", "ef_search", "size", "dim"),
+    "faiss_ivfpq": ("nlist", "m", "nbits", "nprobe", "size", "dim"),
+}
 
 # Plausibility bounds on the numbers inference uses. No real setting, statistic or
 # normalisation comes near them; a hand-edited manifest could otherwise make model
@@ -126,15 +139,15 @@ class ManifestSpec:
     composition_grid: tuple[int, int] | None  # the patch grid, when composition is enabled
     text_dim: int | None
     threshold: float
-    index: dict[str, Any]  # the structural_index identity
+    index: dict[str, Any]  # the structural_index identity, in this version's form
     files: dict[str, FileEntry]
 
 
-def expected_files(index_kind: str, composition: bool) -> set[str]:
-    """The exact set of files an artifact holds (manifest aside), given its index kind and
-    whether its composition branch is enabled."""
+def expected_files(saved_index: bool, composition: bool) -> set[str]:
+    """The exact set of files an artifact holds (manifest aside), given whether it saves its
+    (approximate) kNN index and whether its composition branch is enabled."""
     names = {LOGICAL_FILE, STRUCTURAL_FILE} | ({COMPOSITION_FILE} if composition else set())
-    if index_kind in SAVED_KINDS:
+    if saved_index:
         names |= {f"{INDEX_FOLDER}/{name}" for name in INDEX_FILES}
     return names
 
@@ -257,7 +270,7 @@ def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
     if not isinstance(root.get("category", ""), str):
         raise f.fail("category", "a string", root["category"])
     index = _parse_index(f, f.section(root, "structural_index", "structural_index"), config)
-    expected = expected_files(index["kind"], config.composition.enabled)
+    expected = expected_files(is_approximate(index), config.composition.enabled)
     files = _parse_files(f, f.section(root, "files", "files"), expected)
     return ManifestSpec(
         config, weights, stats, fusion_weights, grid, text_dim, threshold, index, files
@@ -345,22 +358,43 @@ def _parse_weights(f: _Fields, values: dict[str, Any], branch: str) -> WeightsIn
 
 
 def _parse_index(f: _Fields, index: dict[str, Any], config: BuildConfig) -> dict[str, Any]:
+    """The structural_index identity, checked and in this version's form (an earlier version's
+    converted), consistent with config.structural.index."""
     kind = f.get(index, "kind", "structural_index.kind")
-    if kind not in LOADED_INDEX_KINDS:
-        raise f.fail("structural_index.kind", f"one of {LOADED_INDEX_KINDS}", kind)
-    if (kind in SAVED_KINDS or config.structural.index in SAVED_KINDS) and (
-        kind != config.structural.index
-    ):
+    if kind == "faiss":
+        _check_faiss_identity(f, index)
+    elif kind != "torch" and kind not in OLD_INDEX_FIELDS:
         raise f.fail(
-            "structural_index.kind",
-            f"consistent with config.structural.index={config.structural.index!r}",
-            kind,
+            "structural_index.kind", f"one of {INDEX_KINDS + tuple(OLD_INDEX_FIELDS)}", kind
         )
-    if kind in SAVED_KINDS:
-        for key in (*saved_params(kind), "size", "dim"):
-            if f.count(index, key, f"structural_index.{key}") < 1:
-                raise f.fail(f"structural_index.{key}", "positive", index[key])
-    return index
+    for key in ("size", "dim") if kind == "faiss" else OLD_INDEX_FIELDS.get(kind, ()):
+        if f.count(index, key, f"structural_index.{key}") < 1:
+            raise f.fail(f"structural_index.{key}", "positive", index[key])
+    upgraded = upgrade_identity(index)
+    # The spec the build asked for: an earlier version's kind stands for its default spec.
+    built = OLD_NAMES.get(kind) or upgraded.get("spec", "torch")
+    wanted = config.structural.index
+    if (is_approximate(upgraded) or wanted not in CHOICES) and built != wanted:
+        raise f.fail(
+            "structural_index",
+            f"an index consistent with config.structural.index={wanted!r}",
+            index,
+        )
+    return upgraded
+
+
+def _check_faiss_identity(f: _Fields, index: dict[str, Any]) -> None:
+    for key in ("spec", "params"):
+        if not isinstance(f.get(index, key, f"structural_index.{key}"), str):
+            raise f.fail(f"structural_index.{key}", "a string", index[key])
+    try:
+        parse_params(index["params"])
+    except ValueError as error:
+        raise f.fail(
+            "structural_index.params", f"FAISS parameters ({error})", index["params"]
+        ) from None
+    if type(f.get(index, "exact", "structural_index.exact")) is not bool:
+        raise f.fail("structural_index.exact", "true or false", index["exact"])
 
 
 def _parse_files(f: _Fields, files: dict[str, Any], expected: set[str]) -> dict[str, FileEntry]:

@@ -19,10 +19,10 @@ import torch
 
 from engine.calibrate import FusionConfig
 from engine.models.composition import CompositionConfig
-from engine.models.logical import LogicalConfig, cpu_preset
+from engine.models.logical_config import LogicalConfig, cpu_preset
 from engine.models.structural import StructuralConfig
 from engine.models.weights import find_torch_home_checkpoint
-from engine.train import TrainConfig, cpu_train_preset
+from engine.train_config import TrainConfig, cpu_train_preset
 
 PRESETS = ("auto", "paper", "cpu")
 

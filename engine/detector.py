@@ -20,6 +20,7 @@ from torch import nn
 from engine.calibrate import BRANCHES, BranchStats, FusionConfig, fuse_maps, resize_to
 from engine.data.transforms import ImageTransform
 from engine.models.composition import CompositionModel
+from engine.models.folding import fold_batchnorm
 from engine.models.logical import LogicalModel
 from engine.models.structural import StructuralModel
 from engine.stage_timer import StageTimer
@@ -151,6 +152,19 @@ class Detector:
         """Run the networks in ``precision`` (a key of :data:`PRECISIONS`)."""
         self.structural.set_search_dtype(check_precision(precision))
         self.precision = precision
+
+    def fold_batchnorm(self) -> int:
+        """Fold the BatchNorms of both networks into their convolutions, in place (deployment:
+        see :mod:`engine.models.folding`); returns how many were folded."""
+        generator = torch.Generator().manual_seed(0)
+        x_logical, x_structural = (
+            torch.randn(1, 3, side, side, generator=generator).to(self.device)
+            for side in (self.map_size, self.structural_transform.size)
+        )
+        features = self.structural.patch_features
+        return fold_batchnorm(
+            self.logical, lambda: self.logical.anomaly_map(x_logical)
+        ) + fold_batchnorm(features, lambda: features(x_structural))
 
     @property
     def branch_names(self) -> tuple[str, ...]:

@@ -220,7 +220,9 @@ def build_category(
             )
         )
         structural.to(device)
-        index_kind = attach_index(structural, config.structural.index, device)
+        index_kind = attach_index(
+            structural, config.structural.index, device, config.structural.index_params
+        )
         if verbose:
             print(f"memory bank: {tuple(structural.bank.shape)}, search: {index_kind}", flush=True)
 

@@ -70,8 +70,14 @@ def check_outputs(out: Path, save_maps: Path | None) -> None:
 
 
 def check_index_kind(kind: str, device: torch.device) -> None:
-    """Raise RuntimeError when the structural kNN index ``kind`` cannot run on this machine."""
-    if kind.startswith("faiss") and not faiss_available():
+    """Raise RuntimeError when the structural kNN index ``kind`` (``structural.index``: a FAISS
+    factory string or one of :data:`engine.models.knn_index.CHOICES`) cannot run on this machine.
+
+    Its spelling is checked with the config, and whether it fits the features and its
+    parameters by :meth:`engine.models.structural.StructuralModel.from_config`: both before
+    any training.
+    """
+    if kind not in ("auto", "torch") and not faiss_available():
         raise RuntimeError(
             f"structural.index={kind} needs FAISS, which is not installed; install faiss-cpu "
             "or use --set structural.index=torch"

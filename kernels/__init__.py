@@ -2,7 +2,9 @@
 
 Each module holds a plain-PyTorch reference (``*_reference``), a Triton implementation
 (``*_triton``) and a dispatcher (the bare name) that picks Triton for CUDA tensors and the
-reference otherwise. The references define the semantics; tests compare the two.
+reference otherwise. The references define the semantics; tests compare the two. The Triton path
+goes through opaque operators, ``torch.ops.npgmf.*`` (:mod:`kernels.ops`), so ``torch.compile``
+and ``torch.export`` see each kernel as one node.
 """
 
 from kernels.blur import gaussian_blur, normalize_merge_blur

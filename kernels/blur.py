@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from kernels.blur_args import Affine, check_merge_inputs, gaussian_taps
-from kernels.dispatch import use_triton
+from kernels.dispatch import check_no_autograd, use_triton
+from kernels.ops import gaussian_blur_op, normalize_merge_blur_op
 
 
 def symmetric_indices(n: int, radius: int, device: torch.device) -> torch.Tensor:
@@ -59,11 +60,11 @@ def normalize_merge_blur_reference(
 def gaussian_blur(
     x: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0, backend: str = "auto"
 ) -> torch.Tensor:
-    """Dispatcher for :func:`gaussian_blur_reference`."""
+    """Dispatcher for :func:`gaussian_blur_reference`; the Triton path is the opaque operator
+    ``torch.ops.npgmf.gaussian_blur``."""
     if use_triton(backend, x):
-        from kernels.blur_triton import gaussian_blur_triton
-
-        return gaussian_blur_triton(x, sigma, truncate)
+        check_no_autograd("gaussian_blur", x)
+        return gaussian_blur_op(x, float(sigma), float(truncate))
     return gaussian_blur_reference(x, sigma, truncate)
 
 
@@ -73,10 +74,11 @@ def normalize_merge_blur(
     sigma: float = 4.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Dispatcher for :func:`normalize_merge_blur_reference` (Triton for CUDA maps)."""
-    check_merge_inputs(maps, affines)
+    """Dispatcher for :func:`normalize_merge_blur_reference` (Triton for CUDA maps, through the
+    opaque operator ``torch.ops.npgmf.normalize_merge_blur``)."""
+    checked = check_merge_inputs(maps, affines)
     if use_triton(backend, *maps):
-        from kernels.blur_triton import normalize_merge_blur_triton
-
-        return normalize_merge_blur_triton(maps, affines, sigma)
+        check_no_autograd("normalize_merge_blur", *maps)
+        weights, means, stds = (list(column) for column in zip(*checked, strict=True))
+        return normalize_merge_blur_op(list(maps), weights, means, stds, float(sigma))
     return normalize_merge_blur_reference(maps, affines, sigma)

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import check_no_autograd, use_triton
+from kernels.ops import cosine_maps_op
 
 
 def cosine_maps_reference(
@@ -53,9 +54,11 @@ def cosine_maps(
     eps: float = 1e-8,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Dispatcher for :func:`cosine_maps_reference` (same signature and result)."""
+    """Dispatcher for :func:`cosine_maps_reference` (same signature and result); the Triton path
+    is the opaque operator ``torch.ops.npgmf.cosine_maps``."""
     if use_triton(backend, *encoder, *decoder):
-        from kernels.cosine_maps_triton import cosine_maps_triton
-
-        return cosine_maps_triton(encoder, decoder, out_size, align_corners, eps)
+        check_no_autograd("cosine_maps", *encoder, *decoder)
+        return cosine_maps_op(
+            list(encoder), list(decoder), list(out_size), bool(align_corners), float(eps)
+        )
     return cosine_maps_reference(encoder, decoder, out_size, align_corners, eps)

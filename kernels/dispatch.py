@@ -42,3 +42,12 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
         return True
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return triton_available() and all(t.is_cuda for t in tensors) and not needs_grad
+
+
+def check_no_autograd(name: str, *tensors: torch.Tensor) -> None:
+    """The kernels have no backward: refuse rather than return a result that drops gradients."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{name} has no backward pass; call it under torch.no_grad() or use the "
+            "PyTorch reference (backend='torch') when gradients are needed"
+        )

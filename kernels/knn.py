@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import check_no_autograd, use_triton
 from kernels.knn_args import resolve_bank_sq
+from kernels.ops import knn_min_op
 
 
 def knn_min_reference(
@@ -52,9 +53,9 @@ def knn_min(
     backend: str = "auto",
     bank_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatcher for :func:`knn_min_reference`; pass ``bank_sq`` to reuse the bank norms."""
+    """Dispatcher for :func:`knn_min_reference`; pass ``bank_sq`` to reuse the bank norms. The
+    Triton path is the opaque operator ``torch.ops.npgmf.knn_min``."""
     if use_triton(backend, queries, bank):
-        from kernels.knn_triton import knn_min_triton
-
-        return knn_min_triton(queries, bank, bank_sq=bank_sq)
+        check_no_autograd("knn_min", queries, bank)
+        return knn_min_op(queries, bank, bank_sq)
     return knn_min_reference(queries, bank, bank_sq=bank_sq)

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 import triton
 
+# Re-exported for the *_triton modules; defined in the leaf module for the dispatchers too.
+from kernels.dispatch import check_no_autograd as check_no_autograd
 from kernels.dispatch import interpreter_enabled
 
 # Dtypes every kernel loads; arithmetic is float32 after the load (bf16 must be cast right after
@@ -51,15 +53,6 @@ def check_device(**tensors: torch.Tensor) -> torch.device:
         f"the Triton kernels run on CUDA tensors (got {device}); CPU tensors need "
         "TRITON_INTERPRET=1 set before the kernel modules are imported"
     )
-
-
-def check_no_autograd(name: str, *tensors: torch.Tensor) -> None:
-    """The kernels have no backward: refuse rather than return a result that drops gradients."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise RuntimeError(
-            f"{name} has no backward pass; call it under torch.no_grad() or use the "
-            "PyTorch reference (backend='torch') when gradients are needed"
-        )
 
 
 def check_finite(name: str, value: float, positive: bool = False) -> float:

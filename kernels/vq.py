@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import check_no_autograd, use_triton
+from kernels.ops import vq_nearest_op
 
 
 def vq_nearest_reference(
@@ -29,9 +30,9 @@ def vq_nearest_reference(
 def vq_nearest(
     x: torch.Tensor, codebook: torch.Tensor, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatcher for :func:`vq_nearest_reference` (same signature and result)."""
+    """Dispatcher for :func:`vq_nearest_reference` (same signature and result); the Triton path
+    is the opaque operator ``torch.ops.npgmf.vq_nearest``."""
     if use_triton(backend, x, codebook):
-        from kernels.vq_triton import vq_nearest_triton
-
-        return vq_nearest_triton(x, codebook)
+        check_no_autograd("vq_nearest", x, codebook)
+        return vq_nearest_op(x, codebook)
     return vq_nearest_reference(x, codebook)

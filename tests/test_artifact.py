@@ -77,21 +77,6 @@ def test_round_trip_keeps_weights_calibration_and_threshold(built, art: Path) ->
     assert names_in(art.parent) == ["art"]  # no temp folder left behind
 
 
-@pytest.mark.parametrize("kind", ["faiss_ivfpq", "faiss_hnsw"])
-def test_saved_index_round_trip(tmp_path: Path, kind: str) -> None:
-    detector, config = tiny["tiny_detector"](3, index=kind)
-    out = tiny["save"](tmp_path / "art", detector, config)
-    assert {"index/bank.npy", "index/index.faiss", "index/index.json"} <= set(
-        read_manifest(out)["files"]
-    )
-    loaded, _ = load_artifact(out)
-    queries = torch.randn(5, tiny["FEATURE_DIM"])
-    for a, b in zip(
-        loaded.structural.index.search(queries), detector.structural.index.search(queries)
-    ):
-        torch.testing.assert_close(a, b)
-
-
 # ------------------------------------------------------------- the exact file set (item 3)
 
 

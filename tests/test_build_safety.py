@@ -199,14 +199,59 @@ def test_save_maps_in_a_read_only_folder_exits_2(
     assert "not writable" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["faiss_flat", "faiss_ivfpq", "faiss_gpu"])
+@pytest.mark.parametrize(
+    ("kind", "shown"),
+    [
+        ("Flat", "Flat"),
+        ("IVF1024,PQ64", "IVF1024,PQ64"),
+        ("faiss_hnsw", "HNSW32"),  # an old name, read as its factory string
+        ("faiss_gpu", "faiss_gpu"),
+    ],
+)
 def test_index_kind_that_cannot_run_here_exits_2(
-    tiny_loco: Path, tmp_path: Path, capsys, monkeypatch, no_build, tiny_build_args, kind
+    tiny_loco: Path, tmp_path: Path, capsys, monkeypatch, no_build, tiny_build_args, kind, shown
 ) -> None:
     monkeypatch.setattr(preflight, "faiss_available", lambda: False)
     argv = _argv(tiny_loco, tmp_path / "art", *tiny_build_args, f"--set=structural.index={kind}")
     assert build.main(argv) == build.EXIT_BAD_INPUT
-    assert f"structural.index={kind}" in capsys.readouterr().err
+    assert f"structural.index={shown} needs FAISS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("index=bogus", "structural.index='bogus' is not a FAISS index factory string"),
+        ("index=HNSW0", "structural.index='HNSW0': a size of 0"),
+        ("index_params=efSearch", "structural.index_params='efSearch'"),
+    ],
+)
+def test_misspelt_index_setting_exits_2_before_any_work(
+    tiny_loco: Path, tmp_path: Path, capsys, no_build, tiny_build_args, assignment, message
+) -> None:
+    pytest.importorskip("faiss")
+    argv = _argv(tiny_loco, tmp_path / "art", *tiny_build_args, f"--set=structural.{assignment}")
+    assert build.main(argv) == build.EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize(
+    ("index", "params", "message"),
+    [
+        ("IVF64,PQ64", "", "structural.index='IVF64,PQ64' cannot index the "),
+        ("HNSW32", "nprobe=8", "structural.index_params: nprobe=8 does not apply"),
+    ],
+)
+def test_index_that_does_not_fit_the_features_exits_2_before_training(
+    tiny_loco: Path, tmp_path: Path, capsys, no_training, tiny_build_args, index, params, message
+) -> None:
+    """The features' dimension (compact: the backbone's rank) is known once the models are
+    built; 64 sub-quantisers divide none of the small ones."""
+    pytest.importorskip("faiss")
+    settings = [f"--set=structural.index={index}", f"--set=structural.index_params={params}"]
+    argv = _argv(tiny_loco, tmp_path / "art", *tiny_build_args, *settings)
+    assert build.main(argv) == build.EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
 
 
 def test_faiss_gpu_without_gpu_faiss_exits_2(

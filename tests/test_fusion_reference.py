@@ -35,7 +35,8 @@ def read_image(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def rt(tiny_build: dict[str, Path]) -> Runtime:
-    return Runtime.load(tiny_build["artifact"], device="cpu")
+    # eager: the backend the build scored with (``auto`` would pick onnx on CPU).
+    return Runtime.load(tiny_build["artifact"], device="cpu", backend="eager")
 
 
 @pytest.fixture(scope="module")

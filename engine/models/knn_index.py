@@ -1,32 +1,43 @@
-"""Nearest-neighbour search over the structural memory bank, behind one interface.
+"""Nearest-neighbour search over the structural memory bank: exact torch brute force, or any
+FAISS index named by a factory string.
 
-Every backend returns **Euclidean** (not squared) distances as float32 torch tensors, so the
-scores do not depend on the backend:
+``structural.index`` (and :func:`make_index`) takes:
 
-- ``torch``: exact chunked brute force through :func:`kernels.knn_min` (Triton on CUDA tensors,
-  the PyTorch reference elsewhere); needs no FAISS; k = 1 only.
-- ``faiss_flat``: exact FAISS ``IndexFlatL2`` on CPU (FAISS returns squared L2: square-rooted here).
-- ``faiss_gpu``: ``IndexFlatL2`` on a GPU, only when the installed FAISS has GPU support and sees a
-  GPU (the faiss-cpu wheel used here has none; the GPU machine has no FAISS).
-- ``faiss_hnsw``: FAISS ``IndexHNSWFlat`` (a graph over the exact vectors). **Approximate**: the
-  search walks the graph with a candidate list of ``ef_search`` entries and can miss the true
-  nearest neighbour; the distances it returns are exact for the row it finds. On CPU it is the
-  fast choice for LOCO-size banks (docs/PERFORMANCE.md has its recall and speed).
-- ``faiss_ivfpq``: FAISS ``IndexIVFPQ`` for very large banks. **Approximate**: it searches only
-  ``nprobe`` of ``nlist`` inverted lists, over product-quantised codes, so it can miss the true
-  nearest neighbour and its distances are estimates from the codes.
+- ``"torch"``: exact chunked brute force through :func:`kernels.knn_min` (Triton on CUDA tensors,
+  the PyTorch reference elsewhere); needs no FAISS; k = 1 only. The choice on CUDA when FAISS has
+  no GPU support.
+- a FAISS factory string, built on CPU with ``faiss.index_factory(d, spec, faiss.METRIC_L2)``:
+  ``"Flat"`` (exact), ``"HNSW32"`` (a graph), ``"IVF256,Flat"`` (inverted lists),
+  ``"IVF1024,PQ64"`` (inverted lists of product-quantised codes), ... Indexes that need training
+  are trained on the bank itself. ``structural.index_params`` sets FAISS parameters in
+  ``ParameterSpace`` syntax (``"efSearch=64"``, ``"nprobe=32,ht=40"``) on top of the engine's
+  defaults, ``efSearch=128`` and ``nprobe=16``, each applied where the index has it (FAISS's own
+  efSearch of 16 changes image scores by up to 100 %, docs/PERFORMANCE.md).
+- ``"faiss_gpu"``: exact ``Flat`` on a GPU; needs a FAISS build with GPU support and a GPU.
+- ``"auto"``: ``torch`` on CUDA or without FAISS, else ``Flat``.
+- The names of earlier versions are read as factory strings (:data:`OLD_NAMES`):
+  ``faiss_flat`` = ``Flat``, ``faiss_hnsw`` = ``HNSW32`` (efConstruction 40, efSearch 128),
+  ``faiss_ivfpq`` = ``IVF1024,PQ64`` (nprobe 16).
 
-Saving writes a folder: ``bank.npy`` (the exact float32 bank), ``index.json`` (``identity``) and,
-for the approximate kinds, ``index.faiss`` (faiss.write_index). Exact indexes are rebuilt from the
-bank on load: for a flat index the bank *is* the index, so this round-trips bit-exactly without
-storing the vectors twice. Approximate indexes are written because rebuilding them need not
-reproduce them (trained quantisers; a graph built by several threads).
+An index is **exact** when FAISS builds an ``IndexFlat``; any other is **approximate**: it can
+miss the true nearest neighbour. Whatever the index, the distance returned is the Euclidean (not
+squared) float32 distance from the query to the bank row found, recomputed from the bank, since
+FAISS returns squared and, for compressed codes, estimated distances. Scores thus depend on the
+index only through the rows it finds.
+
+Saving writes a folder: ``bank.npy`` (the exact float32 bank), ``index.json`` (:attr:`identity`)
+and, for an approximate index, ``index.faiss`` (``faiss.write_index``, read back with
+``faiss.read_index``): rebuilding it need not reproduce it (k-means training, a graph built by
+several threads). An exact index is rebuilt from the bank, bit-exactly.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +48,32 @@ from kernels import knn_min
 from kernels.knn_args import bank_sq_norms
 
 __all__ = [
-    "INDEX_KINDS",
-    "SAVED_KINDS",
+    "CHOICES",
+    "OLD_NAMES",
     "KnnIndex",
+    "check_index_setting",
     "faiss_available",
     "faiss_gpu_available",
+    "is_approximate",
     "make_index",
+    "parse_params",
     "restore_index",
-    "saved_params",
+    "upgrade_identity",
+    "upgrade_spec",
 ]
 
-INDEX_KINDS = ("auto", "torch", "faiss_flat", "faiss_gpu", "faiss_hnsw", "faiss_ivfpq")
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", "torch", "faiss_gpu")  # the settings that are not FAISS factory strings
+OLD_NAMES = {"faiss_flat": "Flat", "faiss_hnsw": "HNSW32", "faiss_ivfpq": "IVF1024,PQ64"}
+DEFAULT_PARAMS = {"efSearch": 128.0, "nprobe": 16.0}
+EXAMPLES = (
+    "'auto', 'torch', 'faiss_gpu' or a FAISS factory string such as 'Flat', 'HNSW32', "
+    "'IVF256,Flat' or 'IVF1024,PQ64'"
+)
+# FAISS aborts the whole process (an assertion, not an exception) on e.g. HNSW0 or IVF0.
+_ZERO_SIZE = re.compile(r"(?<![\d.])0+(?![\d.])")
+_PROBE_DIM = 64  # features' dimension for checking a spec's spelling before it is known
 
 
 def faiss_available() -> bool:
@@ -63,6 +89,122 @@ def faiss_gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def upgrade_spec(spec: str) -> str:
+    """The factory string for an index name of earlier versions (said in the log), else ``spec``."""
+    if spec not in OLD_NAMES:
+        return spec
+    log.info("structural.index=%r is the old name of the FAISS index %r", spec, OLD_NAMES[spec])
+    return OLD_NAMES[spec]
+
+
+def parse_params(params: str) -> dict[str, float]:
+    """``"name=value,..."`` FAISS parameters as {name: value}, later names winning; every value
+    must be a positive number (ValueError naming ``structural.index_params``)."""
+    out: dict[str, float] = {}
+    for item in params.split(",") if params.strip() else []:
+        name, sep, text = (part.strip() for part in item.partition("="))
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (sep and name.isidentifier() and math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"structural.index_params={params!r}: {item!r} is not name=positive number; "
+                "expected e.g. 'efSearch=128' or 'nprobe=16,ht=40'"
+            )
+        out[name] = value
+    return out
+
+
+def _format(params: dict[str, float]) -> str:
+    """Inverse of :func:`parse_params` (integers without a decimal point)."""
+    shown = {n: int(v) if v.is_integer() else v for n, v in params.items()}
+    return ",".join(f"{name}={value!r}" for name, value in shown.items())
+
+
+def _faiss_reason(error: Exception) -> str:
+    """FAISS's own words from one of its C++ exceptions, without the source location."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line.split("failed: ")[-1] if "failed: " in line else line.rsplit(": ", 1)[-1]
+
+
+class _Unparsable(ValueError):
+    """A spec FAISS cannot read at all (as opposed to one that does not fit a dimension)."""
+
+
+def _new_faiss_index(spec: str, dim: int) -> Any:
+    """``faiss.index_factory(dim, spec, METRIC_L2)``; ValueError naming ``structural.index``."""
+    import faiss
+
+    if _ZERO_SIZE.search(spec):
+        raise _Unparsable(f"structural.index={spec!r}: a size of 0 is not an index; use {EXAMPLES}")
+    try:
+        return faiss.index_factory(dim, spec, faiss.METRIC_L2)
+    except RuntimeError as error:
+        reason = _faiss_reason(error)
+        if "could not parse" in reason or "stoi" in reason:
+            raise _Unparsable(
+                f"structural.index={spec!r} is not a FAISS index factory string ({reason}); "
+                f"use {EXAMPLES}"
+            ) from None
+        raise ValueError(
+            f"structural.index={spec!r} cannot index the {dim}-d structural features ({reason})"
+        ) from None
+
+
+def _apply_params(index: Any, spec: str, params: dict[str, float], defaults: bool = True) -> str:
+    """Set ``params`` (after :data:`DEFAULT_PARAMS` the index has, with ``defaults``) on a FAISS
+    index; returns the ones set as a string. ValueError when one of ``params`` does not apply."""
+    import faiss
+
+    space, applied = faiss.ParameterSpace(), {}
+    wanted = {**DEFAULT_PARAMS, **params} if defaults else params
+    for name, value in wanted.items():
+        try:
+            space.set_index_parameter(index, name, value)
+        except RuntimeError as error:
+            if name in params:
+                raise ValueError(
+                    f"structural.index_params: {_format({name: value})} does not apply to the "
+                    f"index {spec!r} ({_faiss_reason(error)})"
+                ) from None
+            continue  # a default for another kind of index
+        applied[name] = value
+    return _format(applied)
+
+
+def check_index_setting(spec: str, params: str, dim: int | None = None) -> None:
+    """Raise ValueError, naming ``structural.index`` or ``structural.index_params`` and the
+    value, unless ``spec`` with ``params`` makes an index of ``dim``-d features.
+
+    ``dim=None`` (a config, before its features' dimension is known; settings applied one at a
+    time): only the spelling of each setting is checked. Without FAISS a factory string is left
+    to :func:`engine.preflight.check_index_kind`, which refuses it.
+    """
+    parsed = parse_params(params)
+    if not spec.strip():
+        raise ValueError(f"structural.index={spec!r}: empty; use {EXAMPLES}")
+    if spec in CHOICES:
+        if parsed and dim is not None:
+            raise ValueError(
+                f"structural.index_params={params!r}: structural.index={spec!r} takes no "
+                "parameters (they are for FAISS indexes such as 'HNSW32' or 'IVF256,Flat')"
+            )
+        return
+    if not faiss_available():
+        return
+    try:
+        index = _new_faiss_index(spec, dim or _PROBE_DIM)
+    except _Unparsable:
+        raise
+    except ValueError:
+        if dim is not None:
+            raise
+        return  # may fit the features' true dimension: checked again once it is known
+    if dim is not None:
+        _apply_params(index, spec, parsed)
+
+
 def _check_bank(bank: torch.Tensor) -> torch.Tensor:
     if not isinstance(bank, torch.Tensor) or bank.dim() != 2 or 0 in bank.shape:
         raise ValueError(
@@ -76,37 +218,78 @@ def _check_bank(bank: torch.Tensor) -> torch.Tensor:
 
 
 class KnnIndex:
-    """Base class: ``add(bank)``, ``search(queries, k) -> (dist, idx)``, ``save``/``load``.
+    """An (M, D) float32 bank and its search: a FAISS index, or exact torch brute force.
 
-    ``search`` takes (Q, D) queries and returns (Q, k) float32 Euclidean distances, ascending, and
-    (Q, k) int64 bank row indices, on the device of ``queries``.
+    Made by :func:`make_index` (empty; :meth:`add` sets the bank), :meth:`load` or
+    :func:`restore_index`. ``search`` takes (Q, D) queries and returns (Q, k) float32 Euclidean
+    distances, ascending, and (Q, k) int64 bank row indices, on the device of ``queries``.
     """
 
-    kind: str = ""
-
-    def __init__(self) -> None:
+    def __init__(self, spec: str, params: str = "", device: str | torch.device = "cpu") -> None:
+        self.spec = spec  # "torch" or a FAISS factory string
+        self.params = params  # as asked; the ones in force are in ``identity`` once built
+        self.device = torch.device(device)  # where the torch search keeps the bank
+        self.gpu = False  # a FAISS GPU index (faiss_gpu)
         self.bank: torch.Tensor | None = None
+        self.exact: bool | None = True if spec == "torch" else None  # known once built
+        self._applied = ""
+        self._faiss: Any = None
+        self._bank_sq: torch.Tensor | None = None
+        self._gpu_resources: Any = None
 
     @property
     def identity(self) -> dict[str, Any]:
         """What the manifest records about this index."""
         size, dim = (0, 0) if self.bank is None else tuple(self.bank.shape)
-        return {"kind": self.kind, "size": size, "dim": dim, **self._params()}
-
-    def _params(self) -> dict[str, Any]:
-        return {}
+        if self.spec == "torch":
+            return {"kind": "torch", "size": size, "dim": dim}
+        return {
+            "kind": "faiss",
+            "spec": self.spec,
+            "params": self._applied,
+            "exact": self.exact,
+            "size": size,
+            "dim": dim,
+        }
 
     def add(self, bank: torch.Tensor) -> None:
-        """Set the (M, D) bank (replacing any previous one); stored as float32."""
-        self.bank = _check_bank(bank).detach().float().contiguous()
-        self._build()
+        """Set the (M, D) bank (replacing any previous one; kept as float32) and build on it.
 
-    def _build(self) -> None:
-        raise NotImplementedError
+        ValueError when the spec does not fit D, or its training (IVF, PQ, ...) cannot run on M
+        rows; the index is then left as it was."""
+        bank = _check_bank(bank).detach().float().contiguous()
+        if self.spec == "torch":
+            self.bank = bank.to(self.device)
+            self._bank_sq = bank_sq_norms(self.bank)
+        else:
+            self._build_faiss(bank.cpu().numpy())
+            self.bank = bank.cpu()
+
+    def _build_faiss(self, vectors: np.ndarray) -> None:
+        import faiss
+
+        index = _new_faiss_index(self.spec, vectors.shape[1])
+        applied = _apply_params(index, self.spec, parse_params(self.params))
+        if not index.is_trained:
+            try:
+                index.train(vectors)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"structural.index={self.spec!r} cannot be trained on the "
+                    f"{vectors.shape[0]}-row memory bank ({_faiss_reason(error)}); use fewer "
+                    "inverted lists or code bits, or an index that needs no training such as "
+                    "'HNSW32' or 'Flat'"
+                ) from None
+        index.add(vectors)
+        exact = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+        if self.gpu:
+            self._gpu_resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
+        self._faiss, self.exact, self._applied = index, exact, applied
 
     def _check_queries(self, queries: torch.Tensor, k: int) -> None:
         if self.bank is None:
-            raise ValueError(f"{self.kind} index is empty: call add(bank) first")
+            raise ValueError(f"the {self.spec} index is empty: call add(bank) first")
         if not isinstance(queries, torch.Tensor) or queries.dim() != 2:
             raise ValueError(
                 f"queries must be a (Q, D) tensor, got {getattr(queries, 'shape', queries)}"
@@ -120,10 +303,27 @@ class KnnIndex:
 
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_queries(queries, k)
-        return self._search(queries, k)
+        if self.spec != "torch":
+            return self._faiss_search(queries, k)
+        if k != 1:
+            raise RuntimeError("the torch kNN index supports k=1 only; use a FAISS index for k > 1")
+        dist, idx = knn_min(queries.to(self.device), self.bank, bank_sq=self._bank_sq)
+        return dist[:, None].to(queries.device), idx[:, None].to(queries.device)
 
-    def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+    # FAISS is a C++ call through host numpy: torch.compile must run it as it is (Dynamo cannot
+    # trace SWIG pointers and would fail the frame's guards).
+    @torch.compiler.disable
+    def _faiss_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.bank is not None
+        q = queries.detach().float().cpu().contiguous()
+        _, found = self._faiss.search(q.numpy(), k)
+        idx = torch.from_numpy(found.astype(np.int64))
+        missing = (idx < 0).any(dim=1)  # IVF: the probed lists held fewer than k rows
+        if missing.any():
+            idx[missing] = torch.cdist(q[missing], self.bank).topk(k, largest=False).indices
+        dist = torch.linalg.vector_norm(q[:, None, :] - self.bank[idx], dim=-1)
+        dist, order = dist.sort(dim=1, stable=True)
+        return dist.to(queries.device), idx.gather(1, order).to(queries.device)
 
     def save(self, path: str | Path) -> None:
         """Write the index into folder ``path`` (created if missing)."""
@@ -133,259 +333,127 @@ class KnnIndex:
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "bank.npy", self.bank.cpu().numpy())
         (folder / "index.json").write_text(json.dumps(self.identity, indent=2, sort_keys=True))
-        self._save_extra(folder)
+        if not self.exact:
+            import faiss
 
-    def _save_extra(self, folder: Path) -> None:
-        return None
+            faiss.write_index(self._faiss, str(folder / "index.faiss"))
 
     @staticmethod
     def load(path: str | Path, device: str | torch.device = "cpu") -> KnnIndex:
-        """Read a folder written by :meth:`save`; the torch backend puts the bank on ``device``."""
+        """Read a folder written by :meth:`save` (or by an earlier version); the torch index
+        puts the bank on ``device``."""
         folder = Path(path)
         meta_path, bank_path = folder / "index.json", folder / "bank.npy"
         for required in (meta_path, bank_path):
             if not required.is_file():
                 raise FileNotFoundError(f"kNN index file missing: {required}")
         try:
-            meta = json.loads(meta_path.read_text())
-            kind = meta["kind"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            meta = upgrade_identity(json.loads(meta_path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{meta_path} is not a valid index description: {error}") from error
-        bank = torch.from_numpy(np.load(bank_path, allow_pickle=False))
+        bank = np.load(bank_path, allow_pickle=False)
         if tuple(bank.shape) != (meta.get("size"), meta.get("dim")):
             raise ValueError(f"{bank_path} has shape {tuple(bank.shape)}, {meta_path} says {meta}")
-        if kind in SAVED_KINDS:
+        if is_approximate(meta):
+            import faiss
+
             index_file = folder / "index.faiss"
             if not index_file.is_file():
                 raise FileNotFoundError(f"kNN index file missing: {index_file}")
-            return restore_index(meta, bank.numpy(), index_file.read_bytes())
-        index = make_index(kind, device=device)
-        index.add(bank.to(device) if kind == "torch" else bank)
+            return _restored(meta, bank, faiss.read_index(str(index_file)))
+        index = make_index(meta.get("spec", "torch"), device, meta.get("params", ""))
+        index.add(torch.from_numpy(bank))
         return index
 
 
-class TorchKnnIndex(KnnIndex):
-    """Exact brute force through :func:`kernels.knn_min`, k = 1 only."""
+def make_index(
+    spec: str = "auto", device: str | torch.device = "cpu", params: str = ""
+) -> KnnIndex:
+    """An empty index for the setting ``spec`` (module docstring) searched from ``device``.
 
-    kind = "torch"
-
-    def __init__(self, device: str | torch.device = "cpu") -> None:
-        super().__init__()
-        self.device = torch.device(device)
-        self.bank_sq: torch.Tensor | None = None
-
-    def _build(self) -> None:
-        assert self.bank is not None
-        self.bank = self.bank.to(self.device)
-        self.bank_sq = bank_sq_norms(self.bank)
-
-    def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if k != 1:
-            raise RuntimeError("the torch kNN index supports k=1 only; use a faiss index for k > 1")
-        assert self.bank is not None
-        dist, idx = knn_min(queries.to(self.device), self.bank, bank_sq=self.bank_sq)
-        return dist[:, None].to(queries.device), idx[:, None].to(queries.device)
-
-
-class _FaissIndex(KnnIndex):
-    """Shared FAISS search: numpy in, squared L2 out, converted to Euclidean torch tensors."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        if not faiss_available():
-            raise RuntimeError(f"the {self.kind} kNN index needs faiss, which is not installed")
-        self._index: Any = None
-
-    # FAISS is a C++ call through host numpy: torch.compile must run it as it is (Dynamo cannot
-    # trace SWIG pointers and would fail the frame's guards).
-    @torch.compiler.disable
-    def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-        d2, idx = self._index.search(q, k)
-        dist = torch.from_numpy(np.sqrt(np.maximum(d2, 0.0)).astype(np.float32))
-        return dist.to(queries.device), torch.from_numpy(idx.astype(np.int64)).to(queries.device)
-
-
-class FaissFlatIndex(_FaissIndex):
-    """Exact ``IndexFlatL2`` on CPU."""
-
-    kind = "faiss_flat"
-
-    def _build(self) -> None:
-        import faiss
-
-        assert self.bank is not None
-        self.bank = self.bank.cpu()
-        self._index = faiss.IndexFlatL2(self.bank.shape[1])
-        self._index.add(self.bank.numpy())
-
-
-class FaissGpuIndex(_FaissIndex):
-    """Exact ``IndexFlatL2`` on GPU ``gpu``; needs a FAISS build with GPU support."""
-
-    kind = "faiss_gpu"
-
-    def __init__(self, gpu: int = 0) -> None:
-        super().__init__()
+    ``auto``: ``torch`` when ``device`` is CUDA or FAISS is missing, else ``Flat``. ValueError
+    for a misspelt setting; RuntimeError when it needs a FAISS this installation lacks.
+    """
+    spec = upgrade_spec(spec)
+    check_index_setting(spec, params)
+    if spec == "auto":
+        cuda = torch.device(device).type == "cuda"
+        spec = "torch" if cuda or not faiss_available() else "Flat"
+    if spec in CHOICES and parse_params(params):
+        raise ValueError(f"structural.index_params={params!r}: the {spec} index takes none")
+    if spec == "torch":
+        return KnnIndex("torch", device=device)
+    if not faiss_available():
+        raise RuntimeError(f"the kNN index {spec!r} needs faiss, which is not installed")
+    if spec == "faiss_gpu":
         if not faiss_gpu_available():
             raise RuntimeError(
                 "the faiss_gpu kNN index needs a FAISS build with GPU support and a visible GPU; "
                 "this installation has none (use 'torch' for GPU search)"
             )
-        self.gpu = gpu
-
-    def _build(self) -> None:
-        import faiss
-
-        assert self.bank is not None
-        self.bank = self.bank.cpu()
-        self._resources = faiss.StandardGpuResources()
-        self._index = faiss.GpuIndexFlatL2(self._resources, self.bank.shape[1])
-        self._index.add(self.bank.numpy())
+        index = KnnIndex("Flat")
+        index.gpu = True
+        return index
+    return KnnIndex(spec, params)
 
 
-class _SavedFaissIndex(_FaissIndex):
-    """An approximate FAISS index, saved as ``index.faiss`` (see the module docstring)."""
-
-    faiss_type = ""  # the faiss class name a saved index must have
-    param_names: tuple[str, ...] = ()  # its integer parameters, recorded in the identity
-
-    def _params(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.param_names}
-
-    def _configure(self) -> None:
-        """Apply the search-time parameters to ``self._index``."""
-        raise NotImplementedError
-
-    def _save_extra(self, folder: Path) -> None:
-        import faiss
-
-        faiss.write_index(self._index, str(folder / "index.faiss"))
+def is_approximate(identity: dict[str, Any]) -> bool:
+    """Whether an (upgraded) identity describes an approximate FAISS index, the kind that is
+    saved with ``faiss.write_index`` rather than rebuilt from the bank."""
+    return identity.get("kind") == "faiss" and identity.get("exact") is False
 
 
-def _positive_ints(**values: Any) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-class FaissHnswIndex(_SavedFaissIndex):
-    """Approximate ``IndexHNSWFlat``: ``m`` graph links per vector, a candidate list of
-    ``ef_construction`` entries while building and ``ef_search`` while searching (more = better
-    recall, slower)."""
-
-    kind = "faiss_hnsw"
-    faiss_type = "IndexHNSWFlat"
-    param_names = ("m", "ef_construction", "ef_search")
-
-    def __init__(self, m: int = 32, ef_construction: int = 40, ef_search: int = 128) -> None:
-        super().__init__()
-        _positive_ints(m=m, ef_construction=ef_construction, ef_search=ef_search)
-        self.m, self.ef_construction, self.ef_search = m, ef_construction, ef_search
-
-    def _configure(self) -> None:
-        self._index.hnsw.efSearch = self.ef_search
-
-    def _build(self) -> None:
-        import faiss
-
-        assert self.bank is not None
-        self.bank = self.bank.cpu()
-        self._index = faiss.IndexHNSWFlat(self.bank.shape[1], self.m)
-        self._index.hnsw.efConstruction = self.ef_construction
-        self._index.add(self.bank.numpy())
-        self._configure()
-
-
-class FaissIvfPqIndex(_SavedFaissIndex):
-    """Approximate ``IndexIVFPQ``: ``nlist`` coarse cells, ``m`` sub-quantisers of ``nbits`` bits.
-
-    Training needs at least ``max(nlist, 2 ** nbits)`` bank rows (FAISS k-means) and ``m`` must
-    divide the dimension. Search visits ``nprobe`` cells (more = better recall, slower).
-    """
-
-    kind = "faiss_ivfpq"
-    faiss_type = "IndexIVFPQ"
-    param_names = ("nlist", "m", "nbits", "nprobe")
-
-    def __init__(self, nlist: int = 1024, m: int = 64, nbits: int = 8, nprobe: int = 16) -> None:
-        super().__init__()
-        _positive_ints(nlist=nlist, m=m, nbits=nbits, nprobe=nprobe)
-        self.nlist, self.m, self.nbits, self.nprobe = nlist, m, nbits, nprobe
-
-    def _configure(self) -> None:
-        self._index.nprobe = self.nprobe
-
-    def _build(self) -> None:
-        import faiss
-
-        assert self.bank is not None
-        self.bank = self.bank.cpu()
-        n, d = self.bank.shape
-        if d % self.m:
-            raise ValueError(f"IVF-PQ m={self.m} must divide the feature dim {d}")
-        if n < max(self.nlist, 2**self.nbits):
-            raise ValueError(
-                f"IVF-PQ with nlist={self.nlist}, nbits={self.nbits} needs at least "
-                f"{max(self.nlist, 2**self.nbits)} bank rows to train, got {n}"
-            )
-        quantizer = faiss.IndexFlatL2(d)
-        index = faiss.IndexIVFPQ(quantizer, d, self.nlist, self.m, self.nbits)
-        vectors = self.bank.numpy()
-        index.train(vectors)
-        index.add(vectors)
-        self._quantizer, self._index = quantizer, index
-        self._configure()
-
-
-_SAVED_CLASSES: dict[str, type[_SavedFaissIndex]] = {
-    cls.kind: cls for cls in (FaissHnswIndex, FaissIvfPqIndex)
-}
-SAVED_KINDS = tuple(_SAVED_CLASSES)  # approximate: their FAISS index is saved with the bank
+def upgrade_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """An identity in this version's form; one of an earlier version (``kind`` faiss_flat,
+    faiss_gpu, faiss_hnsw or faiss_ivfpq) converted, with a log line. KeyError when a field of
+    the old form is missing, ValueError for an unknown kind."""
+    kind = identity.get("kind")
+    if kind in ("torch", "faiss"):
+        return identity
+    if kind in ("faiss_flat", "faiss_gpu"):
+        spec, params, exact = "Flat", "", True
+    elif kind == "faiss_hnsw":
+        spec, params, exact = f"HNSW{identity['m']}", f"efSearch={identity['ef_search']}", False
+    elif kind == "faiss_ivfpq":
+        spec = f"IVF{identity['nlist']},PQ{identity['m']}x{identity['nbits']}"
+        params, exact = f"nprobe={identity['nprobe']}", False
+    else:
+        raise ValueError(f"unknown kNN index kind {kind!r}")
+    shown = params or "no parameters"
+    log.info("kNN index %r of an earlier version read as FAISS %r (%s)", kind, spec, shown)
+    size, dim = identity.get("size"), identity.get("dim")
+    return {
+        "kind": "faiss",
+        "spec": spec,
+        "params": params,
+        "exact": exact,
+        "size": size,
+        "dim": dim,
+    }
 
 
 def restore_index(identity: dict[str, Any], bank: np.ndarray, raw: bytes) -> KnnIndex:
-    """The saved approximate index described by ``identity``, from its (M, D) float32 bank and
-    serialised FAISS bytes; ValueError when the bytes are not such an index of that bank."""
+    """The saved approximate index described by (upgraded) ``identity``, from its (M, D) float32
+    bank and the bytes of its ``index.faiss``; ValueError when they are not such an index."""
     import faiss
 
-    kind = identity.get("kind")
-    if kind not in SAVED_KINDS:
-        raise ValueError(f"{kind!r} is not a saved kNN index kind {SAVED_KINDS}")
-    cls = _SAVED_CLASSES[kind]
-    index = cls(**{name: identity[name] for name in cls.param_names})
-    searcher = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
-    if type(searcher).__name__ != cls.faiss_type or (searcher.ntotal, searcher.d) != bank.shape:
-        raise ValueError(f"index.faiss is not a {cls.faiss_type} of the {bank.shape} bank")
+    if not is_approximate(identity):
+        raise ValueError(f"{identity} does not describe a saved (approximate) FAISS index")
+    return _restored(identity, bank, faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8)))
+
+
+def _restored(identity: dict[str, Any], bank: np.ndarray, searcher: Any) -> KnnIndex:
+    """A :class:`KnnIndex` around the FAISS index read back, checked against ``identity``: the
+    class ``index_factory`` makes for its spec, and the bank's size and dimension."""
+    spec, params = identity["spec"], identity["params"]
+    wanted = type(_new_faiss_index(spec, bank.shape[1])).__name__
+    if type(searcher).__name__ != wanted or (searcher.ntotal, searcher.d) != bank.shape:
+        raise ValueError(
+            f"index.faiss is not a {wanted} ({spec!r}) of the {bank.shape} bank: found a "
+            f"{type(searcher).__name__} of {searcher.ntotal} x {searcher.d}"
+        )
+    index = KnnIndex(spec, params)
     index.bank = torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32))
-    index._index = searcher
-    index._configure()
+    index._applied = _apply_params(searcher, spec, parse_params(params), defaults=False)
+    index.exact, index._faiss = False, searcher
     return index
-
-
-def saved_params(kind: str) -> tuple[str, ...]:
-    """The integer parameters a saved (approximate) index of ``kind`` records in its identity."""
-    return _SAVED_CLASSES[kind].param_names
-
-
-def make_index(kind: str = "auto", device: str | torch.device = "cpu", **params: Any) -> KnnIndex:
-    """An empty index of ``kind`` (see :data:`INDEX_KINDS`).
-
-    ``auto``: ``torch`` when ``device`` is CUDA (no FAISS GPU build here), ``faiss_flat`` on CPU
-    when faiss imports, else ``torch``. ``params`` go to the HNSW index (m, ef_construction,
-    ef_search), the IVF-PQ index (nlist, m, nbits, nprobe) or the GPU index (gpu).
-    """
-    if kind not in INDEX_KINDS:
-        raise ValueError(f"unknown kNN index kind {kind!r}; expected one of {INDEX_KINDS}")
-    device = torch.device(device)
-    if kind == "auto":
-        kind = "torch" if device.type == "cuda" or not faiss_available() else "faiss_flat"
-    if kind not in (*SAVED_KINDS, "faiss_gpu") and params:
-        raise ValueError(f"the {kind} index takes no parameters, got {sorted(params)}")
-    if kind == "torch":
-        return TorchKnnIndex(device)
-    if kind == "faiss_flat":
-        return FaissFlatIndex()
-    if kind == "faiss_gpu":
-        return FaissGpuIndex(**params)
-    return _SAVED_CLASSES[kind](**params)

@@ -16,6 +16,9 @@ unpadded map, exactly as it would for a map of a window multiple.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,8 +77,55 @@ def attention_mask(
     return (wrap_id[:, :, None] != wrap_id[:, None, :]) | pad[:, None, :]
 
 
+def relative_position_index(
+    win_h: int, win_w: int, window: int, device: torch.device
+) -> torch.Tensor:
+    """(N, N) rows of a ``window``-sized bias table for every (query, key) pair of a win_h×win_w
+    window, with N = win_h * win_w."""
+    ys, xs = torch.meshgrid(
+        torch.arange(win_h, device=device), torch.arange(win_w, device=device), indexing="ij"
+    )
+    ys, xs = ys.flatten(), xs.flatten()
+    dy = ys[:, None] - ys[None, :] + window - 1
+    dx = xs[:, None] - xs[None, :] + window - 1
+    return dy * (2 * window - 1) + dx
+
+
+def masked_score(dtype: torch.dtype) -> float:
+    """Additive attention bias of a forbidden (query, key) pair.
+
+    Finite rather than -inf, so a padded query whose keys are all masked gets a uniform row
+    instead of NaN (its output is cropped away); half the most negative value of ``dtype``, so
+    adding a score (SDPA adds the bias to q·kᵀ) cannot overflow to -inf in 16-bit types.
+    """
+    return torch.finfo(dtype).min / 2
+
+
+class _WindowConstants(NamedTuple):
+    """What an attention call on one map size needs besides the weights.
+
+    ``index``: (N, N) int64 rows of the relative-bias table; ``mask``: (nW, 1, N, N) bool,
+    True = forbidden, or None when nothing is masked (see :func:`attention_mask`).
+    """
+
+    index: torch.Tensor
+    mask: torch.Tensor | None
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    """Whether ``x`` is being traced (compile, export, jit) rather than run eagerly."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not torch.Tensor
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside (shifted) windows, with learned relative position bias.
+
+    The relative index and the shift/padding mask depend only on the map size: they are built
+    once per (map size, shift, device) in eager mode and kept in a plain dict, not in buffers,
+    so state dicts and exported-graph cache keys do not change with the sizes seen. A trace
+    (compile/export) reads that dict but never fills it: tensors made while tracing are fake.
+    Attention runs through :func:`F.scaled_dot_product_attention` with the bias and the mask
+    combined into one float ``attn_mask``.
 
     Shapes: (B, H, W, C) -> (B, H, W, C).
     """
@@ -92,43 +142,65 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.relative_bias = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_bias, std=0.02)
+        self._constants: dict[tuple[int, int, int, torch.device], _WindowConstants] = {}
 
-    def relative_index(self, win_h: int, win_w: int, device: torch.device) -> torch.Tensor:
-        """(N, N) rows of the bias table for every (query, key) pair of a win_h×win_w window."""
-        ys, xs = torch.meshgrid(
-            torch.arange(win_h, device=device), torch.arange(win_w, device=device), indexing="ij"
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        # .to()/.cuda()/.half(): the kept constants are rebuilt on the next call, on the new device.
+        self._constants.clear()
+        return super()._apply(fn, recurse)
+
+    def _window_constants(self, x: torch.Tensor, shift: int) -> _WindowConstants:
+        """The :class:`_WindowConstants` of ``x``'s (B, H, W, C) map size and ``shift``."""
+        h, w = int(x.shape[1]), int(x.shape[2])
+        key = (h, w, shift, x.device)
+        kept = self._constants.get(key)
+        if kept is not None:
+            return kept
+        if _tracing(x):
+            return self._build_constants(h, w, shift, x.device)
+        # Normal tensors even under inference_mode: training may later save them for backward.
+        with torch.inference_mode(False):
+            constants = self._constants[key] = self._build_constants(h, w, shift, x.device)
+        return constants
+
+    def _build_constants(
+        self, h: int, w: int, shift: int, device: torch.device
+    ) -> _WindowConstants:
+        win_h, win_w, shift_h, shift_w = effective_window(h, w, self.window, shift)
+        mask = attention_mask(h, w, win_h, win_w, shift_h, shift_w, device)
+        return _WindowConstants(
+            relative_position_index(win_h, win_w, self.window, device),
+            None if mask is None else mask[:, None],
         )
-        ys, xs = ys.flatten(), xs.flatten()
-        dy = ys[:, None] - ys[None, :] + self.window - 1
-        dx = xs[:, None] - xs[None, :] + self.window - 1
-        return dy * (2 * self.window - 1) + dx
+
+    def attention_bias(self, x: torch.Tensor, shift: int, dtype: torch.dtype) -> torch.Tensor:
+        """SDPA's float ``attn_mask`` for ``x`` (B, H, W, C), in ``dtype`` (the query's, which
+        autocast may make narrower than ``x``'s): the relative position bias, with
+        :func:`masked_score` on forbidden pairs. (1, heads, N, N) when nothing is masked, else
+        (B * nW, heads, N, N), windows ordered as :func:`window_partition` orders them (4-D
+        either way: SDPA's fused CPU kernel takes no 3-D mask)."""
+        index, mask = self._window_constants(x, shift)
+        bias = self.relative_bias[index].to(dtype).permute(2, 0, 1)
+        if mask is None:
+            return bias[None]
+        bias = bias.masked_fill(mask, masked_score(dtype))  # (nW, heads, N, N)
+        return bias.expand(x.shape[0], *bias.shape).reshape(-1, *bias.shape[1:])
 
     def forward(self, x: torch.Tensor, shift: int = 0) -> torch.Tensor:
-        b, h, w, c = x.shape
+        _, h, w, c = x.shape
         win_h, win_w, shift_h, shift_w = effective_window(h, w, self.window, shift)
         pad_h, pad_w = -h % win_h, -w % win_w
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        padded = F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
         if shift_h or shift_w:
-            x = torch.roll(x, shifts=(-shift_h, -shift_w), dims=(1, 2))
-        hp, wp = h + pad_h, w + pad_w
-        windows = window_partition(x, win_h, win_w)  # (B*nW, N, C)
+            padded = torch.roll(padded, shifts=(-shift_h, -shift_w), dims=(1, 2))
+        windows = window_partition(padded, win_h, win_w)  # (B*nW, N, C)
         n = win_h * win_w
         qkv = self.qkv(windows).reshape(-1, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B*nW, heads, N, head_dim)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        bias = self.relative_bias[self.relative_index(win_h, win_w, x.device)]  # (N, N, heads)
-        attn = attn + bias.permute(2, 0, 1).to(attn.dtype)
-        mask = attention_mask(h, w, win_h, win_w, shift_h, shift_w, x.device)
-        if mask is not None:
-            num_windows = mask.shape[0]
-            attn = attn.reshape(b, num_windows, self.num_heads, n, n)
-            # finfo.min rather than -inf: a query with only masked keys (padding) gets a uniform
-            # row instead of NaN, and its output is cropped away below.
-            attn = attn.masked_fill(mask[None, :, None], torch.finfo(attn.dtype).min)
-            attn = attn.reshape(-1, self.num_heads, n, n)
-        out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(-1, n, c)
-        out = window_reverse(self.proj(out), win_h, win_w, hp, wp)
+        attn_mask = self.attention_bias(x, shift, q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        out = self.proj(out.transpose(1, 2).reshape(-1, n, c))
+        out = window_reverse(out, win_h, win_w, h + pad_h, w + pad_w)
         if shift_h or shift_w:
             out = torch.roll(out, shifts=(shift_h, shift_w), dims=(1, 2))
         return out[:, :h, :w]

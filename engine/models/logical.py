@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,139 +39,11 @@ from torch import nn
 from engine.models.backbones import FeatureExtractor, load_backbone
 from engine.models.decoder import DecodeStage
 from engine.models.lewin import LeWinStage
+from engine.models.logical_config import LogicalConfig, cpu_preset
 from engine.models.vq import AtrousBlock, VectorQuantizer
 from kernels import cosine_maps
 
-FEATURE_LOSSES = ("pixel", "flat")
-BOTTLENECK_INPUTS = ("last", "fused")
-CODEBOOK_INITS = ("kmeans", "batch")
-
-
-@dataclass(frozen=True)
-class LogicalConfig:
-    """Logical-module settings. Paper values: backbone, codebook size 16, loss weights 1,
-    LeWin window 8 (Uformer); the rest are documented defaults (gap notes §1.5–1.8).
-
-    Channel widths of the OCE, bridge and decoding stages come from the backbone; only the
-    internal widths below (codebook, context, fusion) are free choices.
-
-    ``decoder_blocks`` lists the de-ResNet blocks per compared level, in the order of
-    ``compared_levels``; (6, 4, 3) is RD4AD's de-WideResNet-50 (fine to coarse).
-
-    ``bottleneck_input``: what the OCE compresses. ``"last"``: the bottleneck level alone (the
-    paper's wording); ``"fused"``: RD4AD-style multi-scale fusion, every compared level pooled to
-    the bottleneck level's grid, projected and concatenated with it, so the bottleneck carries
-    the image at every scale (docs/ACCURACY.md: with ``"last"`` the coarse decoder levels
-    collapse into a fixed template). ``oce_strides``: the strides of the OCE's two convolutions
-    (paper: 2 and 2; a 4×4 layer4 map at 128 px becomes 1×1 with them, so the cpu preset uses
-    1 and 1). ``codebook_init``: ``"kmeans"`` over the first training batches' atrous output
-    (training mode), or ``"batch"``: entries drawn from the first batch. ``codebook_restart``:
-    move entries unused for a whole epoch onto recent vectors.
-
-    ``feature_loss``: ``"pixel"`` (default) is the mean over pixels of 1 − cos over channels,
-    the very quantity the anomaly map scores, so training lowers the normal-image map at every
-    pixel, including low-norm background pixels that RD4AD's ``"flat"`` form (one cosine over
-    the flattened C·H·W vector, dominated by high-norm pixels) leaves loosely reconstructed.
-    """
-
-    backbone: str = "resnet101"
-    compared_levels: tuple[str, ...] = ("layer1", "layer2", "layer3")
-    bottleneck_level: str = "layer4"
-    image_size: int = 256
-    codebook_size: int = 16
-    codebook_dim: int = 256
-    commitment_beta: float = 0.25
-    atrous_dilations: tuple[int, ...] = (1, 2, 4)
-    learned_text_dim: int = 512
-    context_dim: int = 64
-    fusion_width: int = 256
-    lewin_window: int = 8
-    lewin_depth: int = 2
-    lewin_head_dim: int = 32
-    lewin_mlp_ratio: float = 4.0
-    decoder_blocks: tuple[int, ...] = (6, 4, 3)
-    feature_loss: str = "pixel"
-    feature_weight: float = 1.0
-    image_weight: float = 1.0
-    vq_weight: float = 1.0
-    bottleneck_input: str = "last"
-    oce_strides: tuple[int, int] = (2, 2)
-    codebook_init: str = "kmeans"
-    codebook_restart: bool = True
-
-    def __post_init__(self) -> None:
-        # Accept lists (configs read back from JSON manifests).
-        for name in ("compared_levels", "atrous_dilations", "decoder_blocks", "oce_strides"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        if not self.compared_levels:
-            raise ValueError("compared_levels must name at least one level")
-        if self.bottleneck_level in self.compared_levels:
-            raise ValueError(
-                f"bottleneck_level {self.bottleneck_level!r} must not be a compared level"
-            )
-        if len(self.decoder_blocks) != len(self.compared_levels):
-            raise ValueError(
-                f"decoder_blocks {self.decoder_blocks} needs one entry per compared level "
-                f"{self.compared_levels}"
-            )
-        if self.bottleneck_input not in BOTTLENECK_INPUTS:
-            raise ValueError(
-                f"bottleneck_input must be one of {BOTTLENECK_INPUTS}, got {self.bottleneck_input!r}"
-            )
-        if len(self.oce_strides) != 2 or any(s not in (1, 2) for s in self.oce_strides):
-            raise ValueError(f"oce_strides must be two values of 1 or 2, got {self.oce_strides}")
-        if self.codebook_init not in CODEBOOK_INITS:
-            raise ValueError(
-                f"codebook_init must be one of {CODEBOOK_INITS}, got {self.codebook_init!r}"
-            )
-        if self.feature_loss not in FEATURE_LOSSES:
-            raise ValueError(
-                f"feature_loss must be one of {FEATURE_LOSSES}, got {self.feature_loss!r}"
-            )
-        positive = ("image_size", "codebook_size", "codebook_dim", "learned_text_dim")
-        positive += ("context_dim", "fusion_width", "lewin_window", "lewin_depth", "lewin_head_dim")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("commitment_beta", "feature_weight", "image_weight", "vq_weight"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite non-negative number, got {value}")
-        if any(b < 1 for b in self.decoder_blocks):
-            raise ValueError(f"decoder_blocks must be positive, got {self.decoder_blocks}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> LogicalConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown LogicalConfig fields: {sorted(unknown)}")
-        return cls(**values)
-
-
-def cpu_preset() -> LogicalConfig:
-    """Small logical module that trains on a ~60-image category in minutes on 2 CPU cores.
-
-    EfficientNet-Lite0 (real offline weights), 128 px, narrow fusion/codebook widths, one
-    de-ResNet block per level and one LeWin block pair per stage. The OCE keeps the 4×4 grid of
-    the fused bottleneck input (strides 1, 1): the paper's two stride-2 convolutions would leave
-    a 1×1 bottleneck at 128 px (docs/ACCURACY.md). Pair it with
-    :func:`engine.train.cpu_train_preset`.
-    """
-    return LogicalConfig(
-        backbone="efficientnet_lite0",
-        image_size=128,
-        bottleneck_input="fused",
-        oce_strides=(1, 1),
-        codebook_dim=32,
-        context_dim=16,
-        learned_text_dim=64,
-        fusion_width=64,
-        decoder_blocks=(1, 1, 1),
-    )
+__all__ = ["LogicalConfig", "LogicalModel", "LogicalOutput", "cpu_preset", "logical_loss"]
 
 
 @dataclass
@@ -203,6 +75,12 @@ def _resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if x.shape[-2:] == like.shape[-2:]:
         return x
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _broadcast(vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(C,) ``vector`` broadcast to ``like``'s batch and grid: (B, C, h, w), ``like``'s dtype."""
+    b, _, h, w = like.shape
+    return vector.to(like.dtype)[None, :, None, None].expand(b, -1, h, w)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -254,7 +132,7 @@ class LevelFusion(nn.Module):
     """One decoder level: concat(state, context, VQ(atrous(prior))) -> 1×1 -> LeWin -> D_n.
 
     Shapes: state (B, state_ch, h, w), context (B, ctx, h, w), prior (B, prior_ch, h, w) ->
-    decoded (B, out_ch, 2h, 2w) and the scalar VQ loss.
+    decoded (B, out_ch, 2h, 2w) and the scalar VQ loss (None without ``with_loss``).
     """
 
     def __init__(
@@ -271,9 +149,13 @@ class LevelFusion(nn.Module):
         self.decode = DecodeStage(c.fusion_width, out_ch, num_blocks)
 
     def forward(
-        self, state: torch.Tensor, context: torch.Tensor, prior: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        quantized, _, vq_loss = self.vq(self.atrous(prior))
+        self,
+        state: torch.Tensor,
+        context: torch.Tensor,
+        prior: torch.Tensor,
+        with_loss: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        quantized, _, vq_loss = self.vq(self.atrous(prior), with_loss)
         fused = self.fuse(self.project(torch.cat([state, context, quantized], dim=1)))
         return self.decode(fused), vq_loss
 
@@ -308,7 +190,8 @@ class FusionDecoder(nn.Module):
     the image head. Checkpoints hold this module's state only (the encoder is frozen).
 
     ``forward(features)`` maps the encoder's ``{level: (B, C, h, w)}`` to the decoder features
-    ``{level: (B, C_n, h_n, w_n)}`` of the compared levels and the scalar VQ loss.
+    ``{level: (B, C_n, h_n, w_n)}`` of the compared levels and the scalar VQ loss (None with
+    ``with_loss=False``, the inference path).
     """
 
     def __init__(
@@ -375,25 +258,27 @@ class FusionDecoder(nn.Module):
         num_up = int(math.log2(strides[self.levels[0]]))
         self.image_head = ImageHead(channels[self.levels[0]], num_up)
 
-    def context(self, like: torch.Tensor) -> torch.Tensor:
-        """Global context broadcast to ``like``'s batch and grid: (B, context_dim, h, w)."""
-        vector = self.context_fc(self.text).to(like.dtype)
-        b, _, h, w = like.shape
-        return vector[None, :, None, None].expand(b, -1, h, w)
+    def context_vector(self) -> torch.Tensor:
+        """The global context, (context_dim,): the text embedding through the FC."""
+        return self.context_fc(self.text)
 
     def forward(
-        self, features: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        self, features: dict[str, torch.Tensor], with_loss: bool = True
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         prior = features[self.bottleneck]
+        vector = self.context_vector()  # weights only: once per forward, not once per level
         oce = self.oce(prior if self.fuse_levels is None else self.fuse_levels(features))
-        state = self.context_fuse(self.context_project(torch.cat([oce, self.context(oce)], dim=1)))
-        state = _resize_to(self.bridge(state), prior)
+        state = torch.cat([oce, _broadcast(vector, oce)], dim=1)
+        state = _resize_to(self.bridge(self.context_fuse(self.context_project(state))), prior)
         decoded: dict[str, torch.Tensor] = {}
-        vq_loss = prior.new_zeros((), dtype=torch.float32)
+        vq_loss = prior.new_zeros((), dtype=torch.float32) if with_loss else None
         for level, prior_level in reversed(list(zip(self.levels, self.priors))):
-            out, level_vq = self.stages[level](state, self.context(state), features[prior_level])
+            out, level_vq = self.stages[level](
+                state, _broadcast(vector, state), features[prior_level], with_loss
+            )
             state = decoded[level] = _resize_to(out, features[level])
-            vq_loss = vq_loss + level_vq
+            if vq_loss is not None:
+                vq_loss = vq_loss + level_vq
         return decoded, vq_loss
 
     def quantizers(self) -> dict[str, VectorQuantizer]:
@@ -474,13 +359,14 @@ class LogicalModel(nn.Module):
             raise ValueError(f"expected a (B, 3, H, W) image batch, got shape {tuple(x.shape)}")
 
     def features(
-        self, x: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Encoder and decoder features per compared level (fine to coarse) and the VQ loss."""
+        self, x: torch.Tensor, with_loss: bool = True
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+        """Encoder and decoder features per compared level (fine to coarse) and the VQ loss
+        (None without ``with_loss``)."""
         self._check_input(x)
         with torch.no_grad():
             encoded = self.encoder(x)
-        decoded, vq_loss = self.decoder(encoded)
+        decoded, vq_loss = self.decoder(encoded, with_loss)
         return [encoded[lv] for lv in self.levels], [decoded[lv] for lv in self.levels], vq_loss
 
     def init_codebooks(self, images: Iterable[torch.Tensor], seed: int) -> None:
@@ -492,13 +378,15 @@ class LogicalModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> LogicalOutput:
         encoder, decoder, vq_loss = self.features(x)
+        assert vq_loss is not None
         image = _resize_to(self.decoder.image_head(decoder[0]), x)
         return LogicalOutput(encoder, decoder, image, vq_loss)
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over compared levels of bilinearly upsampled (align_corners=True, as RD4AD)
-        per-pixel 1 − cos(f_E^n, f_D^n): (B, 3, H, W) -> (B, H, W) float32."""
-        encoder, decoder, _ = self.features(x)
+        per-pixel 1 − cos(f_E^n, f_D^n): (B, 3, H, W) -> (B, H, W) float32. No VQ loss is
+        computed, and under no_grad no straight-through arithmetic either."""
+        encoder, decoder, _ = self.features(x, with_loss=False)
         return cosine_maps(encoder, decoder, (x.shape[-2], x.shape[-1]), align_corners=True)
 
 

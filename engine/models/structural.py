@@ -24,9 +24,9 @@ the features are PatchCore's coordinates unchanged.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from engine.models.backbones import FeatureExtractor, load_backbone
 from engine.models.coreset import greedy_coreset
-from engine.models.knn_index import INDEX_KINDS, SAVED_KINDS, KnnIndex, make_index
+from engine.models.knn_index import KnnIndex, check_index_setting, make_index, upgrade_spec
 from kernels import knn_min
 from kernels.knn_args import bank_sq_norms
 
@@ -50,10 +50,18 @@ __all__ = [
     "extract_patch_features",
 ]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class StructuralConfig:
-    """Structural module settings; defaults follow the paper / PatchCore (gap notes §3)."""
+    """Structural module settings; defaults follow the paper / PatchCore (gap notes §3).
+
+    ``index``: the memory-bank search, ``auto`` | ``torch`` | ``faiss_gpu`` | a FAISS factory
+    string (``Flat``, ``HNSW32``, ``IVF256,Flat``, ``IVF1024,PQ64``, ...); ``index_params``: FAISS
+    parameters such as ``efSearch=64`` or ``nprobe=32`` (see :mod:`engine.models.knn_index`).
+    An old name (``faiss_hnsw``, ...) is replaced by its factory string, said in the log.
+    """
 
     backbone: str = "resnext101_32x8d"
     levels: tuple[str, ...] = ("layer2", "layer3")
@@ -65,6 +73,7 @@ class StructuralConfig:
     coreset_projection_dim: int = 128
     coreset_seed: int = 0
     index: str = "auto"
+    index_params: str = ""
     k: int = 1
     bank_dtype: str = "float32"
 
@@ -79,10 +88,14 @@ class StructuralConfig:
             raise ValueError(
                 f"StructuralConfig.coreset_ratio must be in (0, 1], got {self.coreset_ratio}"
             )
-        if self.index not in INDEX_KINDS:
-            raise ValueError(
-                f"StructuralConfig.index must be one of {INDEX_KINDS}, got {self.index!r}"
-            )
+        for name in ("index", "index_params"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ValueError(f"StructuralConfig.{name} must be a string, got {value!r}")
+        object.__setattr__(self, "index", upgrade_spec(self.index))
+        # Spelling only: whether the index fits the features' dimension and takes these
+        # parameters is checked by StructuralModel.from_config (--set applies them one by one).
+        check_index_setting(self.index, self.index_params)
         if self.bank_dtype not in ("float32", "float16"):
             raise ValueError(
                 f"StructuralConfig.bank_dtype must be float32 or float16, got {self.bank_dtype!r}"
@@ -279,8 +292,12 @@ class StructuralModel(nn.Module):
         allow_random: bool = False,
         verbose: bool = True,
     ) -> StructuralModel:
+        """The model ``cfg`` describes, without a bank; ValueError, before any work, when
+        ``cfg.index`` with ``cfg.index_params`` cannot index its features."""
         backbone = load_backbone(cfg.backbone, cfg.levels, weights, allow_random, verbose)
-        return cls(PatchFeatures(backbone, cfg.feature_dim, cfg.patch_size, cfg.compact_features))
+        features = PatchFeatures(backbone, cfg.feature_dim, cfg.patch_size, cfg.compact_features)
+        check_index_setting(cfg.index, cfg.index_params, features.out_dim)
+        return cls(features)
 
     def set_bank(self, bank: torch.Tensor) -> None:
         """Install an (M, D) float32 or float16 bank (kept in its dtype, on the model's device);
@@ -367,26 +384,27 @@ class StructuralModel(nn.Module):
 
 
 def attach_index(
-    model: StructuralModel,
-    kind: str,
-    device: str | torch.device,
-    saved: str | Path | None = None,
+    model: StructuralModel, spec: str, device: str | torch.device, params: str = ""
 ) -> str:
-    """Install the kNN index ``kind`` (resolved for ``device``) on ``model``; returns the kind used.
+    """Build the kNN index ``spec`` with FAISS parameters ``params`` (resolved for ``device``,
+    see :func:`engine.models.knn_index.make_index`) on ``model``'s bank and search it; returns
+    the spec used (``torch``: the bank buffer is searched directly, no index object).
 
-    ``torch`` searches the bank buffer directly (no index object). Exact FAISS indexes are rebuilt
-    from the bank, so artifacts need not store them; an approximate one (HNSW, IVF-PQ) is read
-    from ``saved`` when given (rebuilding need not reproduce it), else built on the bank now.
+    An approximate index is said in the log: it can miss the nearest bank row.
     """
     if model.bank.shape[0] == 0:
         raise RuntimeError("attach_index needs a memory bank: call fit() or set_bank() first")
-    index = make_index(kind, device=device)
-    if index.kind == "torch":
+    index = make_index(spec, device, params)
+    if index.spec == "torch":
         model.use_index(None)
-        return index.kind
-    if index.kind in SAVED_KINDS and saved is not None:
-        index = KnnIndex.load(saved)
-    else:
-        index.add(model.bank.float().cpu())
+        return index.spec
+    index.add(model.bank.float().cpu())
+    if not index.exact:
+        log.warning(
+            "structural.index=%r (%s) is approximate: a search can miss the nearest bank row, "
+            "which raises that patch's score (recall and accuracy: docs/PERFORMANCE.md)",
+            index.spec,
+            index.identity["params"] or "no parameters",
+        )
     model.use_index(index)
-    return index.kind
+    return index.spec

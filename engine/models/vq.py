@@ -129,15 +129,21 @@ class VectorQuantizer(nn.Module):
         self.usage.zero_()
         return moved
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, z: torch.Tensor, with_loss: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Quantise a feature map.
 
         Args:
             z: (B, dim, H, W) features.
+            with_loss: compute the VQ loss (training and validation). Without it and with
+                autograd off (inference), the output is the gathered entries themselves: no loss,
+                no straight-through arithmetic, no second gather.
 
         Returns:
-            ``(quantized, indices, loss)``: (B, dim, H, W) straight-through quantised features,
-            (B, H, W) int64 codebook indices, and the scalar VQ loss.
+            ``(quantized, indices, loss)``: (B, dim, H, W) quantised features (straight-through
+            unless at inference), (B, H, W) int64 codebook indices, and the scalar VQ loss (None
+            without ``with_loss``).
         """
         if z.dim() != 4 or z.shape[1] != self.dim:
             raise ValueError(f"expected (B, {self.dim}, H, W) features, got {tuple(z.shape)}")
@@ -145,14 +151,28 @@ class VectorQuantizer(nn.Module):
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
         if self.training and not bool(self.initialized):
             self._init_from_batch(flat.detach())
-        indices, _ = vq_nearest(flat.detach(), self.codebook.detach())
+        indices, gathered = vq_nearest(flat.detach(), self.codebook.detach())
         if self.training:
             with torch.no_grad():
                 self.usage += torch.bincount(indices, minlength=self.num_codes).to(self.usage)
                 self._recent = flat.detach()[-self.RECENT :].float()
-        # Gather again with gradient so the codebook term reaches the entries.
-        codes = F.embedding(indices, self.codebook).to(flat.dtype)
-        loss = F.mse_loss(codes, flat.detach()) + self.beta * F.mse_loss(flat, codes.detach())
-        quantized = flat + (codes - flat).detach()
+        if with_loss or torch.is_grad_enabled():
+            quantized, loss = self._straight_through(flat, indices, with_loss)
+        else:
+            # Inference: the search's gathered entries are the output; the straight-through sum
+            # has the same value up to rounding and only matters for gradients.
+            quantized, loss = gathered.to(flat.dtype), None
         quantized = quantized.reshape(b, h, w, d).permute(0, 3, 1, 2)
         return quantized, indices.reshape(b, h, w), loss
+
+    def _straight_through(
+        self, flat: torch.Tensor, indices: torch.Tensor, with_loss: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, dim) straight-through quantised rows of ``flat`` (N, dim) and, ``with_loss``, the
+        scalar VQ loss; gradients reach both ``flat`` and the codebook."""
+        # Gather again with gradient so the codebook term reaches the entries.
+        codes = F.embedding(indices, self.codebook).to(flat.dtype)
+        loss = None
+        if with_loss:
+            loss = F.mse_loss(codes, flat.detach()) + self.beta * F.mse_loss(flat, codes.detach())
+        return flat + (codes - flat).detach(), loss

@@ -81,3 +81,29 @@ def test_refusals_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backends, "onnx_available", lambda: False)
     with pytest.raises(RuntimeError, match="onnxruntime and onnxscript"):
         backends.resolve_backend("onnx", torch.device("cpu"))
+
+
+def test_auto_picks_onnx_on_cpu_for_float32_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert backends.resolve_backend("auto", cpu) == "onnx"
+    assert backends.resolve_backend("auto", cpu, "fp16") == "eager"
+    assert backends.resolve_backend("auto", torch.device("cuda")) == "compile"
+    monkeypatch.setattr(backends, "onnx_available", lambda: False)
+    assert backends.resolve_backend("auto", cpu) == "eager"
+
+
+def test_auto_falls_back_to_eager_when_the_export_fails(monkeypatch, caplog) -> None:
+    def broken_export(detector: object) -> None:
+        detector.logical_fn = None  # a half-installed backend must not survive the fallback
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(backends, "apply_onnx", broken_export)
+    detector, _ = TINY["tiny_detector"](0)
+    batch = frames()
+    expected = detector(batch).fused
+
+    assert apply_backend(detector, "auto") == "eager"
+    assert "exporter crashed" in caplog.text and "falls back to 'eager'" in caplog.text
+    torch.testing.assert_close(detector(batch).fused, expected)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        apply_backend(detector, "onnx")  # asked for by name: the failure is the answer

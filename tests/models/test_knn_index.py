@@ -1,22 +1,23 @@
-"""kNN index backends: agreement with brute force, IVF-PQ recall, save/load, bad inputs."""
+"""kNN index search: exact specs against brute force, approximate recall, Euclidean distances
+whatever the index, exactness derived from FAISS, and bad settings."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 
 import numpy as np
 import pytest
 import torch
 
 from engine.models.knn_index import (
-    FaissFlatIndex,
     KnnIndex,
-    TorchKnnIndex,
+    check_index_setting,
     faiss_available,
     faiss_gpu_available,
     make_index,
-    restore_index,
+    parse_params,
 )
+from engine.models.structural import StructuralConfig
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
 
@@ -29,18 +30,22 @@ def data(
 
 
 def exact_nearest(bank: torch.Tensor, queries: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """float64 numpy brute force: Euclidean distance and index of the nearest bank row."""
+    """float64 brute force: Euclidean distance and index of the nearest bank row."""
     dist = torch.cdist(queries.double(), bank.double(), compute_mode="donot_use_mm_for_euclid_dist")
     best = dist.min(1)
     return best.values.numpy(), best.indices.numpy()
 
 
-@pytest.mark.parametrize("kind", ["torch", pytest.param("faiss_flat", marks=needs_faiss)])
-def test_exact_backends_match_brute_force(kind: str) -> None:
-    bank, queries = data()
-    index = make_index(kind)
+def built(spec: str, bank: torch.Tensor, params: str = "") -> KnnIndex:
+    index = make_index(spec, params=params)
     index.add(bank)
-    dist, idx = index.search(queries, k=1)
+    return index
+
+
+@pytest.mark.parametrize("spec", ["torch", pytest.param("Flat", marks=needs_faiss)])
+def test_exact_specs_match_brute_force(spec: str) -> None:
+    bank, queries = data()
+    dist, idx = built(spec, bank).search(queries, k=1)
     assert dist.shape == (200, 1) and dist.dtype == torch.float32
     assert idx.shape == (200, 1) and idx.dtype == torch.int64
     want_dist, want_idx = exact_nearest(bank, queries)
@@ -50,14 +55,14 @@ def test_exact_backends_match_brute_force(kind: str) -> None:
 
 
 @needs_faiss
-def test_faiss_and_torch_agree_and_return_euclidean() -> None:
+@pytest.mark.parametrize("spec", ["Flat", "faiss_flat", "auto"])
+def test_exact_faiss_specs_agree_with_torch(spec: str) -> None:
     bank, queries = data(m=2000, q=300, d=64, seed=1)
-    torch_index, faiss_index = make_index("torch"), make_index("faiss_flat")
-    torch_index.add(bank)
-    faiss_index.add(bank)
-    d_t, i_t = torch_index.search(queries)
-    d_f, i_f = faiss_index.search(queries)
-    torch.testing.assert_close(d_t, d_f, rtol=1e-4, atol=1e-4)
+    index = built(spec, bank)
+    assert index.spec == "Flat" and index.exact
+    d_t, i_t = built("torch", bank).search(queries)
+    d_f, i_f = index.search(queries)
+    torch.testing.assert_close(d_f, d_t, rtol=1e-4, atol=0)
     # Compare indices only where the two best distances are not (nearly) tied.
     top2 = torch.cdist(queries.double(), bank.double()).topk(2, largest=False).values
     untied = (top2[:, 1] - top2[:, 0]) > 1e-3
@@ -66,137 +71,192 @@ def test_faiss_and_torch_agree_and_return_euclidean() -> None:
     # Euclidean, not squared: a known offset.
     offset = bank[:3] + torch.tensor([3.0] + [0.0] * 63)
     torch.testing.assert_close(
-        faiss_index.search(offset)[0][:, 0], torch.full((3,), 3.0), rtol=1e-4, atol=1e-4
+        index.search(offset)[0][:, 0], torch.full((3,), 3.0), rtol=1e-4, atol=1e-4
     )
 
 
 @needs_faiss
 def test_faiss_flat_k_greater_than_one_sorted() -> None:
     bank, queries = data()
-    index = make_index("faiss_flat")
-    index.add(bank)
-    dist, _ = index.search(queries, k=5)
+    dist, _ = built("Flat", bank).search(queries, k=5)
     assert dist.shape == (200, 5)
     assert (dist[:, 1:] >= dist[:, :-1]).all()
     want = torch.cdist(queries.double(), bank.double()).topk(5, largest=False).values
     torch.testing.assert_close(dist.double(), want, rtol=1e-4, atol=1e-4)
 
 
-def clustered(seed: int, rows: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (rows, 32) bank around 64 centres, and 500 queries: its first rows plus ``noise``."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(64, 32, generator=g) * 4
-    bank = centers[torch.randint(0, 64, (rows,), generator=g)] + torch.randn(rows, 32, generator=g)
-    return bank, bank[:500] + noise * torch.randn(500, 32, generator=g)
-
-
-@pytest.mark.slow
 @needs_faiss
-def test_ivfpq_recall_on_clustered_data() -> None:
-    bank, queries = clustered(seed=2, rows=8000, noise=0.05)
-    index = make_index("faiss_ivfpq", nlist=32, m=8, nbits=6, nprobe=8)
-    index.add(bank)
-    _, idx = index.search(queries, k=1)
-    _, want = exact_nearest(bank, queries)
-    recall = float((idx[:, 0].numpy() == want).mean())
-    # Approximate by design: most, not all, true nearest neighbours are found.
-    assert recall >= 0.8, recall
-    assert index.identity == {
-        "kind": "faiss_ivfpq",
-        "size": 8000,
-        "dim": 32,
-        "nlist": 32,
-        "m": 8,
-        "nbits": 6,
-        "nprobe": 8,
-    }
-
-
-@needs_faiss
-def test_hnsw_recall_and_exact_distances_on_clustered_data() -> None:
-    bank, queries = clustered(seed=4, rows=4000, noise=0.3)
-    index = make_index("faiss_hnsw", m=16, ef_search=16)
-    index.add(bank)
+@pytest.mark.parametrize("params", ["", "efSearch=128"])
+def test_hnsw_recall_with_ef_search_128(params: str) -> None:
+    """HNSW32 searches with efSearch=128 by default (FAISS's own default is 16)."""
+    bank, queries = data(m=4000, q=500, d=32, seed=4)
+    index = built("HNSW32", bank, params)
+    assert not index.exact and index.identity["params"] == "efSearch=128"
     dist, idx = index.search(queries, k=1)
     want_dist, want = exact_nearest(bank, queries)
     recall = float((idx[:, 0].numpy() == want).mean())
     assert recall >= 0.95, recall  # approximate by design
     # The distance returned is the exact distance to the row found, never below the true minimum.
     found = (queries - bank[idx[:, 0]]).norm(dim=1)
-    torch.testing.assert_close(dist[:, 0], found, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dist[:, 0], found, rtol=1e-5, atol=1e-5)
     assert (dist[:, 0].double() >= torch.as_tensor(want_dist) - 1e-4).all()
+
+
+@pytest.mark.slow
+@needs_faiss
+def test_ivfpq_recall_on_clustered_data() -> None:
+    """A (8000, 32) bank around 64 centres; queries: its first rows plus a little noise."""
+    g = torch.Generator().manual_seed(2)
+    centers = torch.randn(64, 32, generator=g) * 4
+    bank = centers[torch.randint(0, 64, (8000,), generator=g)] + torch.randn(8000, 32, generator=g)
+    queries = bank[:500] + 0.05 * torch.randn(500, 32, generator=g)
+    index = built("IVF32,PQ8x6", bank, "nprobe=8")
+    _, idx = index.search(queries, k=1)
+    _, want = exact_nearest(bank, queries)
+    recall = float((idx[:, 0].numpy() == want).mean())
+    assert recall >= 0.8, recall  # approximate by design: most, not all, are found
     assert index.identity == {
-        "kind": "faiss_hnsw", "size": 4000, "dim": 32, "m": 16, "ef_construction": 40,
-        "ef_search": 16,
+        "kind": "faiss", "spec": "IVF32,PQ8x6", "params": "nprobe=8", "exact": False,
+        "size": 8000, "dim": 32,
     }  # fmt: skip
 
 
 @needs_faiss
-def test_restore_refuses_bytes_of_another_index() -> None:
-    bank, _ = data(m=300, d=16)
-    flat = make_index("faiss_flat")
-    flat.add(bank)
-    import faiss
-
-    raw = faiss.serialize_index(flat._index).tobytes()
-    identity = {"kind": "faiss_hnsw", "m": 8, "ef_construction": 40, "ef_search": 8}
-    with pytest.raises(ValueError, match="not a IndexHNSWFlat"):
-        restore_index(identity, bank.numpy(), raw)
-    with pytest.raises(ValueError, match="not a saved kNN index kind"):
-        restore_index({"kind": "faiss_flat"}, bank.numpy(), raw)
+def test_compressed_codes_still_give_exact_distances_of_the_rows_found() -> None:
+    """PQ estimates distances from its codes: the index recomputes them from the bank."""
+    bank, queries = data(m=400, q=100, d=16, seed=5)
+    index = built("IVF8,PQ4x4", bank, "nprobe=8")
+    dist, idx = index.search(queries, k=3)
+    found = (queries[:, None, :] - bank[idx]).norm(dim=-1)
+    torch.testing.assert_close(dist, found, rtol=1e-5, atol=1e-5)
+    assert (dist[:, 1:] >= dist[:, :-1]).all()
 
 
+@needs_faiss
+def test_rows_an_ivf_probe_misses_are_found_by_exact_search() -> None:
+    """IVF returns -1 where the probed lists hold fewer than k rows: never a wrong row."""
+    bank, queries = data(m=200, q=50, d=8, seed=6)
+    index = built("IVF16,Flat", bank, "nprobe=1")
+    short = torch.from_numpy(index._faiss.search(queries.numpy(), 40)[1] < 0).any(dim=1)
+    assert short.any()
+    dist, idx = index.search(queries, k=40)
+    assert (idx >= 0).all() and torch.isfinite(dist).all()
+    want = torch.cdist(queries.double(), bank.double()).topk(40, largest=False).values
+    torch.testing.assert_close(dist[short].double(), want[short], rtol=1e-5, atol=1e-5)
+
+
+@needs_faiss
 @pytest.mark.parametrize(
-    "kind, params",
+    ("spec", "exact"),
+    [("Flat", True), ("HNSW16", False), ("IVF4,Flat", False), ("PQ4x4", False), ("SQ8", False)],
+)
+def test_exactness_is_derived_from_the_faiss_index(spec: str, exact: bool) -> None:
+    index = built(spec, data(m=300, d=16)[0])
+    assert index.exact is exact and index.identity["exact"] is exact
+
+
+@needs_faiss
+def test_defaults_apply_only_where_the_index_has_them() -> None:
+    bank = data(m=300, d=16)[0]
+    assert built("Flat", bank).identity["params"] == ""
+    assert built("IVF4,Flat", bank).identity["params"] == "nprobe=16"
+    assert built("IVF4,Flat", bank, "nprobe=2").identity["params"] == "nprobe=2"
+    assert built("HNSW8", bank, "efSearch=32").identity["params"] == "efSearch=32"
+
+
+@needs_faiss
+def test_too_few_bank_rows_to_train_is_a_clear_error() -> None:
+    index = make_index("IVF1024,Flat")
+    with pytest.raises(ValueError, match=r"structural.index='IVF1024,Flat'.*100-row"):
+        index.add(data(m=100, d=16)[0])
+    with pytest.raises(ValueError, match="empty"):  # left as it was, not half built
+        index.search(torch.randn(2, 16))
+    with pytest.raises(ValueError, match=r"structural.index='IVF4,PQ4'.*100-row"):
+        built("IVF4,PQ4", data(m=100, d=16)[0])  # 8-bit codes: 256 centroids
+
+
+@needs_faiss
+@pytest.mark.parametrize(
+    ("spec", "params", "message"),
     [
-        ("torch", {}),
-        pytest.param("faiss_flat", {}, marks=needs_faiss),
-        pytest.param(
-            "faiss_ivfpq", {"nlist": 16, "m": 8, "nbits": 4, "nprobe": 4}, marks=needs_faiss
-        ),
-        pytest.param("faiss_hnsw", {"m": 8, "ef_search": 8}, marks=needs_faiss),
+        ("bogus", "", r"structural.index='bogus' is not a FAISS index factory string"),
+        ("IVF1024,", "", r"structural.index='IVF1024,' is not a FAISS"),
+        ("HNSW0", "", r"structural.index='HNSW0': a size of 0"),
+        ("", "", r"structural.index='': empty"),
+        ("HNSW32", "efSearch", r"structural.index_params='efSearch'"),
+        ("HNSW32", "efSearch=0", r"structural.index_params='efSearch=0'"),
+        ("HNSW32", "efSearch=-3", r"structural.index_params='efSearch=-3'"),
+        ("HNSW32", "efSearch=1,=2", r"structural.index_params='efSearch=1,=2'"),
     ],
 )
-def test_save_load_round_trip(tmp_path: Path, kind: str, params: dict) -> None:
-    bank, queries = data(m=600, d=16)
-    index = make_index(kind, **params)
-    index.add(bank)
-    index.save(tmp_path / "idx")
-    loaded = KnnIndex.load(tmp_path / "idx")
-    assert type(loaded) is type(index)
-    assert loaded.identity == index.identity
-    assert loaded.bank is not None and torch.equal(loaded.bank, bank)
-    for a, b in zip(index.search(queries), loaded.search(queries), strict=True):
-        assert torch.equal(a, b)
+def test_bad_settings_fail_at_config_validation(spec: str, params: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        StructuralConfig(index=spec, index_params=params)
 
 
-def test_load_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"index\.json"):
-        KnnIndex.load(tmp_path)
-    index = make_index("torch")
-    index.add(torch.randn(10, 4))
-    index.save(tmp_path)
-    (tmp_path / "index.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"index\.json"):
-        KnnIndex.load(tmp_path)
-    (tmp_path / "index.json").write_text('{"kind": "torch", "size": 11, "dim": 4}')
-    with pytest.raises(ValueError, match=r"bank\.npy"):
-        KnnIndex.load(tmp_path)
+@needs_faiss
+@pytest.mark.parametrize(
+    ("spec", "params", "message"),
+    [
+        ("IVF64,PQ64", "", r"structural.index='IVF64,PQ64' cannot index the 152-d"),
+        ("HNSW32", "nprobe=4", r"structural.index_params: nprobe=4 does not apply"),
+        ("Flat", "efSearch=64", r"structural.index_params: efSearch=64 does not apply"),
+        ("auto", "nprobe=4", r"structural.index='auto' takes no parameters"),
+        ("torch", "nprobe=4", r"structural.index='torch' takes no parameters"),
+    ],
+)
+def test_settings_that_do_not_fit_the_features_fail_with_their_dimension(
+    spec: str, params: str, message: str
+) -> None:
+    """What depends on the features' dimension or on both settings together is checked when
+    it is known (StructuralModel.from_config, before training)."""
+    StructuralConfig(index=spec, index_params=params)  # each setting is well spelt
+    with pytest.raises(ValueError, match=message):
+        check_index_setting(spec, params, 152)
+
+
+@needs_faiss
+def test_a_spec_that_fits_only_the_true_dimension_is_not_refused_early() -> None:
+    """PQ19 does not divide the configured 1024 but divides the compact 152-d features."""
+    StructuralConfig(index="PQ19x4", feature_dim=1024)
+    check_index_setting("PQ19x4", "", 152)
+    with pytest.raises(ValueError, match="cannot index the 1024-d"):
+        check_index_setting("PQ19x4", "", 1024)
+
+
+def test_parse_params() -> None:
+    assert parse_params("") == {}
+    assert parse_params(" efSearch = 64 , nprobe=8,efSearch=32") == {"efSearch": 32, "nprobe": 8}
+
+
+@needs_faiss
+@pytest.mark.parametrize(
+    ("old", "spec"),
+    [("faiss_flat", "Flat"), ("faiss_hnsw", "HNSW32"), ("faiss_ivfpq", "IVF1024,PQ64")],
+)
+def test_old_names_are_read_as_factory_strings(old: str, spec: str, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="engine.models.knn_index"):
+        assert StructuralConfig(index=old).index == spec
+        assert make_index(old).spec == spec
+    assert f"structural.index='{old}' is the old name of the FAISS index '{spec}'" in caplog.text
+
+
+@needs_faiss
+def test_old_hnsw_name_keeps_its_search_settings() -> None:
+    index = built("faiss_hnsw", data(m=300, d=16)[0])
+    assert index.identity["params"] == "efSearch=128"
+    assert index._faiss.hnsw.efConstruction == 40 and index._faiss.hnsw.efSearch == 128
 
 
 def test_auto_choice() -> None:
-    assert isinstance(
-        make_index("auto", device="cpu"), FaissFlatIndex if faiss_available() else TorchKnnIndex
-    )
-    assert isinstance(make_index("auto", device="cuda"), TorchKnnIndex)
+    assert make_index("auto", device="cpu").spec == ("Flat" if faiss_available() else "torch")
+    assert make_index("auto", device="cuda").spec == "torch"
 
 
 @pytest.mark.skipif(not faiss_gpu_available(), reason="no FAISS GPU build or no GPU here")
 def test_faiss_gpu_matches_flat() -> None:
     bank, queries = data()
-    gpu, cpu = make_index("faiss_gpu"), make_index("faiss_flat")
-    gpu.add(bank)
-    cpu.add(bank)
+    gpu, cpu = built("faiss_gpu", bank), built("Flat", bank)
     torch.testing.assert_close(gpu.search(queries)[0], cpu.search(queries)[0], rtol=1e-4, atol=1e-4)
 
 
@@ -208,10 +268,8 @@ def test_faiss_gpu_unavailable_is_runtime_error() -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="unknown kNN index kind"):
-        make_index("hnsw")
-    with pytest.raises(ValueError, match="no parameters"):
-        make_index("torch", nlist=4)
+    with pytest.raises(ValueError, match="takes none"):
+        make_index("torch", params="nprobe=4")
     index = make_index("torch")
     with pytest.raises(ValueError, match="empty"):
         index.search(torch.randn(3, 4))
@@ -232,13 +290,3 @@ def test_bad_arguments() -> None:
         index.search(torch.randn(3, 4), k=2)
     with pytest.raises(ValueError, match="save an empty"):
         make_index("torch").save("unused")
-
-
-@needs_faiss
-def test_ivfpq_bad_parameters() -> None:
-    with pytest.raises(ValueError, match="divide"):
-        make_index("faiss_ivfpq", nlist=4, m=5, nbits=4).add(torch.randn(100, 16))
-    with pytest.raises(ValueError, match="at least"):
-        make_index("faiss_ivfpq", nlist=64, m=4, nbits=8).add(torch.randn(100, 16))
-    with pytest.raises(ValueError, match="nprobe"):
-        make_index("faiss_ivfpq", nprobe=0)

@@ -15,10 +15,10 @@ POSITIONS_PER_FILE = 6
 
 @pytest.fixture(scope="module")
 def ivfpq_source(tiny) -> tuple:
-    return tiny["tiny_detector"](2, index="faiss_ivfpq")
+    return tiny["tiny_detector"](2, index="IVF2,PQ2x4", params="nprobe=2")
 
 
-@pytest.mark.parametrize("index", ["torch", "faiss_ivfpq"])
+@pytest.mark.parametrize("index", ["torch", "IVF2,PQ2x4"])
 def test_any_changed_byte_is_refused(
     tmp_path: Path, sources: dict, faults, tiny, ivfpq_source, index: str
 ) -> None:

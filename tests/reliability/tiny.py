@@ -20,15 +20,14 @@ from engine.artifact import load_artifact, save_artifact
 from engine.calibrate import BranchStats
 from engine.config import BuildConfig
 from engine.detector import Detector
-from engine.models.knn_index import SAVED_KINDS, make_index
 from engine.models.logical import LogicalConfig, LogicalModel
-from engine.models.structural import StructuralConfig, StructuralModel
+from engine.models.structural import StructuralConfig, StructuralModel, attach_index
 
 SIZE = 32
 FEATURE_DIM = 8
 
 
-def tiny_config(index: str = "torch") -> BuildConfig:
+def tiny_config(index: str = "torch", params: str = "") -> BuildConfig:
     logical = LogicalConfig(
         backbone="resnet18",
         compared_levels=("layer1",),
@@ -50,6 +49,7 @@ def tiny_config(index: str = "torch") -> BuildConfig:
         image_size=SIZE,
         feature_dim=FEATURE_DIM,
         index=index,
+        index_params=params,
     )
     return BuildConfig(
         preset="cpu",
@@ -61,20 +61,18 @@ def tiny_config(index: str = "torch") -> BuildConfig:
     )
 
 
-def tiny_detector(seed: int = 0, index: str = "torch") -> tuple[Detector, BuildConfig]:
-    """A calibrated detector with random weights; ``index="faiss_ivfpq"`` or ``"faiss_hnsw"``
-    attaches a tiny approximate index (so the artifact holds ``index/`` files)."""
+def tiny_detector(
+    seed: int = 0, index: str = "torch", params: str = ""
+) -> tuple[Detector, BuildConfig]:
+    """A calibrated detector with random weights, searching with ``structural.index=index``
+    (``index_params=params``) on a 64-row bank, or a 16-row one for ``torch``. An approximate
+    index (``"HNSW32"``, ``"IVF2,PQ2x4"``, ...) makes the artifact hold ``index/`` files."""
     torch.manual_seed(seed)
-    config = tiny_config(index)
+    config = tiny_config(index, params)
     logical = LogicalModel.build(config.logical, None, "random", True, verbose=False)
     structural = StructuralModel.from_config(config.structural, "random", True, verbose=False)
-    bank_rows = 64 if index in SAVED_KINDS else 16
-    structural.set_bank(torch.randn(bank_rows, FEATURE_DIM))
-    if index in SAVED_KINDS:
-        params = {"nlist": 2, "m": 2, "nbits": 4, "nprobe": 2} if index == "faiss_ivfpq" else {}
-        searcher = make_index(index, **params)
-        searcher.add(structural.bank)
-        structural.use_index(searcher)
+    structural.set_bank(torch.randn(16 if index == "torch" else 64, FEATURE_DIM))
+    attach_index(structural, config.structural.index, "cpu", config.structural.index_params)
     stats = {"logical": BranchStats(0.1, 0.5), "structural": BranchStats(0.2, 0.25)}
     detector = Detector(logical, structural, config.fusion, stats, structural_size=SIZE)
     return detector, config
