@@ -5,8 +5,8 @@
 
 One row per Runtime case (those with ``p50_ms`` in ``extra_info``, see
 ``benchmarks/test_runtime.py``): p50/p95, images/s, first call, peak GPU memory, the largest
-fused-map difference from ``eager``, and the speed-up over ``eager`` at the same preset, batch
-and precision *from the same run* (no row is compared with another run's figures).
+fused-map difference from ``eager``, and the speed-up over ``eager`` at the same preset, batch,
+precision and kNN index *from the same run* (no row is compared with another run's figures).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def rows(report: dict) -> list[list[str]]:
         raise ValueError("no Runtime cases (extra_info.p50_ms) in this benchmark report")
 
     def key(info: dict) -> tuple:
-        return info["device"], info["preset"], info["batch"], info["precision"]
+        return info["device"], info["preset"], info["batch"], info["precision"], info.get("index")
 
     eager = {
         key(b["extra_info"]): b["extra_info"]["p50_ms"]

@@ -53,3 +53,22 @@ def test_bad_reports_exit_2(tmp_path: Path, capsys, content: str) -> None:
 
 def test_missing_report_exits_2(tmp_path: Path, capsys) -> None:
     assert bench_report.main([str(tmp_path / "none.json")]) == 2
+
+
+def test_speed_up_is_against_eager_with_the_same_index() -> None:
+    def indexed(name: str, backend: str, p50: float, index: str) -> dict:
+        entry = case(name, backend, p50)
+        entry["extra_info"]["index"] = index
+        return entry
+
+    table = bench_report.rows(
+        {
+            "benchmarks": [
+                indexed("eager-Flat", "eager", 160.0, "Flat"),
+                indexed("eager-IVF", "eager", 80.0, "IVF"),
+                indexed("onnx-Flat", "onnx", 80.0, "Flat"),
+                indexed("onnx-IVF", "onnx", 40.0, "IVF"),
+            ]
+        }
+    )
+    assert [row[-1] for row in table] == ["1.00×", "1.00×", "2.00×", "2.00×"]

@@ -1,0 +1,156 @@
+"""CPU frame latency with a memory bank of *real* patch features, per backend and kNN index.
+
+``test_runtime`` times random weights against a random bank: right for the networks, wrong for
+approximate search, whose cost and recall depend on how the features are distributed (HNSW and
+inverted lists are fast on clustered data). Here the cpu preset's pretrained backbones extract the
+patch features of 350 synthetic pushpins training images (a LOCO-size category); a seeded random
+10 % of them is the bank (the build's greedy coreset would take 20 minutes; its size is the
+same). The logical decoder keeps random weights (its cost does not depend on them) and the
+composition branch is fitted on 60 of the images. Cases ``test_runtime_real_bank[<backend>-
+<index>]`` time one 640x480 frame per call, cycling through 12 frames made from the category's
+test images; ``python -m tools.bench_report`` gives each case's speed-up over ``eager`` with the
+same index from the same run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import Runtime
+from engine.artifact import save_artifact
+from engine.calibrate import BranchStats
+from engine.config import cpu_build_preset
+from engine.data.images import read_rgb
+from engine.data.synthetic import generate_category
+from engine.detector import Detector, model_transform
+from engine.models.composition import CompositionModel
+from engine.models.logical import LogicalModel
+from engine.models.structural import StructuralModel, attach_index
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU frame latency (the cpu preset); CUDA runs test_runtime"
+)
+TRAIN_IMAGES, BANK_RATIO, FRAMES = 350, 0.1, 12
+INDEXES = {  # case id -> (structural.index, structural.index_params)
+    "Flat": ("Flat", ""),
+    "HNSW32": ("HNSW32", ""),
+    "IVF512-nprobe32": ("IVF512,Flat", "nprobe=32"),
+}
+BACKENDS = ("eager", "onnx")
+_EAGER_MAPS: dict[str, np.ndarray] = {}
+
+
+def _features(
+    structural: StructuralModel, size: int, paths: list[Path]
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(N, h*w, D) patch features of the images at ``paths``, and their (h, w) grid."""
+    transform = model_transform(size, structural.patch_features.backbone)
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(paths), 16):
+            frames = torch.from_numpy(np.stack([read_rgb(p) for p in paths[start : start + 16]]))
+            batch = transform.batch(frames, channels_last=True)
+            features, grid = structural.patch_features(batch)
+            chunks.append(features.float())
+    return torch.cat(chunks), grid
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Artifacts per index (same weights and bank) and the frames to score."""
+    root = tmp_path_factory.mktemp("real-bank")
+    test_each = FRAMES // 3  # good, logical and structural test images
+    folder = generate_category(
+        root, "pushpins", 0, None, TRAIN_IMAGES, 4, test_each, test_each, test_each, progress=False
+    )
+    config = cpu_build_preset()
+    size = config.structural.image_size
+    structural = StructuralModel.from_config(config.structural, "auto", False, verbose=False)
+    if structural.patch_features.backbone.weights.source == "random":
+        pytest.skip("the cpu preset's pretrained backbone weights are not installed")
+    train = sorted((folder / "train" / "good").glob("*.png"))
+    features, grid = _features(structural, size, train)
+    rows = features.reshape(-1, features.shape[-1])
+    pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))
+    structural.set_bank(rows[pick[: int(rows.shape[0] * BANK_RATIO)]].contiguous())
+    torch.manual_seed(0)
+    logical = LogicalModel.build(config.logical, None, "auto", False, verbose=False)
+    composition = CompositionModel(config.composition, int(features.shape[-1]), grid)
+    composition.fit(features[:60], grid)
+    stats = {b: BranchStats(0.5, 0.1) for b in ("logical", "structural", "composition")}
+    info = {
+        "category": "timing",
+        "threshold": 1.0,
+        "text_prior": {"kind": "learned", "prompt": "timing", "dim": None},
+        "validation_scores": [0.5, 1.0],
+        "metrics": {},
+    }
+    artifacts = {}
+    for case, (spec, params) in INDEXES.items():
+        case_config = replace(
+            config,
+            text_prior="learned",
+            structural=replace(config.structural, index=spec, index_params=params),
+        )
+        attach_index(structural, spec, "cpu", params)
+        detector = Detector(
+            logical,
+            structural,
+            config.fusion,
+            stats,
+            structural_size=size,
+            composition=composition,
+        )
+        artifacts[case] = save_artifact(root / case, detector, case_config, info)
+    frames = [
+        np.asarray(Image.open(p).convert("RGB").resize((640, 480), Image.BILINEAR))
+        for p in sorted((folder / "test").glob("*/*.png"))
+    ]
+    return {"artifacts": artifacts, "frames": frames}
+
+
+def _maps(runtime: Runtime, frames: list[np.ndarray]) -> np.ndarray:
+    return np.stack([runtime(frame, color="rgb").anomaly_map for frame in frames])
+
+
+@pytest.mark.parametrize("index", list(INDEXES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runtime_real_bank(benchmark, category: dict, backend: str, index: str) -> None:
+    benchmark.group = f"runtime (cpu preset, cpu, b1, real bank, {index})"
+    artifact, frames = category["artifacts"][index], category["frames"]
+    start = time.perf_counter()
+    runtime = Runtime.load(artifact, device="cpu", backend=backend)
+    runtime(frames[0], color="rgb")
+    first_ms = (time.perf_counter() - start) * 1e3
+    maps = _maps(runtime, frames)  # warm-up, and the maps compared with eager's
+    if index not in _EAGER_MAPS:
+        eager = Runtime.load(artifact, device="cpu", backend="eager")
+        _EAGER_MAPS[index] = maps if runtime.backend == "eager" else _maps(eager, frames)
+    cycle = itertools.cycle(frames)
+    benchmark.pedantic(lambda: runtime(next(cycle), color="rgb"), rounds=2 * FRAMES, iterations=1)
+    times = np.asarray(benchmark.stats.stats.data) * 1e3
+    benchmark.extra_info.update(
+        {
+            "device": "cpu",
+            "preset": "cpu (real bank)",
+            "index": index,
+            "backend": runtime.backend,
+            "precision": runtime.precision,
+            "batch": 1,
+            "features": "compact",
+            "p50_ms": float(np.median(times)),
+            "p95_ms": float(np.percentile(times, 95)),
+            "images_per_s": 1e3 / float(np.median(times)),
+            "first_call_ms": first_ms,
+            "peak_mib": None,
+            "max_map_diff_vs_eager": float(np.abs(maps - _EAGER_MAPS[index]).max()),
+        }
+    )
