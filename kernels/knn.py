@@ -38,9 +38,11 @@ def knn_min_reference(
     dists, idxs = [], []
     for start in range(0, queries.shape[0], chunk):
         q = queries[start : start + chunk].float()
-        d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ b.t() + b_sq[None, :]
-        d2_min, i = d2.min(dim=1)
-        dists.append(d2_min.clamp_min(0).sqrt())
+        # ||q||^2 is the same for every bank row: add it after the min, so the (chunk, M)
+        # matrix is written once (one addmm) instead of three times.
+        partial = torch.addmm(b_sq[None, :], q, b.t(), alpha=-2.0)
+        d2_min, i = partial.min(dim=1)
+        dists.append((d2_min + (q * q).sum(1)).clamp_min(0).sqrt())
         idxs.append(i)
     if not dists:
         return queries.new_empty(0, dtype=torch.float32), queries.new_empty(0, dtype=torch.int64)
