@@ -36,3 +36,16 @@ def timed() -> Timed:
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def timing_info() -> dict[str, Any]:
+    """The manifest ``info`` of the random-weight, uncalibrated artifacts the Runtime benchmarks
+    time (a fixed threshold, placeholder validation scores, no metrics)."""
+    return {
+        "category": "timing",
+        "threshold": 1.0,
+        "text_prior": {"kind": "learned", "prompt": "timing", "dim": None},
+        "validation_scores": [0.5, 1.0],
+        "metrics": {},
+    }

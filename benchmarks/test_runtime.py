@@ -66,7 +66,7 @@ def random_detector(config: BuildConfig) -> Detector:
     )
 
 
-def make_artifact(folder: Path, compact: bool = True) -> Path:
+def make_artifact(folder: Path, info: dict, compact: bool = True) -> Path:
     """A random-weight artifact of the preset timed here, written through the public API."""
     config = paper_preset() if PRESET == "paper" else cpu_build_preset()
     structural = replace(config.structural, compact_features=compact)
@@ -79,20 +79,16 @@ def make_artifact(folder: Path, compact: bool = True) -> Path:
         structural=structural,
         composition=composition,
     )
-    info = {
-        "category": "timing",
-        "threshold": 1.0,
-        "text_prior": {"kind": "learned", "prompt": "timing", "dim": None},
-        "validation_scores": [0.5, 1.0],
-        "metrics": {},
-    }
     return save_artifact(folder / "artifact", random_detector(config), config, info)
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
+def artifacts(tmp_path_factory: pytest.TempPathFactory, timing_info: dict) -> dict[bool, Path]:
     root = tmp_path_factory.mktemp("runtime-bench")
-    return {compact: make_artifact(root / str(compact), compact) for compact in (True, False)}
+    return {
+        compact: make_artifact(root / str(compact), timing_info, compact)
+        for compact in (True, False)
+    }
 
 
 def frames(batch: int) -> torch.Tensor:

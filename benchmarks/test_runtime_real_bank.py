@@ -64,7 +64,7 @@ def _features(
 
 
 @pytest.fixture(scope="module")
-def category(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def category(tmp_path_factory: pytest.TempPathFactory, timing_info: dict) -> dict:
     """Artifacts per index (same weights and bank) and the frames to score."""
     root = tmp_path_factory.mktemp("real-bank")
     test_each = FRAMES // 3  # good, logical and structural test images
@@ -86,13 +86,6 @@ def category(tmp_path_factory: pytest.TempPathFactory) -> dict:
     composition = CompositionModel(config.composition, int(features.shape[-1]), grid)
     composition.fit(features[:60], grid)
     stats = {b: BranchStats(0.5, 0.1) for b in ("logical", "structural", "composition")}
-    info = {
-        "category": "timing",
-        "threshold": 1.0,
-        "text_prior": {"kind": "learned", "prompt": "timing", "dim": None},
-        "validation_scores": [0.5, 1.0],
-        "metrics": {},
-    }
     artifacts = {}
     for case, (spec, params) in INDEXES.items():
         case_config = replace(
@@ -109,7 +102,7 @@ def category(tmp_path_factory: pytest.TempPathFactory) -> dict:
             structural_size=size,
             composition=composition,
         )
-        artifacts[case] = save_artifact(root / case, detector, case_config, info)
+        artifacts[case] = save_artifact(root / case, detector, case_config, timing_info)
     frames = [
         np.asarray(Image.open(p).convert("RGB").resize((640, 480), Image.BILINEAR))
         for p in sorted((folder / "test").glob("*/*.png"))

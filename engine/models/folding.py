@@ -1,7 +1,7 @@
 """BatchNorm folding for deployment: an eval-mode BatchNorm that directly follows a convolution
-(plain or transposed) is an affine map of that convolution's output, so it can be merged into the convolution's
-weights (``torch.nn.utils.fusion.fuse_conv_bn_eval``) and removed, saving one elementwise pass
-per BatchNorm per frame (258 of them in the paper preset's two backbones).
+(plain or transposed) is an affine map of that convolution's output, so it can be merged into
+the convolution's weights (``torch.nn.utils.fusion.fuse_conv_bn_eval``) and removed, saving one
+elementwise pass per BatchNorm per frame (258 of them in the paper preset's two networks).
 
 Which convolution feeds which BatchNorm is read from one forward pass (the BatchNorm's input
 must be the very tensor the convolution returned), not from module names, so it works on any
@@ -84,6 +84,8 @@ def fold_batchnorm(
     if not reference:
         raise TypeError("fold_batchnorm: run() returned no tensor to check the fold against")
     pairs = _conv_bn_pairs(module, run)
+    if not pairs:  # nothing to fold (e.g. folded before): skip the checking pass
+        return 0
     originals = {name: module.get_submodule(name) for pair in pairs for name in pair}
     for conv_name, bn_name in pairs:
         conv = originals[conv_name]
