@@ -40,6 +40,9 @@ def _batchnorms_called(module: nn.Module, run) -> int:
 
 @pytest.mark.parametrize("arch", ["resnet18", "efficientnet_lite0"])
 def test_folded_backbone_gives_the_same_features_without_batchnorm(arch: str) -> None:
+    # Seeded: the folded weights round differently, and an unseeded random net crossed the
+    # tolerance on one element now and then (errors up to 1.5e-5 on features of size 30).
+    torch.manual_seed(0)
     backbone = load_backbone(
         arch, ["layer1", "layer2", "layer3"], "random", allow_random=True, verbose=False
     )
