@@ -4,8 +4,8 @@
 approximate search, whose cost and recall depend on how the features are distributed (HNSW and
 inverted lists are fast on clustered data). Here the cpu preset's pretrained backbones extract the
 patch features of 350 synthetic pushpins training images (a LOCO-size category); a seeded random
-10 % of them is the bank (the build's greedy coreset would take 20 minutes; its size is the
-same). The logical decoder keeps random weights (its cost does not depend on them) and the
+10 % of them is the bank (the greedy coreset would add two minutes to the setup; its size is
+the same). The logical decoder keeps random weights (its cost does not depend on them) and the
 composition branch is fitted on 60 of the images. Cases ``test_runtime_real_bank[<backend>-
 <index>]`` time one 640x480 frame per call, cycling through 12 frames made from the category's
 test images; ``python -m tools.bench_report`` gives each case's speed-up over ``eager`` with the

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from engine.models import coreset
 from engine.models.coreset import greedy_coreset
 from engine.models.knn_index import faiss_available, make_index
 
@@ -22,6 +23,9 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 DIM = 1024
 CORESET_N, CORESET_RATIO = (370 * 1024, 0.1) if CUDA else (20_000, 0.1)
 BANK, QUERIES = (37_888, 1024) if CUDA else (8192, 1024)
+# projected points (coreset_projection_dim 128) of a LOCO-size bank, and a pick count that
+# keeps the plain loop to seconds
+PICK_N, PICK_K = (370 * 1024, 4000) if CUDA else (100_000, 1000)
 
 
 def synced(fn: Callable[[], object]) -> Callable[[], object]:
@@ -46,6 +50,26 @@ def test_coreset_selection(benchmark: object) -> None:
     benchmark.extra_info.update(
         {"device": str(DEVICE), "n": CORESET_N, "dim": DIM, "picks": picks.numel()}
     )
+
+
+@pytest.mark.parametrize("search", ["plain", "blocked"])
+def test_coreset_picks(benchmark: object, search: str) -> None:
+    """The greedy picks alone, side by side: the plain loop (one pass over all points per pick)
+    against the blocked search the build uses; both return the same picks (tests/models)."""
+    benchmark.group = "coreset picks"
+    points = torch.randn(PICK_N, 128, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    sq_norms = (points * points).sum(1)
+    start = ((points - points[0]) ** 2).sum(1)
+
+    def run() -> torch.Tensor:
+        nearest = start.clone()
+        if search == "plain":
+            return coreset.reference_greedy(points, sq_norms, nearest, PICK_K)
+        return coreset._blocked_greedy(points, sq_norms, nearest, PICK_K, progress=False)
+
+    picks = benchmark.pedantic(synced(run), rounds=2, iterations=1)
+    assert picks.unique().numel() == PICK_K
+    benchmark.extra_info.update({"device": str(DEVICE), "n": PICK_N, "picks": PICK_K})
 
 
 @pytest.mark.parametrize("kind", ["torch", "faiss_flat"])

