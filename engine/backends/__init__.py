@@ -4,10 +4,11 @@
 with). ``compile`` folds the BatchNorms into their convolutions and wraps both branch functions
 in ``torch.compile`` (Inductor; CUDA graphs with ``mode="reduce-overhead"`` on GPU). ``onnx``
 runs both networks in ONNX Runtime on CPU (see :mod:`engine.backends.onnx`). ``tensorrt`` is
-not implemented in this version and says so. ``auto`` picks ``compile`` on CUDA; on CPU it picks ``onnx`` for float32 when ONNX Runtime is
-installed (it runs the networks about 3x faster than eager PyTorch there; docs/PERFORMANCE.md),
-falling back to ``eager`` with a warning if the export fails, and ``eager`` otherwise
-(``torch.compile`` costs minutes on small machines and gains little).
+not implemented in this version and says so. ``auto`` picks ``compile`` on CUDA; on CPU it
+picks ``onnx`` for float32 when ONNX Runtime is installed (it runs the networks about 3x
+faster than eager PyTorch there; docs/PERFORMANCE.md), falling back to ``eager`` with a warning
+if the export fails, and ``eager`` otherwise (``torch.compile`` costs minutes on small machines
+and gains little).
 """
 
 from __future__ import annotations
