@@ -143,6 +143,7 @@ def fuse_maps(
     weights: Mapping[str, float],
     sigma: float,
     gate_power: float | None = None,
+    gate_after_blur: bool = False,
 ) -> torch.Tensor:
     """(B, S, S) fused map: ``blur_sigma(sum_b w_b * (maps_b - mean_b) / std_b)``.
 
@@ -150,7 +151,10 @@ def fuse_maps(
     ``weights`` must hold every branch of ``maps``; branches of weight 0 are left out. ``sigma``
     is in pixels of these maps (see :meth:`FusionConfig.sigma_at`). With ``gate_power`` the
     composition map (its image score at every pixel) is placed where the other branches see
-    the anomaly: see :func:`gated_composition`.
+    the anomaly (:func:`gated_composition`): on their merged map before the blur, or with
+    ``gate_after_blur`` on their blurred fused map, added after the blur, so that the image
+    score rises by exactly the composition evidence (the blur would spread the narrow gated
+    peak and scale it down by an amount that depends on the peak's shape).
     """
     missing = [b for b in maps if b not in stats or b not in weights]
     if missing:
@@ -160,33 +164,33 @@ def fuse_maps(
         raise ValueError("every branch has weight 0: nothing to fuse")
     affines = {b: (float(weights[b]), *stats[b].as_tuple()) for b in used}
     inputs = {b: maps[b] for b in used}
-    if gate_power is not None and "composition" in inputs and len(inputs) > 1:
-        others = {b: affines[b] for b in used if b != "composition"}
-        inputs["composition"] = gated_composition(
-            inputs["composition"], stats["composition"], maps, others, gate_power
+    if gate_power is None or "composition" not in inputs or len(inputs) == 1:
+        return normalize_merge_blur(list(inputs.values()), list(affines.values()), sigma=sigma)
+    composition, weight = inputs.pop("composition"), affines.pop("composition")[0]
+    if gate_after_blur:
+        fused = normalize_merge_blur(list(inputs.values()), list(affines.values()), sigma=sigma)
+        return fused + weight * gated_composition(
+            composition, stats["composition"], fused, gate_power
         )
-        affines["composition"] = (affines["composition"][0], 0.0, 1.0)
+    base = sum(w * (inputs[b].float() - mean) / std for b, (w, mean, std) in affines.items())
+    assert isinstance(base, torch.Tensor)
+    inputs["composition"] = gated_composition(composition, stats["composition"], base, gate_power)
+    affines["composition"] = (weight, 0.0, 1.0)
     return normalize_merge_blur(list(inputs.values()), list(affines.values()), sigma=sigma)
 
 
 def gated_composition(
-    composition: torch.Tensor,
-    stats: BranchStats,
-    maps: Mapping[str, torch.Tensor],
-    affines: Mapping[str, tuple[float, float, float]],
-    power: float,
+    composition: torch.Tensor, stats: BranchStats, base: torch.Tensor, power: float
 ) -> torch.Tensor:
     """The composition evidence placed where the other branches point: (B, S, S).
 
     ``z = max(0, (score - mean) / std)`` (the image's composition score above the validation
     mean, in validation standard deviations) times ``g ** power``, with ``g`` the other
-    branches' merged normalised map (``affines``: ``(weight, mean, std)`` each) rescaled to
-    [0, 1] per image. The image's most anomalous region gains ``z``, normal regions almost
-    nothing: a map that is the score everywhere raises every pixel of an image whose parts are
-    miscounted and costs AU-sPRO (docs/ACCURACY.md).
+    branches' merged normalised map ``base`` rescaled to [0, 1] per image. The image's most
+    anomalous region gains ``z``, normal regions almost nothing: a map that is the score
+    everywhere raises every pixel of an image whose parts are miscounted and costs AU-sPRO
+    (docs/ACCURACY.md).
     """
-    base = sum(w * (maps[b].float() - mean) / std for b, (w, mean, std) in affines.items())
-    assert isinstance(base, torch.Tensor)
     low = base.amin(dim=(-2, -1), keepdim=True)
     span = (base.amax(dim=(-2, -1), keepdim=True) - low).clamp_min(1e-12)
     z = ((composition.float() - stats.mean) / stats.std).clamp_min(0.0)

@@ -196,11 +196,12 @@ class Detector:
         """The fused (B, S, S) map of same-size branch ``maps`` with the calibrated statistics."""
         if self.stats is None:
             raise RuntimeError("the detector is not calibrated: branch statistics are missing")
-        gate = None
-        if self.composition is not None and self.composition.config.fused_map == "gated":
+        gate, after_blur = None, False
+        if self.composition is not None and self.composition.config.fused_map != "image":
             gate = self.composition.config.gate_power
+            after_blur = self.composition.config.fused_map == "gated_after_blur"
         sigma = self.fusion.sigma_at(self.map_size)
-        return fuse_maps(maps, self.stats, self.weights, sigma, gate)
+        return fuse_maps(maps, self.stats, self.weights, sigma, gate, after_blur)
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor) -> Maps:

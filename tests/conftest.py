@@ -135,18 +135,28 @@ def reference_fused_map(
     merged = np.zeros((side, side), dtype=np.float64)
     for name in others:
         merged += weights[name] * normalised(name)
-    if "composition" in maps and weights.get("composition", 0.0):
-        composition = manifest["config"]["composition"]
-        evidence = normalised("composition")
-        if composition["fused_map"] == "gated" and others:
-            # the image's composition score above the validation mean, placed on the other
-            # branches' merged map rescaled to [0, 1] and raised to the gate power
-            gate = (merged - merged.min()) / max(merged.max() - merged.min(), 1e-12)
-            evidence = np.maximum(evidence, 0.0) * gate ** composition["gate_power"]
-        merged = merged + weights["composition"] * evidence
     sigma = manifest["config"]["fusion"]["sigma"] * side / 256
-    blurred = gaussian_filter(merged, sigma=sigma, mode="reflect", truncate=4.0)
-    return bilinear_resize(blurred, size)
+
+    def blur(image: np.ndarray) -> np.ndarray:
+        return gaussian_filter(image, sigma=sigma, mode="reflect", truncate=4.0)
+
+    def gated(evidence: np.ndarray, base: np.ndarray) -> np.ndarray:
+        # the image's composition score above the validation mean, placed on the other
+        # branches' map rescaled to [0, 1] and raised to the gate power
+        gate = (base - base.min()) / max(base.max() - base.min(), 1e-12)
+        return np.maximum(evidence, 0.0) * gate ** composition["gate_power"]
+
+    composition = manifest["config"].get("composition", {})
+    mode = composition.get("fused_map") if others else "image"
+    if "composition" not in maps or not weights.get("composition", 0.0):
+        return bilinear_resize(blur(merged), size)
+    evidence = normalised("composition")
+    if mode == "gated_after_blur":
+        fused = blur(merged)
+        return bilinear_resize(fused + weights["composition"] * gated(evidence, fused), size)
+    if mode == "gated":
+        evidence = gated(evidence, merged)
+    return bilinear_resize(blur(merged + weights["composition"] * evidence), size)
 
 
 def _result_maps(result: Any) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 LOGICAL_SIZE, STRUCTURAL_SIZE = 64, 96
 # Runtime (1 image per batch) and build (8 per batch): float32 rounding noise only.
 MAP_ATOL = 1e-4
+MAP_RTOL = 1e-5  # maps reach tens of units: rounding noise scales with them
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,10 @@ def test_runtime_maps_equal_the_saved_maps_and_the_formula(
             / "pushpins"
             / path.relative_to(test_root.parent).with_suffix(".tiff")
         )
-        np.testing.assert_allclose(result.anomaly_map, saved, rtol=0, atol=MAP_ATOL, err_msg=path)
+        np.testing.assert_allclose(
+            result.anomaly_map, saved, rtol=MAP_RTOL, atol=MAP_ATOL, err_msg=path
+        )
         want = fused_reference(result, manifest, image.shape[:2])
-        np.testing.assert_allclose(result.anomaly_map, want, rtol=0, atol=MAP_ATOL, err_msg=path)
+        np.testing.assert_allclose(
+            result.anomaly_map, want, rtol=MAP_RTOL, atol=MAP_ATOL, err_msg=path
+        )

@@ -63,12 +63,11 @@ def test_gated_composition_lands_on_the_other_branches_peak() -> None:
     composition = np.stack([np.full((16, 16), 5.0), np.full((16, 16), -1.0)]).astype(np.float32)
     stats = {b: BranchStats(0.0, 1.0) for b in ("logical", "structural")}
     stats["composition"] = BranchStats(1.0, 2.0)
-    affines = {"logical": (1.0, 0.0, 1.0), "structural": (1.0, 0.0, 1.0)}
     maps = {"logical": torch.from_numpy(logical), "structural": torch.from_numpy(structural)}
-    gated = gated_composition(
-        torch.from_numpy(composition), stats["composition"], maps, affines, 8.0
-    ).numpy()
     base = logical + structural
+    gated = gated_composition(
+        torch.from_numpy(composition), stats["composition"], torch.from_numpy(base), 8.0
+    ).numpy()
     gate = (base - base.min((1, 2), keepdims=True)) / np.ptp(base, (1, 2), keepdims=True)
     z = np.maximum((composition - 1.0) / 2.0, 0.0)  # 2 for image 0, 0 for image 1 (below mean)
     np.testing.assert_allclose(gated, z * gate**8, rtol=1e-5, atol=1e-6)
@@ -83,6 +82,29 @@ def test_gated_composition_lands_on_the_other_branches_peak() -> None:
     )
     want = gaussian_filter(base[0] + gated[0], sigma=1.0)
     np.testing.assert_allclose(fused[0].numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_gate_after_blur_adds_the_whole_evidence_at_the_blurred_peak() -> None:
+    rng = np.random.default_rng(5)
+    logical = rng.random((2, 20, 20)).astype(np.float32)
+    structural = rng.random((2, 20, 20)).astype(np.float32)
+    logical[:, 8, 11] = 6.0
+    composition = np.stack([np.full((20, 20), 7.0), np.full((20, 20), 0.5)]).astype(np.float32)
+    stats = {b: BranchStats(0.5, 0.25) for b in ("logical", "structural")}
+    stats["composition"] = BranchStats(1.0, 2.0)
+    weights = {"logical": 1.0, "structural": 2.0, "composition": 1.5}
+    maps = {"logical": logical, "structural": structural, "composition": composition}
+    fused = fuse_maps(
+        {b: torch.from_numpy(m) for b, m in maps.items()}, stats, weights, 1.5, 8.0, True
+    ).numpy()
+    merged = (logical - 0.5) / 0.25 + 2.0 * (structural - 0.5) / 0.25
+    base = np.stack([gaussian_filter(m.astype(np.float64), sigma=1.5) for m in merged])
+    gate = (base - base.min((1, 2), keepdims=True)) / np.ptp(base, (1, 2), keepdims=True)
+    z = np.maximum((composition[:, :1, :1] - 1.0) / 2.0, 0.0)  # 3 for image 0, 0 for image 1
+    np.testing.assert_allclose(fused, base + 1.5 * z * gate**8, rtol=1e-4, atol=1e-4)
+    # the image score rises by exactly the weighted evidence, whatever the peak's shape
+    assert fused[0].max() == pytest.approx(base[0].max() + 1.5 * 3.0, rel=1e-5)
+    assert fused[1].max() == pytest.approx(base[1].max(), rel=1e-5)
 
 
 def test_sigma_scales_with_the_map_size() -> None:

@@ -8,9 +8,11 @@ branch statistics swapped in the fusion call, or the threshold taken at the wron
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,32 @@ def test_fused_map_equals_the_formula(
             result.anomaly_map, want, rtol=FUSED_RTOL, atol=FUSED_ATOL, err_msg=path
         )
         assert result.score == pytest.approx(want.max(), rel=FUSED_RTOL, abs=FUSED_ATOL)
+
+
+@pytest.mark.slow
+def test_composition_after_the_blur_equals_the_formula(
+    rt: Runtime, manifest: dict, tiny_build: dict[str, Path], fused_reference: Callable
+) -> None:
+    composition = rt.detector.composition
+    assert composition is not None and composition.config.fused_map == "gated"
+    original = composition.config
+    composition.config = replace(original, fused_map="gated_after_blur")
+    after = copy.deepcopy(manifest)
+    after["config"]["composition"]["fused_map"] = "gated_after_blur"
+    changed = []
+    try:
+        for path in sorted((tiny_build["data"] / "pushpins" / "test").rglob("*.png"))[::3]:
+            image = read_image(path)
+            result = rt(image, color="rgb")
+            want = fused_reference(result, after, image.shape[:2])
+            np.testing.assert_allclose(
+                result.anomaly_map, want, rtol=FUSED_RTOL, atol=FUSED_ATOL, err_msg=path
+            )
+            before = fused_reference(result, manifest, image.shape[:2])
+            changed.append(not np.allclose(want, before, rtol=FUSED_RTOL, atol=FUSED_ATOL))
+    finally:
+        composition.config = original
+    assert any(changed)  # the two modes differ wherever the composition evidence is positive
 
 
 @pytest.mark.slow

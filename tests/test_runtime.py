@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 # Runtime and build run the same Detector on the same weights; only batch composition differs
 # (build: 8 images per batch, here: 1), which moves float32 results by rounding noise.
 MAP_ATOL = 1e-4
+MAP_RTOL = 1e-5  # maps reach tens of units: rounding noise scales with them
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,8 @@ def test_runtime_maps_equal_the_build_maps(rt: Runtime, tiny_build: dict[str, Pa
         result = rt(read_rgb(sample.image_path), color="rgb")
         expected = read_map(find_map(tiny_build["maps"], sample))
         assert result.anomaly_map.shape == expected.shape
-        np.testing.assert_allclose(result.anomaly_map, expected, atol=MAP_ATOL, rtol=0)
-        assert result.score == pytest.approx(float(expected.max()), abs=MAP_ATOL)
+        np.testing.assert_allclose(result.anomaly_map, expected, atol=MAP_ATOL, rtol=MAP_RTOL)
+        assert result.score == pytest.approx(float(expected.max()), abs=MAP_ATOL, rel=MAP_RTOL)
         assert result.is_anomalous == (result.score > rt.threshold)
 
 

@@ -40,8 +40,7 @@ def _batchnorms_called(module: nn.Module, run) -> int:
 
 @pytest.mark.parametrize("arch", ["resnet18", "efficientnet_lite0"])
 def test_folded_backbone_gives_the_same_features_without_batchnorm(arch: str) -> None:
-    # Seeded: the folded weights round differently, and an unseeded random net crossed the
-    # tolerance on one element now and then (errors up to 1.5e-5 on features of size 30).
+    # Seeded, so that a failure reproduces.
     torch.manual_seed(0)
     backbone = load_backbone(
         arch, ["layer1", "layer2", "layer3"], "random", allow_random=True, verbose=False
@@ -60,7 +59,11 @@ def test_folded_backbone_gives_the_same_features_without_batchnorm(arch: str) ->
     with torch.no_grad():
         after = backbone(image)
     for level, features in before.items():
-        torch.testing.assert_close(after[level], features, rtol=1e-4, atol=1e-5)
+        # float32 rounding of the folded weights grows with the features' scale and the depth:
+        # up to 2e-6 of the largest value measured (ResNet-18 layer3: 6e-5 on values up to 29,
+        # machine-dependent); a wrong fold is off by the order of the values themselves.
+        scale = float(features.abs().max())
+        torch.testing.assert_close(after[level], features, rtol=1e-4, atol=1e-5 * scale)
 
 
 class _SharedConvOutput(nn.Module):

@@ -14,7 +14,7 @@ from kernels import vq_nearest
 
 __all__ = ["PARTS", "CompositionConfig", "CompositionModel"]
 
-FUSED_MAPS = ("gated", "image")
+FUSED_MAPS = ("gated", "gated_after_blur", "image")
 # the descriptor parts a config may name (see the package docstring)
 PARTS = ("area", "pairs", "blobs", "blob_size", "blob_spread", "grid", "appearance", "spread")
 
@@ -33,11 +33,16 @@ class CompositionConfig:
     ``fused_map``: what the branch contributes to fusion. Its evidence is about the whole
     image (counts, mixes, relations), so its map is the image score at every pixel; ``"gated"``
     places that score where the other branches see the anomaly
-    (:func:`engine.calibrate.gated_composition`, with ``gate_power``), ``"image"`` adds it to
-    every pixel. docs/ACCURACY.md: a score on every pixel lifts the whole of an anomalous image
-    and cuts AU-sPRO@0.05 by a third; gated, the fused map beats every single branch on both
-    image AUROC and AU-sPRO. The per-cell map (``forward``'s second output) localises too
-    coarsely to fuse.
+    (:func:`engine.calibrate.gated_composition`, with ``gate_power``) before the blur, which
+    spreads the narrow gated peak and keeps only about half of the evidence in the image score,
+    a share that varies from image to image; ``"gated_after_blur"`` adds it at the peak of the
+    other branches' blurred map after the blur, so the image score rises by exactly the
+    evidence (one seed: logical subset +0.018, structural -0.009, docs/ACCURACY.md; not the
+    default until three seeds confirm it); ``"image"`` adds it to every pixel.
+    docs/ACCURACY.md: a score on every pixel lifts the whole of an anomalous image and cuts
+    AU-sPRO@0.05 by a third; gated, the fused map beats every single branch on both image
+    AUROC and AU-sPRO. The per-cell map (``forward``'s second output) localises too coarsely to
+    fuse.
     ``n_components``: K, k-means components of the patch features.
     ``temperature``: soft assignment for every part but the blob ones: a patch's weight for
     component k is softmax_k(-d²_k / (temperature * m)), d_k its distance to centroid k and m
