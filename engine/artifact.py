@@ -332,6 +332,7 @@ def load_artifact(
         composition=composition,
         weights=spec.fusion_weights,
     ).to(device)
+    detector.fusion.set_threshold(spec.threshold)
     with untrusted(f"{root}: cannot set up the kNN index"):
         if is_approximate(spec.index):
             recorded = manifest["structural_index"]

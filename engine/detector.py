@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.calibrate import BRANCHES, BranchStats, FusionConfig, fuse_maps, resize_to
+from engine.calibrate import BRANCHES, BranchStats, FusionConfig, resize_to
 from engine.data.transforms import ImageTransform
 from engine.models.composition import CompositionModel
 from engine.models.folding import fold_batchnorm
+from engine.models.fusion import Fusion
 from engine.models.logical import LogicalModel
 from engine.models.structural import StructuralModel
 from engine.stage_timer import StageTimer
@@ -115,9 +116,11 @@ class Detector:
     ``logical_fn`` maps a normalised (B, 3, S, S) batch to a (B, S, S) map and ``structural_fn``
     a (B, 3, s, s) batch to ``(structural, composition or None)`` maps; by default they are the
     eager modules; :mod:`engine.backends` swaps in compiled versions. ``structural_size`` is the
-    structural module's input side (its config's ``image_size``). ``stats`` holds each branch's
-    validation statistics and ``weights`` its fusion weight (from the config unless calibration
-    chose them). Not thread-safe (it owns a CUDA stream and reusable state): use one per thread.
+    structural module's input side (its config's ``image_size``). :attr:`fusion` (a
+    :class:`~engine.models.fusion.Fusion`) holds the calibration as buffers: each branch's
+    validation statistics (``stats``, when given), its fusion weight (``weights``, else the
+    config's) and the decision threshold. Not thread-safe (it owns a CUDA stream and reusable
+    state): use one per thread.
     """
 
     def __init__(
@@ -135,9 +138,19 @@ class Detector:
         self.structural = structural.eval()
         self.composition = composition.eval() if composition is not None else None
         self.structural_side = StructuralSide(self.structural, self.composition)
-        self.fusion = fusion
-        self.stats = stats
-        self.weights = weights or {b: fusion.weight(b) for b in self.branch_names}
+        gate_power, after_blur = None, False
+        if self.composition is not None and self.composition.config.fused_map != "image":
+            gate_power = self.composition.config.gate_power
+            after_blur = self.composition.config.fused_map == "gated_after_blur"
+        self.fusion = Fusion(
+            self.branch_names,
+            weights or {b: fusion.weight(b) for b in self.branch_names},
+            fusion.sigma_at(self.map_size),
+            gate_power,
+            after_blur,
+        )
+        if stats is not None:
+            self.fusion.calibrate(stats)
         self.logical_transform = model_transform(logical.config.image_size, logical.encoder)
         self.structural_transform = model_transform(
             structural_size, structural.patch_features.backbone
@@ -176,6 +189,16 @@ class Detector:
         return next(self.logical.decoder.parameters()).device
 
     @property
+    def stats(self) -> dict[str, BranchStats] | None:
+        """Each branch's validation statistics, None until calibrated."""
+        return self.fusion.stats
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each branch's fusion weight."""
+        return self.fusion.weights
+
+    @property
     def shares_input(self) -> bool:
         """Whether both streams take the same preprocessed input (one pass serves both)."""
         return self.logical_transform == self.structural_transform
@@ -189,19 +212,13 @@ class Detector:
         device = torch.device(device)
         self.logical.to(device)
         self.structural_side.to(device)
+        self.fusion.to(device)
         self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         return self
 
     def fuse(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
         """The fused (B, S, S) map of same-size branch ``maps`` with the calibrated statistics."""
-        if self.stats is None:
-            raise RuntimeError("the detector is not calibrated: branch statistics are missing")
-        gate, after_blur = None, False
-        if self.composition is not None and self.composition.config.fused_map != "image":
-            gate = self.composition.config.gate_power
-            after_blur = self.composition.config.fused_map == "gated_after_blur"
-        sigma = self.fusion.sigma_at(self.map_size)
-        return fuse_maps(maps, self.stats, self.weights, sigma, gate, after_blur)
+        return self.fusion(maps)
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor) -> Maps:

@@ -74,8 +74,7 @@ def branch_only(maps: Maps, branch: str, detector: Detector) -> torch.Tensor:
         return maps.fused
     only = {branch: maps.branches()[branch]}
     assert detector.stats is not None
-    sigma = detector.fusion.sigma_at(detector.map_size)
-    return fuse_maps(only, detector.stats, {branch: 1.0}, sigma)
+    return fuse_maps(only, detector.stats, {branch: 1.0}, detector.fusion.sigma)
 
 
 def evaluate(

@@ -96,8 +96,8 @@ def _step(seconds: dict[str, float], name: str, verbose: bool) -> Iterator[None]
 def calibrate(
     detector: Detector, samples: Sequence[Sample], rate: float, progress: bool
 ) -> tuple[float, np.ndarray]:
-    """Each branch's statistics over all validation pixels (stored in ``detector.stats``), then
-    the image-score threshold.
+    """Each branch's statistics over all validation pixels, then the image-score threshold, both
+    stored in ``detector.fusion``.
 
     Returns (threshold, validation image scores). The scores are maxima of the fused map at the
     original image size, exactly as the Runtime computes them.
@@ -108,16 +108,20 @@ def calibrate(
         maps = detector(frames.to(detector.device))
         branch_maps.append({b: m.cpu() for b, m in maps.branches().items()})
         sizes.append(frames.shape[1:3])
-    detector.stats = {
-        branch: BranchStats.fit(chunk[branch] for chunk in branch_maps)
-        for branch in detector.branch_names
-    }
+    detector.fusion.calibrate(
+        {
+            branch: BranchStats.fit(chunk[branch] for chunk in branch_maps)
+            for branch in detector.branch_names
+        }
+    )
     scores = [
         image_scores(resize_to(detector.fuse(chunk), (int(height), int(width))))
         for chunk, (height, width) in zip(branch_maps, sizes, strict=True)
     ]
     scores_np = torch.cat(scores).numpy()
-    return calibrate_threshold(scores_np, rate), scores_np
+    threshold = calibrate_threshold(scores_np, rate)
+    detector.fusion.set_threshold(threshold)
+    return threshold, scores_np
 
 
 def build_category(

@@ -127,21 +127,21 @@ class Runtime:
         self.manifest = manifest
         self.backend = backend
         if threshold is None:
-            self._threshold = finite_threshold(
-                manifest.get("threshold"), "the manifest's threshold"
-            )
-        else:
-            self.threshold = threshold
+            threshold = finite_threshold(manifest.get("threshold"), "the manifest's threshold")
+        self.threshold = threshold
         self._busy = threading.Lock()
 
     @property
     def threshold(self) -> float:
-        """The decision threshold: a frame is anomalous when its score is above it."""
-        return self._threshold
+        """The decision threshold: a frame is anomalous when its score is above it. Held by the
+        detector's fusion module (``detector.fusion.threshold``, a buffer)."""
+        value = self.detector.fusion.threshold_value
+        assert value is not None  # set in __init__
+        return value
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        self._threshold = finite_threshold(value)
+        self.detector.fusion.set_threshold(value)
 
     @classmethod
     def load(
@@ -262,16 +262,17 @@ class Runtime:
                 "(NaN/Inf in its weights, memory bank or calibration); no verdict was given"
             )
         latency = (time.perf_counter() - start) * 1e3
+        threshold = self.threshold
         return [
             Result(
                 score=float(scores[i]),
-                is_anomalous=bool(scores[i] > self.threshold),
+                is_anomalous=bool(scores[i] > threshold),
                 anomaly_map=full_np[i],
                 logical_map=None if logical is None else logical[i],
                 structural_map=None if structural is None else structural[i],
                 composition_map=None if composition is None else composition[i],
                 latency_ms=latency,
-                threshold=self.threshold,
+                threshold=threshold,
                 source_index=i,
                 precision=self.precision,
             )

@@ -73,6 +73,7 @@ def test_round_trip_keeps_weights_calibration_and_threshold(built, art: Path) ->
     assert detector.stats == built[0].stats
     assert detector.weights == built[0].weights
     assert manifest["threshold"] == 1.5 and manifest["format_version"] == FORMAT_VERSION
+    assert detector.fusion.threshold.item() == detector.fusion.threshold_value == 1.5
     assert set(manifest["files"]) == {"logical.pt", "structural.pt"}
     assert names_in(art.parent) == ["art"]  # no temp folder left behind
 

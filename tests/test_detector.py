@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import runpy
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
+
+from engine.calibrate import BRANCHES
+from engine.detector import Detector
+from engine.models.composition import CompositionConfig, CompositionModel
 
 TINY = runpy.run_path(str(Path(__file__).parent / "reliability" / "tiny.py"))
 
@@ -33,3 +39,30 @@ def test_folding_batchnorm_keeps_every_map_and_removes_the_batchnorms() -> None:
         torch.testing.assert_close(
             getattr(after, name), getattr(before, name), rtol=1e-4, atol=1e-4
         )
+
+
+@pytest.mark.parametrize(
+    ("mode", "gate_power", "after_blur"),
+    [("gated", 8.0, False), ("gated_after_blur", 8.0, True), ("image", None, False)],
+)
+def test_the_fusion_module_follows_the_configuration(mode, gate_power, after_blur) -> None:
+    tiny, config = TINY["tiny_detector"](0)
+    composition = CompositionModel(
+        replace(CompositionConfig(enabled=True), fused_map=mode),
+        tiny.structural.patch_features.out_dim,
+        (4, 4),
+    )
+    detector = Detector(
+        tiny.logical,
+        tiny.structural,
+        replace(config.fusion, composition_weight=0.25),
+        tiny.stats | {"composition": tiny.stats["logical"]},
+        structural_size=TINY["SIZE"],
+        composition=composition,
+    )
+    fusion = detector.fusion
+    assert fusion.branches == BRANCHES and detector.branch_names == BRANCHES
+    assert (fusion.gate_power, fusion.gate_after_blur) == (gate_power, after_blur)
+    assert fusion.sigma == config.fusion.sigma_at(detector.map_size)
+    assert detector.weights["composition"] == 0.25
+    assert detector.stats == fusion.stats and fusion.threshold_value is None

@@ -12,7 +12,6 @@ import copy
 import json
 import math
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +89,10 @@ def test_fused_map_equals_the_formula(
 def test_composition_after_the_blur_equals_the_formula(
     rt: Runtime, manifest: dict, tiny_build: dict[str, Path], fused_reference: Callable
 ) -> None:
-    composition = rt.detector.composition
+    composition, fusion = rt.detector.composition, rt.detector.fusion
     assert composition is not None and composition.config.fused_map == "gated"
-    original = composition.config
-    composition.config = replace(original, fused_map="gated_after_blur")
+    assert fusion.gate_power == composition.config.gate_power and not fusion.gate_after_blur
+    fusion.gate_after_blur = True  # what a detector built with "gated_after_blur" holds
     after = copy.deepcopy(manifest)
     after["config"]["composition"]["fused_map"] = "gated_after_blur"
     changed = []
@@ -108,7 +107,7 @@ def test_composition_after_the_blur_equals_the_formula(
             before = fused_reference(result, manifest, image.shape[:2])
             changed.append(not np.allclose(want, before, rtol=FUSED_RTOL, atol=FUSED_ATOL))
     finally:
-        composition.config = original
+        fusion.gate_after_blur = False
     assert any(changed)  # the two modes differ wherever the composition evidence is positive
 
 

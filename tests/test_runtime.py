@@ -134,7 +134,9 @@ def test_overlay_marks_the_verdict(rt: Runtime, frame: np.ndarray) -> None:
 def test_threshold_override(tiny_build: dict[str, Path], frame: np.ndarray) -> None:
     low = Runtime.load(tiny_build["artifact"], device="cpu", threshold=-1e9)
     assert low(frame, color="rgb").is_anomalous
-    assert low.threshold == -1e9
+    assert low.threshold == low.detector.fusion.threshold.item() == -1e9
+    low.threshold = 0.3  # held by the fusion module's buffer, exactly
+    assert low.threshold == low.detector.fusion.threshold.item() == 0.3
 
 
 def test_tampered_artifact_refuses_to_load(tiny_build: dict[str, Path], tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from engine import sources
 from engine.detector import Maps
+from engine.models.fusion import Fusion
 from engine.runtime import Runtime, SourceLost
 
 
@@ -27,6 +28,7 @@ class FakeDetector:
 
     def __init__(self, fill: float | None = None, error: Exception | None = None) -> None:
         self.fill, self.error, self.calls = fill, error, 0
+        self.fusion = Fusion(("logical", "structural"), {"logical": 1, "structural": 1}, 1.0)
 
     def __call__(self, frames: torch.Tensor) -> Maps:
         self.calls += 1

@@ -14,6 +14,7 @@ import torch
 
 from engine import sources
 from engine.detector import Maps
+from engine.models.fusion import Fusion
 from engine.runtime import Runtime
 from tools import camera_loop
 
@@ -21,6 +22,9 @@ from tools import camera_loop
 class MeanDetector:
     device = torch.device("cpu")
     precision = "fp32"
+
+    def __init__(self) -> None:
+        self.fusion = Fusion(("logical", "structural"), {"logical": 1, "structural": 1}, 1.0)
 
     def __call__(self, frames: torch.Tensor) -> Maps:
         score = frames[..., 0].float().mean(dim=(1, 2)) / 255.0

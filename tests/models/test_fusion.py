@@ -1,0 +1,105 @@
+"""engine.models.fusion: the calibrated fusion as module state."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.calibrate import BranchStats, fuse_maps
+from engine.models.fusion import Fusion
+
+BRANCHES = ("logical", "structural", "composition")
+WEIGHTS = {"logical": 3.0, "structural": 1.0, "composition": 0.5}
+STATS = {
+    "logical": BranchStats(0.1, 0.3),
+    "structural": BranchStats(-1.0, 2.7),
+    "composition": BranchStats(4.2, 0.55),
+}
+
+
+def branch_maps(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    maps = {b: torch.rand(2, 16, 16, generator=generator) for b in BRANCHES[:2]}
+    maps["composition"] = (torch.rand(2, 1, 1, generator=generator) * 8).expand(-1, 16, 16)
+    return maps
+
+
+def calibrated(**kwargs) -> Fusion:
+    fusion = Fusion(BRANCHES, WEIGHTS, 1.5, **kwargs)
+    fusion.calibrate(STATS)
+    fusion.set_threshold(2.3)
+    return fusion
+
+
+@pytest.mark.parametrize(
+    ("gate_power", "after_blur"), [(None, False), (8.0, False), (8.0, True), (2.0, True)]
+)
+def test_forward_is_fuse_maps_with_the_buffers(gate_power, after_blur) -> None:
+    fusion = calibrated(gate_power=gate_power, gate_after_blur=after_blur)
+    maps = branch_maps()
+    expected = fuse_maps(maps, STATS, WEIGHTS, 1.5, gate_power, after_blur)
+    torch.testing.assert_close(fusion(maps), expected, rtol=0, atol=0)
+
+
+def test_the_state_dict_carries_the_whole_calibration() -> None:
+    source = calibrated(gate_power=8.0)
+    state = source.state_dict()
+    assert set(state) == {"mean", "std", "weight", "threshold"}
+    target = Fusion(BRANCHES, {b: 1.0 for b in BRANCHES}, 1.5, gate_power=8.0)
+    assert target.stats is None  # read before loading: the cache must not survive the load
+    target.load_state_dict(state)
+    assert target.stats == STATS and target.weights == WEIGHTS
+    assert target.threshold_value == 2.3
+    maps = branch_maps(1)
+    torch.testing.assert_close(target(maps), source(maps), rtol=0, atol=0)
+
+
+def test_recalibrating_replaces_what_forward_uses() -> None:
+    fusion = calibrated()
+    maps = branch_maps()
+    before = fusion(maps)
+    shifted = {b: BranchStats(s.mean + 1.0, s.std) for b, s in STATS.items()}
+    fusion.calibrate(shifted)
+    assert fusion.stats == shifted
+    torch.testing.assert_close(fusion(maps), fuse_maps(maps, shifted, WEIGHTS, 1.5))
+    assert not torch.equal(fusion(maps), before)
+
+
+def test_the_buffers_hold_the_numbers_exactly() -> None:
+    fusion = calibrated()
+    assert fusion.mean.tolist() == [s.mean for s in STATS.values()]
+    assert fusion.std.tolist() == [s.std for s in STATS.values()]
+    assert fusion.threshold.item() == 2.3 and fusion.weight.tolist() == list(WEIGHTS.values())
+
+
+def test_uncalibrated_fusion_says_so() -> None:
+    fusion = Fusion(BRANCHES, WEIGHTS, 1.5)
+    assert fusion.stats is None and fusion.threshold_value is None
+    assert math.isnan(fusion.threshold.item())
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        fusion(branch_maps())
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "2.3", None, True])
+def test_a_bad_threshold_is_refused_and_the_old_one_kept(bad) -> None:
+    fusion = calibrated()
+    with pytest.raises(ValueError, match="threshold must be"):
+        fusion.set_threshold(bad)
+    assert fusion.threshold_value == 2.3 and fusion.threshold.item() == 2.3
+
+
+def test_bad_construction_and_calibration_are_refused() -> None:
+    with pytest.raises(ValueError, match="distinct names"):
+        Fusion(("logical", "texture"), WEIGHTS, 1.0)
+    with pytest.raises(ValueError, match="distinct names"):
+        Fusion(("logical", "logical"), WEIGHTS, 1.0)
+    with pytest.raises(ValueError, match=r"no fusion weight .*structural"):
+        Fusion(("logical", "structural"), {"logical": 1.0}, 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        Fusion(BRANCHES, WEIGHTS, 0.0)
+    fusion = Fusion(BRANCHES, WEIGHTS, 1.0)
+    with pytest.raises(ValueError, match=r"no statistics .*composition"):
+        fusion.calibrate({b: STATS[b] for b in BRANCHES[:2]})
+    assert fusion.stats is None
