@@ -63,6 +63,7 @@ from engine.artifact_manifest import (
     untrusted,
 )
 from engine.artifact_modules import check_materialised, empty_modules
+from engine.calibrate import BranchStats
 from engine.config import BuildConfig
 from engine.detector import Detector
 from engine.models.knn_index import KnnIndex, is_approximate, restore_index
@@ -250,14 +251,16 @@ def save_artifact(
     index = detector.structural.index
     saved_index = index is not None and not index.exact
     composition = detector.composition
+    image_stats = detector.fusion.image_stats
     manifest = {
         "config": config.to_dict(),
         "backbones": {
             "logical": asdict(detector.logical.encoder.weights),
             "structural": asdict(detector.structural.patch_features.backbone.weights),
         },
-        "calibration": {branch: asdict(stats) for branch, stats in detector.stats.items()},
+        "calibration": _stats_json(detector.stats),
         "fusion_weights": dict(detector.weights),
+        **({"image_calibration": _stats_json(image_stats)} if image_stats is not None else {}),
         "structural_index": index.identity if index is not None else {"kind": "torch"},
         **({"composition_grid": list(composition.grid)} if composition is not None else {}),
         **info,
@@ -293,6 +296,10 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """
     manifest, _, _ = _read_artifact(Path(path), verify, load=False)
     return manifest
+
+
+def _stats_json(stats: dict[str, BranchStats]) -> dict[str, dict[str, float]]:
+    return {branch: asdict(values) for branch, values in stats.items()}
 
 
 def load_artifact(
@@ -331,6 +338,7 @@ def load_artifact(
         structural_size=sc.image_size,
         composition=composition,
         weights=spec.fusion_weights,
+        image_stats=spec.image_stats,
     ).to(device)
     detector.fusion.set_threshold(spec.threshold)
     with untrusted(f"{root}: cannot set up the kNN index"):

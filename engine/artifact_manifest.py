@@ -141,6 +141,8 @@ class ManifestSpec:
     threshold: float
     index: dict[str, Any]  # the structural_index identity, in this version's form
     files: dict[str, FileEntry]
+    # per branch map, of its validation image scores: fusion.merge "max" only
+    image_stats: dict[str, BranchStats] | None = None
 
 
 def expected_files(saved_index: bool, composition: bool) -> set[str]:
@@ -234,22 +236,18 @@ def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
             f, f.section(backbones, branch, f"backbones.{branch}"), branch
         )
     branches = ("logical", "structural") + (("composition",) if config.composition.enabled else ())
-    stats = {}
     calibration = f.section(root, "calibration", "calibration")
-    for branch in branches:
-        field = f"calibration.{branch}"
-        values = f.section(calibration, branch, field)
-        if set(values) != {"mean", "std"}:
-            raise f.fail(field, "an object with exactly 'mean' and 'std'", values)
-        mean = f.number(values, "mean", f"{field}.mean")
-        stats[branch] = BranchStats(mean, f.number(values, "std", f"{field}.std", low=MIN_STD))
+    stats = _parse_stats(f, calibration, "calibration", branches)
+    image_stats = None
+    if config.fusion.merge == "max":
+        image_calibration = f.section(root, "image_calibration", "image_calibration")
+        image_stats = _parse_stats(f, image_calibration, "image_calibration", branches)
     fusion = f.section(root, "fusion_weights", "fusion_weights")
     fusion_weights = {
         b: f.number(fusion, b, f"fusion_weights.{b}", low=0.0, high=LIMIT) for b in branches
     }
-    for name, section in (("calibration", calibration), ("fusion_weights", fusion)):
-        if set(section) != set(branches):
-            raise f.fail(name, f"an object with exactly the branches {branches}", section)
+    if set(fusion) != set(branches):
+        raise f.fail("fusion_weights", f"an object with exactly the branches {branches}", fusion)
     if not any(fusion_weights.values()):
         raise f.fail("fusion_weights", "at least one positive weight", fusion)
     grid = None
@@ -273,8 +271,25 @@ def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
     expected = expected_files(is_approximate(index), config.composition.enabled)
     files = _parse_files(f, f.section(root, "files", "files"), expected)
     return ManifestSpec(
-        config, weights, stats, fusion_weights, grid, text_dim, threshold, index, files
+        config, weights, stats, fusion_weights, grid, text_dim, threshold, index, files, image_stats
     )
+
+
+def _parse_stats(
+    f: _Fields, section: dict[str, Any], name: str, branches: tuple[str, ...]
+) -> dict[str, BranchStats]:
+    """``{branch: {"mean": m, "std": s}}`` for exactly ``branches``."""
+    stats = {}
+    for branch in branches:
+        field = f"{name}.{branch}"
+        values = f.section(section, branch, field)
+        if set(values) != {"mean", "std"}:
+            raise f.fail(field, "an object with exactly 'mean' and 'std'", values)
+        mean = f.number(values, "mean", f"{field}.mean")
+        stats[branch] = BranchStats(mean, f.number(values, "std", f"{field}.std", low=MIN_STD))
+    if set(section) != set(branches):
+        raise f.fail(name, f"an object with exactly the branches {branches}", section)
+    return stats
 
 
 def _parse_config(f: _Fields, config: dict[str, Any]) -> BuildConfig:

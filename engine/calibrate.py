@@ -6,6 +6,14 @@ mean and standard deviation of **all its pixel scores on the validation split**
 blurred with a Gaussian of σ = 4 px at a 256-px map, scaled with the map size
 (:func:`kernels.normalize_merge_blur`), then resized to the original image size. The image score
 is the maximum of the final map.
+
+``FusionConfig.merge="max"`` (beyond the paper) merges differently: each branch's standardised,
+blurred map is standardised again by the mean and std of its **validation image scores**
+(``image_stats``), and the fused map is the pointwise maximum of the branches
+(:func:`max_fuse_maps`). Pixel statistics put the branches in the same units per pixel, but the
+image score is a maximum over thousands of pixels, whose spread differs from branch to branch;
+in a sum the branch with the widest maxima then decides alone, and a branch that sees nothing
+of an anomaly dilutes the one that does.
 """
 
 from __future__ import annotations
@@ -29,10 +37,13 @@ __all__ = [
     "fuse_maps",
     "gated_composition",
     "image_scores",
+    "max_fuse_maps",
     "resize_to",
+    "standardised_maps",
 ]
 
 BRANCHES = ("logical", "structural", "composition")
+MERGES = ("sum", "max")
 SIGMA_REFERENCE_SIZE = 256  # FusionConfig.sigma is in pixels of a map of this side
 
 
@@ -45,6 +56,10 @@ class FusionConfig:
     pixels of a 256-px map; a map of side S is blurred with ``sigma * S / 256`` (RD4AD and
     PatchCore use σ = 4 at 256 px, so the blur keeps its size relative to the image).
 
+    ``merge``: ``"sum"`` (the paper: the weighted sum of the pixel-standardised maps, blurred)
+    or ``"max"`` (the pointwise maximum of the blurred maps, each standardised by its
+    validation image scores and weighted; see the module docstring and :func:`max_fuse_maps`).
+
     ``target_false_alarm_rate`` defaults to 0.05: MVTec LOCO has only tens of validation good
     images per category, and with n images a rate can only be resolved to 1/n; 5% still lands
     inside the sample for n >= 20, while a 1% target on ~60 images is just the single largest
@@ -56,6 +71,7 @@ class FusionConfig:
     composition_weight: float = 1.0
     sigma: float = 4.0
     target_false_alarm_rate: float = 0.05
+    merge: str = "sum"
 
     def __post_init__(self) -> None:
         for name in ("structural_weight", "logical_weight", "composition_weight", "sigma"):
@@ -67,6 +83,8 @@ class FusionConfig:
         if self.structural_weight == 0 and self.logical_weight == 0:
             raise ValueError("FusionConfig: at least one branch weight must be > 0")
         _check_rate(self.target_false_alarm_rate)
+        if self.merge not in MERGES:
+            raise ValueError(f"FusionConfig.merge must be one of {MERGES}, got {self.merge!r}")
 
     def weight(self, branch: str) -> float:
         """The configured weight of ``branch`` (one of :data:`BRANCHES`)."""
@@ -177,6 +195,71 @@ def fuse_maps(
     inputs["composition"] = gated_composition(composition, stats["composition"], base, gate_power)
     affines["composition"] = (weight, 0.0, 1.0)
     return normalize_merge_blur(list(inputs.values()), list(affines.values()), sigma=sigma)
+
+
+def standardised_maps(
+    maps: Mapping[str, torch.Tensor], stats: Mapping[str, BranchStats], sigma: float
+) -> dict[str, torch.Tensor]:
+    """Each (B, S, S) branch map standardised by its pixel statistics and blurred with
+    ``sigma``: the map the branch alone yields (its maximum is its image score). The
+    composition map, the image score at every pixel, is only standardised: blurring a
+    constant changes nothing."""
+    missing = [b for b in maps if b not in stats]
+    if missing:
+        raise ValueError(f"no statistics for branch(es) {missing}")
+    out = {}
+    for branch, values in maps.items():
+        mean, std = stats[branch].as_tuple()
+        if branch == "composition":
+            out[branch] = (values.float() - mean) / std
+        else:
+            out[branch] = normalize_merge_blur([values], [(1.0, mean, std)], sigma=sigma)
+    return out
+
+
+def max_fuse_maps(
+    maps: Mapping[str, torch.Tensor],
+    stats: Mapping[str, BranchStats],
+    image_stats: Mapping[str, BranchStats],
+    weights: Mapping[str, float],
+    sigma: float,
+    gate_power: float | None = None,
+) -> torch.Tensor:
+    """(B, S, S) fused map of ``FusionConfig.merge="max"``.
+
+    Each branch's :func:`standardised_maps` map ``m_b`` becomes
+    ``a_b = w_b * (m_b - image_mean_b) / image_std_b``, with ``image_stats`` the mean and std
+    of ``max(m_b)`` over the validation good images, so every branch's image score is in
+    validation standard deviations of its own. The map is the pointwise maximum of the ``a_b``
+    of the map branches; the composition branch's ``a_c`` (one number per image) raises the
+    image's peak to ``a_c`` where it is larger, spread by the gate ``g ** gate_power`` (``g``:
+    the maximum map rescaled to [0, 1]), so the image score is exactly the largest ``a_b`` of
+    all branches. Without ``gate_power`` it is a floor under every pixel. Branches of weight 0
+    are left out.
+    """
+    missing = [b for b in maps if b not in stats or b not in image_stats or b not in weights]
+    if missing:
+        raise ValueError(f"no statistics, image statistics or weight for branch(es) {missing}")
+    used = {b: maps[b] for b in maps if weights[b] != 0}
+    if not used:
+        raise ValueError("every branch has weight 0: nothing to fuse")
+    scaled = {
+        b: weights[b] * (m - image_stats[b].mean) / image_stats[b].std
+        for b, m in standardised_maps(used, stats, sigma).items()
+    }
+    composition = scaled.pop("composition", None)
+    if not scaled:
+        assert composition is not None
+        return composition
+    fused = torch.stack(list(scaled.values())).amax(dim=0)
+    if composition is None:
+        return fused
+    if gate_power is None:
+        return torch.maximum(fused, composition)
+    low = fused.amin(dim=(-2, -1), keepdim=True)
+    top = fused.amax(dim=(-2, -1), keepdim=True)
+    gate = ((fused - low) / (top - low).clamp_min(1e-12)) ** gate_power
+    return fused + (composition - top).clamp_min(0.0) * gate
 
 
 def gated_composition(

@@ -118,8 +118,8 @@ class Detector:
     eager modules; :mod:`engine.backends` swaps in compiled versions. ``structural_size`` is the
     structural module's input side (its config's ``image_size``). :attr:`fusion` (a
     :class:`~engine.models.fusion.Fusion`) holds the calibration as buffers: each branch's
-    validation statistics (``stats``, when given), its fusion weight (``weights``, else the
-    config's) and the decision threshold. Not thread-safe (it owns a CUDA stream and reusable
+    validation statistics (``stats`` and, for ``merge="max"``, ``image_stats``, when given), its
+    fusion weight (``weights``, else the config's) and the decision threshold. Not thread-safe (it owns a CUDA stream and reusable
     state): use one per thread.
     """
 
@@ -133,6 +133,7 @@ class Detector:
         structural_size: int,
         composition: CompositionModel | None = None,
         weights: dict[str, float] | None = None,
+        image_stats: dict[str, BranchStats] | None = None,
     ) -> None:
         self.logical = logical.eval()
         self.structural = structural.eval()
@@ -148,9 +149,10 @@ class Detector:
             fusion.sigma_at(self.map_size),
             gate_power,
             after_blur,
+            fusion.merge,
         )
         if stats is not None:
-            self.fusion.calibrate(stats)
+            self.fusion.calibrate(stats, image_stats)
         self.logical_transform = model_transform(logical.config.image_size, logical.encoder)
         self.structural_transform = model_transform(
             structural_size, structural.patch_features.backbone

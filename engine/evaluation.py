@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.calibrate import fuse_maps, resize_to
+from engine.calibrate import resize_to, standardised_maps
 from engine.data.formats import NO_METRICS, CategoryDataset, evaluation_level
 from engine.data.images import read_rgb
 from engine.data.types import DatasetError, Sample
@@ -74,7 +74,7 @@ def branch_only(maps: Maps, branch: str, detector: Detector) -> torch.Tensor:
         return maps.fused
     only = {branch: maps.branches()[branch]}
     assert detector.stats is not None
-    return fuse_maps(only, detector.stats, {branch: 1.0}, detector.fusion.sigma)
+    return standardised_maps(only, detector.stats, detector.fusion.sigma)[branch]
 
 
 def evaluate(

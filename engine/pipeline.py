@@ -24,7 +24,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from engine.artifact import save_artifact
-from engine.calibrate import BranchStats, calibrate_threshold, image_scores, resize_to
+from engine.calibrate import (
+    BranchStats,
+    calibrate_threshold,
+    image_scores,
+    resize_to,
+    standardised_maps,
+)
 from engine.config import BuildConfig
 from engine.data.formats import (
     FORMAT_NAMES,
@@ -96,8 +102,9 @@ def _step(seconds: dict[str, float], name: str, verbose: bool) -> Iterator[None]
 def calibrate(
     detector: Detector, samples: Sequence[Sample], rate: float, progress: bool
 ) -> tuple[float, np.ndarray]:
-    """Each branch's statistics over all validation pixels, then the image-score threshold, both
-    stored in ``detector.fusion``.
+    """Each branch's statistics over all validation pixels (with ``merge="max"`` also over the
+    image scores of its standardised map), then the image-score threshold, all stored in
+    ``detector.fusion``.
 
     Returns (threshold, validation image scores). The scores are maxima of the fused map at the
     original image size, exactly as the Runtime computes them.
@@ -108,12 +115,19 @@ def calibrate(
         maps = detector(frames.to(detector.device))
         branch_maps.append({b: m.cpu() for b, m in maps.branches().items()})
         sizes.append(frames.shape[1:3])
-    detector.fusion.calibrate(
-        {
-            branch: BranchStats.fit(chunk[branch] for chunk in branch_maps)
+    stats = {
+        branch: BranchStats.fit(chunk[branch] for chunk in branch_maps)
+        for branch in detector.branch_names
+    }
+    image_stats = None
+    if detector.fusion.merge == "max":
+        sigma = detector.fusion.sigma
+        standardised = [standardised_maps(chunk, stats, sigma) for chunk in branch_maps]
+        image_stats = {
+            branch: BranchStats.fit(image_scores(chunk[branch]) for chunk in standardised)
             for branch in detector.branch_names
         }
-    )
+    detector.fusion.calibrate(stats, image_stats)
     scores = [
         image_scores(resize_to(detector.fuse(chunk), (int(height), int(width))))
         for chunk, (height, width) in zip(branch_maps, sizes, strict=True)

@@ -115,7 +115,8 @@ def reference_fused_map(
     (its ``logical_map`` / ``structural_map`` / ``composition_map``); ``manifest``: the artifact's
     manifest, whose ``calibration`` (``mean`` / ``std`` per branch), ``fusion_weights`` (unless
     ``weights`` overrides them) and ``config.fusion.sigma`` (σ at a 256-px map, scaled to S) are
-    used. The blur is ``scipy.ndimage.gaussian_filter`` with the engine kernel's rules
+    used, and with ``config.fusion.merge == "max"`` its ``image_calibration``. The blur is
+    ``scipy.ndimage.gaussian_filter`` with the engine kernel's rules
     (kernels/blur.py): ``mode="reflect"`` (half-sample symmetric), radius ``int(4 * sigma + 0.5)``.
     """
     from scipy.ndimage import gaussian_filter
@@ -147,6 +148,8 @@ def reference_fused_map(
         return np.maximum(evidence, 0.0) * gate ** composition["gate_power"]
 
     composition = manifest["config"].get("composition", {})
+    if manifest["config"]["fusion"].get("merge", "sum") == "max":
+        return bilinear_resize(_max_merged(maps, manifest, weights, normalised, blur), size)
     mode = composition.get("fused_map") if others else "image"
     if "composition" not in maps or not weights.get("composition", 0.0):
         return bilinear_resize(blur(merged), size)
@@ -157,6 +160,29 @@ def reference_fused_map(
     if mode == "gated":
         evidence = gated(evidence, merged)
     return bilinear_resize(blur(merged + weights["composition"] * evidence), size)
+
+
+def _max_merged(maps: dict, manifest: dict, weights: dict, normalised, blur) -> np.ndarray:
+    """The ``fusion.merge="max"`` map at model size: each branch standardised by its pixel
+    statistics, blurred (not the composition map, constant per image), standardised by its
+    ``image_calibration`` and weighted; the pointwise maximum of the map branches, its peak
+    raised to the composition value where that is larger, spread by the gate."""
+    scaled = {}
+    for name in maps:
+        if not weights.get(name, 0.0):
+            continue
+        image = manifest["image_calibration"][name]
+        values = normalised(name) if name == "composition" else blur(normalised(name))
+        scaled[name] = weights[name] * (values - image["mean"]) / image["std"]
+    evidence = scaled.pop("composition", None)
+    fused = np.max(np.stack(list(scaled.values())), axis=0)
+    if evidence is None:
+        return fused
+    composition = manifest["config"]["composition"]
+    if composition["fused_map"] == "image":
+        return np.maximum(fused, evidence)
+    gate = (fused - fused.min()) / max(fused.max() - fused.min(), 1e-12)
+    return fused + np.maximum(evidence - fused.max(), 0.0) * gate ** composition["gate_power"]
 
 
 def _result_maps(result: Any) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ from engine.artifact import (
     load_artifact,
     read_manifest,
 )
+from engine.calibrate import BranchStats
+from engine.detector import Detector
 
 tiny = runpy.run_path(str(Path(__file__).parent / "reliability" / "tiny.py"))
 
@@ -477,3 +480,64 @@ def test_loading_builds_the_backbones_without_initialising_them(
     assert built_on and all(device.type == "meta" for device in built_on)
     tensors = [*detector.logical.parameters(), *detector.structural_side.buffers()]
     assert not any(t.is_meta for t in tensors)
+
+
+# ------------------------------------------------------------------ fusion.merge = "max"
+
+IMAGE_STATS = {"logical": BranchStats(1.25, 0.5), "structural": BranchStats(2.0, 0.75)}
+
+
+def max_merge(built):
+    """The tiny detector and config with ``fusion.merge="max"``."""
+    detector, config = built
+    config = replace(config, fusion=replace(config.fusion, merge="max"))
+    merged = Detector(
+        detector.logical,
+        detector.structural,
+        config.fusion,
+        detector.stats,
+        structural_size=tiny["SIZE"],
+        image_stats=IMAGE_STATS,
+    )
+    return merged, config
+
+
+def test_max_merge_round_trip_keeps_the_image_statistics(built, tmp_path: Path) -> None:
+    art = tiny["save"](tmp_path / "art", *max_merge(built))
+    manifest = read_manifest(art)
+    assert manifest["image_calibration"] == {b: asdict(s) for b, s in IMAGE_STATS.items()}
+    detector, _ = load_artifact(art)
+    assert detector.fusion.merge == "max" and detector.fusion.image_stats == IMAGE_STATS
+    tiny["check_loads"](art)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (setting("image_calibration", value=DELETE), "image_calibration is missing"),
+        (
+            setting("image_calibration", "structural", value=DELETE),
+            "image_calibration.structural is missing",
+        ),
+        (
+            setting("image_calibration", "composition", value={"mean": 0.0, "std": 1.0}),
+            "image_calibration must be an object with exactly the branches",
+        ),
+        (
+            setting("image_calibration", "logical", "std", value=0),
+            "image_calibration.logical.std must be a finite number in",
+        ),
+    ],
+)
+def test_max_merge_needs_valid_image_statistics(built, tmp_path: Path, edit, message) -> None:
+    art = tiny["save"](tmp_path / "art", *max_merge(built))
+    tiny["edit_manifest"](art, edit)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(art)
+
+
+def test_max_merge_is_not_calibrated_without_image_statistics(built) -> None:
+    detector, config = built
+    fusion = replace(config.fusion, merge="max")
+    with pytest.raises(ValueError, match="needs the branches' image statistics"):
+        Detector(detector.logical, detector.structural, fusion, detector.stats, structural_size=32)

@@ -14,7 +14,9 @@ from engine.calibrate import (
     fuse_maps,
     gated_composition,
     image_scores,
+    max_fuse_maps,
     resize_to,
+    standardised_maps,
 )
 
 
@@ -105,6 +107,96 @@ def test_gate_after_blur_adds_the_whole_evidence_at_the_blurred_peak() -> None:
     # the image score rises by exactly the weighted evidence, whatever the peak's shape
     assert fused[0].max() == pytest.approx(base[0].max() + 1.5 * 3.0, rel=1e-5)
     assert fused[1].max() == pytest.approx(base[1].max(), rel=1e-5)
+
+
+def max_fusion_case(seed: int = 6):
+    """Maps, pixel and image statistics and weights for the max merge, in numpy."""
+    rng = np.random.default_rng(seed)
+    maps = {
+        "logical": rng.random((3, 20, 20)).astype(np.float32),
+        "structural": rng.random((3, 20, 20)).astype(np.float32) * 4,
+    }
+    maps["logical"][0, 4, 15] = 5.0  # image 0: a logical peak
+    maps["structural"][1, 12, 3] = 30.0  # image 1: a structural peak
+    scores = np.array([0.5, 2.0, 9.0], dtype=np.float32)  # image 2: composition evidence
+    maps["composition"] = np.broadcast_to(scores[:, None, None], (3, 20, 20)).copy()
+    stats = {
+        "logical": BranchStats(0.5, 0.3),
+        "structural": BranchStats(2.0, 1.2),
+        "composition": BranchStats(1.0, 2.0),
+    }
+    image_stats = {
+        "logical": BranchStats(1.5, 0.5),
+        "structural": BranchStats(0.8, 2.0),
+        "composition": BranchStats(0.2, 1.5),
+    }
+    weights = {"logical": 1.0, "structural": 0.5, "composition": 2.0}
+    return maps, stats, image_stats, weights
+
+
+def test_max_merge_equals_the_formula() -> None:
+    maps, stats, image_stats, weights = max_fusion_case()
+    sigma, power = 1.5, 8.0
+    got = max_fuse_maps(
+        {b: torch.from_numpy(m) for b, m in maps.items()}, stats, image_stats, weights, sigma, power
+    ).numpy()
+
+    def scaled(branch: str, values: np.ndarray) -> np.ndarray:
+        (mean, std), (image_mean, image_std) = (
+            stats[branch].as_tuple(),
+            image_stats[branch].as_tuple(),
+        )
+        values = (values.astype(np.float64) - mean) / std
+        if branch != "composition":
+            values = np.stack([gaussian_filter(v, sigma=sigma, mode="reflect") for v in values])
+        return weights[branch] * (values - image_mean) / image_std
+
+    base = np.maximum(scaled("logical", maps["logical"]), scaled("structural", maps["structural"]))
+    top = base.max((1, 2), keepdims=True)
+    gate = (base - base.min((1, 2), keepdims=True)) / np.ptp(base, (1, 2), keepdims=True)
+    composition = scaled("composition", maps["composition"])
+    want = base + np.maximum(composition - top, 0.0) * gate**power
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # the image score is the largest of the branches' own image scores, composition included
+    branch_scores = np.stack([base.max((1, 2)), composition[:, 0, 0]]).max(0)
+    np.testing.assert_allclose(got.max((1, 2)), branch_scores, rtol=1e-5, atol=1e-5)
+    assert composition[2, 0, 0] > top[2, 0, 0]  # image 2 is raised by its composition score
+    assert composition[0, 0, 0] < top[0, 0, 0]
+
+
+def test_max_merge_without_the_gate_and_with_one_branch() -> None:
+    maps, stats, image_stats, weights = max_fusion_case(7)
+    tensors = {b: torch.from_numpy(m) for b, m in maps.items()}
+    standardised = standardised_maps(tensors, stats, 1.0)
+    scaled = {
+        b: weights[b] * (standardised[b] - image_stats[b].mean) / image_stats[b].std
+        for b in tensors
+    }
+    floor = max_fuse_maps(tensors, stats, image_stats, weights, 1.0)
+    want = torch.maximum(
+        torch.maximum(scaled["logical"], scaled["structural"]), scaled["composition"]
+    )
+    torch.testing.assert_close(floor, want)
+    alone = max_fuse_maps(tensors, stats, image_stats, {**weights, "structural": 0.0}, 1.0, 8.0)
+    top = scaled["logical"].amax(dim=(1, 2))
+    torch.testing.assert_close(
+        alone.amax(dim=(1, 2)), torch.maximum(top, scaled["composition"][:, 0, 0])
+    )
+    with pytest.raises(ValueError, match="image statistics"):
+        max_fuse_maps(tensors, stats, {"logical": image_stats["logical"]}, weights, 1.0)
+    with pytest.raises(ValueError, match="every branch has weight 0"):
+        max_fuse_maps(tensors, stats, image_stats, dict.fromkeys(weights, 0.0), 1.0)
+
+
+def test_standardised_maps_are_the_branch_alone_maps() -> None:
+    maps, stats, _, _ = max_fusion_case(8)
+    tensors = {b: torch.from_numpy(m) for b, m in maps.items()}
+    got = standardised_maps(tensors, stats, 2.0)
+    for branch, values in tensors.items():
+        alone = fuse_maps({branch: values}, stats, {branch: 1.0}, 2.0)
+        torch.testing.assert_close(got[branch], alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no statistics"):
+        standardised_maps(tensors, {"logical": stats["logical"]}, 2.0)
 
 
 def test_sigma_scales_with_the_map_size() -> None:
@@ -214,6 +306,7 @@ def test_fusion_config_defaults_and_validation() -> None:
         {"structural_weight": 0.0, "logical_weight": 0.0},
         {"target_false_alarm_rate": 1.0},
         {"sigma": float("inf")},
+        {"merge": "mean"},
     ):
         with pytest.raises(ValueError):
             FusionConfig(**kwargs)

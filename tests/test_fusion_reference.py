@@ -19,6 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.calibrate import MERGES
+from engine.config import cpu_build_preset
 from engine.runtime import Result, Runtime
 
 # The engine fuses and blurs in float32, the reference in float64. On the tiny build (fused
@@ -34,15 +36,38 @@ def read_image(path: Path) -> np.ndarray:
     return np.array(Image.open(path).convert("RGB"))
 
 
+def other_merge() -> str:
+    """The fusion merge the cpu preset does not use."""
+    return next(m for m in MERGES if m != cpu_build_preset().fusion.merge)
+
+
+@pytest.fixture(scope="module", params=["preset merge", "other merge"])
+def build(
+    request: pytest.FixtureRequest,
+    tiny_build: dict[str, Path],
+    tiny_build_args: list[str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Path]:
+    """The tiny build, and the same build with the other ``fusion.merge``."""
+    if request.param == "preset merge":
+        return tiny_build
+    from engine.build import main
+
+    artifact = tmp_path_factory.mktemp("other-merge") / "artifact"
+    argv = ["--category=pushpins", f"--data-root={tiny_build['data']}", f"--out={artifact}"]
+    assert main([*argv, *tiny_build_args, f"--set=fusion.merge={other_merge()}"]) == 0
+    return {"artifact": artifact, "data": tiny_build["data"]}
+
+
 @pytest.fixture(scope="module")
-def rt(tiny_build: dict[str, Path]) -> Runtime:
+def rt(build: dict[str, Path]) -> Runtime:
     # eager: the backend the build scored with (``auto`` would pick onnx on CPU).
-    return Runtime.load(tiny_build["artifact"], device="cpu", backend="eager")
+    return Runtime.load(build["artifact"], device="cpu", backend="eager")
 
 
 @pytest.fixture(scope="module")
-def manifest(tiny_build: dict[str, Path]) -> dict:
-    return json.loads((tiny_build["artifact"] / "manifest.json").read_text())
+def manifest(build: dict[str, Path]) -> dict:
+    return json.loads((build["artifact"] / "manifest.json").read_text())
 
 
 @pytest.mark.parametrize("size", [(100, 170), (64, 64), (37, 50), (200, 41)])
@@ -70,9 +95,9 @@ def test_reference_resize_is_torch_bilinear(
 
 @pytest.mark.slow
 def test_fused_map_equals_the_formula(
-    rt: Runtime, manifest: dict, tiny_build: dict[str, Path], fused_reference: Callable
+    rt: Runtime, manifest: dict, build: dict[str, Path], fused_reference: Callable
 ) -> None:
-    images = sorted((tiny_build["data"] / "pushpins" / "test").rglob("*.png"))
+    images = sorted((build["data"] / "pushpins" / "test").rglob("*.png"))
     assert len(images) == 9
     for path in images:
         image = read_image(path)
@@ -87,8 +112,10 @@ def test_fused_map_equals_the_formula(
 
 @pytest.mark.slow
 def test_composition_after_the_blur_equals_the_formula(
-    rt: Runtime, manifest: dict, tiny_build: dict[str, Path], fused_reference: Callable
+    rt: Runtime, manifest: dict, build: dict[str, Path], fused_reference: Callable
 ) -> None:
+    if rt.detector.fusion.merge != "sum":
+        pytest.skip("gated_after_blur is an option of merge='sum'; the other build runs it")
     composition, fusion = rt.detector.composition, rt.detector.fusion
     assert composition is not None and composition.config.fused_map == "gated"
     assert fusion.gate_power == composition.config.gate_power and not fusion.gate_after_blur
@@ -97,7 +124,7 @@ def test_composition_after_the_blur_equals_the_formula(
     after["config"]["composition"]["fused_map"] = "gated_after_blur"
     changed = []
     try:
-        for path in sorted((tiny_build["data"] / "pushpins" / "test").rglob("*.png"))[::3]:
+        for path in sorted((build["data"] / "pushpins" / "test").rglob("*.png"))[::3]:
             image = read_image(path)
             result = rt(image, color="rgb")
             want = fused_reference(result, after, image.shape[:2])
@@ -113,9 +140,9 @@ def test_composition_after_the_blur_equals_the_formula(
 
 @pytest.mark.slow
 def test_runtime_reproduces_validation_scores_and_threshold(
-    rt: Runtime, manifest: dict, tiny_build: dict[str, Path]
+    rt: Runtime, manifest: dict, build: dict[str, Path]
 ) -> None:
-    paths = sorted((tiny_build["data"] / "pushpins" / "validation" / "good").glob("*.png"))
+    paths = sorted((build["data"] / "pushpins" / "validation" / "good").glob("*.png"))
     # One batch, as the build calibrated them (it scores 8 images per batch).
     results = rt([read_image(p) for p in paths], color="rgb")
     scores = np.array([r.score for r in results])
@@ -130,3 +157,31 @@ def test_runtime_reproduces_validation_scores_and_threshold(
     assert manifest["threshold"] == expected
     assert rt.threshold == expected
     assert [r.is_anomalous for r in results] == [bool(s > expected) for s in scores]
+
+
+@pytest.mark.slow
+def test_image_calibration_is_the_validation_image_scores(
+    rt: Runtime, manifest: dict, build: dict[str, Path]
+) -> None:
+    """merge='max': each branch's stored image statistics are the population mean and std of
+    the maxima of its standardised, blurred validation maps, recomputed here in numpy."""
+    from scipy.ndimage import gaussian_filter
+
+    if manifest["config"]["fusion"]["merge"] != "max":
+        assert "image_calibration" not in manifest
+        pytest.skip("merge='sum' stores no image statistics; the other build has them")
+    paths = sorted((build["data"] / "pushpins" / "validation" / "good").glob("*.png"))
+    results = rt([read_image(p) for p in paths], color="rgb")
+    side = results[0].logical_map.shape[0]
+    sigma = manifest["config"]["fusion"]["sigma"] * side / 256
+    for branch, stored in manifest["image_calibration"].items():
+        pixel = manifest["calibration"][branch]
+        scores = []
+        for result in results:
+            values = getattr(result, f"{branch}_map").astype(np.float64) - pixel["mean"]
+            values /= pixel["std"]
+            if branch != "composition":
+                values = gaussian_filter(values, sigma=sigma, mode="reflect", truncate=4.0)
+            scores.append(values.max())
+        assert stored["mean"] == pytest.approx(np.mean(scores), rel=1e-5, abs=1e-5), branch
+        assert stored["std"] == pytest.approx(np.std(scores), rel=1e-4, abs=1e-5), branch

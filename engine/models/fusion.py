@@ -1,9 +1,10 @@
 """The calibrated fusion as an ``nn.Module``: its state travels in the state dict.
 
-What calibration finds (each branch's validation mean and std, and the decision threshold) and
-the branch weights are buffers of :class:`Fusion`, so they move with ``.to(device)``, are saved
-by ``state_dict`` and become constants of any graph traced through the module. The arithmetic
-is :func:`engine.calibrate.fuse_maps` (its reference and kernels are tested there).
+What calibration finds (each branch's validation mean and std, with ``merge="max"`` also those
+of its validation image scores, and the decision threshold) and the branch weights are buffers
+of :class:`Fusion`, so they move with ``.to(device)``, are saved by ``state_dict`` and become
+constants of any graph traced through the module. The arithmetic is
+:func:`engine.calibrate.fuse_maps` or :func:`engine.calibrate.max_fuse_maps` (tested there).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.calibrate import BRANCHES, BranchStats, finite_threshold, fuse_maps
+from engine.calibrate import (
+    BRANCHES,
+    MERGES,
+    BranchStats,
+    finite_threshold,
+    fuse_maps,
+    max_fuse_maps,
+)
 
 __all__ = ["Fusion"]
 
@@ -26,6 +34,7 @@ class _HostValues:
     device to learn its own calibration."""
 
     stats: dict[str, BranchStats] | None
+    image_stats: dict[str, BranchStats] | None
     weights: dict[str, float]
     threshold: float | None
 
@@ -37,14 +46,16 @@ class Fusion(nn.Module):
         branches: the branch names fused, in :data:`engine.calibrate.BRANCHES` order.
         weights: each branch's weight in the merged map.
         sigma: the Gaussian's σ in pixels of the maps fused (see ``FusionConfig.sigma_at``).
-        gate_power: with a composition branch, where its evidence goes (``fuse_maps``); None
-            spreads it over every pixel.
-        gate_after_blur: add the gated composition evidence after the blur.
+        gate_power: with a composition branch, where its evidence goes; None spreads it over
+            every pixel.
+        gate_after_blur: with ``merge="sum"``, add the gated composition evidence after the
+            blur (``"max"`` always gates on the blurred maps).
+        merge: ``"sum"`` or ``"max"`` (see :class:`engine.calibrate.FusionConfig`).
 
-    Buffers (float64, so they hold the manifest's numbers exactly): ``mean``, ``std``, ``weight``
-    of shape (N,) in ``branches`` order and the scalar ``threshold`` (an image is anomalous when
-    its score is above it). ``mean``, ``std``
-    and ``threshold`` are NaN until :meth:`calibrate` / :meth:`set_threshold` or
+    Buffers (float64, so they hold the manifest's numbers exactly): ``mean``, ``std``,
+    ``image_mean``, ``image_std`` (``merge="max"`` only) and ``weight``, each (N,) in
+    ``branches`` order, and the scalar ``threshold`` (an image is anomalous when its score is
+    above it). All but ``weight`` are NaN until :meth:`calibrate` / :meth:`set_threshold` or
     ``load_state_dict`` fill them. Change them through those, not in place: the Python copies
     the forward pass reads are refreshed there.
 
@@ -54,6 +65,8 @@ class Fusion(nn.Module):
 
     mean: torch.Tensor
     std: torch.Tensor
+    image_mean: torch.Tensor
+    image_std: torch.Tensor
     weight: torch.Tensor
     threshold: torch.Tensor
 
@@ -64,6 +77,7 @@ class Fusion(nn.Module):
         sigma: float,
         gate_power: float | None = None,
         gate_after_blur: bool = False,
+        merge: str = "sum",
     ) -> None:
         super().__init__()
         unknown = [b for b in branches if b not in BRANCHES]
@@ -74,30 +88,41 @@ class Fusion(nn.Module):
             raise ValueError(f"no fusion weight for branch(es) {missing}")
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
         self.branches = tuple(branches)
         self.sigma = float(sigma)
         self.gate_power = gate_power
         self.gate_after_blur = gate_after_blur
+        self.merge = merge
         nan = torch.full((len(branches),), math.nan, dtype=torch.float64)
-        self.register_buffer("mean", nan.clone())
-        self.register_buffer("std", nan.clone())
-        self.register_buffer(
-            "weight", torch.tensor([float(weights[b]) for b in branches], dtype=torch.float64)
-        )
+        for name in ("mean", "std", "image_mean", "image_std"):
+            self.register_buffer(name, nan.clone())
+        self.register_buffer("weight", self._column([float(weights[b]) for b in branches]))
         self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64))
         self._host: _HostValues | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module._forget())
 
-    def calibrate(self, stats: Mapping[str, BranchStats]) -> None:
-        """Store each branch's validation statistics."""
-        missing = [b for b in self.branches if b not in stats]
-        if missing:
-            raise ValueError(f"no statistics for branch(es) {missing}")
+    def calibrate(
+        self,
+        stats: Mapping[str, BranchStats],
+        image_stats: Mapping[str, BranchStats] | None = None,
+    ) -> None:
+        """Store each branch's validation pixel statistics and, required for ``merge="max"``,
+        those of its validation image scores (maxima of
+        :func:`engine.calibrate.standardised_maps`)."""
+        if image_stats is None and self.merge == "max":
+            raise ValueError("merge='max' needs the branches' image statistics")
+        for name, given in (("statistics", stats), ("image statistics", image_stats or stats)):
+            missing = [b for b in self.branches if b not in given]
+            if missing:
+                raise ValueError(f"no {name} for branch(es) {missing}")
         with torch.no_grad():
-            self.mean.copy_(
-                torch.tensor([stats[b].mean for b in self.branches], dtype=torch.float64)
-            )
-            self.std.copy_(torch.tensor([stats[b].std for b in self.branches], dtype=torch.float64))
+            self.mean.copy_(self._column([stats[b].mean for b in self.branches]))
+            self.std.copy_(self._column([stats[b].std for b in self.branches]))
+            if image_stats is not None:
+                self.image_mean.copy_(self._column([image_stats[b].mean for b in self.branches]))
+                self.image_std.copy_(self._column([image_stats[b].std for b in self.branches]))
         self._forget()
 
     def set_threshold(self, value: float) -> None:
@@ -113,6 +138,11 @@ class Fusion(nn.Module):
         return self._values().stats
 
     @property
+    def image_stats(self) -> dict[str, BranchStats] | None:
+        """Each branch's validation image-score statistics, or None (``merge="sum"``)."""
+        return self._values().image_stats
+
+    @property
     def weights(self) -> dict[str, float]:
         return dict(self._values().weights)
 
@@ -125,32 +155,49 @@ class Fusion(nn.Module):
         values = self._values()
         if values.stats is None:
             raise RuntimeError("the fusion is not calibrated: branch statistics are missing")
-        return fuse_maps(
-            maps, values.stats, values.weights, self.sigma, self.gate_power, self.gate_after_blur
+        if self.merge == "sum":
+            return fuse_maps(
+                maps,
+                values.stats,
+                values.weights,
+                self.sigma,
+                self.gate_power,
+                self.gate_after_blur,
+            )
+        if values.image_stats is None:
+            raise RuntimeError(
+                "the fusion is not calibrated: merge='max' needs the branches' image statistics"
+            )
+        return max_fuse_maps(
+            maps, values.stats, values.image_stats, values.weights, self.sigma, self.gate_power
         )
 
     def extra_repr(self) -> str:
         return (
             f"branches={self.branches}, sigma={self.sigma:g}, gate_power={self.gate_power}, "
-            f"gate_after_blur={self.gate_after_blur}"
+            f"gate_after_blur={self.gate_after_blur}, merge={self.merge!r}"
         )
+
+    @staticmethod
+    def _column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64)
 
     def _forget(self) -> None:
         self._host = None
 
     def _values(self) -> _HostValues:
         if self._host is None:
-            means, stds, weights = (t.tolist() for t in (self.mean, self.std, self.weight))
-            calibrated = all(math.isfinite(v) for v in means + stds)
-            stats = (
-                {b: BranchStats(m, s) for b, m, s in zip(self.branches, means, stds, strict=True)}
-                if calibrated
-                else None
-            )
             threshold = float(self.threshold)
             self._host = _HostValues(
-                stats,
-                dict(zip(self.branches, weights, strict=True)),
+                self._stats(self.mean, self.std),
+                self._stats(self.image_mean, self.image_std),
+                dict(zip(self.branches, self.weight.tolist(), strict=True)),
                 threshold if math.isfinite(threshold) else None,
             )
         return self._host
+
+    def _stats(self, mean: torch.Tensor, std: torch.Tensor) -> dict[str, BranchStats] | None:
+        means, stds = mean.tolist(), std.tolist()
+        if not all(math.isfinite(v) for v in means + stds):
+            return None
+        return {b: BranchStats(m, s) for b, m, s in zip(self.branches, means, stds, strict=True)}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.calibrate import BranchStats, fuse_maps
+from engine.calibrate import BranchStats, fuse_maps, max_fuse_maps
 from engine.models.fusion import Fusion
 
 BRANCHES = ("logical", "structural", "composition")
@@ -46,7 +46,7 @@ def test_forward_is_fuse_maps_with_the_buffers(gate_power, after_blur) -> None:
 def test_the_state_dict_carries_the_whole_calibration() -> None:
     source = calibrated(gate_power=8.0)
     state = source.state_dict()
-    assert set(state) == {"mean", "std", "weight", "threshold"}
+    assert set(state) == {"mean", "std", "image_mean", "image_std", "weight", "threshold"}
     target = Fusion(BRANCHES, {b: 1.0 for b in BRANCHES}, 1.5, gate_power=8.0)
     assert target.stats is None  # read before loading: the cache must not survive the load
     target.load_state_dict(state)
@@ -103,3 +103,38 @@ def test_bad_construction_and_calibration_are_refused() -> None:
     with pytest.raises(ValueError, match=r"no statistics .*composition"):
         fusion.calibrate({b: STATS[b] for b in BRANCHES[:2]})
     assert fusion.stats is None
+
+
+IMAGE_STATS = {
+    "logical": BranchStats(1.7, 0.45),
+    "structural": BranchStats(0.3, 1.1),
+    "composition": BranchStats(-0.2, 0.9),
+}
+
+
+def test_max_merge_is_max_fuse_maps_with_the_buffers() -> None:
+    fusion = Fusion(BRANCHES, WEIGHTS, 1.5, gate_power=8.0, merge="max")
+    with pytest.raises(ValueError, match="needs the branches' image statistics"):
+        fusion.calibrate(STATS)
+    with pytest.raises(ValueError, match=r"no image statistics .*composition"):
+        fusion.calibrate(STATS, {b: IMAGE_STATS[b] for b in BRANCHES[:2]})
+    fusion.calibrate(STATS, IMAGE_STATS)
+    maps = branch_maps(2)
+    want = max_fuse_maps(maps, STATS, IMAGE_STATS, WEIGHTS, 1.5, 8.0)
+    torch.testing.assert_close(fusion(maps), want, rtol=0, atol=0)
+
+    restored = Fusion(BRANCHES, WEIGHTS, 1.5, gate_power=8.0, merge="max")
+    restored.load_state_dict(fusion.state_dict())
+    assert restored.image_stats == IMAGE_STATS
+    torch.testing.assert_close(restored(maps), want, rtol=0, atol=0)
+
+
+def test_max_merge_without_image_statistics_says_so() -> None:
+    summed = calibrated()
+    assert summed.image_stats is None  # the sum merge has no use for them
+    fusion = Fusion(BRANCHES, WEIGHTS, 1.5, merge="max")
+    fusion.load_state_dict(summed.state_dict())  # e.g. a state saved by a "sum" fusion
+    with pytest.raises(RuntimeError, match="needs the branches' image statistics"):
+        fusion(branch_maps())
+    with pytest.raises(ValueError, match="merge must be one of"):
+        Fusion(BRANCHES, WEIGHTS, 1.5, merge="mean")
