@@ -62,7 +62,12 @@ def random_detector(config: BuildConfig) -> Detector:
     attach_index(structural, config.structural.index, "cpu")
     stats = {"logical": BranchStats(0.5, 0.1), "structural": BranchStats(0.5, 0.1)}
     return Detector(
-        logical, structural, config.fusion, stats, structural_size=config.structural.image_size
+        logical,
+        structural,
+        config.fusion,
+        stats,
+        structural_size=config.structural.image_size,
+        image_stats=stats,  # used by fusion.merge "max" only
     )
 
 

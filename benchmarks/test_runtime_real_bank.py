@@ -101,6 +101,7 @@ def category(tmp_path_factory: pytest.TempPathFactory, timing_info: dict) -> dic
             stats,
             structural_size=size,
             composition=composition,
+            image_stats=stats,  # used by fusion.merge "max" only
         )
         artifacts[case] = save_artifact(root / case, detector, case_config, timing_info)
     frames = [

@@ -251,7 +251,7 @@ def save_artifact(
     index = detector.structural.index
     saved_index = index is not None and not index.exact
     composition = detector.composition
-    image_stats = detector.fusion.image_stats
+    image_stats = detector.fusion.image_stats if detector.fusion.merge == "max" else None
     manifest = {
         "config": config.to_dict(),
         "backbones": {

@@ -541,3 +541,18 @@ def test_max_merge_is_not_calibrated_without_image_statistics(built) -> None:
     fusion = replace(config.fusion, merge="max")
     with pytest.raises(ValueError, match="needs the branches' image statistics"):
         Detector(detector.logical, detector.structural, fusion, detector.stats, structural_size=32)
+
+
+def test_sum_merge_stores_no_image_statistics(built, tmp_path: Path) -> None:
+    detector, config = built
+    summed = Detector(
+        detector.logical,
+        detector.structural,
+        config.fusion,
+        detector.stats,
+        structural_size=tiny["SIZE"],
+        image_stats=IMAGE_STATS,
+    )
+    assert config.fusion.merge == "sum" and summed.fusion.image_stats == IMAGE_STATS
+    art = tiny["save"](tmp_path / "art", summed, config)
+    assert "image_calibration" not in read_manifest(art)
