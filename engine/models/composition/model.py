@@ -37,8 +37,8 @@ class CompositionConfig:
     spreads the narrow gated peak and keeps only about half of the evidence in the image score,
     a share that varies from image to image; ``"gated_after_blur"`` adds it at the peak of the
     other branches' blurred map after the blur, so the image score rises by exactly the
-    evidence (one seed: logical subset +0.018, structural -0.009, docs/ACCURACY.md; not the
-    default until three seeds confirm it); ``"image"`` adds it to every pixel.
+    evidence (logical subset +0.018 / +0.007 and structural -0.009 / -0.006 on two seeds, mean
+    unchanged, docs/ACCURACY.md: an option, not the default); ``"image"`` adds it to every pixel.
     docs/ACCURACY.md: a score on every pixel lifts the whole of an anomalous image and cuts
     AU-sPRO@0.05 by a third; gated, the fused map beats every single branch on both image
     AUROC and AU-sPRO. The per-cell map (``forward``'s second output) localises too coarsely to
