@@ -487,10 +487,10 @@ def test_loading_builds_the_backbones_without_initialising_them(
 IMAGE_STATS = {"logical": BranchStats(1.25, 0.5), "structural": BranchStats(2.0, 0.75)}
 
 
-def max_merge(built):
-    """The tiny detector and config with ``fusion.merge="max"``."""
+def with_merge(built, merge: str = "max"):
+    """The tiny detector and config with ``fusion.merge=merge``, calibrated with IMAGE_STATS."""
     detector, config = built
-    config = replace(config, fusion=replace(config.fusion, merge="max"))
+    config = replace(config, fusion=replace(config.fusion, merge=merge))
     merged = Detector(
         detector.logical,
         detector.structural,
@@ -503,7 +503,7 @@ def max_merge(built):
 
 
 def test_max_merge_round_trip_keeps_the_image_statistics(built, tmp_path: Path) -> None:
-    art = tiny["save"](tmp_path / "art", *max_merge(built))
+    art = tiny["save"](tmp_path / "art", *with_merge(built))
     manifest = read_manifest(art)
     assert manifest["image_calibration"] == {b: asdict(s) for b, s in IMAGE_STATS.items()}
     detector, _ = load_artifact(art)
@@ -530,7 +530,7 @@ def test_max_merge_round_trip_keeps_the_image_statistics(built, tmp_path: Path) 
     ],
 )
 def test_max_merge_needs_valid_image_statistics(built, tmp_path: Path, edit, message) -> None:
-    art = tiny["save"](tmp_path / "art", *max_merge(built))
+    art = tiny["save"](tmp_path / "art", *with_merge(built))
     tiny["edit_manifest"](art, edit)
     with pytest.raises(ArtifactError, match=message):
         load_artifact(art)
@@ -544,15 +544,7 @@ def test_max_merge_is_not_calibrated_without_image_statistics(built) -> None:
 
 
 def test_sum_merge_stores_no_image_statistics(built, tmp_path: Path) -> None:
-    detector, config = built
-    summed = Detector(
-        detector.logical,
-        detector.structural,
-        config.fusion,
-        detector.stats,
-        structural_size=tiny["SIZE"],
-        image_stats=IMAGE_STATS,
-    )
-    assert config.fusion.merge == "sum" and summed.fusion.image_stats == IMAGE_STATS
+    summed, config = with_merge(built, "sum")
+    assert summed.fusion.image_stats == IMAGE_STATS
     art = tiny["save"](tmp_path / "art", summed, config)
     assert "image_calibration" not in read_manifest(art)
