@@ -38,6 +38,7 @@ __all__ = [
     "gated_composition",
     "image_scores",
     "max_fuse_maps",
+    "peak_gate",
     "resize_to",
     "standardised_maps",
 ]
@@ -259,10 +260,8 @@ def max_fuse_maps(
         return fused
     if gate_power is None:
         return torch.maximum(fused, composition)
-    low = fused.amin(dim=(-2, -1), keepdim=True)
     top = fused.amax(dim=(-2, -1), keepdim=True)
-    gate = ((fused - low) / (top - low).clamp_min(1e-12)) ** gate_power
-    return fused + (composition - top).clamp_min(0.0) * gate
+    return fused + (composition - top).clamp_min(0.0) * peak_gate(fused, gate_power)
 
 
 def gated_composition(
@@ -277,10 +276,16 @@ def gated_composition(
     everywhere raises every pixel of an image whose parts are miscounted and costs AU-sPRO
     (docs/ACCURACY.md).
     """
+    z = ((composition.float() - stats.mean) / stats.std).clamp_min(0.0)
+    return z * peak_gate(base, power)
+
+
+def peak_gate(base: torch.Tensor, power: float) -> torch.Tensor:
+    """``g ** power`` with ``g`` each (B, S, S) map of ``base`` rescaled to [0, 1] per image:
+    1 at the image's most anomalous pixel, near 0 away from it."""
     low = base.amin(dim=(-2, -1), keepdim=True)
     span = (base.amax(dim=(-2, -1), keepdim=True) - low).clamp_min(1e-12)
-    z = ((composition.float() - stats.mean) / stats.std).clamp_min(0.0)
-    return z * ((base - low) / span) ** power
+    return ((base - low) / span) ** power
 
 
 def resize_to(maps: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:

@@ -119,8 +119,8 @@ class Detector:
     structural module's input side (its config's ``image_size``). :attr:`fusion` (a
     :class:`~engine.models.fusion.Fusion`) holds the calibration as buffers: each branch's
     validation statistics (``stats`` and, for ``merge="max"``, ``image_stats``, when given), its
-    fusion weight (``weights``, else the config's) and the decision threshold. Not thread-safe (it owns a CUDA stream and reusable
-    state): use one per thread.
+    fusion weight (``weights``, else the config's) and the decision threshold. Not thread-safe
+    (it owns a CUDA stream and reusable state): use one per thread.
     """
 
     def __init__(

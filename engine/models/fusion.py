@@ -113,8 +113,11 @@ class Fusion(nn.Module):
         :func:`engine.calibrate.standardised_maps`)."""
         if image_stats is None and self.merge == "max":
             raise ValueError("merge='max' needs the branches' image statistics")
-        for name, given in (("statistics", stats), ("image statistics", image_stats or stats)):
-            missing = [b for b in self.branches if b not in given]
+        given = {"statistics": stats}
+        if image_stats is not None:
+            given["image statistics"] = image_stats
+        for name, values in given.items():
+            missing = [b for b in self.branches if b not in values]
             if missing:
                 raise ValueError(f"no {name} for branch(es) {missing}")
         with torch.no_grad():
