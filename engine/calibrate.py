@@ -13,13 +13,15 @@ blurred map is standardised again by the mean and std of its **validation image 
 (:func:`max_fuse_maps`). Pixel statistics put the branches in the same units per pixel, but the
 image score is a maximum over thousands of pixels, whose spread differs from branch to branch;
 in a sum the branch with the widest maxima then decides alone, and a branch that sees nothing
-of an anomaly dilutes the one that does.
+of an anomaly dilutes the one that does. With ``image_scale="pooled"`` the logical and
+structural image scores share one std, pooled over both (:func:`fit_image_stats`): a std from a
+handful of validation images is noisy, and the pooled one has twice the samples.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ __all__ = [
     "FusionConfig",
     "calibrate_threshold",
     "finite_threshold",
+    "fit_image_stats",
     "fuse_maps",
     "gated_composition",
     "image_scores",
@@ -45,6 +48,8 @@ __all__ = [
 
 BRANCHES = ("logical", "structural", "composition")
 MERGES = ("sum", "max")
+IMAGE_SCALES = ("branch", "pooled")
+POOLED_BRANCHES = ("logical", "structural")  # the map branches; composition is image-level
 SIGMA_REFERENCE_SIZE = 256  # FusionConfig.sigma is in pixels of a map of this side
 
 
@@ -62,7 +67,9 @@ class FusionConfig:
     validation image scores and weighted; see the module docstring and :func:`max_fuse_maps`).
     ``"max"`` is an option: on two seeds of the accuracy benchmark it gained 0.019 and lost
     0.005 mean image AUROC (AU-sPRO +0.018 / +0.009), its scales estimated from few validation
-    images being too noisy (docs/ACCURACY.md, ablation 3).
+    images being too noisy (docs/ACCURACY.md, ablation 3). ``image_scale`` (``"max"`` only):
+    ``"branch"`` divides each branch by its own validation image-score std, ``"pooled"`` the
+    logical and structural branches by one std pooled over both (:func:`fit_image_stats`).
 
     ``target_false_alarm_rate`` defaults to 0.05: MVTec LOCO has only tens of validation good
     images per category, and with n images a rate can only be resolved to 1/n; 5% still lands
@@ -76,6 +83,7 @@ class FusionConfig:
     sigma: float = 4.0
     target_false_alarm_rate: float = 0.05
     merge: str = "sum"
+    image_scale: str = "branch"
 
     def __post_init__(self) -> None:
         for name in ("structural_weight", "logical_weight", "composition_weight", "sigma"):
@@ -89,6 +97,10 @@ class FusionConfig:
         _check_rate(self.target_false_alarm_rate)
         if self.merge not in MERGES:
             raise ValueError(f"FusionConfig.merge must be one of {MERGES}, got {self.merge!r}")
+        if self.image_scale not in IMAGE_SCALES:
+            raise ValueError(
+                f"FusionConfig.image_scale must be one of {IMAGE_SCALES}, got {self.image_scale!r}"
+            )
 
     def weight(self, branch: str) -> float:
         """The configured weight of ``branch`` (one of :data:`BRANCHES`)."""
@@ -219,6 +231,33 @@ def standardised_maps(
         else:
             out[branch] = normalize_merge_blur([values], [(1.0, mean, std)], sigma=sigma)
     return out
+
+
+def fit_image_stats(
+    branch_maps: Sequence[Mapping[str, torch.Tensor]],
+    stats: Mapping[str, BranchStats],
+    sigma: float,
+    scale: str = "branch",
+) -> dict[str, BranchStats]:
+    """Each branch's mean and std of the validation image scores of its
+    :func:`standardised_maps` map, from ``branch_maps`` (chunks of (B, S, S) maps by branch).
+
+    ``scale="pooled"``: the logical and structural branches present get one std, the root mean
+    of their variances (a common scale, estimated from all their image scores); the
+    composition branch, whose map is already an image score in validation stds, keeps its own.
+    """
+    if scale not in IMAGE_SCALES:
+        raise ValueError(f"image scale must be one of {IMAGE_SCALES}, got {scale!r}")
+    standardised = [standardised_maps(chunk, stats, sigma) for chunk in branch_maps]
+    branches = list(dict.fromkeys(b for chunk in standardised for b in chunk))
+    fitted = {
+        b: BranchStats.fit(image_scores(chunk[b]) for chunk in standardised) for b in branches
+    }
+    pooled = [b for b in POOLED_BRANCHES if b in fitted]
+    if scale == "branch" or len(pooled) < 2:
+        return fitted
+    std = math.sqrt(sum(fitted[b].std ** 2 for b in pooled) / len(pooled))
+    return {b: BranchStats(s.mean, std) if b in pooled else s for b, s in fitted.items()}
 
 
 def max_fuse_maps(

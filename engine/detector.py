@@ -139,17 +139,12 @@ class Detector:
         self.structural = structural.eval()
         self.composition = composition.eval() if composition is not None else None
         self.structural_side = StructuralSide(self.structural, self.composition)
-        gate_power, after_blur = None, False
-        if self.composition is not None and self.composition.config.fused_map != "image":
-            gate_power = self.composition.config.gate_power
-            after_blur = self.composition.config.fused_map == "gated_after_blur"
-        self.fusion = Fusion(
+        self.fusion = Fusion.from_config(
+            fusion,
             self.branch_names,
-            weights or {b: fusion.weight(b) for b in self.branch_names},
-            fusion.sigma_at(self.map_size),
-            gate_power,
-            after_blur,
-            fusion.merge,
+            self.map_size,
+            None if self.composition is None else self.composition.config,
+            weights,
         )
         if stats is not None:
             self.fusion.calibrate(stats, image_stats)

@@ -8,7 +8,7 @@ metrics.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from engine.metrics import (
     write_map,
 )
 from engine.metrics.per_defect import image_auroc_per_defect, test_defect
+from engine.models.fusion import Fusion
 
 FUSED = "fused"
 INFERENCE_BATCH = 8
@@ -67,6 +68,11 @@ def frame_batches(
         yield chunk, torch.from_numpy(np.stack(images))
 
 
+def variant_name(name: str) -> str:
+    """The metrics key of the fused map under the fusion variant ``name``."""
+    return f"{FUSED}[{name}]"
+
+
 def branch_only(maps: Maps, branch: str, detector: Detector) -> torch.Tensor:
     """The map a branch alone yields: normalised and blurred like the fused map, weight 1."""
     if branch == FUSED:
@@ -82,14 +88,18 @@ def evaluate(
     dataset: CategoryDataset,
     save_maps: Path | None,
     progress: bool,
+    variants: Mapping[str, Fusion] | None = None,
 ) -> Evaluation:
     """The metrics of each branch alone and of the fused map at the dataset's evaluation level,
     and every test image's score per branch with its defect name.
 
-    With ``save_maps`` the fused maps are written as float32 TIFFs in the official layout.
+    ``variants``: calibrated fusions (name -> :class:`~engine.models.fusion.Fusion`) measured
+    on the same branch maps, as :func:`variant_name` keys. With ``save_maps`` the fused maps
+    are written as float32 TIFFs in the official layout.
     """
+    variants = dict(variants or {})
     level = evaluation_level(dataset)
-    branches = (*detector.branch_names, FUSED)
+    branches = (*detector.branch_names, FUSED, *map(variant_name, variants))
     evaluators = {} if level == NO_METRICS else {b: make_evaluator(level) for b in branches}
     scores: dict[str, list[float]] = {branch: [] for branch in branches}
     defects: list[str] = []
@@ -101,8 +111,10 @@ def evaluate(
             size = (int(frames.shape[1]), int(frames.shape[2]))
             truths = [dataset.ground_truth(sample) for sample in chunk]
             defects += [test_defect(s, c) for s, c in zip(chunk, truths, strict=True)]
+            named = {b: branch_only(maps, b, detector) for b in (*detector.branch_names, FUSED)}
+            named |= {variant_name(n): fusion(maps.branches()) for n, fusion in variants.items()}
             for branch in branches:
-                full = resize_to(branch_only(maps, branch, detector), size).cpu().numpy()
+                full = resize_to(named[branch], size).cpu().numpy()
                 for sample, channels, anomaly_map in zip(chunk, truths, full, strict=True):
                     if evaluators:
                         evaluators[branch].add(anomaly_map, sample, channels, sample.stem)
@@ -153,4 +165,12 @@ def _remove_partial_maps(
     )
 
 
-__all__ = ["FUSED", "INFERENCE_BATCH", "Evaluation", "branch_only", "evaluate", "summary"]
+__all__ = [
+    "FUSED",
+    "INFERENCE_BATCH",
+    "Evaluation",
+    "branch_only",
+    "evaluate",
+    "summary",
+    "variant_name",
+]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +26,11 @@ from tqdm import tqdm
 from engine.artifact import save_artifact
 from engine.calibrate import (
     BranchStats,
+    FusionConfig,
     calibrate_threshold,
+    fit_image_stats,
     image_scores,
     resize_to,
-    standardised_maps,
 )
 from engine.config import BuildConfig
 from engine.data.formats import (
@@ -43,9 +44,17 @@ from engine.data.formats import (
 from engine.data.transforms import ImageFolderDataset
 from engine.data.types import Sample
 from engine.detector import Detector, model_transform
-from engine.evaluation import INFERENCE_BATCH, Evaluation, evaluate, frame_batches, summary
+from engine.evaluation import (
+    FUSED,
+    INFERENCE_BATCH,
+    Evaluation,
+    evaluate,
+    frame_batches,
+    summary,
+)
 from engine.metrics import TestMetrics
 from engine.models.composition import CompositionModel
+from engine.models.fusion import Fusion
 from engine.models.logical import LogicalModel
 from engine.models.logical_diagnostics import (
     COLLAPSE_RATIO,
@@ -90,6 +99,15 @@ class BuildResult:
     evaluation_level: str = "loco"  # what the test split measured: loco, pixel, image or none
 
 
+@dataclass
+class ValidationMaps:
+    """The validation split's branch maps: one dict (branch -> (B, S, S)) per batch, and each
+    batch's original image size (H, W)."""
+
+    branch_maps: list[dict[str, torch.Tensor]]
+    sizes: list[tuple[int, int]]
+
+
 @contextmanager
 def _step(seconds: dict[str, float], name: str, verbose: bool) -> Iterator[None]:
     if verbose:
@@ -99,42 +117,44 @@ def _step(seconds: dict[str, float], name: str, verbose: bool) -> Iterator[None]
     seconds[name] = time.perf_counter() - start
 
 
-def calibrate(
-    detector: Detector, samples: Sequence[Sample], rate: float, progress: bool
-) -> tuple[float, np.ndarray]:
-    """Each branch's statistics over all validation pixels (with ``merge="max"`` also over the
-    image scores of its standardised map), then the image-score threshold, all stored in
-    ``detector.fusion``.
-
-    Returns (threshold, validation image scores). The scores are maxima of the fused map at the
-    original image size, exactly as the Runtime computes them.
-    """
+def validation_maps(
+    detector: Detector, samples: Sequence[Sample], progress: bool
+) -> ValidationMaps:
+    """Every validation image's branch maps at model size (on the CPU), by batch."""
     branch_maps: list[dict[str, torch.Tensor]] = []
     sizes = []
     for _, frames in frame_batches(samples, INFERENCE_BATCH, "validation maps", progress):
         maps = detector(frames.to(detector.device))
         branch_maps.append({b: m.cpu() for b, m in maps.branches().items()})
-        sizes.append(frames.shape[1:3])
+        sizes.append((int(frames.shape[1]), int(frames.shape[2])))
+    return ValidationMaps(branch_maps, sizes)
+
+
+def calibrate(
+    fusion: Fusion, validation: ValidationMaps, config: FusionConfig
+) -> tuple[float, np.ndarray]:
+    """Each branch's statistics over all validation pixels (with ``merge="max"`` also over the
+    image scores of its standardised map, :func:`~engine.calibrate.fit_image_stats`), then the
+    image-score threshold, all stored in ``fusion``.
+
+    Returns (threshold, validation image scores). The scores are maxima of the fused map at the
+    original image size, exactly as the Runtime computes them.
+    """
+    chunks = validation.branch_maps
     stats = {
-        branch: BranchStats.fit(chunk[branch] for chunk in branch_maps)
-        for branch in detector.branch_names
+        branch: BranchStats.fit(chunk[branch] for chunk in chunks) for branch in fusion.branches
     }
     image_stats = None
-    if detector.fusion.merge == "max":
-        sigma = detector.fusion.sigma
-        standardised = [standardised_maps(chunk, stats, sigma) for chunk in branch_maps]
-        image_stats = {
-            branch: BranchStats.fit(image_scores(chunk[branch]) for chunk in standardised)
-            for branch in detector.branch_names
-        }
-    detector.fusion.calibrate(stats, image_stats)
+    if fusion.merge == "max":
+        image_stats = fit_image_stats(chunks, stats, fusion.sigma, config.image_scale)
+    fusion.calibrate(stats, image_stats)
     scores = [
-        image_scores(resize_to(detector.fuse(chunk), (int(height), int(width))))
-        for chunk, (height, width) in zip(branch_maps, sizes, strict=True)
+        image_scores(resize_to(fusion(chunk), size))
+        for chunk, size in zip(chunks, validation.sizes, strict=True)
     ]
     scores_np = torch.cat(scores).numpy()
-    threshold = calibrate_threshold(scores_np, rate)
-    detector.fusion.set_threshold(threshold)
+    threshold = calibrate_threshold(scores_np, config.target_false_alarm_rate)
+    fusion.set_threshold(threshold)
     return threshold, scores_np
 
 
@@ -149,6 +169,7 @@ def build_category(
     verbose: bool = True,
     fresh: bool = False,
     data_format: str = "auto",
+    fusion_variants: Mapping[str, FusionConfig] | None = None,
 ) -> BuildResult:
     """Train, fit, calibrate, evaluate and export one category to ``out``.
 
@@ -159,6 +180,10 @@ def build_category(
     ValueError); ``fresh`` discards them first. Outputs and every input file are checked, and
     what the test split can evaluate is decided, before any model is built; without test
     metrics the artifact is written all the same.
+
+    ``fusion_variants`` (name -> fusion config; an accuracy-benchmark comparison): each is
+    calibrated on the same validation maps and measured on the same test maps as
+    ``fused[name]`` in the result's metrics and image scores, not in the artifact.
     """
     seconds: dict[str, float] = {}
     out = Path(out)
@@ -259,13 +284,20 @@ def build_category(
     ).to(device)
 
     with _step(seconds, "calibrate on validation", verbose):
-        threshold, val_scores = calibrate(
-            detector, dataset.samples("validation"), config.fusion.target_false_alarm_rate, progress
-        )
+        validation = validation_maps(detector, dataset.samples("validation"), progress)
+        threshold, val_scores = calibrate(detector.fusion, validation, config.fusion)
+        variants = {}
+        for name, variant in (fusion_variants or {}).items():
+            variants[name] = Fusion.from_config(
+                variant, detector.branch_names, detector.map_size, config.composition
+            )
+            calibrate(variants[name], validation, variant)
+            variants[name].to(device)
+        del validation
 
     if dataset.samples("test"):
         with _step(seconds, "evaluate on test", verbose):
-            evaluation = evaluate(detector, dataset, maps_root, progress)
+            evaluation = evaluate(detector, dataset, maps_root, progress, variants)
     else:
         evaluation = Evaluation({}, {}, [])
         if verbose:
@@ -289,6 +321,7 @@ def build_category(
             "metrics": {
                 branch: summary(m, evaluation.image_scores[branch], evaluation.test_defects)
                 for branch, m in metrics.items()
+                if branch in (*detector.branch_names, FUSED)
             },
             "build_seconds": seconds,
         }

@@ -2,11 +2,14 @@
 
     python -m tools.accuracy                                  # 5 categories x seeds 0,1,2, cpu
     python -m tools.accuracy --tag mff --set logical.bottleneck_fusion=mff   # an ablation
+    python -m tools.accuracy --fusion-variant pooled:merge=max,image_scale=pooled
 
 Each (category, seed) is generated with that seed into a cache folder (reused when present),
 built at the preset with ``train.seed`` = the seed into a temporary artifact folder, and
 measured per map branch: tie-correct image AUROC and AU-sPRO@0.05 on the logical, structural
-and mean subsets, and image AUROC per defect type. The tables go between markers into
+and mean subsets, and image AUROC per defect type. Each ``--fusion-variant`` is another fusion
+config calibrated and measured on the same builds' branch maps (column ``fused[NAME]``), a
+paired comparison that costs no extra build. The tables go between markers into
 ``docs/ACCURACY.md`` (the rest of the file is kept) and the raw results into a JSON file beside
 it. Bad options exit 2 before any work; Ctrl-C exits 130 and writes nothing.
 """
@@ -32,6 +35,7 @@ import torch
 
 from engine.artifact import read_manifest
 from engine.build import apply_overrides, resolve_device
+from engine.calibrate import FusionConfig
 from engine.cli import DEVICES, description, setup_logging
 from engine.config import PRESETS, BuildConfig, resolve_preset
 from engine.data.loco import LocoDataset
@@ -70,6 +74,7 @@ class Plan:
     json_path: Path
     tag: str | None
     keep: bool
+    variants: dict[str, FusionConfig]
 
 
 # ---- options ------------------------------------------------------------------------------
@@ -88,6 +93,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--device", choices=DEVICES, default="cpu")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config value"
+    )
+    parser.add_argument(
+        "--fusion-variant",
+        action="append",
+        default=[],
+        metavar="NAME:FIELD=VALUE[,FIELD=VALUE]",
+        help="also measure the fused map with these fusion.* values (column fused[NAME])",
     )
     parser.add_argument("--tag", help="write into the named ablation section instead")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "ACCURACY.md")
@@ -127,6 +139,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         json_path=args.json or args.out.with_name(json_name),
         tag=args.tag,
         keep=args.keep,
+        variants=fusion_variants(config, args.fusion_variant),
     )
     for path, option in ((plan.out, "--out"), (plan.json_path, "--json")):
         if path.is_dir():
@@ -137,6 +150,27 @@ def make_plan(args: argparse.Namespace) -> Plan:
     except ValueError as error:
         raise ValueError(f"--out {plan.out}: {error}") from None
     return plan
+
+
+def fusion_variants(config: BuildConfig, specs: Sequence[str]) -> dict[str, FusionConfig]:
+    """``NAME:FIELD=VALUE[,FIELD=VALUE]`` specs -> name -> the config's fusion section with
+    those ``fusion.FIELD`` values; ValueError names the bad spec."""
+    variants = {}
+    for spec in specs:
+        name, sep, assignments = spec.partition(":")
+        if not sep or not TAG_PATTERN.fullmatch(name) or not assignments.strip():
+            raise ValueError(
+                f"--fusion-variant {spec!r}: expected NAME:FIELD=VALUE[,FIELD=VALUE], e.g. "
+                "pooled:merge=max,image_scale=pooled (NAME: letters, digits, '_', '.', '-')"
+            )
+        if name in variants:
+            raise ValueError(f"--fusion-variant {spec!r}: the name {name!r} is used twice")
+        values = [f"fusion.{a.strip()}" for a in assignments.split(",")]
+        try:
+            variants[name] = apply_overrides(config, values).fusion
+        except ValueError as error:
+            raise ValueError(f"--fusion-variant {spec!r}: {error}") from None
+    return variants
 
 
 def _names(text: str) -> list[str]:
@@ -261,7 +295,14 @@ def run_builds(plan: Plan, work: Path) -> list[dict]:
             out = work / f"{category}-seed{seed}"
             start = time.perf_counter()
             result = build_category(
-                root, category, out, config, plan.device, progress=False, verbose=False
+                root,
+                category,
+                out,
+                config,
+                plan.device,
+                progress=False,
+                verbose=False,
+                fusion_variants=plan.variants,
             )
             seconds = time.perf_counter() - start
             records.append(build_record(result, LocoDataset(root, category), seed, seconds))
@@ -332,6 +373,7 @@ def run_meta(plan: Plan, args: argparse.Namespace, argv: Sequence[str], wall: fl
         "preset": args.preset,
         "device": str(plan.device),
         "overrides": list(args.set),
+        "fusion_variants": list(args.fusion_variant),
         "categories": plan.categories,
         "seeds": plan.seeds,
         "counts": plan.counts,

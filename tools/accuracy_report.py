@@ -157,6 +157,7 @@ def render_block(records: Sequence[dict], meta: dict, tag: str | None) -> str:
     counts = meta["counts"]
     settings = f"preset {meta['preset']}, device {meta['device']}, train.seed = the data seed"
     settings += "".join(f", `--set {s}`" for s in meta["overrides"])
+    variants = "".join(f"\n  - `{v}`" for v in meta.get("fusion_variants", []))
     parts = [
         f"{level} {'Results' if tag is None else f'Ablation `{tag}`'}\n",
         f"- machine: {meta['machine']}; torch threads {meta['torch_threads']}\n"
@@ -168,12 +169,14 @@ def render_block(records: Sequence[dict], meta: dict, tag: str | None) -> str:
         f"{', '.join(map(str, meta['seeds']))}; per category and seed {counts['train']} train, "
         f"{counts['validation']} validation, {counts['test good']} good / "
         f"{counts['test logical']} logical / {counts['test structural']} structural test images\n"
-        f"- settings: {settings}\n",
+        f"- settings: {settings}\n"
+        + (f"- fusion variants (columns `fused[NAME]`):{variants}\n" if variants else ""),
         "Cells: mean ± sample standard deviation over the seeds; **overall**: per seed the mean "
         "over the categories, then mean ± std over the seeds; – : not measured. Image AUROC is "
         "tie-correct (ties count ½), AU-sPRO@0.05 the exact MVTec LOCO metric. A branch column is "
         "that branch's map alone (normalised and blurred as in fusion); fused is the engine's "
-        "output.\n",
+        "output; fused[NAME] is the fused map of a fusion variant, calibrated on the same "
+        "validation maps.\n",
     ]
     for metric, title in METRICS:
         for key, subset in SUBSETS:

@@ -20,10 +20,12 @@ from engine.calibrate import (
     BRANCHES,
     MERGES,
     BranchStats,
+    FusionConfig,
     finite_threshold,
     fuse_maps,
     max_fuse_maps,
 )
+from engine.models.composition import CompositionConfig
 
 __all__ = ["Fusion"]
 
@@ -102,6 +104,33 @@ class Fusion(nn.Module):
         self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64))
         self._host: _HostValues | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module._forget())
+
+    @classmethod
+    def from_config(
+        cls,
+        config: FusionConfig,
+        branches: Sequence[str],
+        map_size: int,
+        composition: CompositionConfig | None = None,
+        weights: Mapping[str, float] | None = None,
+    ) -> Fusion:
+        """The uncalibrated fusion of ``branches`` for maps of side ``map_size``: σ scaled to
+        that size, the composition evidence placed as ``composition.fused_map`` says (when that
+        branch is fused), ``weights`` (default: the config's)."""
+        gate_power, after_blur = None, False
+        fused_map = None if composition is None else composition.fused_map
+        if "composition" in branches and fused_map not in (None, "image"):
+            assert composition is not None
+            gate_power = composition.gate_power
+            after_blur = fused_map == "gated_after_blur"
+        return cls(
+            branches,
+            weights or {b: config.weight(b) for b in branches},
+            config.sigma_at(map_size),
+            gate_power,
+            after_blur,
+            config.merge,
+        )
 
     def calibrate(
         self,

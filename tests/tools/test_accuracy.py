@@ -177,6 +177,11 @@ def test_defect_name_of_an_image() -> None:
         (["--n-train", "1001"], "--n-train must be in 1..1000"),
         (["--tag", "a b"], "--tag"),
         (["--set", "train.seed=3"], "--set train.seed"),
+        (["--fusion-variant", "max"], "expected NAME:FIELD=VALUE"),
+        (["--fusion-variant", "a b:merge=max"], "expected NAME:FIELD=VALUE"),
+        (["--fusion-variant", "m:merge=max", "--fusion-variant", "m:sigma=2"], "used twice"),
+        (["--fusion-variant", "m:merge=mean"], "merge must be one of"),
+        (["--fusion-variant", "m:nope=1"], "no field 'nope'"),
         (["--set", "logical.nope=1"], "no field 'nope'"),
         (["--preset", "cpu", "--set", "train.epochs=x"], "train.epochs"),
     ],
@@ -268,13 +273,21 @@ def test_tiny_end_to_end_run(tmp_path: Path, capsys, tiny_build_args: list[str])
     doc = tmp_path / "ACCURACY.md"
     argv = ["--categories=pushpins", "--seeds=0", "--n-train=8", "--n-validation=4"]
     argv += ["--n-test=5", f"--cache-dir={tmp_path / 'cache'}", f"--out={doc}", "--keep", *tiny]
+    # "same" repeats the preset's own fusion, so its column must equal fused exactly
+    argv += [
+        "--fusion-variant=same:merge=sum",
+        "--fusion-variant=pooled:merge=max,image_scale=pooled",
+    ]
     assert accuracy.main(argv) == 0
     out = capsys.readouterr().out
     assert re.search(r"\[accuracy 1/1\] pushpins seed 0: mean image AUROC .*fused", out)
 
     (build,) = json.loads((tmp_path / "accuracy.json").read_text())["builds"]
     branches = list(build["metrics"])
-    assert {"logical", "structural", "fused"} <= set(branches)
+    assert {"logical", "structural", "fused", "fused[same]", "fused[pooled]"} <= set(branches)
+    assert build["metrics"]["fused[same]"] == build["metrics"]["fused"]
+    assert build["image_scores"]["fused[same]"] == build["image_scores"]["fused"]
+    assert build["image_scores"]["fused[pooled]"] != build["image_scores"]["fused"]
     text = doc.read_text()
     for title in ("Image AUROC", "AU-sPRO@0.05"):
         for subset in ("logical", "structural", "mean"):
@@ -288,6 +301,7 @@ def test_tiny_end_to_end_run(tmp_path: Path, capsys, tiny_build_args: list[str])
     kept = Path(re.search(r"artifacts kept in (\S+)", out)[1])
     manifest = read_manifest(kept / "pushpins-seed0")["metrics"]
     shutil.rmtree(kept)
+    assert sorted(manifest) == sorted(b for b in branches if "[" not in b)
     for branch in branches:
         scores = np.asarray(build["image_scores"][branch])
         good = list(scores[defects == "good"])
@@ -295,7 +309,8 @@ def test_tiny_end_to_end_run(tmp_path: Path, capsys, tiny_build_args: list[str])
         assert sorted(per_defect) == sorted(set(defects) - {"good"}) == sorted(kinds)
         for name, value in per_defect.items():
             assert value == pytest.approx(_mann_whitney(good, list(scores[defects == name])))
-        assert manifest[branch]["image_auroc_per_defect"] == pytest.approx(per_defect)
+        if branch in manifest:
+            assert manifest[branch]["image_auroc_per_defect"] == pytest.approx(per_defect)
         # the scores are those the LOCO metric ranks: its subset AUROC follows from them
         logical = [s for s, d in zip(scores, defects) if kinds.get(d) == "logical"]
         subset = build["metrics"][branch]["image_auroc_tie_correct"]["logical_anomalies"]
