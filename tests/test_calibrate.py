@@ -11,6 +11,7 @@ from engine.calibrate import (
     BranchStats,
     FusionConfig,
     calibrate_threshold,
+    fit_image_stats,
     fuse_maps,
     gated_composition,
     image_scores,
@@ -199,6 +200,31 @@ def test_standardised_maps_are_the_branch_alone_maps() -> None:
         standardised_maps(tensors, {"logical": stats["logical"]}, 2.0)
 
 
+@pytest.mark.parametrize("scale", ["branch", "pooled"])
+def test_image_stats_from_the_validation_maps(scale: str) -> None:
+    maps, stats, _, _ = max_fusion_case(9)
+    maps["structural"] = maps["structural"] * 3  # image-score spreads far apart: pooling shows
+    chunks = [{b: torch.from_numpy(m[i : i + 2]) for b, m in maps.items()} for i in (0, 2)]
+    got = fit_image_stats(chunks, stats, 1.5, scale)
+    want = {}
+    for branch, values in maps.items():
+        z = (values.astype(np.float64) - stats[branch].mean) / stats[branch].std
+        if branch != "composition":  # a constant per image: blurring changes nothing
+            z = np.stack([gaussian_filter(image, sigma=1.5) for image in z])
+        peaks = z.max(axis=(1, 2))
+        want[branch] = (peaks.mean(), peaks.std())
+    if scale == "pooled":
+        pooled = np.sqrt((want["logical"][1] ** 2 + want["structural"][1] ** 2) / 2)
+        want |= {b: (want[b][0], pooled) for b in ("logical", "structural")}
+    assert abs(want["logical"][1] - want["structural"][1]) > 0.5 or scale == "pooled"
+    for branch, (mean, std) in want.items():
+        assert got[branch].as_tuple() == pytest.approx((mean, std), rel=1e-4, abs=1e-5)
+    alone = fit_image_stats([{"logical": c["logical"]} for c in chunks], stats, 1.5, "pooled")
+    assert alone["logical"].std == pytest.approx(fit_image_stats(chunks, stats, 1.5)["logical"].std)
+    with pytest.raises(ValueError, match="image scale"):
+        fit_image_stats(chunks, stats, 1.5, "median")
+
+
 def test_sigma_scales_with_the_map_size() -> None:
     cfg = FusionConfig(sigma=4.0)
     assert cfg.sigma_at(256) == 4.0 and cfg.sigma_at(128) == 2.0 and cfg.sigma_at(64) == 1.0
@@ -307,6 +333,7 @@ def test_fusion_config_defaults_and_validation() -> None:
         {"target_false_alarm_rate": 1.0},
         {"sigma": float("inf")},
         {"merge": "mean"},
+        {"image_scale": "median"},
     ):
         with pytest.raises(ValueError):
             FusionConfig(**kwargs)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from engine.calibrate import BranchStats, fuse_maps, max_fuse_maps
+from engine.calibrate import BranchStats, FusionConfig, fuse_maps, max_fuse_maps
+from engine.models.composition import CompositionConfig
 from engine.models.fusion import Fusion
 
 BRANCHES = ("logical", "structural", "composition")
@@ -138,3 +139,20 @@ def test_max_merge_without_image_statistics_says_so() -> None:
         fusion(branch_maps())
     with pytest.raises(ValueError, match="merge must be one of"):
         Fusion(BRANCHES, WEIGHTS, 1.5, merge="mean")
+
+
+@pytest.mark.parametrize(
+    ("fused_map", "gate_power", "after_blur"),
+    [("gated", 6.0, False), ("gated_after_blur", 6.0, True), ("image", None, False)],
+)
+def test_from_config_scales_sigma_and_places_the_composition(fused_map, gate_power, after_blur):
+    config = FusionConfig(logical_weight=2.0, composition_weight=0.25, sigma=4.0, merge="max")
+    composition = CompositionConfig(fused_map=fused_map, gate_power=6.0)
+    fusion = Fusion.from_config(config, BRANCHES, 128, composition)
+    assert fusion.sigma == 2.0 and fusion.merge == "max"
+    assert (fusion.gate_power, fusion.gate_after_blur) == (gate_power, after_blur)
+    assert fusion.weights == {"logical": 2.0, "structural": 1.0, "composition": 0.25}
+    two = Fusion.from_config(
+        config, BRANCHES[:2], 512, composition, {"logical": 1, "structural": 5}
+    )
+    assert (two.sigma, two.gate_power, two.weights["structural"]) == (8.0, None, 5.0)
