@@ -65,11 +65,11 @@ class FusionConfig:
     ``merge``: ``"sum"`` (the paper: the weighted sum of the pixel-standardised maps, blurred)
     or ``"max"`` (the pointwise maximum of the blurred maps, each standardised by its
     validation image scores and weighted; see the module docstring and :func:`max_fuse_maps`).
-    ``"max"`` is an option: on two seeds of the accuracy benchmark it gained 0.019 and lost
-    0.005 mean image AUROC (AU-sPRO +0.018 / +0.009), its scales estimated from few validation
-    images being too noisy (docs/ACCURACY.md, ablation 3). ``image_scale`` (``"max"`` only):
-    ``"branch"`` divides each branch by its own validation image-score std, ``"pooled"`` the
-    logical and structural branches by one std pooled over both (:func:`fit_image_stats`).
+    ``image_scale`` (``"max"`` only): ``"branch"`` divides each branch by its own validation
+    image-score std, ``"pooled"`` the logical and structural branches by one std pooled over
+    both (:func:`fit_image_stats`). The defaults are the paper's sum; the ``cpu`` preset uses
+    ``"max"`` with ``"pooled"`` (docs/ACCURACY.md, ablation 3: over five seeds the pooled max
+    never scored below the sum; with each branch's own std it lost on two).
 
     ``target_false_alarm_rate`` defaults to 0.05: MVTec LOCO has only tens of validation good
     images per category, and with n images a rate can only be resolved to 1/n; 5% still lands
