@@ -2,7 +2,7 @@
 
     python -m tools.accuracy                                  # 5 categories x seeds 0,1,2, cpu
     python -m tools.accuracy --tag mff --set logical.bottleneck_fusion=mff   # an ablation
-    python -m tools.accuracy --fusion-variant pooled:merge=max,image_scale=pooled
+    python -m tools.accuracy --fusion-variant sum:merge=sum          # the paper's fusion too
 
 Each (category, seed) is generated with that seed into a cache folder (reused when present),
 built at the preset with ``train.seed`` = the seed into a temporary artifact folder, and
@@ -161,7 +161,8 @@ def fusion_variants(config: BuildConfig, specs: Sequence[str]) -> dict[str, Fusi
         if not sep or not TAG_PATTERN.fullmatch(name) or not assignments.strip():
             raise ValueError(
                 f"--fusion-variant {spec!r}: expected NAME:FIELD=VALUE[,FIELD=VALUE], e.g. "
-                "pooled:merge=max,image_scale=pooled (NAME: letters, digits, '_', '.', '-')"
+                "sum:merge=sum or max:merge=max,image_scale=branch "
+                "(NAME: letters, digits, '_', '.', '-')"
             )
         if name in variants:
             raise ValueError(f"--fusion-variant {spec!r}: the name {name!r} is used twice")

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from engine.artifact import read_manifest
+from engine.calibrate import MERGES
+from engine.config import cpu_build_preset
 from engine.data.types import DefectSpec, GroundTruthChannel
 from engine.metrics.per_defect import defect_name
 from tools import accuracy
@@ -274,9 +276,11 @@ def test_tiny_end_to_end_run(tmp_path: Path, capsys, tiny_build_args: list[str])
     argv = ["--categories=pushpins", "--seeds=0", "--n-train=8", "--n-validation=4"]
     argv += ["--n-test=5", f"--cache-dir={tmp_path / 'cache'}", f"--out={doc}", "--keep", *tiny]
     # "same" repeats the preset's own fusion, so its column must equal fused exactly
+    own = cpu_build_preset().fusion
+    other = next(m for m in MERGES if m != own.merge)
     argv += [
-        "--fusion-variant=same:merge=sum",
-        "--fusion-variant=pooled:merge=max,image_scale=pooled",
+        f"--fusion-variant=same:merge={own.merge},image_scale={own.image_scale}",
+        f"--fusion-variant=other:merge={other}",
     ]
     assert accuracy.main(argv) == 0
     out = capsys.readouterr().out
@@ -284,10 +288,10 @@ def test_tiny_end_to_end_run(tmp_path: Path, capsys, tiny_build_args: list[str])
 
     (build,) = json.loads((tmp_path / "accuracy.json").read_text())["builds"]
     branches = list(build["metrics"])
-    assert {"logical", "structural", "fused", "fused[same]", "fused[pooled]"} <= set(branches)
+    assert {"logical", "structural", "fused", "fused[same]", "fused[other]"} <= set(branches)
     assert build["metrics"]["fused[same]"] == build["metrics"]["fused"]
     assert build["image_scores"]["fused[same]"] == build["image_scores"]["fused"]
-    assert build["image_scores"]["fused[pooled]"] != build["image_scores"]["fused"]
+    assert build["image_scores"]["fused[other]"] != build["image_scores"]["fused"]
     text = doc.read_text()
     for title in ("Image AUROC", "AU-sPRO@0.05"):
         for subset in ("logical", "structural", "mean"):
