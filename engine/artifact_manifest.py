@@ -378,7 +378,7 @@ def _parse_index(f: _Fields, index: dict[str, Any], config: BuildConfig) -> dict
     kind = f.get(index, "kind", "structural_index.kind")
     if kind == "faiss":
         _check_faiss_identity(f, index)
-    elif kind != "torch" and kind not in OLD_INDEX_FIELDS:
+    elif kind != "torch" and (not isinstance(kind, str) or kind not in OLD_INDEX_FIELDS):
         raise f.fail(
             "structural_index.kind", f"one of {INDEX_KINDS + tuple(OLD_INDEX_FIELDS)}", kind
         )
