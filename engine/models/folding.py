@@ -75,7 +75,8 @@ def fold_batchnorm(
     ``run`` calls ``module`` on a probe input and returns a tensor (or a tuple/list/dict of
     them, all checked). Returns the number of BatchNorms folded; 0 (module left as it
     was, with a warning) if the folded outputs differ from the unfolded ones by more than
-    ``rtol``/``atol`` (``atol`` in units of each output's largest magnitude, when above 1). The module must be in eval mode (folding uses the running statistics).
+    ``rtol``/``atol`` (``atol`` in units of each output's largest magnitude, when above 1).
+    The module must be in eval mode (folding uses the running statistics).
     """
     if module.training:
         raise ValueError("fold_batchnorm needs a module in eval mode (it folds running statistics)")

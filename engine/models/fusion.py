@@ -118,11 +118,10 @@ class Fusion(nn.Module):
         that size, the composition evidence placed as ``composition.fused_map`` says (when that
         branch is fused), ``weights`` (default: the config's)."""
         gate_power, after_blur = None, False
-        fused_map = None if composition is None else composition.fused_map
-        if "composition" in branches and fused_map not in (None, "image"):
-            assert composition is not None
+        gated = composition is not None and composition.fused_map != "image"
+        if gated and "composition" in branches:
             gate_power = composition.gate_power
-            after_blur = fused_map == "gated_after_blur"
+            after_blur = composition.fused_map == "gated_after_blur"
         return cls(
             branches,
             weights or {b: config.weight(b) for b in branches},
