@@ -68,6 +68,7 @@ from engine.config import BuildConfig
 from engine.detector import Detector
 from engine.models.knn_index import KnnIndex, is_approximate, restore_index
 from engine.models.structural import attach_index
+from engine.models.weights import contiguous_state
 
 __all__ = [
     "FORMAT_VERSION",
@@ -447,7 +448,7 @@ def _state_dict(path: Path, data: bytes) -> dict[str, torch.Tensor]:
             f"{path}: NaN or infinite values in {_some(bad)} (every score would be wrong); "
             f"{REBUILD}"
         )
-    return state
+    return contiguous_state(state)
 
 
 def _check_bank(path: Path, bank: Any, dim: int) -> None:

@@ -81,6 +81,24 @@ def test_round_trip_keeps_weights_calibration_and_threshold(built, art: Path) ->
     assert names_in(art.parent) == ["art"]  # no temp folder left behind
 
 
+def test_weights_stored_in_another_layout_load_row_major(built, art: Path) -> None:
+    # assign=True keeps a tensor's strides: a channels-last conv weight would be copied on
+    # every call and miss the fast CPU kernels
+    state = torch.load(art / "logical.pt", weights_only=True)
+    permuted = {
+        k: v.to(memory_format=torch.channels_last) if v.dim() == 4 else v.t().contiguous().t()
+        for k, v in state.items()
+        if v.dim() in (2, 4)
+    }
+    permuted = state | permuted
+    assert any(not v.is_contiguous() for v in permuted.values())
+    torch.save(permuted, art / "logical.pt")
+    tiny["relist"](art, "logical.pt")
+    detector, _ = load_artifact(art)
+    assert all(p.is_contiguous() for p in detector.logical.state_dict().values())
+    assert tiny["fingerprint"](detector) == tiny["fingerprint"](built[0])
+
+
 # ------------------------------------------------------------- the exact file set (item 3)
 
 

