@@ -1,6 +1,6 @@
 """The deployment artifact: one folder, a sealed manifest, checksums, written atomically.
 
-Layout (``FORMAT_VERSION`` 2)::
+Layout (``FORMAT_VERSION`` 3)::
 
     <artifact>/
       manifest.json     format version, package versions, config, backbone and text-prior
@@ -8,7 +8,8 @@ Layout (``FORMAT_VERSION`` 2)::
                         and its own sha256 (see :mod:`engine.artifact_manifest`)
       logical.pt        LogicalModel state dict (frozen encoder included: the artifact is
                         self-contained and never needs $TORCH_HOME)
-      structural.pt     StructuralModel state dict: frozen backbone and the coreset memory bank
+      structural.pt     StructuralModel state dict: frozen backbone, the patch projection (the
+                        basis the bank is stored in) and the coreset memory bank
       index/            the kNN index, only when it is approximate (any FAISS index but Flat:
                         HNSW, IVF, PQ, ...): index.faiss (faiss.write_index), index.json (its
                         identity), bank.npy (the bank it indexes); exact FAISS or PyTorch search
@@ -81,7 +82,14 @@ __all__ = [
     "save_artifact",
 ]
 
-FORMAT_VERSION = 2  # 2: the manifest carries its own sha256; the file set is exact
+# 2: the manifest carries its own sha256; the file set is exact. 3: the structural patch
+# projection is saved (version 2 recomputed it at load, and with another thread count it could
+# come out in another basis than the memory bank: silently wrong structural scores).
+FORMAT_VERSION = 3
+_VERSION_NOTES = {
+    2: " (a version-2 artifact recomputes its structural projection at load, which can come out "
+    "in another basis than its memory bank on a machine with another thread count)"
+}
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 
@@ -398,7 +406,7 @@ def _read_from(
     if type(found) is not int or found != FORMAT_VERSION:
         raise ArtifactError(
             f"{root}: artifact format version {found!r}, but this engine (v{engine.__version__}) "
-            f"reads version {FORMAT_VERSION}; {REBUILD}"
+            f"reads version {FORMAT_VERSION}{_VERSION_NOTES.get(found, '')}; {REBUILD}"
         )
     check_seal(data, manifest, str(where))
     spec = parse_manifest(manifest, str(where))

@@ -297,6 +297,12 @@ def test_other_format_version_is_refused(art: Path) -> None:
         read_manifest(art)
 
 
+def test_version_2_is_refused_and_told_why(art: Path) -> None:
+    tiny["edit_manifest"](art, setting("format_version", value=2))
+    with pytest.raises(ArtifactError, match=r"another basis than its memory bank.*rebuild"):
+        read_manifest(art)
+
+
 def test_tampered_file_is_refused(art: Path) -> None:
     data = bytearray((art / "logical.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF

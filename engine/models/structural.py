@@ -20,6 +20,10 @@ against ``feature_dim`` 1024). Features are then given in an orthonormal basis o
 an isometry, so every distance (kNN, coreset, scores) is PatchCore's, while the bank, the kNN
 and the 1x1 projection shrink by ``feature_dim / r``. When ``r == feature_dim`` (ResNeXt-101)
 the features are PatchCore's coordinates unchanged.
+
+The basis is not unique (the pooling matrices have repeated singular values, and LAPACK returns
+a different basis of each repeated subspace with another thread count), so the projections are
+buffers saved in the state dict: a memory bank is only meaningful in the basis it was built in.
 """
 
 from __future__ import annotations
@@ -134,6 +138,8 @@ class PatchFeatures(nn.Module):
     docstring); distances between features are the same either way.
     """
 
+    basis: torch.Tensor | None
+
     def __init__(
         self,
         backbone: FeatureExtractor,
@@ -164,19 +170,20 @@ class PatchFeatures(nn.Module):
             for i, level in enumerate(levels)
         ]
         # (feature_dim, out_dim): features are coordinates in this orthonormal basis; None when
-        # they are PatchCore's own coordinates.
-        self.basis: torch.Tensor | None = None
+        # they are PatchCore's own coordinates. Saved with the projections (module docstring).
+        basis = None
         if compact:
             basis = column_basis(torch.cat(folded, dim=1))
             if basis.shape[1] < feature_dim:
                 folded = [(basis.t() @ weight.double()).float() for weight in folded]
-                self.basis = basis.float()
+                basis = basis.float()
+            else:
+                basis = None
+        self.register_buffer("basis", basis)
         self.out_dim = int(folded[0].shape[0])
         for level, weight in zip(levels, folded, strict=True):
             # As an (out_dim, C, 1, 1) 1x1-convolution weight.
-            self.register_buffer(
-                f"projection_{level}", weight.contiguous()[:, :, None, None], persistent=False
-            )
+            self.register_buffer(f"projection_{level}", weight.contiguous()[:, :, None, None])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         maps = self.backbone(x)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from engine.models import structural
 from engine.models.backbones import FeatureExtractor, load_backbone
 from engine.models.structural import (
     PatchFeatures,
@@ -87,6 +88,35 @@ def test_compact_features_are_an_isometry(arch: str, rank: int) -> None:
         torch.testing.assert_close(da, db, rtol=1e-4, atol=1e-4)
         scores = [StructuralModel(pf, bank)(query) for pf, bank in ((compact, a), (full, b))]
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-4)
+
+
+def test_the_basis_travels_in_the_state_dict(
+    resnet18: FeatureExtractor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compact basis is not unique (LAPACK returns another basis of a repeated singular
+    subspace with another thread count): a loaded model must use the saved one, the basis its
+    bank was built in, not one computed again."""
+    built = StructuralModel(PatchFeatures(resnet18, 1024))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features, _ = built.patch_features(x)
+    built.set_bank(features[0, :50])
+    state = built.state_dict()
+    assert {"patch_features.basis", "patch_features.projection_layer2"} <= set(state)
+
+    original = structural.column_basis
+
+    def rotated(matrix: torch.Tensor) -> torch.Tensor:  # another valid basis of the same space
+        basis = original(matrix)
+        q, _ = torch.linalg.qr(torch.randn(basis.shape[1], basis.shape[1], dtype=basis.dtype))
+        return basis @ q
+
+    monkeypatch.setattr(structural, "column_basis", rotated)
+    loaded = StructuralModel(PatchFeatures(resnet18, 1024))
+    with torch.no_grad():
+        assert not torch.allclose(loaded.patch_features(x)[0], features, atol=1e-3)
+        loaded.load_state_dict(state)
+        torch.testing.assert_close(loaded(x), built(x))
 
 
 def test_compact_features_config_round_trip() -> None:
