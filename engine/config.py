@@ -225,9 +225,10 @@ def cpu_build_preset() -> BuildConfig:
 
     EfficientNet-Lite0 (real offline ImageNet weights) in every branch: the logical module at
     128 px with a narrow decoder, a fused bottleneck input and 720 training steps; the memory bank at
-    320 px (the paper: 256) and 1024-d patches; the composition branch on the memory bank's
-    features. 320 px raised the fused mean image AUROC by 0.016-0.019 in each of 3 seeds of the
-    accuracy benchmark, most on the logical subset (docs/ACCURACY.md, ablation 5).
+    384 px (the paper: 256) and 1024-d patches; the composition branch on the memory bank's
+    features. 320 px raised the fused mean image AUROC over 256 px by 0.016-0.019 in each of 3
+    seeds of the accuracy benchmark, and 384 px over 320 px again in each of 3 seeds
+    (docs/ACCURACY.md, ablation 5), at about 1.3x the build time.
     Fusion weights are equal (1:1:1), the neutral choice after each map is normalised: the
     paper's structural:logical = 1:3 leaves the fused map below the structural branch alone at
     this preset (docs/ACCURACY.md), since the small logical module is the weakest branch here.
@@ -235,7 +236,7 @@ def cpu_build_preset() -> BuildConfig:
     std pooled (``merge="max"``, ``image_scale="pooled"``): against the paper's sum, +0.010 mean
     image AUROC and +0.010 AU-sPRO, paired over 3 seeds it was not chosen on (ablation 3).
     """
-    structural = replace(StructuralConfig(), backbone="efficientnet_lite0", image_size=320)
+    structural = replace(StructuralConfig(), backbone="efficientnet_lite0", image_size=384)
     return BuildConfig(
         preset="cpu",
         logical=cpu_preset(),
