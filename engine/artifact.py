@@ -86,17 +86,10 @@ __all__ = [
 # projection is saved (version 2 recomputed it at load, and with another thread count it could
 # come out in another basis than the memory bank: silently wrong structural scores).
 FORMAT_VERSION = 3
-_VERSION_NOTES = {
-    2: " (a version-2 artifact recomputes its structural projection at load, which can come out "
+_VERSION_2_NOTE = (
+    " (a version-2 artifact recomputes its structural projection at load, which can come out "
     "in another basis than its memory bank on a machine with another thread count)"
-}
-
-
-def _version_note(found: object) -> str:
-    """Why an older format cannot be read, for a format version that has a note."""
-    return _VERSION_NOTES.get(found, "") if type(found) is int else ""
-
-
+)
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 
@@ -413,7 +406,7 @@ def _read_from(
     if type(found) is not int or found != FORMAT_VERSION:
         raise ArtifactError(
             f"{root}: artifact format version {found!r}, but this engine (v{engine.__version__}) "
-            f"reads version {FORMAT_VERSION}{_version_note(found)}; {REBUILD}"
+            f"reads version {FORMAT_VERSION}{_VERSION_2_NOTE if found == 2 else ''}; {REBUILD}"
         )
     check_seal(data, manifest, str(where))
     spec = parse_manifest(manifest, str(where))

@@ -171,15 +171,12 @@ class PatchFeatures(nn.Module):
         ]
         # (feature_dim, out_dim): features are coordinates in this orthonormal basis; None when
         # they are PatchCore's own coordinates. Saved with the projections (module docstring).
-        basis = None
-        if compact:
-            basis = column_basis(torch.cat(folded, dim=1))
-            if basis.shape[1] < feature_dim:
-                folded = [(basis.t() @ weight.double()).float() for weight in folded]
-                basis = basis.float()
-            else:
-                basis = None
-        self.register_buffer("basis", basis)
+        basis = column_basis(torch.cat(folded, dim=1)) if compact else None
+        if basis is not None and basis.shape[1] < feature_dim:
+            folded = [(basis.t() @ weight.double()).float() for weight in folded]
+            self.register_buffer("basis", basis.float())
+        else:
+            self.register_buffer("basis", None)
         self.out_dim = int(folded[0].shape[0])
         for level, weight in zip(levels, folded, strict=True):
             # As an (out_dim, C, 1, 1) 1x1-convolution weight.
