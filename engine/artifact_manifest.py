@@ -55,6 +55,11 @@ OLD_INDEX_FIELDS = {
 # normalisation comes near them; a hand-edited manifest could otherwise make model
 # construction loop or allocate without bound, or inference overflow to inf/NaN.
 LIMIT = 1 << 16  # |config numbers| (seeds aside), |means|, stds, sizes
+# Bank rows grow with the data (a LOCO-size category at the cpu preset's 384 px: 80 640), so
+# they get FAISS's own bound; the files' checksums and sizes bound them in practice.
+MAX_BANK_ROWS = (1 << 31) - 1
+# Config numbers only the build reads (sample counts, seeds): never bounded by LIMIT.
+BUILD_ONLY_KEYS = ("seed", "fit_patches")
 MIN_STD = 2.0**-24  # below this a float32 standardisation is meaningless
 
 REBUILD = "rebuild the artifact with `python -m engine.build`"
@@ -217,10 +222,10 @@ class _Fields:
             raise self.fail(field, f"a finite number{bounds}", value)
         return float(value)
 
-    def count(self, parent: dict[str, Any], key: str, field: str) -> int:
+    def count(self, parent: dict[str, Any], key: str, field: str, high: int = LIMIT) -> int:
         value = self.get(parent, key, field)
-        if type(value) is not int or not 0 <= value <= LIMIT:
-            raise self.fail(field, f"an integer in [0, {LIMIT}]", value)
+        if type(value) is not int or not 0 <= value <= high:
+            raise self.fail(field, f"an integer in [0, {high}]", value)
         return value
 
 
@@ -298,14 +303,33 @@ def _parse_config(f: _Fields, config: dict[str, Any]) -> BuildConfig:
     _check_types(f, BuildConfig, config, "config")
     for name, kind in _SECTIONS.items():
         _check_types(f, kind, f.section(config, name, f"config.{name}"), f"config.{name}")
+    bad = _out_of_bounds(config)
+    if bad is not None:
+        raise f.fail(bad[0], f"at most {LIMIT} in size", bad[1])
+    with untrusted(f"{f.where}: malformed manifest: config"):
+        return BuildConfig.from_dict(config)
+
+
+def _out_of_bounds(config: dict[str, Any]) -> tuple[str, Any] | None:
+    """The first (field, value) of a type-checked config whose number inference cannot take."""
     for name in ("logical", "structural", "fusion", "composition"):
         for key, value in config[name].items():
             items = value if isinstance(value, list) else [value]
             huge = [v for v in items if is_number(v) and not (is_finite(v) and abs(v) <= LIMIT)]
-            if huge and not key.endswith("seed"):
-                raise f.fail(f"config.{name}.{key}", f"at most {LIMIT} in size", value)
-    with untrusted(f"{f.where}: malformed manifest: config"):
-        return BuildConfig.from_dict(config)
+            if huge and not key.endswith(BUILD_ONLY_KEYS):
+                return f"config.{name}.{key}", value
+    return None
+
+
+def check_config_bounds(config: BuildConfig) -> None:
+    """Raise ValueError for a setting an artifact would refuse to record, before a build works."""
+    bad = _out_of_bounds(config.to_dict())
+    if bad is not None:
+        field, value = bad
+        raise ValueError(
+            f"{field.removeprefix('config.')}={value!r}: an artifact records settings of at most "
+            f"{LIMIT} in size (seeds and fit_patches aside)"
+        )
 
 
 _SECTIONS = {
@@ -383,7 +407,8 @@ def _parse_index(f: _Fields, index: dict[str, Any], config: BuildConfig) -> dict
             "structural_index.kind", f"one of {INDEX_KINDS + tuple(OLD_INDEX_FIELDS)}", kind
         )
     for key in ("size", "dim") if kind == "faiss" else OLD_INDEX_FIELDS.get(kind, ()):
-        if f.count(index, key, f"structural_index.{key}") < 1:
+        high = MAX_BANK_ROWS if key == "size" else LIMIT
+        if f.count(index, key, f"structural_index.{key}", high) < 1:
             raise f.fail(f"structural_index.{key}", "positive", index[key])
     upgraded = upgrade_identity(index)
     # The spec the build asked for: an earlier version's kind stands for its default spec.

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from engine.artifact import save_artifact
+from engine.artifact_manifest import check_config_bounds
 from engine.calibrate import (
     BranchStats,
     FusionConfig,
@@ -189,6 +190,7 @@ def build_category(
     out = Path(out)
     maps_root = Path(save_maps) if save_maps is not None else None
     checkpoints = checkpoint_folder(out)
+    check_config_bounds(config)
     check_outputs(out, maps_root)
     dataset = open_dataset(data_root, category, data_format)
     with _step(seconds, "validate inputs", verbose):

@@ -97,6 +97,16 @@ def test_artifacts_of_the_previous_version_load(tmp_path: Path, kind: str, caplo
     same_search(loaded.structural.index, detector.structural.index)
 
 
+def test_a_bank_larger_than_the_manifest_number_bound_round_trips(tmp_path: Path) -> None:
+    # A LOCO-size category at the cpu preset's 384 px keeps 80 640 bank rows; the manifest's
+    # bound on config numbers (65 536) once refused such an artifact at the end of its build.
+    detector, config = tiny["tiny_detector"](3, index="Flat", bank_rows=80_640)
+    out = tiny["save"](tmp_path / "art", detector, config)
+    assert read_manifest(out)["structural_index"]["size"] == 80_640
+    loaded, _ = load_artifact(out)
+    assert loaded.structural.bank.shape == (80_640, tiny["FEATURE_DIM"])
+
+
 @pytest.fixture
 def hnsw_art(tmp_path: Path) -> Path:
     return tiny["save"](tmp_path / "art", *tiny["tiny_detector"](3, index="HNSW32"))
@@ -116,6 +126,7 @@ BAD_RECORDS = {
     "exact-string": (setting("structural_index", "exact", value="no"), "exact must be true"),
     "spec-number": (setting("structural_index", "spec", value=32), "spec must be a string"),
     "size-zero": (setting("structural_index", "size", value=0), "size must be positive"),
+    "size-huge": (setting("structural_index", "size", value=1 << 31), "size must be an integer"),
     "config-auto": (
         setting("config", "structural", "index", value="auto"),
         "consistent with config.structural.index='auto'",

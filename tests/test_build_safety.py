@@ -254,6 +254,19 @@ def test_index_that_does_not_fit_the_features_exits_2_before_training(
     assert message in capsys.readouterr().err
 
 
+def test_setting_an_artifact_cannot_record_exits_2_before_training(
+    tiny_loco: Path, tmp_path: Path, capsys, no_training, tiny_build_args
+) -> None:
+    """The manifest bounds the settings inference reads; the build checks them first instead of
+    failing when it saves the artifact, after all the work."""
+    argv = _argv(
+        tiny_loco, tmp_path / "art", *tiny_build_args, "--set=composition.kmeans_iterations=70000"
+    )
+    assert build.main(argv) == build.EXIT_BAD_INPUT
+    assert "composition.kmeans_iterations=70000: an artifact records" in capsys.readouterr().err
+    assert not (tmp_path / "art").exists()
+
+
 def test_faiss_gpu_without_gpu_faiss_exits_2(
     tiny_loco: Path, tmp_path: Path, capsys, monkeypatch, no_build, tiny_build_args
 ) -> None:

@@ -62,16 +62,18 @@ def tiny_config(index: str = "torch", params: str = "") -> BuildConfig:
 
 
 def tiny_detector(
-    seed: int = 0, index: str = "torch", params: str = ""
+    seed: int = 0, index: str = "torch", params: str = "", bank_rows: int | None = None
 ) -> tuple[Detector, BuildConfig]:
     """A calibrated detector with random weights, searching with ``structural.index=index``
-    (``index_params=params``) on a 64-row bank, or a 16-row one for ``torch``. An approximate
-    index (``"HNSW32"``, ``"IVF2,PQ2x4"``, ...) makes the artifact hold ``index/`` files."""
+    (``index_params=params``) on a ``bank_rows``-row bank (default 64, or 16 for ``torch``).
+    An approximate index (``"HNSW32"``, ``"IVF2,PQ2x4"``, ...) makes the artifact hold
+    ``index/`` files."""
     torch.manual_seed(seed)
     config = tiny_config(index, params)
     logical = LogicalModel.build(config.logical, None, "random", True, verbose=False)
     structural = StructuralModel.from_config(config.structural, "random", True, verbose=False)
-    structural.set_bank(torch.randn(16 if index == "torch" else 64, FEATURE_DIM))
+    rows = bank_rows or (16 if index == "torch" else 64)
+    structural.set_bank(torch.randn(rows, FEATURE_DIM))
     attach_index(structural, config.structural.index, "cpu", config.structural.index_params)
     stats = {"logical": BranchStats(0.1, 0.5), "structural": BranchStats(0.2, 0.25)}
     detector = Detector(logical, structural, config.fusion, stats, structural_size=SIZE)
