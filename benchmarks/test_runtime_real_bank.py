@@ -43,6 +43,7 @@ INDEXES = {  # case id -> (structural.index, structural.index_params)
     "Flat": ("Flat", ""),
     "HNSW32": ("HNSW32", ""),
     "IVF512-nprobe32": ("IVF512,Flat", "nprobe=32"),
+    "IVF1024-nprobe8": ("IVF1024,Flat", "nprobe=8"),  # docs/PERFORMANCE.md: the 384-px frame
 }
 BACKENDS = ("eager", "onnx")
 _EAGER_MAPS: dict[str, np.ndarray] = {}
