@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from engine.models.composition import PARTS, CompositionConfig, CompositionModel
+from engine.models.composition import PARTS, CompositionConfig, CompositionModel, ops
 from engine.models.composition.ops import blob_stats, label_components, ledoit_wolf, pca_basis
 from engine.models.kmeans import kmeans
 
@@ -85,6 +85,22 @@ def test_labels_are_exact_on_a_64_by_64_spiral_within_12_iterations() -> None:
     assert count == 1
     assert (labels[mask] == np.flatnonzero(mask.ravel()).max()).all()
     assert (labels[~mask] == -1).all() and (reference[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("density", [0.1, 0.45, 0.6, 0.9])
+def test_labels_stopped_early_equal_all_iterations(density: float, monkeypatch) -> None:
+    """Eager CPU labelling stops once an iteration changes nothing; the compiled and exported
+    graphs run every iteration. Both must give the same labels, winding snakes included."""
+    rng = np.random.default_rng(int(density * 10))
+    masks = torch.from_numpy(rng.random((16, 48, 48)) < density)
+    snake = torch.zeros(1, 48, 48, dtype=torch.bool)
+    snake[0, ::2] = True
+    snake[0, 1::4, -1] = snake[0, 3::4, 0] = True
+    masks = torch.cat([masks, snake])
+    stopped = label_components(masks, iterations=12)
+    monkeypatch.setattr(ops, "_plain_cpu", lambda x: False)
+    assert torch.equal(stopped, label_components(masks, iterations=12))
+    assert torch.equal(stopped[:1], label_components(masks[:1], iterations=40))
 
 
 def test_blob_stats_count_size_and_compare_blobs_of_min_size() -> None:

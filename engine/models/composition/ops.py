@@ -66,7 +66,9 @@ def label_components(mask: torch.Tensor, iterations: int) -> torch.Tensor:
     in its 3x3 neighbourhood (within the foreground) and then the label its label points at. The
     labels of a component converge to its largest flat index; ``iterations`` is fixed (no
     data-dependent loop, so the op traces and exports); about ``2 * log2(H * W)`` iterations
-    label typical masks exactly, a long winding component may need more.
+    label typical masks exactly, a long winding component may need more. Run eagerly on CPU it
+    stops at the first iteration that changes nothing: the update is deterministic, so every
+    later one would return the same labels (typical masks settle in a few of the 12 steps).
 
     Args:
         mask: (M, H, W) bool.
@@ -80,7 +82,9 @@ def label_components(mask: torch.Tensor, iterations: int) -> torch.Tensor:
     index = torch.arange(h * w, device=mask.device).expand(m, h * w)
     background = torch.full_like(index, -1)
     labels = torch.where(flat_mask, index, background)
+    stop_early = _plain_cpu(labels)
     for _ in range(iterations):
+        previous = labels
         grid = labels.reshape(m, 1, h, w).float()  # exact: labels < 2**24
         pooled = F.max_pool2d(grid, 3, stride=1, padding=1).reshape(m, h * w).long()
         pooled = torch.where(flat_mask, pooled, background)
@@ -89,8 +93,16 @@ def label_components(mask: torch.Tensor, iterations: int) -> torch.Tensor:
         labels = torch.where(flat_mask, torch.maximum(labels, pooled), background)
         # jump: follow the representative's own label
         labels = torch.where(flat_mask, labels.gather(1, labels.clamp_min(0)), background)
-    labels = labels.reshape(m, h, w)
-    return labels
+        if stop_early and torch.equal(labels, previous):
+            break
+    return labels.reshape(m, h, w)
+
+
+def _plain_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a real CPU tensor run eagerly: there a data-dependent early stop costs
+    no device sync and no compiled or exported graph sees it."""
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return type(x) is torch.Tensor and x.device.type == "cpu" and not tracing
 
 
 def blob_stats(
