@@ -54,7 +54,7 @@ OLD_INDEX_FIELDS = {
 # Plausibility bounds on the numbers inference uses. No real setting, statistic or
 # normalisation comes near them; a hand-edited manifest could otherwise make model
 # construction loop or allocate without bound, or inference overflow to inf/NaN.
-LIMIT = 1 << 16  # |config numbers| (seeds aside), |means|, stds, sizes
+LIMIT = 1 << 16  # |config numbers| (BUILD_ONLY_KEYS aside), |means|, stds, sizes
 # Bank rows grow with the data (a LOCO-size category at the cpu preset's 384 px: 80 640), so
 # they get FAISS's own bound; the files' checksums and sizes bound them in practice.
 MAX_BANK_ROWS = (1 << 31) - 1
@@ -328,7 +328,7 @@ def check_config_bounds(config: BuildConfig) -> None:
         field, value = bad
         raise ValueError(
             f"{field.removeprefix('config.')}={value!r}: an artifact records settings of at most "
-            f"{LIMIT} in size (seeds and fit_patches aside)"
+            f"{LIMIT} in size (settings ending in {' or '.join(BUILD_ONLY_KEYS)} aside)"
         )
 
 
