@@ -9,7 +9,10 @@ the same). The logical decoder keeps random weights (its cost does not depend on
 composition branch is fitted on 60 of the images. Cases ``test_runtime_real_bank[<backend>-
 <index>]`` time one 640x480 frame per call, cycling through 12 frames made from the category's
 test images; ``python -m tools.bench_report`` gives each case's speed-up over ``eager`` with the
-same index from the same run.
+same index from the same run. Those cases run one after another, and on a shared machine one
+case's p50 can move by 30 % between runs; ``test_runtime_real_bank_paired[<index>]`` compares
+``onnx`` with ``eager`` frame by frame instead (each round scores one frame with both, in
+alternating order), so that the machine's drift hits both alike.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ INDEXES = {  # case id -> (structural.index, structural.index_params)
     "IVF1024-nprobe8": ("IVF1024,Flat", "nprobe=8"),  # docs/PERFORMANCE.md: the 384-px frame
 }
 BACKENDS = ("eager", "onnx")
+PAIRED = ("IVF1024-nprobe8",)  # the index of the CPU speed-up target (docs/PERFORMANCE.md)
 _EAGER_MAPS: dict[str, np.ndarray] = {}
 
 
@@ -147,5 +151,53 @@ def test_runtime_real_bank(benchmark, category: dict, backend: str, index: str) 
             "first_call_ms": first_ms,
             "peak_mib": None,
             "max_map_diff_vs_eager": float(np.abs(maps - _EAGER_MAPS[index]).max()),
+        }
+    )
+
+
+def _median_interval(ratios: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of the median of ``ratios``."""
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(ratios, (2000, ratios.size)), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return float(low), float(high)
+
+
+@pytest.mark.parametrize("index", PAIRED)
+def test_runtime_real_bank_paired(benchmark, category: dict, index: str) -> None:
+    pytest.importorskip("onnxruntime")
+    benchmark.group = f"runtime paired (cpu preset, cpu, b1, real bank, {index})"
+    artifact, frames = category["artifacts"][index], category["frames"]
+    runtimes = [Runtime.load(artifact, device="cpu", backend=b) for b in BACKENDS]
+    maps = [_maps(runtime, frames) for runtime in runtimes]  # warm-up, and the maps compared
+    seconds = {runtime.backend: [] for runtime in runtimes}
+    rounds = itertools.count()
+
+    def pair() -> None:
+        i = next(rounds)
+        frame = frames[i % len(frames)]
+        for runtime in runtimes[:: 1 if i % 2 else -1]:
+            start = time.perf_counter()
+            runtime(frame, color="rgb")
+            seconds[runtime.backend].append(time.perf_counter() - start)
+
+    benchmark.pedantic(pair, rounds=4 * FRAMES, iterations=1)
+    eager, onnx = (np.asarray(seconds[b]) * 1e3 for b in BACKENDS)
+    ratios = eager / onnx
+    low, high = _median_interval(ratios)
+    benchmark.extra_info.update(
+        {
+            "device": "cpu",
+            "preset": "cpu (real bank)",
+            "index": index,
+            "paired": {
+                "backends": list(BACKENDS),
+                "rounds": int(ratios.size),
+                "eager_p50_ms": float(np.median(eager)),
+                "onnx_p50_ms": float(np.median(onnx)),
+                "speedup_median": float(np.median(ratios)),
+                "speedup_ci95": [low, high],
+                "max_map_diff_vs_eager": float(np.abs(maps[1] - maps[0]).max()),
+            },
         }
     )

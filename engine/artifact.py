@@ -67,7 +67,7 @@ from engine.artifact_modules import check_materialised, empty_modules
 from engine.calibrate import BranchStats
 from engine.config import BuildConfig
 from engine.detector import Detector
-from engine.models.knn_index import KnnIndex, is_approximate, restore_index
+from engine.models.knn_index import KnnIndex, auto_index, is_approximate, restore_index
 from engine.models.structural import attach_index
 from engine.models.weights import contiguous_state
 
@@ -350,8 +350,12 @@ def load_artifact(
         image_stats=spec.image_stats,
     ).to(device)
     detector.fusion.set_threshold(spec.threshold)
+    # An approximate index that ``auto`` chose on a CPU gives way to exact search on CUDA.
+    saved = is_approximate(spec.index) and not (
+        sc.index == "auto" and auto_index(device) == "torch"
+    )
     with untrusted(f"{root}: cannot set up the kNN index"):
-        if is_approximate(spec.index):
+        if saved:
             recorded = manifest["structural_index"]
             structural.use_index(_saved_index(root, blobs, recorded, spec.index, structural.bank))
         else:

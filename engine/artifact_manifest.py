@@ -24,6 +24,7 @@ from engine.models.composition import CompositionConfig
 from engine.models.knn_index import (
     CHOICES,
     OLD_NAMES,
+    auto_faiss_spec,
     is_approximate,
     parse_params,
     upgrade_identity,
@@ -413,11 +414,16 @@ def _parse_index(f: _Fields, index: dict[str, Any], config: BuildConfig) -> dict
     upgraded = upgrade_identity(index)
     # The spec the build asked for: an earlier version's kind stands for its default spec.
     built = OLD_NAMES.get(kind) or upgraded.get("spec", "torch")
-    wanted = config.structural.index
-    if (is_approximate(upgraded) or wanted not in CHOICES) and built != wanted:
+    expected = config.structural.index
+    shown = repr(expected)
+    if expected == "auto" and is_approximate(upgraded):
+        # What a build on a CPU chooses for a bank this size (auto_index).
+        expected = auto_faiss_spec(upgraded["size"])
+        shown = f"'auto' (on a CPU {expected!r} for {upgraded['size']} bank rows)"
+    if (is_approximate(upgraded) or expected not in CHOICES) and built != expected:
         raise f.fail(
             "structural_index",
-            f"an index consistent with config.structural.index={wanted!r}",
+            f"an index consistent with config.structural.index={shown}",
             index,
         )
     return upgraded

@@ -49,6 +49,7 @@ __all__ = [
 BRANCHES = ("logical", "structural", "composition")
 MERGES = ("sum", "max")
 IMAGE_SCALES = ("branch", "pooled")
+COMPOSITION_SCALES = ("std", "robust")
 POOLED_BRANCHES = ("logical", "structural")  # the map branches; composition is image-level
 SIGMA_REFERENCE_SIZE = 256  # FusionConfig.sigma is in pixels of a map of this side
 
@@ -70,6 +71,13 @@ class FusionConfig:
     both (:func:`fit_image_stats`). The defaults are the paper's sum; the ``cpu`` preset uses
     ``"max"`` with ``"pooled"`` (docs/ACCURACY.md, ablation 3: over five seeds the pooled max
     never scored below the sum; with each branch's own std it lost on two).
+    ``composition_scale`` (``"max"`` only): how the composition branch's validation image
+    scores are summarised, ``"std"`` by their mean and std, ``"robust"`` by their median and
+    1.4826 x their median absolute deviation (the std of a normal sample, unmoved by a few
+    outliers). A composition score is the distance of an image's layout to the training
+    layouts: a rare but normal layout puts a few validation images far out (4-6 std, the rest
+    within 0.2), a std inflated by them shrinks every anomaly's evidence, and the maximum
+    over branches then loses the count anomalies only this branch sees (docs/ACCURACY.md).
 
     ``target_false_alarm_rate`` defaults to 0.05: MVTec LOCO has only tens of validation good
     images per category, and with n images a rate can only be resolved to 1/n; 5% still lands
@@ -84,6 +92,7 @@ class FusionConfig:
     target_false_alarm_rate: float = 0.05
     merge: str = "sum"
     image_scale: str = "branch"
+    composition_scale: str = "std"
 
     def __post_init__(self) -> None:
         for name in ("structural_weight", "logical_weight", "composition_weight", "sigma"):
@@ -100,6 +109,11 @@ class FusionConfig:
         if self.image_scale not in IMAGE_SCALES:
             raise ValueError(
                 f"FusionConfig.image_scale must be one of {IMAGE_SCALES}, got {self.image_scale!r}"
+            )
+        if self.composition_scale not in COMPOSITION_SCALES:
+            raise ValueError(
+                f"FusionConfig.composition_scale must be one of {COMPOSITION_SCALES}, "
+                f"got {self.composition_scale!r}"
             )
 
     def weight(self, branch: str) -> float:
@@ -238,6 +252,7 @@ def fit_image_stats(
     stats: Mapping[str, BranchStats],
     sigma: float,
     scale: str = "branch",
+    composition_scale: str = "std",
 ) -> dict[str, BranchStats]:
     """Each branch's mean and std of the validation image scores of its
     :func:`standardised_maps` map, from ``branch_maps`` (chunks of (B, S, S) maps by branch).
@@ -245,14 +260,23 @@ def fit_image_stats(
     ``scale="pooled"``: the logical and structural branches present get one std, the root mean
     of their variances (a common scale, estimated from all their image scores); the
     composition branch, whose map is already an image score in validation stds, keeps its own.
+    ``composition_scale="robust"``: the composition branch's median and scaled median absolute
+    deviation instead (:class:`FusionConfig`).
     """
     if scale not in IMAGE_SCALES:
         raise ValueError(f"image scale must be one of {IMAGE_SCALES}, got {scale!r}")
+    if composition_scale not in COMPOSITION_SCALES:
+        raise ValueError(
+            f"composition scale must be one of {COMPOSITION_SCALES}, got {composition_scale!r}"
+        )
     standardised = [standardised_maps(chunk, stats, sigma) for chunk in branch_maps]
     branches = list(dict.fromkeys(b for chunk in standardised for b in chunk))
-    fitted = {
-        b: BranchStats.fit(image_scores(chunk[b]) for chunk in standardised) for b in branches
-    }
+    scores = {b: [image_scores(chunk[b]) for chunk in standardised] for b in branches}
+    fitted = {b: BranchStats.fit(scores[b]) for b in branches}
+    if composition_scale == "robust" and "composition" in fitted:
+        fitted["composition"] = _robust_stats(
+            torch.cat(scores["composition"]), fitted["composition"]
+        )
     pooled = [b for b in POOLED_BRANCHES if b in fitted]
     if scale == "branch" or len(pooled) < 2:
         return fitted
@@ -301,6 +325,15 @@ def max_fuse_maps(
         return torch.maximum(fused, composition)
     top = fused.amax(dim=(-2, -1), keepdim=True)
     return fused + (composition - top).clamp_min(0.0) * peak_gate(fused, gate_power)
+
+
+def _robust_stats(scores: torch.Tensor, moments: BranchStats) -> BranchStats:
+    """Median and 1.4826 x median absolute deviation of ``scores``; ``moments`` (mean and std)
+    when half or more of them are one value, which leaves no deviation to measure."""
+    values = scores.double()
+    median = values.quantile(0.5)  # the mean of the middle two of an even count, as numpy's
+    spread = 1.4826 * float((values - median).abs().quantile(0.5))
+    return BranchStats(float(median), spread) if spread > 0 else moments
 
 
 def gated_composition(

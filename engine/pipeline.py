@@ -56,6 +56,7 @@ from engine.evaluation import (
 from engine.metrics import TestMetrics
 from engine.models.composition import CompositionModel
 from engine.models.fusion import Fusion
+from engine.models.knn_index import auto_index
 from engine.models.logical import LogicalModel
 from engine.models.logical_diagnostics import (
     COLLAPSE_RATIO,
@@ -147,7 +148,9 @@ def calibrate(
     }
     image_stats = None
     if fusion.merge == "max":
-        image_stats = fit_image_stats(chunks, stats, fusion.sigma, config.image_scale)
+        image_stats = fit_image_stats(
+            chunks, stats, fusion.sigma, config.image_scale, config.composition_scale
+        )
     fusion.calibrate(stats, image_stats)
     scores = [
         image_scores(resize_to(fusion(chunk), size))
@@ -265,9 +268,10 @@ def build_category(
             )
         )
         structural.to(device)
-        index_kind = attach_index(
-            structural, config.structural.index, device, config.structural.index_params
-        )
+        index = config.structural.index
+        if index == "auto":
+            index = auto_index(device, int(structural.bank.shape[0]))
+        index_kind = attach_index(structural, index, device, config.structural.index_params)
         if verbose:
             print(f"memory bank: {tuple(structural.bank.shape)}, search: {index_kind}", flush=True)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.artifact import ArtifactError, load_artifact, read_manifest
+from engine.models import knn_index
 from engine.models.knn_index import faiss_available
 
 tiny = runpy.run_path(str(Path(__file__).parent / "reliability" / "tiny.py"))
@@ -107,6 +108,26 @@ def test_a_bank_larger_than_the_manifest_number_bound_round_trips(tmp_path: Path
     assert loaded.structural.bank.shape == (80_640, tiny["FEATURE_DIM"])
 
 
+def as_auto(manifest: dict) -> None:
+    """The settings of a build that left the index to ``auto``."""
+    manifest["config"]["structural"].update(index="auto", index_params="")
+
+
+def test_inverted_lists_that_auto_chose_load_on_cpu(tmp_path: Path, monkeypatch) -> None:
+    """A build with structural.index=auto records the IVF index it chose for a large bank
+    (auto_index); the artifact loads with that saved index on a CPU."""
+    monkeypatch.setattr(knn_index, "AUTO_APPROXIMATE_ROWS", 64)
+    spec = knn_index.auto_faiss_spec(64)
+    assert spec == "IVF32,Flat"
+    detector, config = tiny["tiny_detector"](3, index=spec)
+    out = tiny["save"](tmp_path / "art", detector, config)
+    tiny["edit_manifest"](out, as_auto)
+    loaded, manifest = load_artifact(out)
+    assert manifest["config"]["structural"]["index"] == "auto"
+    assert loaded.structural.index.identity == detector.structural.index.identity
+    same_search(loaded.structural.index, detector.structural.index)
+
+
 @pytest.fixture
 def hnsw_art(tmp_path: Path) -> Path:
     return tiny["save"](tmp_path / "art", *tiny["tiny_detector"](3, index="HNSW32"))
@@ -129,7 +150,7 @@ BAD_RECORDS = {
     "size-huge": (setting("structural_index", "size", value=1 << 31), "size must be an integer"),
     "config-auto": (
         setting("config", "structural", "index", value="auto"),
-        "consistent with config.structural.index='auto'",
+        "consistent with config.structural.index='auto' \\(on a CPU 'Flat' for 64 bank rows\\)",
     ),
     "config-other-spec": (
         setting("config", "structural", "index", value="HNSW16"),

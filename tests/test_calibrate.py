@@ -225,6 +225,41 @@ def test_image_stats_from_the_validation_maps(scale: str) -> None:
         fit_image_stats(chunks, stats, 1.5, "median")
 
 
+def eight_image_case(composition: np.ndarray) -> tuple[list[dict], dict[str, BranchStats]]:
+    """Validation maps of 8 images in two chunks, composition scores given, and pixel stats."""
+    rng = np.random.default_rng(9)
+    maps = {b: rng.random((8, 20, 20)).astype(np.float32) for b in ("logical", "structural")}
+    maps["composition"] = np.broadcast_to(composition[:, None, None], (8, 20, 20)).copy()
+    stats = {b: BranchStats(0.5, 0.3) for b in ("logical", "structural")}
+    stats["composition"] = BranchStats(0.0, 1.0)
+    return [{b: torch.from_numpy(m[i : i + 4]) for b, m in maps.items()} for i in (0, 4)], stats
+
+
+def test_robust_composition_stats_ignore_a_few_far_validation_layouts() -> None:
+    """composition_scale="robust": the composition branch's median and 1.4826 x MAD; the
+    map branches keep their moments."""
+    scores = np.array([0.1, -0.2, 0.0, 0.3, -0.1, 0.2, 6.0, 4.0])  # two far but normal layouts
+    chunks, stats = eight_image_case(scores)
+    moments = fit_image_stats(chunks, stats, 1.5, "pooled")
+    robust = fit_image_stats(chunks, stats, 1.5, "pooled", "robust")
+    median = np.median(scores)
+    mad = 1.4826 * np.median(np.abs(scores - median))
+    assert robust["composition"].as_tuple() == pytest.approx((median, mad))
+    assert moments["composition"].as_tuple() == pytest.approx((scores.mean(), scores.std()))
+    assert robust["composition"].std < moments["composition"].std / 5
+    for branch in ("logical", "structural"):
+        assert robust[branch] == moments[branch]
+    with pytest.raises(ValueError, match="composition scale"):
+        fit_image_stats(chunks, stats, 1.5, "pooled", "mad")
+
+
+def test_robust_stats_fall_back_to_moments_without_a_deviation() -> None:
+    scores = np.array([0.5, 0.5, 0.5, 0.5, 0.5, 2.0, 3.0, 0.5])  # median deviation 0
+    chunks, stats = eight_image_case(scores)
+    got = fit_image_stats(chunks, stats, 1.5, "branch", "robust")["composition"]
+    assert got.as_tuple() == pytest.approx((scores.mean(), scores.std()))
+
+
 def test_sigma_scales_with_the_map_size() -> None:
     cfg = FusionConfig(sigma=4.0)
     assert cfg.sigma_at(256) == 4.0 and cfg.sigma_at(128) == 2.0 and cfg.sigma_at(64) == 1.0
@@ -334,6 +369,7 @@ def test_fusion_config_defaults_and_validation() -> None:
         {"sigma": float("inf")},
         {"merge": "mean"},
         {"image_scale": "median"},
+        {"composition_scale": "mad"},
     ):
         with pytest.raises(ValueError):
             FusionConfig(**kwargs)

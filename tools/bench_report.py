@@ -7,6 +7,9 @@ One row per Runtime case (those with ``p50_ms`` in ``extra_info``, see
 ``benchmarks/test_runtime.py``): p50/p95, images/s, first call, peak GPU memory, the largest
 fused-map difference from ``eager``, and the speed-up over ``eager`` at the same preset, batch,
 precision and kNN index *from the same run* (no row is compared with another run's figures).
+Paired cases (``extra_info.paired``, ``benchmarks/test_runtime_real_bank.py``) follow in a
+second table: both backends' p50 and the median of their frame-by-frame ratio with its 95 %
+bootstrap interval.
 """
 
 from __future__ import annotations
@@ -64,10 +67,45 @@ def rows(report: dict) -> list[list[str]]:
     return table
 
 
-def markdown(table: list[list[str]], machine: str) -> str:
-    lines = [f"Measured {machine}.", "", "| " + " | ".join(COLUMNS) + " |"]
-    lines.append("|" + "---|" * len(COLUMNS))
-    lines += ["| " + " | ".join(row) + " |" for row in table]
+PAIRED_COLUMNS = (
+    "case", "index", "rounds", "p50 ms", "median per-frame speed-up (95 % interval)",
+    "max map diff",
+)  # fmt: skip
+
+
+def paired_rows(report: dict) -> list[list[str]]:
+    """One row per paired case: the second backend against the first, frame by frame."""
+    table = []
+    for case in report.get("benchmarks", []):
+        paired = case.get("extra_info", {}).get("paired")
+        if paired is None:
+            continue
+        first, second = paired["backends"]
+        low, high = paired["speedup_ci95"]
+        table.append(
+            [
+                case["name"],
+                case["extra_info"].get("index", "–"),
+                str(paired["rounds"]),
+                f"{first} {_number(paired[f'{first}_p50_ms'])}, "
+                f"{second} {_number(paired[f'{second}_p50_ms'])}",
+                f"{second} {paired['speedup_median']:.2f}× ({low:.2f}–{high:.2f}×) vs {first}",
+                f"{paired['max_map_diff_vs_eager']:.1e}",
+            ]
+        )
+    return table
+
+
+def _table(columns: tuple[str, ...], table: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(row) + " |" for row in table]
+
+
+def markdown(table: list[list[str]], machine: str, paired: list[list[str]] | None = None) -> str:
+    lines = [f"Measured {machine}.", "", *_table(COLUMNS, table)]
+    if paired:
+        lines += ["", "Paired (frame by frame, alternating order):", ""]
+        lines += _table(PAIRED_COLUMNS, paired)
     return "\n".join(lines) + "\n"
 
 
@@ -79,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = json.loads(args.report.read_text())
-        table = rows(report)
+        table, paired = rows(report), paired_rows(report)
     except (OSError, ValueError, KeyError, TypeError) as error:
         print(f"bench_report: {args.report}: {error}", file=sys.stderr)
         return 2
@@ -87,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     when = report.get("datetime", "")[:10] or "on an unknown date"
     cpu = info.get("cpu", {}).get("brand_raw", "cpu unknown")
     machine = f"on {info.get('node', 'an unknown machine')} ({cpu}), {when}"
-    print(markdown(table, machine), end="")
+    print(markdown(table, machine, paired), end="")
     return 0
 
 

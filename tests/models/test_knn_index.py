@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from engine.models import knn_index
 from engine.models.knn_index import (
+    AUTO_APPROXIMATE_ROWS,
     KnnIndex,
+    auto_faiss_spec,
+    auto_index,
     check_index_setting,
     faiss_available,
     faiss_gpu_available,
@@ -251,6 +255,29 @@ def test_old_hnsw_name_keeps_its_search_settings() -> None:
 def test_auto_choice() -> None:
     assert make_index("auto", device="cpu").spec == ("Flat" if faiss_available() else "torch")
     assert make_index("auto", device="cuda").spec == "torch"
+
+
+@pytest.mark.parametrize(
+    ("rows", "spec"),
+    [
+        (None, "Flat"),
+        (AUTO_APPROXIMATE_ROWS - 1, "Flat"),
+        (AUTO_APPROXIMATE_ROWS, "IVF1024,Flat"),  # 4 sqrt(50 000) = 894
+        (80_640, "IVF1024,Flat"),  # LOCO size at the cpu preset: 1 136
+        (400_000, "IVF2048,Flat"),  # 2 530
+        (2_000_000, "IVF4096,Flat"),  # 5 657
+    ],
+)
+def test_auto_picks_inverted_lists_for_large_banks_on_cpu(rows: int | None, spec: str) -> None:
+    assert auto_faiss_spec(rows) == spec
+    assert auto_index("cpu", rows) == (spec if faiss_available() else "torch")
+    assert auto_index("cuda", rows) == "torch"  # exact search on the GPU, whatever the size
+
+
+def test_auto_without_faiss_is_exact_torch_search(monkeypatch) -> None:
+    monkeypatch.setattr(knn_index, "faiss_available", lambda: False)
+    assert auto_index("cpu", 10 * AUTO_APPROXIMATE_ROWS) == "torch"
+    assert make_index("auto", device="cpu").spec == "torch"
 
 
 @pytest.mark.skipif(not faiss_gpu_available(), reason="no FAISS GPU build or no GPU here")

@@ -72,3 +72,27 @@ def test_speed_up_is_against_eager_with_the_same_index() -> None:
         }
     )
     assert [row[-1] for row in table] == ["1.00×", "1.00×", "2.00×", "2.00×"]
+
+
+def test_paired_cases_get_their_own_table(tmp_path: Path, capsys) -> None:
+    paired = {
+        "backends": ["eager", "onnx"], "rounds": 48, "eager_p50_ms": 160.0, "onnx_p50_ms": 100.0,
+        "speedup_median": 1.6, "speedup_ci95": [1.52, 1.67], "max_map_diff_vs_eager": 3e-5,
+    }  # fmt: skip
+    report = {
+        "benchmarks": [
+            case("test_runtime[eager-fp32-b1]", "eager", 8.0),
+            {
+                "name": "test_runtime_real_bank_paired[IVF1024-nprobe8]",
+                "extra_info": {"index": "IVF1024-nprobe8", "paired": paired},
+            },
+        ]
+    }
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(report))
+    assert bench_report.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "paired[" in line)
+    assert "eager 160.0, onnx 100.0" in row
+    assert "onnx 1.60× (1.52–1.67×) vs eager" in row
+    assert "| 48 |" in row and "3.0e-05" in row
