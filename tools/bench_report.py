@@ -32,10 +32,8 @@ def _number(value: float | None, digits: int = 1) -> str:
 
 
 def rows(report: dict) -> list[list[str]]:
-    """The table rows of a pytest-benchmark JSON report, in its order."""
+    """The table rows of a pytest-benchmark JSON report, in its order (none: no such cases)."""
     cases = [b for b in report.get("benchmarks", []) if "p50_ms" in b.get("extra_info", {})]
-    if not cases:
-        raise ValueError("no Runtime cases (extra_info.p50_ms) in this benchmark report")
 
     def key(info: dict) -> tuple:
         return info["device"], info["preset"], info["batch"], info["precision"], info.get("index")
@@ -102,7 +100,7 @@ def _table(columns: tuple[str, ...], table: list[list[str]]) -> list[str]:
 
 
 def markdown(table: list[list[str]], machine: str, paired: list[list[str]] | None = None) -> str:
-    lines = [f"Measured {machine}.", "", *_table(COLUMNS, table)]
+    lines = [f"Measured {machine}."] + (["", *_table(COLUMNS, table)] if table else [])
     if paired:
         lines += ["", "Paired (frame by frame, alternating order):", ""]
         lines += _table(PAIRED_COLUMNS, paired)
@@ -118,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = json.loads(args.report.read_text())
         table, paired = rows(report), paired_rows(report)
+        if not table and not paired:
+            raise ValueError("no Runtime cases (extra_info.p50_ms or .paired) in this report")
     except (OSError, ValueError, KeyError, TypeError) as error:
         print(f"bench_report: {args.report}: {error}", file=sys.stderr)
         return 2

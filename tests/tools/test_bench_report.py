@@ -93,6 +93,20 @@ def test_paired_cases_get_their_own_table(tmp_path: Path, capsys) -> None:
     assert bench_report.main([str(path)]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if "paired[" in line)
+    assert "first call ms" in out  # the unpaired case's table comes first
     assert "eager 160.0, onnx 100.0" in row
     assert "onnx 1.60× (1.52–1.67×) vs eager" in row
     assert "| 48 |" in row and "3.0e-05" in row
+
+
+def test_a_report_of_paired_cases_only(tmp_path: Path, capsys) -> None:
+    paired = {
+        "backends": ["eager", "onnx"], "rounds": 4, "eager_p50_ms": 10.0, "onnx_p50_ms": 5.0,
+        "speedup_median": 2.0, "speedup_ci95": [1.9, 2.1], "max_map_diff_vs_eager": 0.0,
+    }  # fmt: skip
+    report = {"benchmarks": [{"name": "p[x]", "extra_info": {"index": "x", "paired": paired}}]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(report))
+    assert bench_report.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "onnx 2.00× (1.90–2.10×) vs eager" in out and "first call ms" not in out
