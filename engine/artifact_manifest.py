@@ -21,14 +21,8 @@ from typing import Any
 from engine.calibrate import BranchStats, FusionConfig
 from engine.config import BuildConfig
 from engine.models.composition import CompositionConfig
-from engine.models.knn_index import (
-    CHOICES,
-    OLD_NAMES,
-    auto_faiss_spec,
-    is_approximate,
-    parse_params,
-    upgrade_identity,
-)
+from engine.models.knn_compat import OLD_NAMES, upgrade_identity
+from engine.models.knn_index import CHOICES, auto_faiss_specs, is_approximate, parse_params
 from engine.models.logical_config import LogicalConfig
 from engine.models.structural import StructuralConfig
 from engine.models.weights import ARCHS, WeightsInfo
@@ -417,9 +411,11 @@ def _parse_index(f: _Fields, index: dict[str, Any], config: BuildConfig) -> dict
     expected = config.structural.index
     shown = repr(expected)
     if expected == "auto" and is_approximate(upgraded):
-        # What a build on a CPU chooses for a bank this size (auto_index).
-        expected = auto_faiss_spec(upgraded["size"])
-        shown = f"'auto' (on a CPU {expected!r} for {upgraded['size']} bank rows)"
+        # What a build on a CPU chooses, or chose in an earlier version, for this bank.
+        choices = auto_faiss_specs(upgraded["size"], upgraded["dim"])
+        expected = built if built in choices else choices[0]
+        picks = " or ".join(map(repr, choices))
+        shown = f"'auto' (on a CPU {picks} for {upgraded['size']} bank rows)"
     if (is_approximate(upgraded) or expected not in CHOICES) and built != expected:
         raise f.fail(
             "structural_index",

@@ -270,7 +270,7 @@ def build_category(
         structural.to(device)
         index = config.structural.index
         if index == "auto":
-            index = auto_index(device, int(structural.bank.shape[0]))
+            index = auto_index(device, *map(int, structural.bank.shape))
         index_kind = attach_index(structural, index, device, config.structural.index_params)
         if verbose:
             print(f"memory bank: {tuple(structural.bank.shape)}, search: {index_kind}", flush=True)

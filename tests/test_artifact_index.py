@@ -90,7 +90,7 @@ def test_artifacts_of_the_previous_version_load(tmp_path: Path, kind: str, caplo
     detector, config = tiny["tiny_detector"](3, index=spec, params=params)
     out = tiny["save"](tmp_path / "art", detector, config)
     as_previous_version(out, kind, identity)
-    with caplog.at_level(logging.INFO, logger="engine.models.knn_index"):
+    with caplog.at_level(logging.INFO, logger="engine.models.knn_compat"):
         loaded, manifest = load_artifact(out)
     assert manifest["structural_index"] == identity
     assert f"kNN index {kind!r} of an earlier version read as FAISS {spec!r}" in caplog.text
@@ -113,12 +113,15 @@ def as_auto(manifest: dict) -> None:
     manifest["config"]["structural"].update(index="auto", index_params="")
 
 
-def test_inverted_lists_that_auto_chose_load_on_cpu(tmp_path: Path, monkeypatch) -> None:
-    """A build with structural.index=auto records the IVF index it chose for a large bank
-    (auto_index); the artifact loads with that saved index on a CPU."""
+@pytest.mark.parametrize("version", ["current", "earlier"])
+def test_the_index_auto_chose_loads_on_cpu(tmp_path: Path, monkeypatch, version: str) -> None:
+    """A build with structural.index=auto records the approximate index it chose for a large
+    bank (auto_index), this version's pick or an earlier version's; the artifact loads with
+    that saved index on a CPU."""
     monkeypatch.setattr(knn_index, "AUTO_APPROXIMATE_ROWS", 64)
-    spec = knn_index.auto_faiss_spec(64)
-    assert spec == "IVF32,Flat"
+    current, earlier = knn_index.auto_faiss_specs(64, tiny["FEATURE_DIM"])
+    assert (current, earlier) == ("IVF8,PQ4x4fs,RFlat", "IVF32,Flat")
+    spec = current if version == "current" else earlier
     detector, config = tiny["tiny_detector"](3, index=spec)
     out = tiny["save"](tmp_path / "art", detector, config)
     tiny["edit_manifest"](out, as_auto)

@@ -1,5 +1,6 @@
-"""structural.index=auto in a build: a bank from AUTO_APPROXIMATE_ROWS rows on gets inverted
-lists on a CPU, recorded in the manifest and saved with the artifact; the Runtime searches it."""
+"""structural.index=auto in a build: a bank from AUTO_APPROXIMATE_ROWS rows on gets inverted lists
+of product codes on a CPU, recorded in the manifest and saved with the artifact; the Runtime
+searches it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ pytestmark = [
 ]
 
 
-def test_auto_builds_inverted_lists_for_a_large_bank(
+def test_auto_builds_an_approximate_index_for_a_large_bank(
     tiny_loco: Path, tmp_path: Path, tiny_build_args: list[str], monkeypatch, capsys
 ) -> None:
     monkeypatch.setattr(knn_index, "AUTO_APPROXIMATE_ROWS", 16)  # the tiny bank counts as large
@@ -29,9 +30,9 @@ def test_auto_builds_inverted_lists_for_a_large_bank(
     manifest = read_manifest(out)
     identity = manifest["structural_index"]
     assert manifest["config"]["structural"]["index"] == "auto"
-    assert identity["spec"] == knn_index.auto_faiss_spec(identity["size"])
+    assert identity["spec"] == knn_index.auto_faiss_spec(identity["size"], identity["dim"])
     assert identity["spec"].startswith("IVF") and identity["exact"] is False
-    assert identity["params"] == "nprobe=16"  # the engine's default
+    assert identity["params"] == "nprobe=16,k_factor_rf=16"  # the engine's defaults
     assert f"search: {identity['spec']}" in capsys.readouterr().out
 
     detector, _ = load_artifact(out)

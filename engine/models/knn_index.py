@@ -11,12 +11,15 @@ FAISS index named by a factory string.
   ``"IVF1024,PQ64"`` (inverted lists of product-quantised codes), ... Indexes that need training
   are trained on the bank itself. ``structural.index_params`` sets FAISS parameters in
   ``ParameterSpace`` syntax (``"efSearch=64"``, ``"nprobe=32,ht=40"``) on top of the engine's
-  defaults, ``efSearch=128`` and ``nprobe=16``, each applied where the index has it (FAISS's own
-  efSearch of 16 changes image scores by up to 100 %, docs/PERFORMANCE.md).
+  defaults, ``efSearch=128``, ``nprobe=16`` and ``k_factor_rf=16``, each applied where the index
+  has it (FAISS's own efSearch of 16 changes image scores by up to 100 %, docs/PERFORMANCE.md;
+  its own k_factor of 1 lets a refinement stage such as ``RFlat`` re-rank a single candidate).
 - ``"faiss_gpu"``: exact ``Flat`` on a GPU; needs a FAISS build with GPU support and a GPU.
 - ``"auto"``: ``torch`` on CUDA or without FAISS; else ``Flat``, except that a build on a CPU
-  whose bank reaches :data:`AUTO_APPROXIMATE_ROWS` rows gets inverted lists (:func:`auto_index`).
-- The names of earlier versions are read as factory strings (:data:`OLD_NAMES`):
+  whose bank reaches :data:`AUTO_APPROXIMATE_ROWS` rows gets inverted lists of 4-bit
+  product-quantised codes re-ranked by exact distance (:func:`auto_index`).
+- The names of earlier versions are read as factory strings
+  (:data:`engine.models.knn_compat.OLD_NAMES`):
   ``faiss_flat`` = ``Flat``, ``faiss_hnsw`` = ``HNSW32`` (efConstruction 40, efSearch 128),
   ``faiss_ivfpq`` = ``IVF1024,PQ64`` (nprobe 16).
 
@@ -36,7 +39,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import math
 import re
 from pathlib import Path
@@ -45,15 +47,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.models.knn_compat import upgrade_identity, upgrade_spec
 from kernels import knn_min
 from kernels.knn_args import bank_sq_norms
 
 __all__ = [
     "AUTO_APPROXIMATE_ROWS",
     "CHOICES",
-    "OLD_NAMES",
     "KnnIndex",
     "auto_faiss_spec",
+    "auto_faiss_specs",
     "auto_index",
     "check_index_setting",
     "faiss_available",
@@ -62,23 +65,18 @@ __all__ = [
     "make_index",
     "parse_params",
     "restore_index",
-    "upgrade_identity",
-    "upgrade_spec",
 ]
 
-log = logging.getLogger(__name__)
-
 CHOICES = ("auto", "torch", "faiss_gpu")  # the settings that are not FAISS factory strings
-OLD_NAMES = {"faiss_flat": "Flat", "faiss_hnsw": "HNSW32", "faiss_ivfpq": "IVF1024,PQ64"}
-DEFAULT_PARAMS = {"efSearch": 128.0, "nprobe": 16.0}
+DEFAULT_PARAMS = {"efSearch": 128.0, "nprobe": 16.0, "k_factor_rf": 16.0}
 EXAMPLES = (
     "'auto', 'torch', 'faiss_gpu' or a FAISS factory string such as 'Flat', 'HNSW32', "
     "'IVF256,Flat' or 'IVF1024,PQ64'"
 )
 # From this bank size on, exact search dominates a CPU frame (2.2 s at LOCO size, 80 640 rows)
-# while inverted lists probed 16 at a time (the default nprobe) keep image AUROC and AU-sPRO
-# within 0.005 of it at a tenth of the cost (docs/PERFORMANCE.md); a LOCO-size category at the
-# cpu preset's 384 px has about 80k rows.
+# while the approximate index of auto_faiss_spec keeps image AUROC and AU-sPRO within 0.003 of
+# it at a fiftieth of the search time (docs/PERFORMANCE.md); a LOCO-size category at the cpu
+# preset's 384 px has about 80k rows.
 AUTO_APPROXIMATE_ROWS = 50_000
 # FAISS aborts the whole process (an assertion, not an exception) on e.g. HNSW0 or IVF0.
 _ZERO_SIZE = re.compile(r"(?<![\d.])0+(?![\d.])")
@@ -96,14 +94,6 @@ def faiss_gpu_available() -> bool:
     import faiss
 
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def upgrade_spec(spec: str) -> str:
-    """The factory string for an index name of earlier versions (said in the log), else ``spec``."""
-    if spec not in OLD_NAMES:
-        return spec
-    log.info("structural.index=%r is the old name of the FAISS index %r", spec, OLD_NAMES[spec])
-    return OLD_NAMES[spec]
 
 
 def parse_params(params: str) -> dict[str, float]:
@@ -375,22 +365,38 @@ class KnnIndex:
         return index
 
 
-def auto_index(device: str | torch.device, rows: int | None = None) -> str:
-    """The index ``auto`` stands for when searching from ``device`` a bank of ``rows`` rows
-    (None: an exact index whatever the size, as when an artifact's exact index is rebuilt):
+def auto_index(device: str | torch.device, rows: int | None = None, dim: int | None = None) -> str:
+    """The index ``auto`` stands for when searching from ``device`` a bank of ``rows`` x ``dim``
+    (rows None: an exact index whatever the size, as when an artifact's exact index is rebuilt):
     ``torch`` on CUDA or without FAISS, else :func:`auto_faiss_spec`."""
     if torch.device(device).type == "cuda" or not faiss_available():
         return "torch"
-    return auto_faiss_spec(rows)
+    return auto_faiss_spec(rows, dim)
 
 
-def auto_faiss_spec(rows: int | None) -> str:
-    """The FAISS index ``auto`` picks on a CPU: ``Flat``; from :data:`AUTO_APPROXIMATE_ROWS`
-    rows on, ``IVF{n},Flat`` with n the power of two nearest 4 sqrt(rows) (FAISS's guideline is
-    4 to 16 sqrt(N) lists), searched with the default ``nprobe``."""
+def auto_faiss_spec(rows: int | None, dim: int | None = None) -> str:
+    """The FAISS index ``auto`` picks on a CPU for a bank of ``rows`` x ``dim``: ``Flat``; from
+    :data:`AUTO_APPROXIMATE_ROWS` rows on, ``IVF{n},PQ{m}x4fs,RFlat``: n inverted lists (n the
+    power of two nearest sqrt(rows)) of 4-bit product codes (m sub-quantizers of two dimensions
+    each, of one where ``dim`` is odd) scanned with SIMD table lookups, and the best
+    ``k_factor_rf`` candidates of each query re-ranked by exact distance. The scan reads a few
+    bytes per row where ``IVF{n},Flat`` reads the whole float32 row, which bounds a CPU search."""
     if rows is None or rows < AUTO_APPROXIMATE_ROWS:
         return "Flat"
-    return f"IVF{2 ** round(math.log2(4 * math.sqrt(rows)))},Flat"
+    if dim is None or dim < 1:
+        raise ValueError(f"auto_faiss_spec needs the dimension of the {rows}-row bank, got {dim}")
+    lists = 2 ** round(math.log2(math.sqrt(rows)))
+    return f"IVF{lists},PQ{dim // 2 if dim % 2 == 0 else dim}x4fs,RFlat"
+
+
+def auto_faiss_specs(rows: int, dim: int) -> tuple[str, ...]:
+    """Every FAISS index a CPU build with ``auto`` may have saved for a ``rows`` x ``dim`` bank:
+    this version's pick first, then that of earlier versions (``IVF{n},Flat``, n the power of
+    two nearest 4 sqrt(rows))."""
+    current = auto_faiss_spec(rows, dim)
+    if current == "Flat":
+        return (current,)
+    return current, f"IVF{2 ** round(math.log2(4 * math.sqrt(rows)))},Flat"
 
 
 def make_index(
@@ -428,35 +434,6 @@ def is_approximate(identity: dict[str, Any]) -> bool:
     """Whether an (upgraded) identity describes an approximate FAISS index, the kind that is
     saved with ``faiss.write_index`` rather than rebuilt from the bank."""
     return identity.get("kind") == "faiss" and identity.get("exact") is False
-
-
-def upgrade_identity(identity: dict[str, Any]) -> dict[str, Any]:
-    """An identity in this version's form; one of an earlier version (``kind`` faiss_flat,
-    faiss_gpu, faiss_hnsw or faiss_ivfpq) converted, with a log line. KeyError when a field of
-    the old form is missing, ValueError for an unknown kind."""
-    kind = identity.get("kind")
-    if kind in ("torch", "faiss"):
-        return identity
-    if kind in ("faiss_flat", "faiss_gpu"):
-        spec, params, exact = "Flat", "", True
-    elif kind == "faiss_hnsw":
-        spec, params, exact = f"HNSW{identity['m']}", f"efSearch={identity['ef_search']}", False
-    elif kind == "faiss_ivfpq":
-        spec = f"IVF{identity['nlist']},PQ{identity['m']}x{identity['nbits']}"
-        params, exact = f"nprobe={identity['nprobe']}", False
-    else:
-        raise ValueError(f"unknown kNN index kind {kind!r}")
-    shown = params or "no parameters"
-    log.info("kNN index %r of an earlier version read as FAISS %r (%s)", kind, spec, shown)
-    size, dim = identity.get("size"), identity.get("dim")
-    return {
-        "kind": "faiss",
-        "spec": spec,
-        "params": params,
-        "exact": exact,
-        "size": size,
-        "dim": dim,
-    }
 
 
 def restore_index(identity: dict[str, Any], bank: np.ndarray, raw: bytes) -> KnnIndex:

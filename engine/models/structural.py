@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from engine.models.backbones import FeatureExtractor, load_backbone
 from engine.models.coreset import greedy_coreset
-from engine.models.knn_index import KnnIndex, check_index_setting, make_index, upgrade_spec
+from engine.models.knn_compat import upgrade_spec
+from engine.models.knn_index import KnnIndex, check_index_setting, make_index
 from kernels import knn_min
 from kernels.knn_args import bank_sq_norms
 

@@ -14,6 +14,7 @@ from engine.models.knn_index import (
     AUTO_APPROXIMATE_ROWS,
     KnnIndex,
     auto_faiss_spec,
+    auto_faiss_specs,
     auto_index,
     check_index_setting,
     faiss_available,
@@ -239,7 +240,7 @@ def test_parse_params() -> None:
     [("faiss_flat", "Flat"), ("faiss_hnsw", "HNSW32"), ("faiss_ivfpq", "IVF1024,PQ64")],
 )
 def test_old_names_are_read_as_factory_strings(old: str, spec: str, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="engine.models.knn_index"):
+    with caplog.at_level(logging.INFO, logger="engine.models.knn_compat"):
         assert StructuralConfig(index=old).index == spec
         assert make_index(old).spec == spec
     assert f"structural.index='{old}' is the old name of the FAISS index '{spec}'" in caplog.text
@@ -258,20 +259,52 @@ def test_auto_choice() -> None:
 
 
 @pytest.mark.parametrize(
-    ("rows", "spec"),
+    ("rows", "dim", "spec"),
     [
-        (None, "Flat"),
-        (AUTO_APPROXIMATE_ROWS - 1, "Flat"),
-        (AUTO_APPROXIMATE_ROWS, "IVF1024,Flat"),  # 4 sqrt(50 000) = 894
-        (80_640, "IVF1024,Flat"),  # LOCO size at the cpu preset: 1 136
-        (400_000, "IVF2048,Flat"),  # 2 530
-        (2_000_000, "IVF4096,Flat"),  # 5 657
+        (None, None, "Flat"),
+        (AUTO_APPROXIMATE_ROWS - 1, 152, "Flat"),
+        (AUTO_APPROXIMATE_ROWS, 152, "IVF256,PQ76x4fs,RFlat"),  # sqrt(50 000) = 224
+        (80_640, 152, "IVF256,PQ76x4fs,RFlat"),  # LOCO size at the cpu preset: 284
+        (400_000, 1024, "IVF512,PQ512x4fs,RFlat"),  # 632
+        (2_000_000, 151, "IVF1024,PQ151x4fs,RFlat"),  # 1 414; an odd dimension: 1-d codes
     ],
 )
-def test_auto_picks_inverted_lists_for_large_banks_on_cpu(rows: int | None, spec: str) -> None:
-    assert auto_faiss_spec(rows) == spec
-    assert auto_index("cpu", rows) == (spec if faiss_available() else "torch")
-    assert auto_index("cuda", rows) == "torch"  # exact search on the GPU, whatever the size
+def test_auto_picks_product_codes_for_large_banks_on_cpu(
+    rows: int | None, dim: int | None, spec: str
+) -> None:
+    assert auto_faiss_spec(rows, dim) == spec
+    assert auto_index("cpu", rows, dim) == (spec if faiss_available() else "torch")
+    assert auto_index("cuda", rows, dim) == "torch"  # exact search on the GPU, whatever the size
+
+
+def test_auto_for_a_large_bank_needs_its_dimension() -> None:
+    with pytest.raises(ValueError, match="dimension of the 50000-row bank"):
+        auto_faiss_spec(AUTO_APPROXIMATE_ROWS)
+
+
+def test_auto_specs_of_earlier_versions() -> None:
+    """Artifacts built before keep loading: ``auto`` picked IVF{4 sqrt(rows)},Flat then."""
+    assert auto_faiss_specs(80_640, 152) == ("IVF256,PQ76x4fs,RFlat", "IVF1024,Flat")
+    assert auto_faiss_specs(100, 152) == ("Flat",)
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
+def test_auto_index_for_a_large_bank_finds_the_nearest_rows() -> None:
+    """The codes only pick candidates; the k_factor_rf=16 best are re-ranked exactly, so on a
+    clustered bank the refined search finds the true nearest row for nearly every query."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(64, 32, generator=gen) * 4
+    bank = centres[torch.randint(0, 64, (8_192,), generator=gen)] + torch.randn(
+        8_192, 32, generator=gen
+    )
+    queries = bank[:500] + 0.3 * torch.randn(500, 32, generator=gen)
+    index = built(auto_faiss_spec(AUTO_APPROXIMATE_ROWS, 32), bank)
+    assert index.identity["params"] == "nprobe=16,k_factor_rf=16"
+    assert index.exact is False
+    dist, idx = index.search(queries, 1)
+    want_dist, want_idx = built("Flat", bank).search(queries, 1)
+    assert (idx == want_idx).float().mean() >= 0.98
+    torch.testing.assert_close(dist[idx == want_idx], want_dist[idx == want_idx])
 
 
 def test_auto_without_faiss_is_exact_torch_search(monkeypatch) -> None:

@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.models.knn_index import (
-    KnnIndex,
-    faiss_available,
-    make_index,
-    restore_index,
-    upgrade_identity,
-)
+from engine.models.knn_compat import upgrade_identity
+from engine.models.knn_index import KnnIndex, faiss_available, make_index, restore_index
 
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
 
