@@ -408,15 +408,14 @@ def _parse_index(f: _Fields, index: dict[str, Any], config: BuildConfig) -> dict
     upgraded = upgrade_identity(index)
     # The spec the build asked for: an earlier version's kind stands for its default spec.
     built = OLD_NAMES.get(kind) or upgraded.get("spec", "torch")
-    expected = config.structural.index
-    shown = repr(expected)
-    if expected == "auto" and is_approximate(upgraded):
+    wanted = config.structural.index
+    allowed, shown = (wanted,), repr(wanted)
+    if wanted == "auto" and is_approximate(upgraded):
         # What a build on a CPU chooses, or chose in an earlier version, for this bank.
-        choices = auto_faiss_specs(upgraded["size"], upgraded["dim"])
-        expected = built if built in choices else choices[0]
-        picks = " or ".join(map(repr, choices))
+        allowed = auto_faiss_specs(upgraded["size"], upgraded["dim"])
+        picks = " or ".join(map(repr, allowed))
         shown = f"'auto' (on a CPU {picks} for {upgraded['size']} bank rows)"
-    if (is_approximate(upgraded) or expected not in CHOICES) and built != expected:
+    if (is_approximate(upgraded) or wanted not in CHOICES) and built not in allowed:
         raise f.fail(
             "structural_index",
             f"an index consistent with config.structural.index={shown}",

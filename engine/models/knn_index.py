@@ -385,7 +385,7 @@ def auto_faiss_spec(rows: int | None, dim: int | None = None) -> str:
         return "Flat"
     if dim is None or dim < 1:
         raise ValueError(f"auto_faiss_spec needs the dimension of the {rows}-row bank, got {dim}")
-    lists = 2 ** round(math.log2(math.sqrt(rows)))
+    lists = _nearest_power_of_two(math.sqrt(rows))
     return f"IVF{lists},PQ{dim // 2 if dim % 2 == 0 else dim}x4fs,RFlat"
 
 
@@ -396,7 +396,11 @@ def auto_faiss_specs(rows: int, dim: int) -> tuple[str, ...]:
     current = auto_faiss_spec(rows, dim)
     if current == "Flat":
         return (current,)
-    return current, f"IVF{2 ** round(math.log2(4 * math.sqrt(rows)))},Flat"
+    return current, f"IVF{_nearest_power_of_two(4 * math.sqrt(rows))},Flat"
+
+
+def _nearest_power_of_two(x: float) -> int:
+    return 2 ** round(math.log2(x))
 
 
 def make_index(
