@@ -28,6 +28,13 @@ from engine.models.structural import StructuralConfig
 from engine.models.weights import ARCHS, WeightsInfo
 from engine.train_config import TrainConfig
 
+# 2: the manifest carries its own sha256; the file set is exact. 3: the structural patch
+# projection is saved (version 2 recomputed it at load, and with another thread count it could
+# come out in another basis than the memory bank: silently wrong structural scores).
+FORMAT_VERSION = 3
+MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
+
 SEAL_KEY = "manifest_sha256"
 _SEAL_PLACEHOLDER = "0" * 64
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -459,3 +466,9 @@ def _parse_files(f: _Fields, files: dict[str, Any], expected: set[str]) -> dict[
             f"(not listed: {missing}, unexpected: {extra}); {REBUILD}"
         )
     return out
+
+
+def some_names(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``names``, quoted, and how many more: for error messages."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(n) for n in names[:shown]) + more
