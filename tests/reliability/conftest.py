@@ -41,6 +41,12 @@ def built() -> tuple:
     return TINY["tiny_detector"](0)
 
 
+@pytest.fixture
+def art(built: tuple, tmp_path: Path) -> Path:
+    """A fresh tiny artifact of build "A" at ``tmp_path / "art"``."""
+    return TINY["save"](tmp_path / "art", *built)
+
+
 @pytest.fixture(scope="session")
 def sources(built: tuple, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """Builds "A" and "B": their files' bytes, manifest, listing and weights' fingerprint."""

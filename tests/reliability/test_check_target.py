@@ -12,11 +12,6 @@ from engine.artifact import ArtifactError, ArtifactWriter, check_target
 ADVICE = "choose another --out or remove it yourself"
 
 
-@pytest.fixture
-def art(built, tiny, tmp_path: Path) -> Path:
-    return tiny["save"](tmp_path / "art", *built)
-
-
 def names_in(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 

@@ -4,7 +4,6 @@ artifact back, stale temporary folders of dead writers go, permissions follow th
 from __future__ import annotations
 
 import os
-import runpy
 import subprocess
 import sys
 import time
@@ -15,20 +14,12 @@ import pytest
 from engine import artifact_files
 from engine.artifact import MANIFEST, ArtifactError, ArtifactWriter, read_manifest
 
-save = runpy.run_path(str(Path(__file__).with_name("tiny.py")))["save"]
-
-
-@pytest.fixture
-def art(built, tmp_path: Path) -> Path:
-    """A fresh tiny artifact at ``tmp_path / "art"`` (marker "A")."""
-    return save(tmp_path / "art", *built)
-
 
 def names_in(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def test_every_file_and_folder_is_fsynced(built, tmp_path: Path, monkeypatch) -> None:
+def test_every_file_and_folder_is_fsynced(tiny, built, tmp_path: Path, monkeypatch) -> None:
     synced = set()
     real_fsync = os.fsync
 
@@ -37,12 +28,14 @@ def test_every_file_and_folder_is_fsynced(built, tmp_path: Path, monkeypatch) ->
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording)
-    out = save(tmp_path / "art", *built)
+    out = tiny["save"](tmp_path / "art", *built)
     for path in (out / "logical.pt", out / "structural.pt", out / MANIFEST, out, tmp_path):
         assert path.stat().st_ino in synced, path
 
 
-def test_failed_second_rename_puts_the_old_artifact_back(built, art: Path, monkeypatch) -> None:
+def test_failed_second_rename_puts_the_old_artifact_back(
+    tiny, built, art: Path, monkeypatch
+) -> None:
     monkeypatch.setattr(artifact_files, "exchange", lambda a, b: False)  # two-rename fallback
     real_replace, calls = os.replace, []
 
@@ -55,15 +48,15 @@ def test_failed_second_rename_puts_the_old_artifact_back(built, art: Path, monke
     monkeypatch.setattr(os, "replace", failing)
     detector, config = built
     with pytest.raises(OSError, match="No space"):
-        save(art, detector, config, marker="B")
+        tiny["save"](art, detector, config, marker="B")
     monkeypatch.setattr(os, "replace", real_replace)
     assert read_manifest(art)["marker"] == "A"
     assert names_in(art.parent) == ["art"]
 
 
-def test_fallback_swap_replaces_the_artifact(built, art: Path, monkeypatch) -> None:
+def test_fallback_swap_replaces_the_artifact(tiny, built, art: Path, monkeypatch) -> None:
     monkeypatch.setattr(artifact_files, "exchange", lambda a, b: False)
-    save(art, *built, marker="B")
+    tiny["save"](art, *built, marker="B")
     assert read_manifest(art)["marker"] == "B"
     assert names_in(art.parent) == ["art"]
 
@@ -74,7 +67,7 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def test_stale_temp_folders_of_dead_writers_are_removed(built, art: Path) -> None:
+def test_stale_temp_folders_of_dead_writers_are_removed(tiny, built, art: Path) -> None:
     host, parent = artifact_files.HOST, art.parent
     dead = parent / f".art.tmp-{host}-{_dead_pid()}-abc"
     alive = parent / f".art.tmp-{host}-{os.getpid()}-def"
@@ -86,14 +79,14 @@ def test_stale_temp_folders_of_dead_writers_are_removed(built, art: Path) -> Non
         (folder / "logical.pt").write_bytes(b"half")
     hours_ago = time.time() - artifact_files.STALE_AFTER_S - 60
     os.utime(ancient, (hours_ago, hours_ago))
-    save(art, *built, marker="B")
+    tiny["save"](art, *built, marker="B")
     left = names_in(parent)
     assert dead.name not in left and ancient.name not in left
     assert {alive.name, remote.name, other.name, "art"} == set(left)
 
 
-def test_artifact_hidden_by_a_killed_swap_is_put_back(built, tmp_path: Path) -> None:
-    hidden = save(tmp_path / "elsewhere", *built)
+def test_artifact_hidden_by_a_killed_swap_is_put_back(tiny, built, tmp_path: Path) -> None:
+    hidden = tiny["save"](tmp_path / "elsewhere", *built)
     os.replace(hidden, tmp_path / f".art.old-{artifact_files.HOST}-{_dead_pid()}-abc")
     with pytest.raises(RuntimeError), ArtifactWriter(tmp_path / "art"):
         raise RuntimeError("the new build fails before committing")
@@ -101,10 +94,10 @@ def test_artifact_hidden_by_a_killed_swap_is_put_back(built, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027], ids=["022", "027"])
-def test_artifact_permissions_follow_the_umask(built, tmp_path: Path, mask: int) -> None:
+def test_artifact_permissions_follow_the_umask(tiny, built, tmp_path: Path, mask: int) -> None:
     previous = os.umask(mask)
     try:
-        out = save(tmp_path / "art", *built)
+        out = tiny["save"](tmp_path / "art", *built)
     finally:
         os.umask(previous)
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask
@@ -126,8 +119,8 @@ def test_failed_rebuild_keeps_previous_artifact(art: Path) -> None:
     assert names_in(art.parent) == ["art"]
 
 
-def test_rebuild_replaces_previous_artifact(built, art: Path) -> None:
-    save(art, *built, marker="B")
+def test_rebuild_replaces_previous_artifact(tiny, built, art: Path) -> None:
+    tiny["save"](art, *built, marker="B")
     assert read_manifest(art)["marker"] == "B"
     assert names_in(art.parent) == ["art"]
 
