@@ -11,7 +11,10 @@ and mean subsets, and image AUROC per defect type. Each ``--fusion-variant`` is 
 config calibrated and measured on the same builds' branch maps (column ``fused[NAME]``), a
 paired comparison that costs no extra build. The tables go between markers into
 ``docs/ACCURACY.md`` (the rest of the file is kept) and the raw results into a JSON file beside
-it. Bad options exit 2 before any work; Ctrl-C exits 130 and writes nothing.
+it. Bad options exit 2 before any work. After every build the finished ones are saved beside the
+JSON (``accuracy.partial.json``), so an interrupted run (Ctrl-C exits 130 and leaves the
+document and the JSON as they were) loses no finished build: the same command with ``--resume``
+builds only the rest, and the file goes away once the results are written.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,7 +48,9 @@ from engine.evaluation import summary as branch_summary
 from engine.pipeline import BuildResult, build_category
 from engine.preflight import check_index_kind, check_output_folder
 from tools.accuracy_report import (
+    partial_json,
     read_document,
+    read_partial,
     render_block,
     results_json,
     update_document,
@@ -75,6 +80,14 @@ class Plan:
     tag: str | None
     keep: bool
     variants: dict[str, FusionConfig]
+    resume: bool = False
+    # what a resumed run must share with the interrupted one (code, settings, builds)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def partial_path(self) -> Path:
+        """Where the finished builds of an unfinished run are kept."""
+        return self.json_path.with_name(self.json_path.stem + ".partial.json")
 
 
 # ---- options ------------------------------------------------------------------------------
@@ -106,6 +119,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="raw results (default: beside --out)")
     parser.add_argument("--cache-dir", type=Path, help="synthetic data cache root")
     parser.add_argument("--keep", action="store_true", help="keep the built artifacts")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished builds of an interrupted run of the same command",
+    )
     return parser.parse_args(argv)
 
 
@@ -140,6 +158,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
         tag=args.tag,
         keep=args.keep,
         variants=fusion_variants(config, args.fusion_variant),
+        resume=args.resume,
+        settings={
+            "commit": git_commit(),
+            "preset": args.preset,
+            "device": str(device),
+            "overrides": list(args.set),
+            "fusion_variants": list(args.fusion_variant),
+            "categories": categories,
+            "seeds": seeds,
+            "counts": dataset_counts(args.n_train, args.n_validation, args.n_test),
+            "generator_version": GENERATOR_VERSION,
+        },
     )
     for path, option in ((plan.out, "--out"), (plan.json_path, "--json")):
         if path.is_dir():
@@ -149,6 +179,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         update_document(read_document(plan.out), "", plan.tag)  # a file that would fail at the end
     except ValueError as error:
         raise ValueError(f"--out {plan.out}: {error}") from None
+    if plan.partial_path.exists() and not plan.resume:
+        raise ValueError(
+            f"{plan.partial_path} holds the finished builds of an interrupted run: add --resume "
+            "to continue it, or delete the file to start over"
+        )
     return plan
 
 
@@ -285,13 +320,26 @@ def build_record(result: BuildResult, dataset: LocoDataset, seed: int, seconds: 
     }
 
 
-def run_builds(plan: Plan, work: Path) -> list[dict]:
-    """Generate (or reuse) and build each (category, seed); one log line per build."""
+def run_builds(
+    plan: Plan, work: Path, done: dict[tuple[str, int], dict], earlier: float
+) -> list[dict]:
+    """Generate (or reuse) and build each (category, seed) not in ``done``; one log line per
+    build, and after each one every finished build saved to ``plan.partial_path`` with the wall
+    time so far (``earlier`` seconds before this run)."""
     records = []
     total = len(plan.categories) * len(plan.seeds)
+    started = time.perf_counter()
     for seed in plan.seeds:
         config = replace(plan.config, train=replace(plan.config.train, seed=seed))
         for category in plan.categories:
+            if (category, seed) in done:
+                records.append(done[category, seed])
+                print(
+                    f"[accuracy {len(records)}/{total}] {category} seed {seed}: "
+                    f"kept from {plan.partial_path}",
+                    flush=True,
+                )
+                continue
             root = ensure_dataset(plan, category, seed)
             out = work / f"{category}-seed{seed}"
             start = time.perf_counter()
@@ -316,9 +364,25 @@ def run_builds(plan: Plan, work: Path) -> list[dict]:
                 f"mean image AUROC {means}; {seconds:.0f} s",
                 flush=True,
             )
+            wall = earlier + time.perf_counter() - started
+            write_atomic(plan.partial_path, partial_json(records, plan.settings, wall, plan.tag))
             if not plan.keep:
                 shutil.rmtree(out, ignore_errors=True)
     return records
+
+
+def finished_builds(plan: Plan) -> tuple[dict[tuple[str, int], dict], float]:
+    """With ``--resume``: the interrupted run's finished builds by (category, seed) and the wall
+    time they took (nothing to resume: none); ValueError when it had other code or settings."""
+    if plan.resume and plan.partial_path.exists():
+        done, wall = read_partial(plan.partial_path, plan.settings)
+        print(
+            f"[accuracy] resuming: {len(done)} finished builds in {plan.partial_path}", flush=True
+        )
+        return done, wall
+    if plan.resume:
+        print(f"[accuracy] nothing to resume in {plan.partial_path}", flush=True)
+    return {}, 0.0
 
 
 def write_results(plan: Plan, records: Sequence[dict], meta: dict) -> None:
@@ -387,14 +451,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     work: Path | None = None
+    plan: Plan | None = None
     try:
         plan = make_plan(args)
+        done, earlier = finished_builds(plan)
         work = Path(tempfile.mkdtemp(prefix="npgmf-accuracy-"))
         start = time.perf_counter()
-        records = run_builds(plan, work)
-        write_results(plan, records, run_meta(plan, args, argv, time.perf_counter() - start))
+        records = run_builds(plan, work, done, earlier)
+        wall = earlier + time.perf_counter() - start
+        write_results(plan, records, run_meta(plan, args, argv, wall))
+        plan.partial_path.unlink(missing_ok=True)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.out} was not changed", file=sys.stderr)
+        kept = ""
+        if plan is not None and plan.partial_path.exists():
+            kept = f"; the finished builds are in {plan.partial_path} (--resume continues)"
+        print(f"\ninterrupted: {args.out} was not changed{kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, RuntimeError, OSError) as error:
         print("\n".join([f"error: {error}", *getattr(error, "__notes__", [])]), file=sys.stderr)

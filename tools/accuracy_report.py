@@ -241,6 +241,30 @@ def results_json(records: Sequence[dict], meta: dict, tag: str | None) -> str:
     return head + f' "builds": [\n{builds}\n ]\n}}\n'
 
 
+def partial_json(records: Sequence[dict], settings: dict, wall: float, tag: str | None) -> str:
+    """The finished builds of an unfinished run, with the settings a resumed run must share."""
+    return results_json(records, {"settings": settings, "wall_seconds": wall}, tag)
+
+
+def read_partial(path: Path, settings: dict) -> tuple[dict[tuple[str, int], dict], float]:
+    """The builds of :func:`partial_json` by (category, seed) and their wall time; ValueError
+    when the file is unreadable or its run had other ``settings``."""
+    try:
+        saved = json.loads(path.read_text())
+        then, wall = saved["meta"]["settings"], float(saved["meta"]["wall_seconds"])
+        done = {(b["category"], b["seed"]): b for b in saved["builds"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--resume: {path} is not readable ({error})") from None
+    differ = [key for key in settings if then.get(key) != settings[key]]
+    if differ:
+        shown = "; ".join(f"{k} {then.get(k)!r} then, {settings[k]!r} now" for k in differ)
+        raise ValueError(
+            f"--resume: {path} comes from a run with other settings ({shown}); "
+            "run that command again, or delete the file to start over"
+        )
+    return done, wall
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` in one step: an interruption leaves the old file or the new one."""
     with atomic_file(path, text=True) as file:

@@ -8,6 +8,7 @@ import re
 import shutil
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -209,8 +210,8 @@ def _fail_if_called(*_):
 
 
 def test_ctrl_c_exits_130_and_leaves_the_document(tmp_path: Path, monkeypatch) -> None:
-    def interrupted(plan, work):
-        assert work.is_dir()
+    def interrupted(plan, work, done, earlier):
+        assert work.is_dir() and done == {} and earlier == 0
         raise KeyboardInterrupt
 
     monkeypatch.setattr(accuracy, "run_builds", interrupted)
@@ -221,7 +222,7 @@ def test_ctrl_c_exits_130_and_leaves_the_document(tmp_path: Path, monkeypatch) -
 
 
 def test_main_writes_the_document_and_the_json(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(accuracy, "run_builds", lambda plan, work: RECORDS)
+    monkeypatch.setattr(accuracy, "run_builds", lambda plan, work, done, earlier: RECORDS)
     doc = tmp_path / "docs" / "ACCURACY.md"
     assert accuracy.main(["--out", str(doc), "--seeds", "0,1"]) == 0
     assert "| **overall** | 0.750 ± 0.071 | 0.850 ± 0.071 | – |" in doc.read_text()
@@ -231,6 +232,84 @@ def test_main_writes_the_document_and_the_json(tmp_path: Path, monkeypatch) -> N
     assert accuracy.main(["--out", str(doc), "--tag", "mff"]) == 0
     assert "<!-- accuracy:mff:begin -->" in doc.read_text()
     assert (doc.parent / "accuracy-mff.json").is_file()
+
+
+def fake_builds(monkeypatch, tmp_path: Path, interrupt_at: int = 0) -> list[tuple[str, int]]:
+    """Stand-in builds (no data, no training); returns the (category, seed) list each build
+    appends to, and raises Ctrl-C at build number ``interrupt_at``."""
+    built: list[tuple[str, int]] = []
+
+    def build(root, category, out, config, device, **_):
+        built.append((category, config.train.seed))
+        if len(built) == interrupt_at:
+            raise KeyboardInterrupt
+        return SimpleNamespace(category=category, metrics={})
+
+    def build_record(result, dataset, seed, seconds):
+        return record(result.category, seed, {"fused": 0.5 + 0.1 * seed})
+
+    monkeypatch.setattr(accuracy, "ensure_dataset", lambda plan, category, seed: tmp_path)
+    monkeypatch.setattr(accuracy, "build_category", build)
+    monkeypatch.setattr(accuracy, "LocoDataset", lambda root, category: None)
+    monkeypatch.setattr(accuracy, "build_record", build_record)
+    return built
+
+
+def test_an_interrupted_run_keeps_its_builds_and_resumes(tmp_path: Path, capsys, monkeypatch):
+    doc = tmp_path / "A.md"
+    doc.write_text("kept\n")
+    argv = ["--out", str(doc), "--categories", "pushpins,screw_bag", "--seeds", "0,1"]
+    partial = tmp_path / "accuracy.partial.json"
+    built = fake_builds(monkeypatch, tmp_path, interrupt_at=3)
+    assert accuracy.main(argv) == 130
+    assert "--resume" in capsys.readouterr().err and doc.read_text() == "kept\n"
+    kept = json.loads(partial.read_text())["builds"]
+    assert [(b["category"], b["seed"]) for b in kept] == built[:2]
+    assert not (tmp_path / "accuracy.json").exists()
+
+    # a plain rerun would overwrite them: refused, nothing built or changed
+    built.clear()
+    assert accuracy.main(argv) == 2
+    assert "add --resume" in capsys.readouterr().err and built == []
+    assert json.loads(partial.read_text())["builds"] == kept
+
+    assert accuracy.main([*argv, "--resume"]) == 0
+    assert built == [("pushpins", 1), ("screw_bag", 1)]  # only what was missing
+    assert "2 finished builds" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "accuracy.json").read_text())
+    assert [(b["category"], b["seed"]) for b in saved["builds"]] == [
+        ("pushpins", 0),
+        ("screw_bag", 0),
+        ("pushpins", 1),
+        ("screw_bag", 1),
+    ]
+    assert saved["builds"][:2] == kept and "| **overall** |" in doc.read_text()
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize(
+    ("changed", "named"),
+    [(["--seeds", "0,1,2"], "seeds"), (["--set", "fusion.sigma=2"], "overrides")],
+)
+def test_resume_refuses_a_run_with_other_settings(tmp_path, capsys, monkeypatch, changed, named):
+    argv = ["--out", str(tmp_path / "A.md"), "--categories", "pushpins", "--seeds", "0,1"]
+    built = fake_builds(monkeypatch, tmp_path, interrupt_at=2)
+    assert accuracy.main(argv) == 130
+    partial = tmp_path / "accuracy.partial.json"
+    before = partial.read_text()
+    built.clear()
+    assert accuracy.main([*argv, *changed, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and named in err and built == []
+    assert partial.read_text() == before
+
+
+def test_resume_without_an_interrupted_run_builds_everything(tmp_path, capsys, monkeypatch):
+    built = fake_builds(monkeypatch, tmp_path)
+    argv = ["--out", str(tmp_path / "A.md"), "--categories", "pushpins", "--seeds", "0"]
+    assert accuracy.main([*argv, "--resume"]) == 0
+    assert "nothing to resume" in capsys.readouterr().out and built == [("pushpins", 0)]
+    assert not (tmp_path / "accuracy.partial.json").exists()
 
 
 def test_write_atomic_keeps_the_mode(tmp_path: Path) -> None:
