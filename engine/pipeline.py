@@ -32,6 +32,7 @@ from engine.calibrate import (
     fit_image_stats,
     image_scores,
     resize_to,
+    standardised_maps,
 )
 from engine.config import BuildConfig
 from engine.data.formats import (
@@ -99,6 +100,9 @@ class BuildResult:
     test_defects: list[str] = field(default_factory=list)
     data_format: str = "loco"  # engine.data.formats: loco, mvtec or folder
     evaluation_level: str = "loco"  # what the test split measured: loco, pixel, image or none
+    # per branch (and fused): (M,) image score of each validation image, scored like the test
+    # images, so fusions can be recombined from the scores alone
+    validation_image_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,6 +164,22 @@ def calibrate(
     threshold = calibrate_threshold(scores_np, config.target_false_alarm_rate)
     fusion.set_threshold(threshold)
     return threshold, scores_np
+
+
+def validation_branch_scores(
+    detector: Detector, validation: ValidationMaps
+) -> dict[str, np.ndarray]:
+    """Each branch's validation image scores as :func:`~engine.evaluation.evaluate` scores a
+    test image: the branch alone (standardised and blurred as in fusion), its maximum at the
+    image's original size."""
+    assert detector.stats is not None
+    scores: dict[str, list[torch.Tensor]] = {branch: [] for branch in detector.branch_names}
+    for chunk, size in zip(validation.branch_maps, validation.sizes, strict=True):
+        for branch in scores:
+            only = {branch: chunk[branch].to(detector.device)}
+            alone = standardised_maps(only, detector.stats, detector.fusion.sigma)[branch]
+            scores[branch].append(image_scores(resize_to(alone, size)).cpu())
+    return {branch: torch.cat(parts).double().numpy() for branch, parts in scores.items()}
 
 
 def build_category(
@@ -292,6 +312,7 @@ def build_category(
     with _step(seconds, "calibrate on validation", verbose):
         validation = validation_maps(detector, dataset.samples("validation"), progress)
         threshold, val_scores = calibrate(detector.fusion, validation, config.fusion)
+        val_branch_scores = validation_branch_scores(detector, validation) | {FUSED: val_scores}
         variants = {}
         for name, variant in (fusion_variants or {}).items():
             variants[name] = Fusion.from_config(
@@ -343,6 +364,7 @@ def build_category(
         evaluation.test_defects,
         data_info["format"],
         data_info["evaluation"],
+        val_branch_scores,
     )
 
 

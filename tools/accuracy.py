@@ -316,6 +316,9 @@ def build_record(result: BuildResult, dataset: LocoDataset, seed: int, seconds: 
         "defect_kinds": kinds,
         "test_defects": list(result.test_defects),
         "image_scores": {b: s.tolist() for b, s in result.image_scores.items()},
+        "validation_image_scores": {
+            b: s.tolist() for b, s in result.validation_image_scores.items()
+        },
         "logical_diagnostics": kept_diagnostics(result.artifact),
     }
 

@@ -382,8 +382,14 @@ def test_tiny_end_to_end_run(tmp_path: Path, capsys, tiny_build_args: list[str])
     kinds = build["defect_kinds"]
     assert len(defects) == 15 and (defects == "good").sum() == 5
     kept = Path(re.search(r"artifacts kept in (\S+)", out)[1])
-    manifest = read_manifest(kept / "pushpins-seed0")["metrics"]
+    saved = read_manifest(kept / "pushpins-seed0")
+    manifest = saved["metrics"]
     shutil.rmtree(kept)
+    # validation images scored per branch like the test images; fused: the calibration's own
+    validation = build["validation_image_scores"]
+    assert sorted(validation) == sorted(b for b in branches if "[" not in b)
+    assert validation["fused"] == pytest.approx(saved["validation_scores"])
+    assert all(len(v) == 4 and np.isfinite(v).all() for v in validation.values())
     assert sorted(manifest) == sorted(b for b in branches if "[" not in b)
     for branch in branches:
         scores = np.asarray(build["image_scores"][branch])
