@@ -435,7 +435,7 @@ def run_meta(plan: Plan, args: argparse.Namespace, argv: Sequence[str], wall: fl
         "machine": machine(),
         "torch_threads": torch.get_num_threads(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
+        "commit": plan.settings["commit"],  # taken when the run started
         "command": shlex.join(["python", "-m", "tools.accuracy", *argv]),
         "wall_seconds": wall,
         "preset": args.preset,

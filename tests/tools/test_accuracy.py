@@ -223,11 +223,15 @@ def test_ctrl_c_exits_130_and_leaves_the_document(tmp_path: Path, monkeypatch) -
 
 def test_main_writes_the_document_and_the_json(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(accuracy, "run_builds", lambda plan, work, done, earlier: RECORDS)
+    # the commit is the one the run started from, even if the tree changes meanwhile
+    commits = iter(["abc123", "def456 (dirty)"])
+    monkeypatch.setattr(accuracy, "git_commit", lambda: next(commits, "later"))
     doc = tmp_path / "docs" / "ACCURACY.md"
     assert accuracy.main(["--out", str(doc), "--seeds", "0,1"]) == 0
     assert "| **overall** | 0.750 ± 0.071 | 0.850 ± 0.071 | – |" in doc.read_text()
     saved = json.loads((doc.parent / "accuracy.json").read_text())
     assert saved["builds"] == RECORDS and saved["meta"]["seeds"] == [0, 1]
+    assert saved["meta"]["commit"] == "abc123"
     assert saved["meta"]["command"] == "python -m tools.accuracy --out " + str(doc) + " --seeds 0,1"
     assert accuracy.main(["--out", str(doc), "--tag", "mff"]) == 0
     assert "<!-- accuracy:mff:begin -->" in doc.read_text()
