@@ -175,9 +175,8 @@ def validation_branch_scores(
     assert detector.stats is not None
     scores: dict[str, list[torch.Tensor]] = {branch: [] for branch in detector.branch_names}
     for chunk, size in zip(validation.branch_maps, validation.sizes, strict=True):
-        for branch in scores:
-            only = {branch: chunk[branch].to(detector.device)}
-            alone = standardised_maps(only, detector.stats, detector.fusion.sigma)[branch]
+        maps = {branch: chunk[branch].to(detector.device) for branch in scores}
+        for branch, alone in standardised_maps(maps, detector.stats, detector.fusion.sigma).items():
             scores[branch].append(image_scores(resize_to(alone, size)).cpu())
     return {branch: torch.cat(parts).double().numpy() for branch, parts in scores.items()}
 

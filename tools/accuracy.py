@@ -81,7 +81,8 @@ class Plan:
     keep: bool
     variants: dict[str, FusionConfig]
     resume: bool = False
-    # what a resumed run must share with the interrupted one (code, settings, builds)
+    # the commit and settings the run started with: in the results' meta, and what a resumed
+    # run must share with the interrupted one
     settings: dict = field(default_factory=dict)
 
     @property
@@ -430,22 +431,16 @@ def git_commit(repo: Path = REPO) -> str:
     return f"{head} (dirty)" if status else head
 
 
-def run_meta(plan: Plan, args: argparse.Namespace, argv: Sequence[str], wall: float) -> dict:
+def run_meta(plan: Plan, argv: Sequence[str], wall: float) -> dict:
+    """The run's facts: machine, date, command and wall time, and the settings (with the commit)
+    taken when it started."""
     return {
         "machine": machine(),
         "torch_threads": torch.get_num_threads(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": plan.settings["commit"],  # taken when the run started
         "command": shlex.join(["python", "-m", "tools.accuracy", *argv]),
         "wall_seconds": wall,
-        "preset": args.preset,
-        "device": str(plan.device),
-        "overrides": list(args.set),
-        "fusion_variants": list(args.fusion_variant),
-        "categories": plan.categories,
-        "seeds": plan.seeds,
-        "counts": plan.counts,
-        "generator_version": GENERATOR_VERSION,
+        **plan.settings,
     }
 
 
@@ -462,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         records = run_builds(plan, work, done, earlier)
         wall = earlier + time.perf_counter() - start
-        write_results(plan, records, run_meta(plan, args, argv, wall))
+        write_results(plan, records, run_meta(plan, argv, wall))
         plan.partial_path.unlink(missing_ok=True)
     except KeyboardInterrupt:
         kept = ""
