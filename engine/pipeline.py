@@ -71,6 +71,7 @@ from engine.models.structural import (
     attach_index,
     coreset_bank,
     extract_patch_features,
+    with_flipped_features,
 )
 from engine.models.text_prior import category_prompt, resolve_text_prior
 from engine.preflight import (
@@ -281,11 +282,19 @@ def build_category(
         )
         loader = DataLoader(bank_set, batch_size=INFERENCE_BATCH, shuffle=False)
         features, grid = extract_patch_features(structural.patch_features, loader, device, progress)
+        bank_features = with_flipped_features(
+            features, structural.patch_features, loader, config.structural, device, progress
+        )
         structural.set_bank(
             coreset_bank(
-                features, config.structural, device, progress, structural.patch_features.basis
+                bank_features,
+                config.structural,
+                device,
+                progress,
+                structural.patch_features.basis,
             )
         )
+        del bank_features
         structural.to(device)
         index = config.structural.index
         if index == "auto":

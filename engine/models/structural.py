@@ -45,6 +45,7 @@ from kernels import knn_min
 from kernels.knn_args import bank_sq_norms
 
 __all__ = [
+    "BANK_FLIPS",
     "PatchFeatures",
     "StructuralConfig",
     "StructuralModel",
@@ -53,9 +54,20 @@ __all__ = [
     "build_memory_bank",
     "coreset_bank",
     "extract_patch_features",
+    "with_flipped_features",
 ]
 
 log = logging.getLogger(__name__)
+
+# Flipped copies of the training images whose patches also enter the memory bank (image dims of
+# a (B, 3, H, W) batch): "h" mirrors left-right, "v" top-bottom, "hv" adds both and the 180°
+# turn. Flips keep the pixel grid and the aspect, so no interpolation enters the bank.
+BANK_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": (),
+    "h": ((3,),),
+    "v": ((2,),),
+    "hv": ((3,), (2,), (2, 3)),
+}
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,7 @@ class StructuralConfig:
     index_params: str = ""
     k: int = 1
     bank_dtype: str = "float32"
+    bank_flips: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "feature_dim", "coreset_projection_dim", "k"):
@@ -101,6 +114,11 @@ class StructuralConfig:
         # Spelling only: whether the index fits the features' dimension and takes these
         # parameters is checked by StructuralModel.from_config (--set applies them one by one).
         check_index_setting(self.index, self.index_params)
+        if self.bank_flips not in BANK_FLIPS:
+            raise ValueError(
+                f"StructuralConfig.bank_flips must be one of {tuple(BANK_FLIPS)}, "
+                f"got {self.bank_flips!r}"
+            )
         if self.bank_dtype not in ("float32", "float16"):
             raise ValueError(
                 f"StructuralConfig.bank_dtype must be float32 or float16, got {self.bank_dtype!r}"
@@ -219,13 +237,15 @@ def extract_patch_features(
     loader: Iterable,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    flip: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Patch features of every image the loader yields: (N_images, h*w, D) float32 on CPU, and
-    the (h, w) grid they lie on."""
+    the (h, w) grid they lie on. ``flip``: image dims to flip first (see :data:`BANK_FLIPS`)."""
     patch_features.to(device).eval()
     chunks, grid = [], (0, 0)
     for batch in tqdm(loader, desc="patch features", unit="batch", disable=not progress):
-        features, grid = patch_features(_images(batch).to(device))
+        images = _images(batch).to(device)
+        features, grid = patch_features(images.flip(flip) if flip else images)
         chunks.append(features.float().cpu())
     if not chunks:
         raise ValueError("the training loader yielded no images")
@@ -255,6 +275,23 @@ def coreset_bank(
     return flat[picks.cpu()].to(getattr(torch, cfg.bank_dtype))
 
 
+def with_flipped_features(
+    features: torch.Tensor,
+    patch_features: PatchFeatures,
+    loader: Iterable,
+    cfg: StructuralConfig,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> torch.Tensor:
+    """``features`` (N, h*w, D) of the loader's images followed by those of their copies
+    flipped as ``cfg.bank_flips`` says: ((1 + flips) * N, h*w, D), the memory bank's input."""
+    flipped = [
+        extract_patch_features(patch_features, loader, device, progress, flip=dims)[0]
+        for dims in BANK_FLIPS[cfg.bank_flips]
+    ]
+    return torch.cat([features, *flipped]) if flipped else features
+
+
 def build_memory_bank(
     patch_features: PatchFeatures,
     loader: Iterable,
@@ -262,8 +299,10 @@ def build_memory_bank(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> torch.Tensor:
-    """Features of all training images, reduced by :func:`coreset_bank`."""
+    """Features of all training images (and their flipped copies, ``cfg.bank_flips``), reduced
+    by :func:`coreset_bank`."""
     features, _ = extract_patch_features(patch_features, loader, device, progress)
+    features = with_flipped_features(features, patch_features, loader, cfg, device, progress)
     return coreset_bank(features, cfg, device, progress, patch_features.basis)
 
 

@@ -294,3 +294,26 @@ def test_search_bank_follows_the_precision(resnet18: FeatureExtractor) -> None:
     assert model.search_bank.dtype == torch.float16
     model.set_search_dtype(None)
     assert model.search_bank is None
+
+
+@pytest.mark.parametrize(("flips", "copies"), [("none", 1), ("h", 2), ("v", 2), ("hv", 4)])
+def test_bank_flips_add_the_flipped_images_patches(
+    resnet18: FeatureExtractor, flips: str, copies: int
+) -> None:
+    pf = PatchFeatures(resnet18, feature_dim=32)
+    image = torch.randn(1, 3, 64, 64)
+    cfg = StructuralConfig(feature_dim=32, coreset_ratio=1.0, bank_flips=flips)
+    bank = build_memory_bank(pf, [image], cfg, progress=False)
+    assert bank.shape[0] == copies * 8 * 8
+    model = StructuralModel(pf, bank)
+    with torch.no_grad():
+        mirrored = float(model(image.flip(3)).max())
+        turned = float(model(image.flip((2, 3))).max())
+    # a flipped copy in the bank scores (almost) zero; without it the mirror image is novel
+    assert (mirrored < 1e-2) == (flips in ("h", "hv"))
+    assert (turned < 1e-2) == (flips == "hv")
+
+
+def test_bank_flips_must_be_named() -> None:
+    with pytest.raises(ValueError, match="bank_flips"):
+        StructuralConfig(bank_flips="rot90")
