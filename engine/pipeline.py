@@ -69,9 +69,8 @@ from engine.models.logical_diagnostics import (
 from engine.models.structural import (
     StructuralModel,
     attach_index,
-    coreset_bank,
+    build_memory_bank,
     extract_patch_features,
-    with_flipped_features,
 )
 from engine.models.text_prior import category_prompt, resolve_text_prior
 from engine.preflight import (
@@ -282,19 +281,11 @@ def build_category(
         )
         loader = DataLoader(bank_set, batch_size=INFERENCE_BATCH, shuffle=False)
         features, grid = extract_patch_features(structural.patch_features, loader, device, progress)
-        bank_features = with_flipped_features(
-            features, structural.patch_features, loader, config.structural, device, progress
-        )
         structural.set_bank(
-            coreset_bank(
-                bank_features,
-                config.structural,
-                device,
-                progress,
-                structural.patch_features.basis,
+            build_memory_bank(
+                structural.patch_features, loader, config.structural, device, progress, features
             )
         )
-        del bank_features
         structural.to(device)
         index = config.structural.index
         if index == "auto":

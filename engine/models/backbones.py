@@ -35,6 +35,7 @@ STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 # 1-2 end at stride 4 (24 ch), 3-4 at stride 8 (40), 5-10 at stride 16 (80 then 112), 11-15 at
 # stride 32 (192 then 320). Lite1/Lite2 repeat blocks 1.1/1.2 times deeper (Lite2 1.1x wider):
 # 1-3 at stride 4, 4-6 at stride 8, 7-14 at stride 16, 15-20 at stride 32.
+_LITE12_LEVEL_BLOCKS = {"layer1": (1, 4), "layer2": (4, 7), "layer3": (7, 15), "layer4": (15, 21)}
 _LITE_LEVEL_BLOCKS = {
     "efficientnet_lite0": {
         "layer1": (1, 3),
@@ -42,18 +43,8 @@ _LITE_LEVEL_BLOCKS = {
         "layer3": (5, 11),
         "layer4": (11, 16),
     },
-    "efficientnet_lite1": {
-        "layer1": (1, 4),
-        "layer2": (4, 7),
-        "layer3": (7, 15),
-        "layer4": (15, 21),
-    },
-    "efficientnet_lite2": {
-        "layer1": (1, 4),
-        "layer2": (4, 7),
-        "layer3": (7, 15),
-        "layer4": (15, 21),
-    },
+    "efficientnet_lite1": _LITE12_LEVEL_BLOCKS,
+    "efficientnet_lite2": _LITE12_LEVEL_BLOCKS,
 }
 
 

