@@ -263,19 +263,29 @@ def fit_image_stats(
     ``composition_scale="robust"``: the composition branch's median and scaled median absolute
     deviation instead (:class:`FusionConfig`).
     """
+    standardised = [standardised_maps(chunk, stats, sigma) for chunk in branch_maps]
+    branches = list(dict.fromkeys(b for chunk in standardised for b in chunk))
+    scores = {b: [image_scores(chunk[b]) for chunk in standardised] for b in branches}
+    return image_stats_from_scores(scores, scale, composition_scale)
+
+
+def image_stats_from_scores(
+    scores: Mapping[str, Sequence[torch.Tensor]],
+    scale: str = "branch",
+    composition_scale: str = "std",
+) -> dict[str, BranchStats]:
+    """:func:`fit_image_stats` from the validation image scores themselves: per branch, chunks
+    of (B,) image scores of its standardised map (what the accuracy benchmark records)."""
     if scale not in IMAGE_SCALES:
         raise ValueError(f"image scale must be one of {IMAGE_SCALES}, got {scale!r}")
     if composition_scale not in COMPOSITION_SCALES:
         raise ValueError(
             f"composition scale must be one of {COMPOSITION_SCALES}, got {composition_scale!r}"
         )
-    standardised = [standardised_maps(chunk, stats, sigma) for chunk in branch_maps]
-    branches = list(dict.fromkeys(b for chunk in standardised for b in chunk))
-    scores = {b: [image_scores(chunk[b]) for chunk in standardised] for b in branches}
-    fitted = {b: BranchStats.fit(scores[b]) for b in branches}
+    fitted = {b: BranchStats.fit(chunks) for b, chunks in scores.items()}
     if composition_scale == "robust" and "composition" in fitted:
         fitted["composition"] = _robust_stats(
-            torch.cat(scores["composition"]), fitted["composition"]
+            torch.cat([torch.as_tensor(c) for c in scores["composition"]]), fitted["composition"]
         )
     pooled = [b for b in POOLED_BRANCHES if b in fitted]
     if scale == "branch" or len(pooled) < 2:
@@ -325,6 +335,24 @@ def max_fuse_maps(
         return torch.maximum(fused, composition)
     top = fused.amax(dim=(-2, -1), keepdim=True)
     return fused + (composition - top).clamp_min(0.0) * peak_gate(fused, gate_power)
+
+
+def max_fuse_scores(
+    scores: Mapping[str, torch.Tensor],
+    image_stats: Mapping[str, BranchStats],
+    weights: Mapping[str, float],
+) -> torch.Tensor:
+    """The image scores of :func:`max_fuse_maps` from each branch's (B,) image scores (the
+    maxima of its standardised maps): ``max_b w_b * (s_b - image_mean_b) / image_std_b`` over
+    the branches of non-zero weight. Exact, since every term is a per-branch maximum and the
+    gated composition evidence lifts the peak to exactly its own value."""
+    used = [b for b in scores if weights[b] != 0]
+    if not used:
+        raise ValueError("every branch has weight 0: nothing to fuse")
+    scaled = [
+        weights[b] * (scores[b].double() - image_stats[b].mean) / image_stats[b].std for b in used
+    ]
+    return torch.stack(scaled).amax(dim=0)
 
 
 def _robust_stats(scores: torch.Tensor, moments: BranchStats) -> BranchStats:

@@ -15,7 +15,9 @@ from engine.calibrate import (
     fuse_maps,
     gated_composition,
     image_scores,
+    image_stats_from_scores,
     max_fuse_maps,
+    max_fuse_scores,
     resize_to,
     standardised_maps,
 )
@@ -223,6 +225,39 @@ def test_image_stats_from_the_validation_maps(scale: str) -> None:
     assert alone["logical"].std == pytest.approx(fit_image_stats(chunks, stats, 1.5)["logical"].std)
     with pytest.raises(ValueError, match="image scale"):
         fit_image_stats(chunks, stats, 1.5, "median")
+
+
+@pytest.mark.parametrize("composition_scale", ["std", "robust"])
+def test_image_level_fusion_from_branch_scores(composition_scale: str) -> None:
+    """What the accuracy benchmark records per branch (the maxima of the standardised maps)
+    gives back the image stats and the fused image scores exactly (tools.accuracy_recombine)."""
+    maps, stats, _, weights = max_fusion_case(11)
+    tensors = {b: torch.from_numpy(m) for b, m in maps.items()}
+    chunks = [{b: t[i : i + 2] for b, t in tensors.items()} for i in (0, 2)]
+    standardised = standardised_maps(tensors, stats, 1.5)
+    scores = {b: image_scores(m) for b, m in standardised.items()}
+    image_stats = fit_image_stats(chunks, stats, 1.5, "pooled", composition_scale)
+    from_scores = image_stats_from_scores(
+        {b: [s[:2], s[2:]] for b, s in scores.items()}, "pooled", composition_scale
+    )
+    assert from_scores == image_stats
+    fused = max_fuse_maps(tensors, stats, image_stats, weights, 1.5, 8.0)
+    got = max_fuse_scores(scores, image_stats, weights)
+    torch.testing.assert_close(got, image_scores(fused).double(), rtol=1e-5, atol=1e-5)
+    alone = max_fuse_scores(scores, image_stats, {**weights, "logical": 0.0})
+    torch.testing.assert_close(
+        alone,
+        torch.maximum(
+            *(
+                weights[b] * (scores[b].double() - image_stats[b].mean) / image_stats[b].std
+                for b in ("structural", "composition")
+            )
+        ),
+    )
+    with pytest.raises(ValueError, match="every branch has weight 0"):
+        max_fuse_scores(scores, image_stats, dict.fromkeys(weights, 0.0))
+    with pytest.raises(ValueError, match="image scale"):
+        image_stats_from_scores(scores, "median")
 
 
 def eight_image_case(composition: np.ndarray) -> tuple[list[dict], dict[str, BranchStats]]:
