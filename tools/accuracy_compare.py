@@ -14,7 +14,6 @@ every seed, not only on average (docs/ACCURACY.md states each adoption rule).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.cli import description
-from tools.accuracy_report import markdown_table
+from tools.accuracy_report import markdown_table, read_builds
 
 EXIT_BAD_INPUT = 2
 # (metric, subset) columns of the per-seed table
@@ -37,9 +36,8 @@ COLUMNS = (
 def load_builds(path: Path, branch: str) -> dict[tuple[str, int], dict]:
     """``branch``'s metrics of every build in an accuracy JSON, by (category, seed)."""
     try:
-        builds = json.loads(path.read_text())["builds"]
-        by_key = {(b["category"], int(b["seed"])): b["metrics"] for b in builds}
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        by_key = {key: build["metrics"] for key, build in read_builds(path).items()}
+    except (KeyError, TypeError) as error:
         raise ValueError(f"{path}: not an accuracy JSON ({error})") from None
     missing = sorted(f"{c} seed {s}" for (c, s), m in by_key.items() if branch not in m)
     if missing:

@@ -18,8 +18,6 @@ and mean subsets. AU-sPRO needs the maps themselves and is not recombined.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,35 +25,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.build import apply_overrides
 from engine.calibrate import BRANCHES, FusionConfig, image_stats_from_scores, max_fuse_scores
 from engine.cli import description
-from engine.config import cpu_build_preset, field_types, parse_value
+from engine.config import cpu_build_preset
 from engine.metrics import auroc
-from tools.accuracy_report import markdown_table
+from tools.accuracy_report import markdown_table, read_builds
 
 EXIT_BAD_INPUT = 2
 SUBSETS = ("logical", "structural")
 
 
-def load_runs(path: Path) -> dict[tuple[str, int], dict]:
-    """The builds of an accuracy JSON by (category, seed)."""
-    try:
-        builds = json.loads(path.read_text())["builds"]
-        return {(b["category"], int(b["seed"])): b for b in builds}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not an accuracy JSON ({error})") from None
-
-
-def fused_scores(
-    sources: Mapping[str, dict], fusion: FusionConfig, split: str = "image_scores"
-) -> np.ndarray:
+def fused_scores(sources: Mapping[str, dict], fusion: FusionConfig) -> np.ndarray:
     """Test image scores of the max fusion of each branch's scores from its source build."""
     validation = {
         b: [torch.tensor(build["validation_image_scores"][b], dtype=torch.float64)]
         for b, build in sources.items()
     }
     stats = image_stats_from_scores(validation, fusion.image_scale, fusion.composition_scale)
-    test = {b: torch.tensor(build[split][b], dtype=torch.float64) for b, build in sources.items()}
+    test = {
+        b: torch.tensor(build["image_scores"][b], dtype=torch.float64)
+        for b, build in sources.items()
+    }
     return max_fuse_scores(test, stats, {b: fusion.weight(b) for b in sources}).numpy()
 
 
@@ -103,16 +94,11 @@ def _triple(values: Sequence[float]) -> str:
 
 
 def fusion_config(overrides: Sequence[str]) -> FusionConfig:
-    """The cpu preset's fusion with ``FIELD=VALUE`` overrides."""
-    fusion = cpu_build_preset().fusion
-    types = field_types(FusionConfig)
-    for item in overrides:
-        field, _, text = item.removeprefix("fusion.").partition("=")
-        if field not in types or not text:
-            raise ValueError(
-                f"--set {item!r}: expected fusion.FIELD=VALUE, FIELD one of {list(types)}"
-            )
-        fusion = dataclasses.replace(fusion, **{field: parse_value(types[field], text, item)})
+    """The cpu preset's fusion with ``fusion.FIELD=VALUE`` overrides (as ``--set`` of a build)."""
+    others = [item for item in overrides if not item.startswith("fusion.")]
+    if others:
+        raise ValueError(f"--set {others[0]!r}: only fusion.FIELD=VALUE applies here")
+    fusion = apply_overrides(cpu_build_preset(), overrides).fusion
     if fusion.merge != "max":
         raise ValueError("image-level recombination is exact only for merge='max'")
     return fusion
@@ -146,10 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(
                     f"--take {item!r}: expected BRANCH=RUN.json, BRANCH one of {BRANCHES}"
                 )
-            takes[branch] = load_runs(Path(path))
+            takes[branch] = read_builds(Path(path))
         if not takes:
             raise ValueError("nothing to recombine: give at least one --take BRANCH=RUN.json")
-        print(recombine(load_runs(args.base), takes, fusion_config(args.overrides)))
+        print(recombine(read_builds(args.base), takes, fusion_config(args.overrides)))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

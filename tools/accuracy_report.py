@@ -241,6 +241,16 @@ def results_json(records: Sequence[dict], meta: dict, tag: str | None) -> str:
     return head + f' "builds": [\n{builds}\n ]\n}}\n'
 
 
+def read_builds(path: Path) -> dict[tuple[str, int], dict]:
+    """The builds of a :func:`results_json` file by (category, seed); ValueError when it is
+    not one."""
+    try:
+        builds = json.loads(path.read_text())["builds"]
+        return {(b["category"], int(b["seed"])): b for b in builds}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not an accuracy JSON ({error})") from None
+
+
 def partial_json(records: Sequence[dict], settings: dict, wall: float, tag: str | None) -> str:
     """The finished builds of an unfinished run, with the settings a resumed run must share."""
     return results_json(records, {"settings": settings, "wall_seconds": wall}, tag)
