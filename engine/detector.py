@@ -4,8 +4,8 @@ the fused anomaly map.
 The build calibrates and evaluates through :class:`Detector`, and :class:`engine.Runtime` wraps
 the same object, so the maps a deployed engine produces are the maps the build measured.
 
-On CUDA the structural stream (memory bank and composition, which share one backbone pass)
-runs on its own CUDA stream, concurrently with the logical branch.
+On CUDA the structural stream (memory bank and composition, which share one backbone pass unless
+the composition branch has an input size of its own) runs on its own CUDA stream, concurrently with the logical branch.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from engine.models.composition import CompositionModel
 from engine.models.folding import fold_batchnorm
 from engine.models.fusion import Fusion
 from engine.models.logical import LogicalModel
-from engine.models.structural import StructuralModel
+from engine.models.structural import StructuralModel, resize_input
 from engine.stage_timer import StageTimer
 
 # Runtime precisions: the networks run under autocast in the dtype, the kNN searches the bank in
@@ -79,14 +79,15 @@ class Maps:
 
 
 class StructuralSide(nn.Module):
-    """The structural stream: patch features once, scored by the memory bank and, when given,
-    by the composition model (which reuses the same features).
+    """The structural stream: patch features, scored by the memory bank and, when given, by the
+    composition model (which reuses the same features, or with ``CompositionConfig.image_size``
+    set takes a second pass on the input resized to that size).
 
     ``forward(x)``: (B, 3, s, s) normalised -> ``(structural (B, s, s), composition (B, s, s) or
     None)``. The composition map is the image score at every pixel (its evidence is about the
     whole image); fusion decides where it counts (``CompositionConfig.fused_map``).
     ``features_fn``, when set by a backend, computes the patch features in place of the
-    module's own ``patch_features``.
+    module's own ``patch_features``, at any input size the detector uses.
     """
 
     def __init__(
@@ -98,11 +99,15 @@ class StructuralSide(nn.Module):
         self.features_fn: FeaturesFn | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        features, grid = (self.features_fn or self.structural.patch_features)(x)
+        patch_features = self.features_fn or self.structural.patch_features
+        features, grid = patch_features(x)
         size = (int(x.shape[-2]), int(x.shape[-1]))
         structural = self.structural.map_from_features(features, grid, size)
         if self.composition is None:
             return structural, None
+        own_size = self.composition.config.image_size
+        if own_size is not None and own_size != size[-1]:
+            features, grid = patch_features(resize_input(x, own_size))
         # Mahalanobis distances lose too much in 16-bit arithmetic: the composition model runs
         # in float32 at every precision.
         with torch.autocast(x.device.type, enabled=False):

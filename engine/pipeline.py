@@ -297,6 +297,11 @@ def build_category(
     composition = None
     if config.composition.enabled:
         with _step(seconds, "composition model", verbose):
+            own_size = config.composition.image_size
+            if own_size is not None and own_size != config.structural.image_size:
+                features, grid = extract_patch_features(
+                    structural.patch_features, loader, device, progress, size=own_size
+                )
             composition = CompositionModel(config.composition, int(features.shape[-1]), grid)
             composition.to(device).fit(features, grid)
     del features

@@ -1,5 +1,6 @@
 """An end-to-end build whose branches take different input sizes (logical 64 px, structural
-96 px), as the default presets do (128 / 256 px), while the shared tiny build uses one size."""
+96 px, as the default presets do: 128 / 256 px; the composition branch its own 80 px pass),
+while the shared tiny build uses one size."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from engine.runtime import Result, Runtime
 
 pytestmark = pytest.mark.slow
 
-LOGICAL_SIZE, STRUCTURAL_SIZE = 64, 96
+LOGICAL_SIZE, STRUCTURAL_SIZE, COMPOSITION_SIZE = 64, 96, 80
 # Runtime (1 image per batch) and build (8 per batch): float32 rounding noise only.
 MAP_ATOL = 1e-4
 MAP_RTOL = 1e-5  # maps reach tens of units: rounding noise scales with them
@@ -33,6 +34,7 @@ def sized_build(
     args = [a for a in tiny_build_args if not a.startswith("--set=structural.image_size=")]
     args += [f"--set=logical.image_size={LOGICAL_SIZE}"]
     args += [f"--set=structural.image_size={STRUCTURAL_SIZE}"]
+    args += [f"--set=composition.image_size={COMPOSITION_SIZE}"]
     argv = ["--category=pushpins", f"--data-root={tiny_loco}", f"--out={artifact}"]
     assert main([*argv, f"--save-maps={maps}", *args]) == 0
     return {"artifact": artifact, "maps": maps, "data": tiny_loco}
@@ -43,18 +45,22 @@ def rt(sized_build: dict[str, Path]) -> Runtime:
     return Runtime.load(sized_build["artifact"], device="cpu", backend="eager")
 
 
-def test_manifest_records_both_sizes(sized_build: dict[str, Path]) -> None:
-    config = json.loads((sized_build["artifact"] / "manifest.json").read_text())["config"]
+def test_manifest_records_every_size(sized_build: dict[str, Path]) -> None:
+    manifest = json.loads((sized_build["artifact"] / "manifest.json").read_text())
+    config = manifest["config"]
     assert config["logical"]["image_size"] == LOGICAL_SIZE
     assert config["structural"]["image_size"] == STRUCTURAL_SIZE
+    assert config["composition"]["image_size"] == COMPOSITION_SIZE
+    # EfficientNet-Lite0's finest level (layer2) has stride 8.
+    assert manifest["composition_grid"] == [COMPOSITION_SIZE // 8] * 2
 
 
 def test_each_branch_receives_its_own_input_size(rt: Runtime, sized_build: dict[str, Path]) -> None:
-    seen: dict[str, tuple[int, ...]] = {}
+    seen: dict[str, list[tuple[int, ...]]] = {"structural": [], "logical": []}
 
     def spy(name: str) -> Callable:
         def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            seen[name] = tuple(inputs[0].shape)
+            seen[name].append(tuple(inputs[0].shape))
 
         return hook
 
@@ -68,9 +74,10 @@ def test_each_branch_receives_its_own_input_size(rt: Runtime, sized_build: dict[
     finally:
         for handle in handles:
             handle.remove()
+    # The memory bank's pass, then the composition branch's own.
     assert seen == {
-        "structural": (1, 3, STRUCTURAL_SIZE, STRUCTURAL_SIZE),
-        "logical": (1, 3, LOGICAL_SIZE, LOGICAL_SIZE),
+        "structural": [(1, 3, side, side) for side in (STRUCTURAL_SIZE, COMPOSITION_SIZE)],
+        "logical": [(1, 3, LOGICAL_SIZE, LOGICAL_SIZE)],
     }
     assert isinstance(result, Result)
     # Both branch maps come out at the logical (fused map) resolution.

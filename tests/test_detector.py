@@ -13,6 +13,7 @@ from torch import nn
 from engine.calibrate import BRANCHES
 from engine.detector import Detector
 from engine.models.composition import CompositionConfig, CompositionModel
+from engine.models.structural import resize_input
 
 TINY = runpy.run_path(str(Path(__file__).parent / "reliability" / "tiny.py"))
 
@@ -66,3 +67,25 @@ def test_the_fusion_module_follows_the_configuration(mode, gate_power, after_blu
     assert fusion.sigma == config.fusion.sigma_at(detector.map_size)
     assert detector.weights["composition"] == 0.25
     assert detector.stats == fusion.stats and fusion.threshold_value is None
+
+
+def test_composition_takes_its_own_pass_at_its_own_size() -> None:
+    """``CompositionConfig.image_size``: the memory bank scores the structural input, the
+    composition branch the same input resized (its grid: 6x6 at 24 px, not the bank's 8x8)."""
+    tiny, config = TINY["tiny_detector"](0)
+    own = 24
+    detector = TINY["with_composition"](tiny, config, own)
+    assert detector.composition is not None and detector.composition.grid == (6, 6)
+    frames = torch.randint(
+        0, 256, (2, 40, 50, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    x = detector.structural_transform.batch(frames, channels_last=True)
+    features = tiny.structural.patch_features
+    with torch.no_grad():
+        bank_features, bank_grid = features(x)
+        want_structural = tiny.structural.map_from_features(bank_features, bank_grid, (32, 32))
+        want_score, _ = detector.composition(*features(resize_input(x, own)))
+        structural, composition_map = detector.structural_side(x)
+    torch.testing.assert_close(structural, want_structural)
+    assert composition_map is not None
+    torch.testing.assert_close(composition_map, want_score[:, None, None].expand(-1, 32, 32))

@@ -1,7 +1,8 @@
 """The ``onnx`` backend: both networks exported with the dynamo exporter, run by ONNX Runtime.
 
 Two graphs, each with a dynamic batch dimension: the logical branch (normalised image -> map)
-and the structural patch features (normalised image -> (B, h*w, D) features). The memory-bank
+and the structural patch features (normalised image -> (B, h*w, D) features), the latter once
+more at the composition branch's own input size when it has one. The memory-bank
 search (FAISS or :func:`kernels.knn_min`), the composition model and fusion stay in PyTorch:
 they consume the features, and the search is one BLAS product that ONNX Runtime would not run
 faster. CPU only in this version (ONNX Runtime's CPU provider).
@@ -78,13 +79,31 @@ class OrtFunction:
 
 class OrtPatchFeatures:
     """:class:`~engine.models.structural.PatchFeatures` through ONNX Runtime: ``(features,
-    grid)``, the grid being fixed by the input size the graph was exported for."""
+    grid)`` from the graph exported for the input's side (one per size the detector uses), the
+    grid being fixed by that size."""
 
-    def __init__(self, function: OrtFunction, grid: tuple[int, int]) -> None:
-        self.function, self.grid = function, grid
+    def __init__(self, graphs: dict[int, tuple[OrtFunction, tuple[int, int]]]) -> None:
+        self.graphs = graphs
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        return self.function(x), self.grid
+        side = int(x.shape[-1])
+        if side not in self.graphs:
+            raise ValueError(
+                f"no exported patch-feature graph for {side}-px inputs "
+                f"(exported: {sorted(self.graphs)})"
+            )
+        function, grid = self.graphs[side]
+        return function(x), grid
+
+
+def feature_sizes(detector: Detector) -> tuple[int, ...]:
+    """Input sides of the patch-feature passes: the memory bank's, then the composition
+    branch's own when it has one (``CompositionConfig.image_size``)."""
+    sizes = [detector.structural_transform.size]
+    own = None if detector.composition is None else detector.composition.config.image_size
+    if own is not None and own not in sizes:
+        sizes.append(own)
+    return tuple(sizes)
 
 
 def graph_key(detector: Detector) -> str:
@@ -92,7 +111,7 @@ def graph_key(detector: Detector) -> str:
     import onnxscript
 
     digest = hashlib.sha256()
-    sizes = (detector.map_size, detector.structural_transform.size)
+    sizes = (detector.map_size, *feature_sizes(detector))
     digest.update(f"{torch.__version__} {onnxscript.__version__} {sizes} {MAX_BATCH}".encode())
     for module in (detector.logical, detector.structural.patch_features):
         # Buffers include the non-persistent ones (the structural projections).
@@ -139,20 +158,22 @@ def apply_onnx(detector: Detector) -> None:
     """Swap the networks of ``detector`` (on CPU) for ONNX Runtime sessions, exported now or
     read from the cache."""
     folder = _graph_folder(graph_key(detector))
-    logical_path, features_path = folder / "logical.onnx", folder / "features.onnx"
-    structural_size = detector.structural_transform.size
+    logical_path = folder / "logical.onnx"
     features = detector.structural.patch_features
     if not logical_path.is_file():
         log.info("exporting the logical branch to ONNX (%s)", logical_path)
         _export(_Method(detector.logical, "anomaly_map"), detector.map_size, logical_path)
-    if not features_path.is_file():
-        log.info("exporting the structural features to ONNX (%s)", features_path)
-        _export(_Method(features, "forward", first_only=True), structural_size, features_path)
-    with torch.no_grad():
-        _, grid = features(torch.zeros(1, 3, structural_size, structural_size))
     threads = torch.get_num_threads()
+    graphs = {}
+    for i, size in enumerate(feature_sizes(detector)):
+        # The memory bank's graph keeps its plain name; a second pass's is named by its size.
+        path = folder / ("features.onnx" if i == 0 else f"features_{size}.onnx")
+        if not path.is_file():
+            log.info("exporting the structural features at %d px to ONNX (%s)", size, path)
+            _export(_Method(features, "forward", first_only=True), size, path)
+        with torch.no_grad():
+            _, grid = features(torch.zeros(1, 3, size, size))
+        graphs[size] = (OrtFunction(path, threads), grid)
     detector.logical_fn = OrtFunction(logical_path, threads)
-    detector.structural_side.features_fn = OrtPatchFeatures(
-        OrtFunction(features_path, threads), grid
-    )
+    detector.structural_side.features_fn = OrtPatchFeatures(graphs)
     detector.structural_fn = detector.structural_side

@@ -54,6 +54,7 @@ __all__ = [
     "build_memory_bank",
     "coreset_bank",
     "extract_patch_features",
+    "resize_input",
 ]
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,15 @@ def _images(batch: torch.Tensor | tuple | list) -> torch.Tensor:
     return images
 
 
+def resize_input(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, S, S) normalised images -> (B, 3, size, size): bilinear with antialias, the input
+    of a second patch-feature pass at another size (``CompositionConfig.image_size``). The
+    normalisation is per-channel affine, so resizing after it equals resizing before it."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
 @torch.no_grad()
 def extract_patch_features(
     patch_features: PatchFeatures,
@@ -237,13 +247,17 @@ def extract_patch_features(
     device: str | torch.device = "cpu",
     progress: bool = True,
     flip: tuple[int, ...] = (),
+    size: int | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Patch features of every image the loader yields: (N_images, h*w, D) float32 on CPU, and
-    the (h, w) grid they lie on. ``flip``: image dims to flip first (see :data:`BANK_FLIPS`)."""
+    the (h, w) grid they lie on. ``flip``: image dims to flip first (see :data:`BANK_FLIPS`);
+    ``size``: resize the images to this side first (:func:`resize_input`)."""
     patch_features.to(device).eval()
     chunks, grid = [], (0, 0)
     for batch in tqdm(loader, desc="patch features", unit="batch", disable=not progress):
         images = _images(batch).to(device)
+        if size is not None:
+            images = resize_input(images, size)
         features, grid = patch_features(images.flip(flip) if flip else images)
         chunks.append(features.float().cpu())
     if not chunks:

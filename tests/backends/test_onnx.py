@@ -53,6 +53,27 @@ def test_onnx_equals_eager_and_caches_its_graphs(cache: Path, monkeypatch) -> No
     assert again.structural_side.features_fn is None
 
 
+@pytest.mark.slow
+def test_onnx_exports_a_second_feature_graph_for_the_composition_size(cache: Path) -> None:
+    tiny, config = TINY["tiny_detector"](0)
+    detector = TINY["with_composition"](tiny, config, 24)
+    batch = frames()
+    eager = detector(batch)
+    key = onnx.graph_key(detector)
+    assert key != onnx.graph_key(tiny)
+    apply_backend(detector, "onnx")
+    got = detector(batch)
+    for name in ("fused", "logical", "structural", "composition"):
+        torch.testing.assert_close(getattr(got, name), getattr(eager, name), rtol=1e-4, atol=1e-4)
+    graphs = sorted(p.name for p in (cache / key).glob("*.onnx"))
+    assert graphs == ["features.onnx", "features_24.onnx", "logical.onnx"]
+
+
+def test_feature_graphs_refuse_a_size_they_were_not_exported_for() -> None:
+    with pytest.raises(ValueError, match=r"no exported patch-feature graph for 24-px inputs"):
+        onnx.OrtPatchFeatures({})(torch.zeros(1, 3, 24, 24))
+
+
 def test_graph_key_follows_the_weights() -> None:
     first, _ = TINY["tiny_detector"](0)
     same, _ = TINY["tiny_detector"](0)

@@ -204,6 +204,8 @@ def test_unfitted_model_and_wrong_inputs_are_refused(fitted: CompositionModel) -
         ("temperature", -0.1, "temperature must be in"),
         ("scale_floor", 0.0, "scale_floor must be in"),
         ("seed", -1, "seed must be a non-negative int"),
+        ("image_size", 0, "image_size must be a positive int"),
+        ("image_size", 384.0, "image_size must be a positive int"),
     ],
 )
 def test_config_rejects_bad_values(field: str, value: object, message: str) -> None:

@@ -19,6 +19,8 @@ from engine.models.structural import (
     StructuralModel,
     adaptive_pool_matrix,
     build_memory_bank,
+    extract_patch_features,
+    resize_input,
 )
 
 
@@ -317,3 +319,26 @@ def test_bank_flips_add_the_flipped_images_patches(
 def test_bank_flips_must_be_named() -> None:
     with pytest.raises(ValueError, match="bank_flips"):
         StructuralConfig(bank_flips="rot90")
+
+
+def test_resize_input_is_antialiased_bilinear_and_a_no_op_at_its_own_size() -> None:
+    x = torch.randn(2, 3, 48, 48)
+    assert resize_input(x, 48) is x
+    want = F.interpolate(x, size=(40, 40), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(resize_input(x, 40), want)
+    # Normalising is per-channel affine, so it commutes with the resize.
+    mean, std = (
+        torch.tensor([0.4, 0.5, 0.6])[:, None, None],
+        torch.tensor([0.2, 0.3, 0.25])[:, None, None],
+    )
+    torch.testing.assert_close(resize_input((x - mean) / std, 40), (want - mean) / std)
+
+
+def test_extract_patch_features_at_another_size(resnet18: FeatureExtractor) -> None:
+    pf = PatchFeatures(resnet18, feature_dim=32)
+    images = torch.randn(3, 3, 64, 64)
+    features, grid = extract_patch_features(pf, [images], progress=False, size=48)
+    assert grid == (6, 6) and features.shape == (3, 36, pf.out_dim)
+    with torch.no_grad():
+        want, _ = pf(resize_input(images, 48))
+    torch.testing.assert_close(features, want)

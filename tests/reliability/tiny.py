@@ -20,8 +20,14 @@ from engine.artifact import load_artifact, save_artifact
 from engine.calibrate import BranchStats
 from engine.config import BuildConfig
 from engine.detector import Detector
+from engine.models.composition import CompositionConfig, CompositionModel
 from engine.models.logical import LogicalConfig, LogicalModel
-from engine.models.structural import StructuralConfig, StructuralModel, attach_index
+from engine.models.structural import (
+    StructuralConfig,
+    StructuralModel,
+    attach_index,
+    resize_input,
+)
 
 SIZE = 32
 FEATURE_DIM = 8
@@ -78,6 +84,29 @@ def tiny_detector(
     stats = {"logical": BranchStats(0.1, 0.5), "structural": BranchStats(0.2, 0.25)}
     detector = Detector(logical, structural, config.fusion, stats, structural_size=SIZE)
     return detector, config
+
+
+def with_composition(detector: Detector, config: BuildConfig, own_size: int) -> Detector:
+    """``detector`` with a composition branch fitted (on random images) at its own input size
+    ``own_size`` (``CompositionConfig.image_size``), calibrated like the other branches."""
+    features = detector.structural.patch_features
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, SIZE, SIZE, generator=generator)
+    with torch.no_grad():
+        train, grid = features(resize_input(images, own_size))
+    composition_config = CompositionConfig(
+        enabled=True, image_size=own_size, n_components=2, pca_dim=4, fit_patches=200
+    )
+    composition = CompositionModel(composition_config, features.out_dim, grid).fit(train, grid)
+    assert detector.stats is not None
+    return Detector(
+        detector.logical,
+        detector.structural,
+        config.fusion,
+        detector.stats | {"composition": detector.stats["logical"]},
+        structural_size=SIZE,
+        composition=composition,
+    )
 
 
 def info(threshold: float = 1.5, marker: str = "A") -> dict:

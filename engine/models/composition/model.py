@@ -43,6 +43,12 @@ class CompositionConfig:
     AU-sPRO@0.05 by a third; gated, the fused map beats every single branch on both image
     AUROC and AU-sPRO. The per-cell map (``forward``'s second output) localises too coarsely to
     fuse.
+    ``image_size``: the side of the images the branch's patch features come from; None: the
+    memory bank's (``StructuralConfig.image_size``), so one backbone pass serves both. Another
+    size costs a second pass of the same backbone, on the bank's input resized with antialias
+    (:func:`engine.models.structural.resize_input`): a finer bank helps small defects, while
+    the components and blobs are measured on the grid they were tuned on (docs/ACCURACY.md,
+    ablations 11 and 12).
     ``n_components``: K, k-means components of the patch features.
     ``temperature``: soft assignment for every part but the blob ones: a patch's weight for
     component k is softmax_k(-d²_k / (temperature * m)), d_k its distance to centroid k and m
@@ -70,6 +76,7 @@ class CompositionConfig:
     enabled: bool = False
     fused_map: str = "gated"
     gate_power: float = 8.0
+    image_size: int | None = None
     n_components: int = 8
     temperature: float = 0.3
     pca_dim: int = 32
@@ -98,6 +105,8 @@ class CompositionConfig:
             "kmeans_restarts",
         ):
             _positive_int(name, getattr(self, name))
+        if self.image_size is not None:
+            _positive_int("image_size", self.image_size)
         if self.n_components < 2:
             raise ValueError(
                 f"CompositionConfig.n_components must be >= 2, got {self.n_components}"
