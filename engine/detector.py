@@ -4,8 +4,9 @@ the fused anomaly map.
 The build calibrates and evaluates through :class:`Detector`, and :class:`engine.Runtime` wraps
 the same object, so the maps a deployed engine produces are the maps the build measured.
 
-On CUDA the structural stream (memory bank and composition, which share one backbone pass unless
-the composition branch has an input size of its own) runs on its own CUDA stream, concurrently with the logical branch.
+On CUDA the structural stream (memory bank and composition, which share one backbone pass
+unless the composition branch has an input size of its own) runs on its own CUDA stream,
+concurrently with the logical branch.
 """
 
 from __future__ import annotations

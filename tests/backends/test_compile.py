@@ -14,20 +14,25 @@ from engine.models.knn_index import faiss_available, make_index
 TINY = runpy.run_path(str(Path(__file__).parents[1] / "reliability" / "tiny.py"))
 
 
+# (device, index, the composition branch's own input size: None = no composition branch)
 CASES = [
-    pytest.param("cpu", "torch", marks=pytest.mark.slow),
-    pytest.param("cpu", "faiss_flat", marks=pytest.mark.slow),
-    pytest.param("cuda", "torch", marks=pytest.mark.gpu),
+    pytest.param("cpu", "torch", None, marks=pytest.mark.slow),
+    pytest.param("cpu", "faiss_flat", None, marks=pytest.mark.slow),
+    pytest.param("cpu", "torch", 24, marks=pytest.mark.slow),
+    pytest.param("cuda", "torch", None, marks=pytest.mark.gpu),
+    pytest.param("cuda", "torch", 24, marks=pytest.mark.gpu),
 ]
 
 
-@pytest.mark.parametrize(("device", "index"), CASES)
-def test_compile_equals_eager(device: str, index: str) -> None:
+@pytest.mark.parametrize(("device", "index", "own_size"), CASES)
+def test_compile_equals_eager(device: str, index: str, own_size: int | None) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     if index == "faiss_flat" and not faiss_available():
         pytest.skip("faiss is not installed")
-    detector, _ = TINY["tiny_detector"](0)
+    detector, config = TINY["tiny_detector"](0)
+    if own_size is not None:
+        detector = TINY["with_composition"](detector, config, own_size)
     detector.to(device)
     if index != "torch":
         searcher = make_index(index)
@@ -38,7 +43,9 @@ def test_compile_equals_eager(device: str, index: str) -> None:
     assert apply_backend(detector, "compile") == "compile"
     for _ in range(2):  # the second call runs the compiled code without recompiling
         compiled = detector(frames)
-        for name in ("fused", "logical", "structural"):
+        for name in ("fused", "logical", "structural", "composition"):
+            if getattr(eager, name) is None:
+                continue
             torch.testing.assert_close(
                 getattr(compiled, name), getattr(eager, name), rtol=1e-4, atol=1e-4
             )
