@@ -8,12 +8,16 @@ fewer categories or seeds compares on what it shares with the other. Prints, as 
 seed the mean over the shared categories of image AUROC (logical / structural / mean subsets)
 and AU-sPRO@0.05 (mean subset) for both runs and their difference, and per category the mean
 image AUROC over the shared seeds. A setting is worth adopting when its difference holds in
-every seed, not only on average (docs/ACCURACY.md states each adoption rule).
+every seed, not only on average (docs/ACCURACY.md states each adoption rule). Runs from
+different machines are compared with a warning: the logical branch's training rounds
+differently on another CPU model, which alone moved per-seed fused means by up to 0.004
+(docs/ACCURACY.md, ablation 12).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +47,12 @@ def load_builds(path: Path, branch: str) -> dict[tuple[str, int], dict]:
     if missing:
         raise ValueError(f"{path}: no branch {branch!r} in {', '.join(missing)}")
     return {key: metrics[branch] for key, metrics in by_key.items()}
+
+
+def machine_of(path: Path) -> str | None:
+    """The machine an accuracy JSON's run was made on (None when it does not say)."""
+    meta = json.loads(path.read_text()).get("meta")
+    return meta.get("machine") if isinstance(meta, dict) else None
 
 
 def value(metrics: dict, metric: str, subset: str) -> float:
@@ -107,6 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = load_builds(args.base, args.branch)
         new = load_builds(args.new, args.new_branch or args.branch)
         print(compare(base, new), end="")
+        machines = machine_of(args.base), machine_of(args.new)
+        if None not in machines and machines[0] != machines[1]:
+            print(
+                f"warning: the runs come from different machines ({machines[0]}; {machines[1]}): "
+                "the logical branch trains with other rounding on another CPU model, which "
+                "moved per-seed fused means by up to 0.004 (docs/ACCURACY.md, ablation 12); "
+                "compare runs from one machine",
+                file=sys.stderr,
+            )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

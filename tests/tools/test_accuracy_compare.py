@@ -22,8 +22,9 @@ def build(category: str, seed: int, logical: float, structural: float, spro: flo
     return {"category": category, "seed": seed, "metrics": {"fused": fused, "fused[x]": fused}}
 
 
-def write(path: Path, builds: list[dict]) -> Path:
-    path.write_text(json.dumps({"format": 1, "builds": builds}))
+def write(path: Path, builds: list[dict], machine: str | None = None) -> Path:
+    meta = {} if machine is None else {"meta": {"machine": machine}}
+    path.write_text(json.dumps({"format": 1, **meta, "builds": builds}))
     return path
 
 
@@ -55,6 +56,22 @@ def test_two_branches_of_one_run(tmp_path: Path, capsys) -> None:
     run = write(tmp_path / "run.json", [build("a", 0, 0.8, 0.9, 0.6)])
     assert accuracy_compare.main([str(run), str(run), "--new-branch", "fused[x]"]) == 0
     assert "| +0.000 | +0.000 | +0.000 | +0.000 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("machines", "warned"),
+    [(("Xeon", "EPYC"), True), (("EPYC", "EPYC"), False), (("EPYC", None), False)],
+)
+def test_runs_from_different_machines_are_compared_with_a_warning(
+    tmp_path: Path, capsys, machines: tuple[str | None, str | None], warned: bool
+) -> None:
+    builds = [build("a", 0, 0.8, 0.9, 0.6)]
+    base = write(tmp_path / "base.json", builds, machines[0])
+    new = write(tmp_path / "new.json", builds, machines[1])
+    assert accuracy_compare.main([str(base), str(new)]) == 0
+    captured = capsys.readouterr()
+    assert "| +0.000 | +0.000 | +0.000 | +0.000 |" in captured.out
+    assert ("different machines (Xeon; EPYC)" in captured.err) == warned
 
 
 @pytest.mark.parametrize(
