@@ -106,8 +106,8 @@ class StructuralSide(nn.Module):
         structural = self.structural.map_from_features(features, grid, size)
         if self.composition is None:
             return structural, None
-        own_size = self.composition.config.image_size
-        if own_size is not None and own_size != size[-1]:
+        own_size = self.composition.config.own_pass_size(size[-1])
+        if own_size is not None:
             features, grid = patch_features(resize_input(x, own_size))
         # Mahalanobis distances lose too much in 16-bit arithmetic: the composition model runs
         # in float32 at every precision.

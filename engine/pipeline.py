@@ -297,8 +297,8 @@ def build_category(
     composition = None
     if config.composition.enabled:
         with _step(seconds, "composition model", verbose):
-            own_size = config.composition.image_size
-            if own_size is not None and own_size != config.structural.image_size:
+            own_size = config.composition.own_pass_size(config.structural.image_size)
+            if own_size is not None:
                 features, grid = extract_patch_features(
                     structural.patch_features, loader, device, progress, size=own_size
                 )

@@ -17,7 +17,6 @@ differently on another CPU model, which alone moved per-seed fused means by up t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.cli import description
-from tools.accuracy_report import markdown_table, read_builds
+from tools.accuracy_report import markdown_table, read_run
 
 EXIT_BAD_INPUT = 2
 # (metric, subset) columns of the per-seed table
@@ -37,22 +36,18 @@ COLUMNS = (
 )
 
 
-def load_builds(path: Path, branch: str) -> dict[tuple[str, int], dict]:
-    """``branch``'s metrics of every build in an accuracy JSON, by (category, seed)."""
+def load_builds(path: Path, branch: str) -> tuple[str | None, dict[tuple[str, int], dict]]:
+    """The machine an accuracy JSON's run was made on (None when it does not say) and
+    ``branch``'s metrics of every build in it, by (category, seed)."""
+    meta, builds = read_run(path)
     try:
-        by_key = {key: build["metrics"] for key, build in read_builds(path).items()}
+        by_key = {key: build["metrics"] for key, build in builds.items()}
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path}: not an accuracy JSON ({error})") from None
     missing = sorted(f"{c} seed {s}" for (c, s), m in by_key.items() if branch not in m)
     if missing:
         raise ValueError(f"{path}: no branch {branch!r} in {', '.join(missing)}")
-    return {key: metrics[branch] for key, metrics in by_key.items()}
-
-
-def machine_of(path: Path) -> str | None:
-    """The machine an accuracy JSON's run was made on (None when it does not say)."""
-    meta = json.loads(path.read_text()).get("meta")
-    return meta.get("machine") if isinstance(meta, dict) else None
+    return meta.get("machine"), {key: metrics[branch] for key, metrics in by_key.items()}
 
 
 def value(metrics: dict, metric: str, subset: str) -> float:
@@ -114,13 +109,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        base = load_builds(args.base, args.branch)
-        new = load_builds(args.new, args.new_branch or args.branch)
+        base_machine, base = load_builds(args.base, args.branch)
+        new_machine, new = load_builds(args.new, args.new_branch or args.branch)
         print(compare(base, new), end="")
-        machines = machine_of(args.base), machine_of(args.new)
-        if None not in machines and machines[0] != machines[1]:
+        if None not in (base_machine, new_machine) and base_machine != new_machine:
             print(
-                f"warning: the runs come from different machines ({machines[0]}; {machines[1]}): "
+                f"warning: the runs come from different machines ({base_machine}; {new_machine}): "
                 "the logical branch trains with other rounding on another CPU model, which "
                 "moved per-seed fused means by up to 0.004 (docs/ACCURACY.md, ablation 12); "
                 "compare runs from one machine",

@@ -241,14 +241,21 @@ def results_json(records: Sequence[dict], meta: dict, tag: str | None) -> str:
     return head + f' "builds": [\n{builds}\n ]\n}}\n'
 
 
-def read_builds(path: Path) -> dict[tuple[str, int], dict]:
-    """The builds of a :func:`results_json` file by (category, seed); ValueError when it is
-    not one."""
+def read_run(path: Path) -> tuple[dict, dict[tuple[str, int], dict]]:
+    """The ``meta`` (empty when absent or not an object) and the builds by (category, seed)
+    of a :func:`results_json` file; ValueError when it is not one."""
     try:
-        builds = json.loads(path.read_text())["builds"]
-        return {(b["category"], int(b["seed"])): b for b in builds}
+        run = json.loads(path.read_text())
+        builds = {(b["category"], int(b["seed"])): b for b in run["builds"]}
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: not an accuracy JSON ({error})") from None
+    meta = run.get("meta")
+    return (meta if isinstance(meta, dict) else {}), builds
+
+
+def read_builds(path: Path) -> dict[tuple[str, int], dict]:
+    """The builds of a :func:`results_json` file by (category, seed) (see :func:`read_run`)."""
+    return read_run(path)[1]
 
 
 def partial_json(records: Sequence[dict], settings: dict, wall: float, tag: str | None) -> str:

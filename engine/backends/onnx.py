@@ -99,11 +99,11 @@ class OrtPatchFeatures:
 def feature_sizes(detector: Detector) -> tuple[int, ...]:
     """Input sides of the patch-feature passes: the memory bank's, then the composition
     branch's own when it has one (``CompositionConfig.image_size``)."""
-    sizes = [detector.structural_transform.size]
-    own = None if detector.composition is None else detector.composition.config.image_size
-    if own is not None and own not in sizes:
-        sizes.append(own)
-    return tuple(sizes)
+    bank_size = detector.structural_transform.size
+    if detector.composition is None:
+        return (bank_size,)
+    own_size = detector.composition.config.own_pass_size(bank_size)
+    return (bank_size,) if own_size is None else (bank_size, own_size)
 
 
 def graph_key(detector: Detector) -> str:

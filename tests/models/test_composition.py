@@ -246,3 +246,9 @@ def test_few_training_images_give_bounded_scores() -> None:
     extra, cells = model(scenes(5, 4, seed=2, extra=1), GRID)
     assert torch.isfinite(extra).all() and torch.isfinite(cells).all()
     assert extra.max() < 1e3 and good.max() < 1e3
+
+
+def test_own_pass_only_when_the_size_differs_from_the_memory_bank() -> None:
+    assert CompositionConfig().own_pass_size(384) is None
+    assert CompositionConfig(image_size=384).own_pass_size(384) is None
+    assert CompositionConfig(image_size=384).own_pass_size(448) == 384

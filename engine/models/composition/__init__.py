@@ -3,7 +3,8 @@ each, where, and how alike they are — scored against the good training images.
 
 Input: the structural branch's frozen patch features, ``(B, h*w, D)`` in row-major grid order
 with their grid ``(h, w)`` (:class:`engine.models.structural.PatchFeatures`), so by default the
-branch adds no backbone pass (``CompositionConfig.image_size`` can give it one of its own). Fitted on ``train/good`` only; every fitted value is a buffer.
+branch adds no backbone pass (``CompositionConfig.image_size`` can give it one of its own).
+Fitted on ``train/good`` only; every fitted value is a buffer.
 
 Per image:
 

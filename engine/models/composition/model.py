@@ -170,6 +170,11 @@ class CompositionConfig:
                 f"once, from {PARTS}; got {self.parts!r}"
             )
 
+    def own_pass_size(self, bank_size: int) -> int | None:
+        """The input side of the branch's own backbone pass: ``image_size`` when it differs
+        from the memory bank's ``bank_size``, else None (the bank's features serve both)."""
+        return None if self.image_size in (None, bank_size) else self.image_size
+
     @property
     def groups(self) -> tuple[tuple[str, ...], ...]:
         """``parts`` split into its covariance groups of part names."""
