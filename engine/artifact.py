@@ -46,6 +46,7 @@ from engine.artifact_manifest import (
     LOGICAL_FILE,
     MANIFEST,
     MAX_MANIFEST_BYTES,
+    POSITIONAL_FILE,
     REBUILD,
     STRUCTURAL_FILE,
     ArtifactError,
@@ -63,6 +64,7 @@ from engine.calibrate import BranchStats
 from engine.config import BuildConfig
 from engine.detector import Detector
 from engine.models.knn_index import KnnIndex, auto_index, is_approximate, restore_index
+from engine.models.positional import PositionalModel
 from engine.models.structural import attach_index
 from engine.models.weights import contiguous_state
 
@@ -95,7 +97,7 @@ def save_artifact(
         raise ValueError("the detector is not calibrated: branch statistics are missing")
     index = detector.structural.index
     saved_index = index is not None and not index.exact
-    composition = detector.composition
+    composition, positional = detector.composition, detector.positional
     image_stats = detector.fusion.image_stats if detector.fusion.merge == "max" else None
     manifest = {
         "config": config.to_dict(),
@@ -108,9 +110,10 @@ def save_artifact(
         **({"image_calibration": _stats_json(image_stats)} if image_stats is not None else {}),
         "structural_index": index.identity if index is not None else {"kind": "torch"},
         **({"composition_grid": list(composition.grid)} if composition is not None else {}),
+        **({"positional_memory": _memory_shape(positional)} if positional is not None else {}),
         **info,
     }
-    names = sorted(expected_files(saved_index, composition is not None))
+    names = sorted(expected_files(saved_index, composition is not None, positional is not None))
     draft = {**manifest, "files": {n: {"sha256": "0" * 64, "bytes": 0} for n in names}}
     parse_manifest(json.loads(json.dumps(draft, default=str)), f"{path} (to be written)")
     with ArtifactWriter(path) as writer:
@@ -118,9 +121,15 @@ def save_artifact(
         torch.save(_cpu_state(detector.structural), writer.file(STRUCTURAL_FILE))
         if composition is not None:
             torch.save(_cpu_state(composition), writer.file(COMPOSITION_FILE))
+        if positional is not None:
+            torch.save(_cpu_state(positional), writer.file(POSITIONAL_FILE))
         if saved_index:
             index.save(writer.file(INDEX_FOLDER))
         return writer.commit(manifest)
+
+
+def _memory_shape(positional: PositionalModel) -> dict[str, Any]:
+    return {"grid": list(positional.grid), "images": int(positional.memory.shape[0])}
 
 
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -163,10 +172,11 @@ def load_artifact(
     members = (LOGICAL_FILE, STRUCTURAL_FILE) + (
         (COMPOSITION_FILE,) if spec.composition_grid is not None else ()
     )
+    members += (POSITIONAL_FILE,) if spec.positional_memory is not None else ()
     states = {name: _state_dict(root / name, blobs.pop(name)) for name in members}
     sc = spec.config.structural
     with untrusted(f"{root}: the weights do not fit the model the manifest describes"):
-        logical, structural, composition = empty_modules(spec)
+        logical, structural, composition, positional = empty_modules(spec)
     bank_dim = structural.patch_features.out_dim
     _check_bank(root / STRUCTURAL_FILE, states[STRUCTURAL_FILE].get("bank"), bank_dim)
     with untrusted(f"{root}: the weights do not fit the model the manifest describes"):
@@ -174,6 +184,8 @@ def load_artifact(
         structural.load_state_dict(states[STRUCTURAL_FILE], assign=True)
         if composition is not None:
             composition.load_state_dict(states[COMPOSITION_FILE], assign=True)
+        if positional is not None:
+            positional.load_state_dict(states[POSITIONAL_FILE], assign=True)
         check_materialised(root, logical, structural)
     detector = Detector(
         logical,
@@ -184,6 +196,7 @@ def load_artifact(
         composition=composition,
         weights=spec.fusion_weights,
         image_stats=spec.image_stats,
+        positional=positional,
     ).to(device)
     detector.fusion.set_threshold(spec.threshold)
     # An approximate index that ``auto`` chose on a CPU gives way to exact search on CUDA.

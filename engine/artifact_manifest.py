@@ -13,17 +13,25 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
-from engine.calibrate import BranchStats, FusionConfig
+from engine.calibrate import BRANCHES, BranchStats, FusionConfig
 from engine.config import BuildConfig
+from engine.manifest_fields import (
+    LIMIT,
+    REBUILD,
+    ArtifactError,
+    Fields,
+    is_finite,
+    is_number,
+    untrusted,
+)
 from engine.models.composition import CompositionConfig
 from engine.models.knn_compat import OLD_NAMES, upgrade_identity
 from engine.models.knn_index import CHOICES, auto_faiss_specs, is_approximate, parse_params
 from engine.models.logical_config import LogicalConfig
+from engine.models.positional import PositionalConfig
 from engine.models.structural import StructuralConfig
 from engine.models.weights import ARCHS, WeightsInfo
 from engine.train_config import TrainConfig
@@ -42,6 +50,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 LOGICAL_FILE = "logical.pt"
 STRUCTURAL_FILE = "structural.pt"
 COMPOSITION_FILE = "composition.pt"
+POSITIONAL_FILE = "positional.pt"
 INDEX_FOLDER = "index"  # only for approximate indexes (is_approximate); exact ones are rebuilt
 INDEX_FILES = ("bank.npy", "index.faiss", "index.json")
 # structural_index.kind of this version, and of earlier ones with the fields each one records
@@ -53,39 +62,12 @@ OLD_INDEX_FIELDS = {
     "faiss_ivfpq": ("nlist", "m", "nbits", "nprobe", "size", "dim"),
 }
 
-# Plausibility bounds on the numbers inference uses. No real setting, statistic or
-# normalisation comes near them; a hand-edited manifest could otherwise make model
-# construction loop or allocate without bound, or inference overflow to inf/NaN.
-LIMIT = 1 << 16  # |config numbers| (BUILD_ONLY_KEYS aside), |means|, stds, sizes
 # Bank rows grow with the data (a LOCO-size category at the cpu preset's 384 px: 80 640), so
 # they get FAISS's own bound; the files' checksums and sizes bound them in practice.
 MAX_BANK_ROWS = (1 << 31) - 1
 # Config numbers only the build reads (sample counts, seeds): never bounded by LIMIT.
 BUILD_ONLY_KEYS = ("seed", "fit_patches")
 MIN_STD = 2.0**-24  # below this a float32 standardisation is meaningless
-
-REBUILD = "rebuild the artifact with `python -m engine.build`"
-
-
-class ArtifactError(RuntimeError):
-    """An artifact is missing, incomplete, malformed, from another format, or fails a checksum;
-    or a build's output path holds something that is not an artifact."""
-
-
-@contextmanager
-def untrusted(what: str) -> Iterator[None]:
-    """Turn any exception raised while ``what`` (on artifact data) into an :class:`ArtifactError`.
-
-    Deserialisers and model constructors fed with artifact data raise whatever their input
-    provokes (``UnpicklingError``, ``EOFError``, ``RuntimeError`` for shape mismatches, ...);
-    none of those is part of their contract, and the caller must see one error type.
-    """
-    try:
-        yield
-    except ArtifactError:
-        raise
-    except Exception as error:
-        raise ArtifactError(f"{what} ({type(error).__name__}: {error}); {REBUILD}") from error
 
 
 def _seal_field(digest: str) -> bytes:
@@ -150,12 +132,15 @@ class ManifestSpec:
     files: dict[str, FileEntry]
     # per branch map, of its validation image scores: fusion.merge "max" only
     image_stats: dict[str, BranchStats] | None = None
+    # the patch grid and the training images it holds, when the positional memory is enabled
+    positional_memory: tuple[tuple[int, int], int] | None = None
 
 
-def expected_files(saved_index: bool, composition: bool) -> set[str]:
+def expected_files(saved_index: bool, composition: bool, positional: bool = False) -> set[str]:
     """The exact set of files an artifact holds (manifest aside), given whether it saves its
-    (approximate) kNN index and whether its composition branch is enabled."""
+    (approximate) kNN index and whether its composition and positional branches are enabled."""
     names = {LOGICAL_FILE, STRUCTURAL_FILE} | ({COMPOSITION_FILE} if composition else set())
+    names |= {POSITIONAL_FILE} if positional else set()
     if saved_index:
         names |= {f"{INDEX_FOLDER}/{name}" for name in INDEX_FILES}
     return names
@@ -172,68 +157,9 @@ def check_member_name(name: Any, where: str) -> str:
     return name
 
 
-def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def is_finite(value: Any) -> bool:
-    try:
-        return is_number(value) and math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        return False
-
-
-class _Fields:
-    """Typed access to the manifest's fields; every failure names the field."""
-
-    def __init__(self, manifest: Any, where: str) -> None:
-        self.where = where
-        self.root = self.dict(manifest, "the manifest")
-
-    def fail(self, field: str, wanted: str, value: Any) -> ArtifactError:
-        shown = repr(value)
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        return ArtifactError(
-            f"{self.where}: malformed manifest: {field} must be {wanted}, got {shown}; {REBUILD}"
-        )
-
-    def dict(self, value: Any, field: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(field, "an object", value)
-        return value
-
-    def get(self, parent: dict[str, Any], key: str, field: str) -> Any:
-        if key not in parent:
-            raise ArtifactError(f"{self.where}: malformed manifest: {field} is missing; {REBUILD}")
-        return parent[key]
-
-    def section(self, parent: dict[str, Any], key: str, field: str) -> dict[str, Any]:
-        return self.dict(self.get(parent, key, field), field)
-
-    def number(
-        self,
-        parent: dict[str, Any],
-        key: str,
-        field: str,
-        low: float = -LIMIT,
-        high: float = LIMIT,
-    ) -> float:
-        value = self.get(parent, key, field)
-        if not (is_finite(value) and low <= value <= high):
-            bounds = "" if math.isinf(low) and math.isinf(high) else f" in [{low:g}, {high:g}]"
-            raise self.fail(field, f"a finite number{bounds}", value)
-        return float(value)
-
-    def count(self, parent: dict[str, Any], key: str, field: str, high: int = LIMIT) -> int:
-        value = self.get(parent, key, field)
-        if type(value) is not int or not 0 <= value <= high:
-            raise self.fail(field, f"an integer in [0, {high}]", value)
-        return value
-
-
 def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
     """Validate every field the loader uses (format and seal are checked by the caller)."""
-    f = _Fields(manifest, where)
+    f = Fields(manifest, where)
     root = f.root
     config = _parse_config(f, f.section(root, "config", "config"))
     weights = {}
@@ -242,7 +168,8 @@ def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
         weights[branch] = _parse_weights(
             f, f.section(backbones, branch, f"backbones.{branch}"), branch
         )
-    branches = ("logical", "structural") + (("composition",) if config.composition.enabled else ())
+    enabled = {"positional": config.positional.enabled, "composition": config.composition.enabled}
+    branches = tuple(b for b in BRANCHES if enabled.get(b, True))
     calibration = f.section(root, "calibration", "calibration")
     stats = _parse_stats(f, calibration, "calibration", branches)
     image_stats = None
@@ -259,14 +186,8 @@ def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
         raise f.fail("fusion_weights", "at least one positive weight", fusion)
     grid = None
     if config.composition.enabled:
-        grid_value = f.get(root, "composition_grid", "composition_grid")
-        if not (
-            isinstance(grid_value, list)
-            and len(grid_value) == 2
-            and all(type(v) is int and 1 <= v <= 4096 for v in grid_value)
-        ):
-            raise f.fail("composition_grid", "two integers in [1, 4096]", grid_value)
-        grid = (grid_value[0], grid_value[1])
+        grid = _grid(f, f.get(root, "composition_grid", "composition_grid"), "composition_grid")
+    positional = _parse_positional(f, root) if config.positional.enabled else None
     threshold = f.number(root, "threshold", "threshold", -math.inf, math.inf)
     text = f.section(root, "text_prior", "text_prior")
     text_dim = None if text.get("dim") is None else f.count(text, "dim", "text_prior.dim")
@@ -275,15 +196,48 @@ def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
     if not isinstance(root.get("category", ""), str):
         raise f.fail("category", "a string", root["category"])
     index = _parse_index(f, f.section(root, "structural_index", "structural_index"), config)
-    expected = expected_files(is_approximate(index), config.composition.enabled)
+    expected = expected_files(
+        is_approximate(index), config.composition.enabled, config.positional.enabled
+    )
     files = _parse_files(f, f.section(root, "files", "files"), expected)
+    shapes = {"composition_grid": grid, "positional_memory": positional}
     return ManifestSpec(
-        config, weights, stats, fusion_weights, grid, text_dim, threshold, index, files, image_stats
+        config,
+        weights,
+        stats,
+        fusion_weights,
+        text_dim=text_dim,
+        threshold=threshold,
+        index=index,
+        files=files,
+        image_stats=image_stats,
+        **shapes,
     )
 
 
+def _parse_positional(f: Fields, root: dict[str, Any]) -> tuple[tuple[int, int], int]:
+    """``positional_memory``: ``{"grid": [h, w], "images": N}``, the memory's shape."""
+    section = f.section(root, "positional_memory", "positional_memory")
+    grid = _grid(f, section.get("grid"), "positional_memory.grid")
+    images = f.count(section, "images", "positional_memory.images")
+    if images == 0 or set(section) != {"grid", "images"}:
+        raise f.fail("positional_memory", "exactly a grid and a positive image count", section)
+    return grid, images
+
+
+def _grid(f: Fields, value: Any, field: str) -> tuple[int, int]:
+    """A patch grid: two integers in [1, 4096]."""
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(_is_int(v) and 1 <= v <= 4096 for v in value)
+    ):
+        raise f.fail(field, "two integers in [1, 4096]", value)
+    return (value[0], value[1])
+
+
 def _parse_stats(
-    f: _Fields, section: dict[str, Any], name: str, branches: tuple[str, ...]
+    f: Fields, section: dict[str, Any], name: str, branches: tuple[str, ...]
 ) -> dict[str, BranchStats]:
     """``{branch: {"mean": m, "std": s}}`` for exactly ``branches``."""
     stats = {}
@@ -299,11 +253,13 @@ def _parse_stats(
     return stats
 
 
-def _parse_config(f: _Fields, config: dict[str, Any]) -> BuildConfig:
+def _parse_config(f: Fields, config: dict[str, Any]) -> BuildConfig:
     """Every section present and an object, every value of its field's declared JSON type, the
     numbers inference uses bounded; then the config classes' own validation."""
     _check_types(f, BuildConfig, config, "config")
     for name, kind in _SECTIONS.items():
+        if name in OPTIONAL_SECTIONS and name not in config:
+            continue  # an artifact from before the section existed: its defaults apply
         _check_types(f, kind, f.section(config, name, f"config.{name}"), f"config.{name}")
     bad = _out_of_bounds(config)
     if bad is not None:
@@ -314,8 +270,8 @@ def _parse_config(f: _Fields, config: dict[str, Any]) -> BuildConfig:
 
 def _out_of_bounds(config: dict[str, Any]) -> tuple[str, Any] | None:
     """The first (field, value) of a type-checked config whose number inference cannot take."""
-    for name in ("logical", "structural", "fusion", "composition"):
-        for key, value in config[name].items():
+    for name in ("logical", "structural", "fusion", "composition", "positional"):
+        for key, value in config.get(name, {}).items():
             items = value if isinstance(value, list) else [value]
             huge = [v for v in items if is_number(v) and not (is_finite(v) and abs(v) <= LIMIT)]
             if huge and not key.endswith(BUILD_ONLY_KEYS):
@@ -334,8 +290,11 @@ def check_config_bounds(config: BuildConfig) -> None:
         )
 
 
+# Config sections added after format 3 was fixed; a manifest without one gets its defaults.
+OPTIONAL_SECTIONS = ("positional",)
 _SECTIONS = {
     "composition": CompositionConfig,
+    "positional": PositionalConfig,
     "logical": LogicalConfig,
     "structural": StructuralConfig,
     "train": TrainConfig,
@@ -368,14 +327,14 @@ _JSON_TYPES: dict[str, tuple[str, Any]] = {
 }
 
 
-def _check_types(f: _Fields, kind: type, values: dict[str, Any], where: str) -> None:
+def _check_types(f: Fields, kind: type, values: dict[str, Any], where: str) -> None:
     for field in fields(kind):
         wanted = _JSON_TYPES.get(field.type) if isinstance(field.type, str) else None
         if wanted is not None and field.name in values and not wanted[1](values[field.name]):
             raise f.fail(f"{where}.{field.name}", wanted[0], values[field.name])
 
 
-def _parse_weights(f: _Fields, values: dict[str, Any], branch: str) -> WeightsInfo:
+def _parse_weights(f: Fields, values: dict[str, Any], branch: str) -> WeightsInfo:
     field = f"backbones.{branch}"
     for key in ("requested_arch", "source", "note"):
         if not isinstance(f.get(values, key, f"{field}.{key}"), str):
@@ -398,7 +357,7 @@ def _parse_weights(f: _Fields, values: dict[str, Any], branch: str) -> WeightsIn
     return WeightsInfo(**{**values, **norm})
 
 
-def _parse_index(f: _Fields, index: dict[str, Any], config: BuildConfig) -> dict[str, Any]:
+def _parse_index(f: Fields, index: dict[str, Any], config: BuildConfig) -> dict[str, Any]:
     """The structural_index identity, checked and in this version's form (an earlier version's
     converted), consistent with config.structural.index."""
     kind = f.get(index, "kind", "structural_index.kind")
@@ -431,7 +390,7 @@ def _parse_index(f: _Fields, index: dict[str, Any], config: BuildConfig) -> dict
     return upgraded
 
 
-def _check_faiss_identity(f: _Fields, index: dict[str, Any]) -> None:
+def _check_faiss_identity(f: Fields, index: dict[str, Any]) -> None:
     for key in ("spec", "params"):
         if not isinstance(f.get(index, key, f"structural_index.{key}"), str):
             raise f.fail(f"structural_index.{key}", "a string", index[key])
@@ -445,7 +404,7 @@ def _check_faiss_identity(f: _Fields, index: dict[str, Any]) -> None:
         raise f.fail("structural_index.exact", "true or false", index["exact"])
 
 
-def _parse_files(f: _Fields, files: dict[str, Any], expected: set[str]) -> dict[str, FileEntry]:
+def _parse_files(f: Fields, files: dict[str, Any], expected: set[str]) -> dict[str, FileEntry]:
     out = {}
     for name, meta in files.items():
         check_member_name(name, f.where)

@@ -15,12 +15,13 @@ from engine.artifact_manifest import ArtifactError, ManifestSpec
 from engine.models.backbones import load_backbone
 from engine.models.composition import CompositionModel
 from engine.models.logical import LogicalModel
+from engine.models.positional import PositionalModel
 from engine.models.structural import PatchFeatures, StructuralModel
 
 
 def empty_modules(
     spec: ManifestSpec,
-) -> tuple[LogicalModel, StructuralModel, CompositionModel | None]:
+) -> tuple[LogicalModel, StructuralModel, CompositionModel | None, PositionalModel | None]:
     """The modules the manifest describes, to be filled with ``load_state_dict(assign=True)``;
     the backbones on the meta device."""
 
@@ -45,7 +46,11 @@ def empty_modules(
         composition = CompositionModel(
             spec.config.composition, features.out_dim, spec.composition_grid
         )
-    return logical, structural, composition
+    positional = None
+    if spec.positional_memory is not None:
+        grid, images = spec.positional_memory
+        positional = PositionalModel(spec.config.positional, features.out_dim, grid, images)
+    return logical, structural, composition, positional
 
 
 def check_materialised(root: Path, *modules: torch.nn.Module) -> None:

@@ -1,8 +1,8 @@
 """Fusion of the branch maps, image scores and the decision threshold (paper §III-C).
 
-Each branch map (logical, structural and, when enabled, composition) is standardised with the
-mean and standard deviation of **all its pixel scores on the validation split**
-(``BranchStats``), the maps are merged with weights (paper: structural:logical = 1:3) and
+Each branch map (logical, structural and, when enabled, positional and composition) is
+standardised with the mean and standard deviation of **all its pixel scores on the validation
+split** (``BranchStats``), the maps are merged with weights (paper: structural:logical = 1:3) and
 blurred with a Gaussian of σ = 4 px at a 256-px map, scaled with the map size
 (:func:`kernels.normalize_merge_blur`), then resized to the original image size. The image score
 is the maximum of the final map.
@@ -46,11 +46,13 @@ __all__ = [
     "standardised_maps",
 ]
 
-BRANCHES = ("logical", "structural", "composition")
+# Map branches first; composition (an image-level score) last.
+BRANCHES = ("logical", "structural", "positional", "composition")
 MERGES = ("sum", "max")
 IMAGE_SCALES = ("branch", "pooled")
 COMPOSITION_SCALES = ("std", "robust")
-POOLED_BRANCHES = ("logical", "structural")  # the map branches; composition is image-level
+# The paper's map branches; positional keeps a scale of its own, composition is image-level.
+POOLED_BRANCHES = ("logical", "structural")
 SIGMA_REFERENCE_SIZE = 256  # FusionConfig.sigma is in pixels of a map of this side
 
 
@@ -59,9 +61,10 @@ class FusionConfig:
     """Fusion settings.
 
     ``*_weight``: each branch's weight in the merged map (paper: structural 1, logical 3; the
-    composition weight applies only when that branch is enabled). ``sigma``: the Gaussian's σ in
-    pixels of a 256-px map; a map of side S is blurred with ``sigma * S / 256`` (RD4AD and
-    PatchCore use σ = 4 at 256 px, so the blur keeps its size relative to the image).
+    positional and composition weights apply only when those branches are enabled). ``sigma``:
+    the Gaussian's σ in pixels of a 256-px map; a map of side S is blurred with
+    ``sigma * S / 256`` (RD4AD and PatchCore use σ = 4 at 256 px, so the blur keeps its size
+    relative to the image).
 
     ``merge``: ``"sum"`` (the paper: the weighted sum of the pixel-standardised maps, blurred)
     or ``"max"`` (the pointwise maximum of the blurred maps, each standardised by its
@@ -88,6 +91,7 @@ class FusionConfig:
     structural_weight: float = 1.0
     logical_weight: float = 3.0
     composition_weight: float = 1.0
+    positional_weight: float = 1.0
     sigma: float = 4.0
     target_false_alarm_rate: float = 0.05
     merge: str = "sum"
@@ -95,7 +99,13 @@ class FusionConfig:
     composition_scale: str = "std"
 
     def __post_init__(self) -> None:
-        for name in ("structural_weight", "logical_weight", "composition_weight", "sigma"):
+        for name in (
+            "structural_weight",
+            "logical_weight",
+            "composition_weight",
+            "positional_weight",
+            "sigma",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"FusionConfig.{name} must be a finite number >= 0, got {value!r}")

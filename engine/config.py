@@ -3,7 +3,8 @@
 Every module keeps its settings beside its code (``LogicalConfig`` in ``engine.models.logical``,
 ``StructuralConfig`` in ``engine.models.structural``, ``TrainConfig`` in ``engine.train``,
 ``FusionConfig`` in ``engine.calibrate``, ``CompositionConfig`` in
-``engine.models.composition``); :class:`BuildConfig` groups them with the choices
+``engine.models.composition``, ``PositionalConfig`` in ``engine.models.positional``);
+:class:`BuildConfig` groups them with the choices
 that span modules (weights, text prior) and is stored whole in the artifact manifest.
 """
 
@@ -20,6 +21,7 @@ import torch
 from engine.calibrate import FusionConfig
 from engine.models.composition import CompositionConfig
 from engine.models.logical_config import LogicalConfig, cpu_preset
+from engine.models.positional import PositionalConfig
 from engine.models.structural import StructuralConfig
 from engine.models.weights import find_torch_home_checkpoint
 from engine.train_config import TrainConfig, cpu_train_preset
@@ -44,6 +46,7 @@ class BuildConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     composition: CompositionConfig = field(default_factory=CompositionConfig)
+    positional: PositionalConfig = field(default_factory=PositionalConfig)
     weights: str = "auto"
     allow_random: bool = False
     text_prior: str = "auto"

@@ -1,12 +1,12 @@
-"""The full inference path: uint8 frames -> branch maps (logical, structural, composition) and
-the fused anomaly map.
+"""The full inference path: uint8 frames -> branch maps (logical, structural and, when enabled,
+positional and composition) and the fused anomaly map.
 
 The build calibrates and evaluates through :class:`Detector`, and :class:`engine.Runtime` wraps
 the same object, so the maps a deployed engine produces are the maps the build measured.
 
-On CUDA the structural stream (memory bank and composition, which share one backbone pass
-unless the composition branch has an input size of its own) runs on its own CUDA stream,
-concurrently with the logical branch.
+On CUDA the structural stream (memory bank, positional memory and composition, which share one
+backbone pass unless the composition branch has an input size of its own) runs on its own CUDA
+stream, concurrently with the logical branch.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from engine.models.composition import CompositionModel
 from engine.models.folding import fold_batchnorm
 from engine.models.fusion import Fusion
 from engine.models.logical import LogicalModel
+from engine.models.positional import PositionalModel
 from engine.models.structural import StructuralModel, resize_input
 from engine.stage_timer import StageTimer
 
@@ -44,7 +45,7 @@ def check_precision(precision: str) -> torch.dtype | None:
 
 
 MapFn = Callable[[torch.Tensor], torch.Tensor]
-StructuralFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+StructuralFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 FeaturesFn = Callable[[torch.Tensor], tuple[torch.Tensor, tuple[int, int]]]
 
 try:
@@ -62,50 +63,60 @@ def nvtx_range(name: str) -> AbstractContextManager:
 class Maps:
     """Model-resolution maps of a batch, each (B, S, S) float32, larger = more anomalous.
 
-    ``composition`` is None when that branch is off; ``fused`` is None until the branch
-    statistics are calibrated.
+    ``positional`` and ``composition`` are None when that branch is off; ``fused`` is None until
+    the branch statistics are calibrated.
     """
 
     logical: torch.Tensor
     structural: torch.Tensor
     fused: torch.Tensor | None = None
     composition: torch.Tensor | None = None
+    positional: torch.Tensor | None = None
 
     def branches(self) -> dict[str, torch.Tensor]:
         """The branch maps present, by branch name (:data:`engine.calibrate.BRANCHES` order)."""
-        present = {"logical": self.logical, "structural": self.structural}
-        if self.composition is not None:
-            present["composition"] = self.composition
-        return present
+        maps = {name: getattr(self, name) for name in BRANCHES}
+        return {name: m for name, m in maps.items() if m is not None}
 
 
 class StructuralSide(nn.Module):
     """The structural stream: patch features, scored by the memory bank and, when given, by the
-    composition model (which reuses the same features, or with ``CompositionConfig.image_size``
-    set takes a second pass on the input resized to that size).
+    positional memory (same features) and the composition model (which reuses the same
+    features, or with ``CompositionConfig.image_size`` set takes a second pass on the input
+    resized to that size).
 
-    ``forward(x)``: (B, 3, s, s) normalised -> ``(structural (B, s, s), composition (B, s, s) or
-    None)``. The composition map is the image score at every pixel (its evidence is about the
+    ``forward(x)``: (B, 3, s, s) normalised -> ``{"structural": (B, s, s)}`` plus, for the
+    branches given, ``"positional"`` (B, h', w') on its pooled grid and ``"composition"``
+    (B, s, s). The composition map is the image score at every pixel (its evidence is about the
     whole image); fusion decides where it counts (``CompositionConfig.fused_map``).
     ``features_fn``, when set by a backend, computes the patch features in place of the
     module's own ``patch_features``, at any input size the detector uses.
     """
 
     def __init__(
-        self, structural: StructuralModel, composition: CompositionModel | None = None
+        self,
+        structural: StructuralModel,
+        composition: CompositionModel | None = None,
+        positional: PositionalModel | None = None,
     ) -> None:
         super().__init__()
         self.structural = structural
         self.composition = composition
+        self.positional = positional
         self.features_fn: FeaturesFn | None = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         patch_features = self.features_fn or self.structural.patch_features
         features, grid = patch_features(x)
         size = (int(x.shape[-2]), int(x.shape[-1]))
-        structural = self.structural.map_from_features(features, grid, size)
+        maps = {"structural": self.structural.map_from_features(features, grid, size)}
+        if self.positional is not None:
+            # Its distances, like the composition model's, are computed in float32 at every
+            # precision.
+            with torch.autocast(x.device.type, enabled=False):
+                maps["positional"] = self.positional(features.float(), grid)
         if self.composition is None:
-            return structural, None
+            return maps
         own_size = self.composition.config.own_pass_size(size[-1])
         if own_size is not None:
             features, grid = patch_features(resize_input(x, own_size))
@@ -113,14 +124,16 @@ class StructuralSide(nn.Module):
         # in float32 at every precision.
         with torch.autocast(x.device.type, enabled=False):
             image_score, _ = self.composition(features.float(), grid)
-        return structural, image_score[:, None, None].expand(-1, *size).contiguous()
+        maps["composition"] = image_score[:, None, None].expand(-1, *size).contiguous()
+        return maps
 
 
 class Detector:
     """Every branch and their fusion on one device.
 
     ``logical_fn`` maps a normalised (B, 3, S, S) batch to a (B, S, S) map and ``structural_fn``
-    a (B, 3, s, s) batch to ``(structural, composition or None)`` maps; by default they are the
+    a (B, 3, s, s) batch to the structural stream's maps by branch (:class:`StructuralSide`); by
+    default they are the
     eager modules; :mod:`engine.backends` swaps in compiled versions. ``structural_size`` is the
     structural module's input side (its config's ``image_size``). :attr:`fusion` (a
     :class:`~engine.models.fusion.Fusion`) holds the calibration as buffers: each branch's
@@ -140,11 +153,13 @@ class Detector:
         composition: CompositionModel | None = None,
         weights: dict[str, float] | None = None,
         image_stats: dict[str, BranchStats] | None = None,
+        positional: PositionalModel | None = None,
     ) -> None:
         self.logical = logical.eval()
         self.structural = structural.eval()
         self.composition = composition.eval() if composition is not None else None
-        self.structural_side = StructuralSide(self.structural, self.composition)
+        self.positional = positional.eval() if positional is not None else None
+        self.structural_side = StructuralSide(self.structural, self.composition, self.positional)
         self.fusion = Fusion.from_config(
             fusion,
             self.branch_names,
@@ -185,7 +200,8 @@ class Detector:
     @property
     def branch_names(self) -> tuple[str, ...]:
         """The branches this detector runs, in :data:`engine.calibrate.BRANCHES` order."""
-        return BRANCHES if self.composition is not None else BRANCHES[:2]
+        optional = {"positional": self.positional, "composition": self.composition}
+        return tuple(b for b in BRANCHES if b not in optional or optional[b] is not None)
 
     @property
     def device(self) -> torch.device:
@@ -235,14 +251,11 @@ class Detector:
                 else self.structural_transform.batch(frames, channels_last=True)
             )
         with self._autocast():
-            logical, structural, composition = self._branches(x_logical, x_structural)
+            logical, side = self._branches(x_logical, x_structural)
         size = (self.map_size, self.map_size)
         # Shrinking a finer structural grid to the fused map low-pass filters it first.
-        maps = Maps(
-            logical.float(),
-            resize_to(structural.float(), size, antialias=True),
-            composition=None if composition is None else resize_to(composition, size, True),
-        )
+        resized = {b: resize_to(m.float(), size, antialias=True) for b, m in side.items()}
+        maps = Maps(logical.float(), **resized)
         if self.stats is not None:
             with self._stage("fuse"):
                 maps.fused = self.fuse(maps.branches())
@@ -267,25 +280,24 @@ class Detector:
 
     def _branches(
         self, x_logical: torch.Tensor, x_structural: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(logical, structural, composition or None) maps; on CUDA the structural stream runs
-        on the side stream, concurrently with the logical branch."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(logical map, the structural stream's maps by branch); on CUDA the structural stream
+        runs on the side stream, concurrently with the logical branch."""
         if self._side_stream is None:
             with self._stage("structural"):
-                structural, composition = self.structural_fn(x_structural)
+                side = self.structural_fn(x_structural)
             with self._stage("logical"):
-                return self.logical_fn(x_logical), structural, composition
+                return self.logical_fn(x_logical), side
         main = torch.cuda.current_stream(self.device)
         self._side_stream.wait_stream(main)
         with torch.cuda.stream(self._side_stream), self._stage("structural"):
-            structural, composition = self.structural_fn(x_structural)
+            side = self.structural_fn(x_structural)
         with self._stage("logical"):
             logical = self.logical_fn(x_logical)
         main.wait_stream(self._side_stream)
-        for side in (structural, composition):
-            if side is not None:
-                side.record_stream(main)
-        return logical, structural, composition
+        for tensor in side.values():
+            tensor.record_stream(main)
+        return logical, side
 
 
 def model_transform(size: int, backbone) -> ImageTransform:

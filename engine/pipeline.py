@@ -66,6 +66,7 @@ from engine.models.logical_diagnostics import (
     logical_diagnostics,
     probe_batch,
 )
+from engine.models.positional import PositionalModel
 from engine.models.structural import (
     StructuralModel,
     attach_index,
@@ -294,6 +295,14 @@ def build_category(
         if verbose:
             print(f"memory bank: {tuple(structural.bank.shape)}, search: {index_kind}", flush=True)
 
+    positional = None
+    if config.positional.enabled:
+        with _step(seconds, "positional memory", verbose):
+            positional = PositionalModel(
+                config.positional, int(features.shape[-1]), grid, int(features.shape[0])
+            )
+            positional.to(device).fit(features.to(device), grid)
+
     composition = None
     if config.composition.enabled:
         with _step(seconds, "composition model", verbose):
@@ -311,6 +320,7 @@ def build_category(
         config.fusion,
         structural_size=config.structural.image_size,
         composition=composition,
+        positional=positional,
     ).to(device)
 
     with _step(seconds, "calibrate on validation", verbose):

@@ -36,7 +36,7 @@ __all__ = ["BRANCH_MAPS", "COLORS", "Result", "Runtime", "SourceLost", "check_fr
 
 log = logging.getLogger(__name__)
 COLORS = ("bgr", "rgb")
-BRANCH_MAPS = ("logical", "structural", "composition")
+BRANCH_MAPS = ("logical", "structural", "positional", "composition")
 
 
 @dataclass
@@ -47,9 +47,9 @@ class Result:
     or infinite score means the engine is broken, and the call raises ``RuntimeError`` instead of
     returning a verdict). ``is_anomalous``: ``score > threshold``. ``anomaly_map``: (H, W)
     float32 at the frame's size (fused, normalised units). ``logical_map`` / ``structural_map`` /
-    ``composition_map``: each branch's raw map at model resolution (S, S); None when that
-    branch is off or the Runtime was loaded without it (``branch_maps``). ``latency_ms``: wall time of the call that
-    produced the result (for a batch, the whole batch). ``threshold``: the one ``is_anomalous``
+    ``positional_map`` / ``composition_map``: each branch's raw map at model resolution (S, S);
+    None when that branch is off or the Runtime was loaded without it (``branch_maps``).
+    ``latency_ms``: wall time of the call that produced the result (for a batch, the whole batch). ``threshold``: the one ``is_anomalous``
     used. ``source_index``: position in the input batch or stream. ``precision``: the network
     precision that produced it (see :meth:`Runtime.load`).
     """
@@ -64,6 +64,7 @@ class Result:
     source_index: int = 0
     composition_map: np.ndarray | None = None
     precision: str = "fp32"
+    positional_map: np.ndarray | None = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -245,13 +246,9 @@ class Runtime:
         maps = self.detector(batch)
         assert maps.fused is not None
         height, width = int(batch.shape[1]), int(batch.shape[2])
-        branches = {
-            "logical": maps.logical,
-            "structural": maps.structural,
-            "composition": maps.composition,
-        }
-        wanted = [branches[name] if name in self.branch_maps else None for name in BRANCH_MAPS]
-        full_np, logical, structural, composition = self._transfers.to_host(
+        branches = maps.branches()
+        wanted = [branches.get(name) if name in self.branch_maps else None for name in BRANCH_MAPS]
+        full_np, logical, structural, positional, composition = self._transfers.to_host(
             [resize_to(maps.fused, (height, width)), *wanted]
         )
         assert full_np is not None
@@ -271,6 +268,7 @@ class Runtime:
                 logical_map=None if logical is None else logical[i],
                 structural_map=None if structural is None else structural[i],
                 composition_map=None if composition is None else composition[i],
+                positional_map=None if positional is None else positional[i],
                 latency_ms=latency,
                 threshold=threshold,
                 source_index=i,

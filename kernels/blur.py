@@ -46,7 +46,7 @@ def normalize_merge_blur_reference(
     """``blur(sum_i weight_i * (maps[i] - mean_i) / std_i)``: the fused (B, H, W) float32 map.
 
     Args:
-        maps: 1 to 3 branch maps, each (B, H, W) of one shape (callers resize), any float
+        maps: 1 to 4 branch maps, each (B, H, W) of one shape (callers resize), any float
             dtype and strides.
         affines: one ``(weight, mean, std)`` per map; mean and std are those of all the branch's
             validation pixel scores.

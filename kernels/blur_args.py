@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-MAX_MAPS = 3  # logical, structural, composition (SPEC §3.3, §3.5)
+MAX_MAPS = 4  # logical, structural, positional, composition (SPEC §3.3, §3.5)
 
 Affine = tuple[float, float, float]  # (weight, mean, std) of one branch
 

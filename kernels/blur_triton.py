@@ -2,7 +2,7 @@
 
 One kernel blurs along one axis of (B, H, W) maps with scipy's half-sample-symmetric ("reflect")
 border; it is launched twice, along H and then along W, through a float32 intermediate. In the
-fused version the first pass reads the 1 to 3 branch maps and normalises and merges each tap on
+fused version the first pass reads the 1 to 4 branch maps and normalises and merges each tap on
 the fly, so the merged map is never written out: with n maps, n + 1 map-sized reads and two
 writes in all, in two launches. The maps must already have one size (callers resize).
 """
@@ -52,6 +52,7 @@ def _blur_axis_kernel(
     m0_ptr,
     m1_ptr,
     m2_ptr,
+    m3_ptr,
     taps_ptr,
     out_ptr,
     n_along,
@@ -67,6 +68,9 @@ def _blur_axis_kernel(
     s2_batch,
     s2_along,
     s2_across,
+    s3_batch,
+    s3_along,
+    s3_across,
     so_batch,
     so_along,
     so_across,
@@ -76,6 +80,8 @@ def _blur_axis_kernel(
     mean1,
     scale2,
     mean2,
+    scale3,
+    mean3,
     NUM_MAPS: tl.constexpr,
     BLOCK_ALONG: tl.constexpr,
     BLOCK_ACROSS: tl.constexpr,
@@ -88,6 +94,7 @@ def _blur_axis_kernel(
     m0_base = m0_ptr + batch * s0_batch + across[None, :] * s0_across
     m1_base = m1_ptr + batch * s1_batch + across[None, :] * s1_across
     m2_base = m2_ptr + batch * s2_batch + across[None, :] * s2_across
+    m3_base = m3_ptr + batch * s3_batch + across[None, :] * s3_across
     radius = num_taps // 2
     period = 2 * n_along
 
@@ -103,6 +110,8 @@ def _blur_axis_kernel(
             value += _normalised_tap(m1_base, src, s1_along, mask, scale1, mean1)
         if NUM_MAPS >= 3:
             value += _normalised_tap(m2_base, src, s2_along, mask, scale2, mean2)
+        if NUM_MAPS >= 4:
+            value += _normalised_tap(m3_base, src, s3_along, mask, scale3, mean3)
         acc += tap * value
     out = out_ptr + batch * so_batch + along.to(tl.int64)[:, None] * so_along
     tl.store(out + across[None, :] * so_across, acc, mask=mask)
@@ -188,7 +197,7 @@ def normalize_merge_blur_triton(
     """Triton version of :func:`kernels.blur.normalize_merge_blur_reference` (no autograd).
 
     Args:
-        maps: 1 to 3 branch maps, each (B, H, W) of one shape, any strides, float16 /
+        maps: 1 to 4 branch maps, each (B, H, W) of one shape, any strides, float16 /
             bfloat16 / float32 (they may differ).
         affines: one ``(weight, mean, std)`` per map (validation mean and std of that branch).
         sigma: Gaussian σ in pixels.

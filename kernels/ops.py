@@ -117,7 +117,7 @@ def normalize_merge_blur_op(
     sigma: float,
 ) -> Tensor:
     """:func:`kernels.blur_triton.normalize_merge_blur_triton`, one affine per map split into
-    ``weights``, ``means`` and ``stds``: 1 to 3 (B, H, W) maps -> (B, H, W) float32."""
+    ``weights``, ``means`` and ``stds``: 1 to 4 (B, H, W) maps -> (B, H, W) float32."""
     from kernels.blur_triton import normalize_merge_blur_triton
 
     _require(
@@ -138,6 +138,6 @@ def _normalize_merge_blur_fake(
 ) -> Tensor:
     _require(
         len(maps) > 0 and maps[0].dim() == 3,
-        "normalize_merge_blur expects 1 to 3 (B, H, W) maps",
+        "normalize_merge_blur expects 1 to 4 (B, H, W) maps",
     )
     return maps[0].new_empty(maps[0].shape, dtype=torch.float32)

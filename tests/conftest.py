@@ -112,7 +112,7 @@ def reference_fused_map(
     """The fused (H, W) map recomputed with numpy/scipy only, in float64.
 
     ``maps``: (S, S) raw branch maps at model resolution by branch name, or a Runtime Result
-    (its ``logical_map`` / ``structural_map`` / ``composition_map``); ``manifest``: the artifact's
+    (its ``logical_map`` / ``structural_map`` / ``positional_map`` / ``composition_map``); ``manifest``: the artifact's
     manifest, whose ``calibration`` (``mean`` / ``std`` per branch), ``fusion_weights`` (unless
     ``weights`` overrides them) and ``config.fusion.sigma`` (σ at a 256-px map, scaled to S) are
     used, and with ``config.fusion.merge == "max"`` its ``image_calibration``. The blur is
@@ -186,10 +186,11 @@ def _max_merged(maps: dict, manifest: dict, weights: dict, normalised, blur) -> 
 
 
 def _result_maps(result: Any) -> dict[str, np.ndarray]:
-    """A Runtime Result's branch maps by branch name (composition only when present)."""
+    """A Runtime Result's branch maps by branch name (the optional branches when present)."""
     maps = {"logical": result.logical_map, "structural": result.structural_map}
-    if result.composition_map is not None:
-        maps["composition"] = result.composition_map
+    for name in ("positional", "composition"):
+        if getattr(result, f"{name}_map") is not None:
+            maps[name] = getattr(result, f"{name}_map")
     return maps
 
 

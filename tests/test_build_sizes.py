@@ -1,6 +1,7 @@
 """An end-to-end build whose branches take different input sizes (logical 64 px, structural
 96 px, as the default presets do: 128 / 256 px; the composition branch its own 80 px pass),
-while the shared tiny build uses one size."""
+while the shared tiny build uses one size; with every optional branch (a positional memory on
+the structural features too)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def sized_build(
     args += [f"--set=logical.image_size={LOGICAL_SIZE}"]
     args += [f"--set=structural.image_size={STRUCTURAL_SIZE}"]
     args += [f"--set=composition.image_size={COMPOSITION_SIZE}"]
+    args += ["--set=positional.enabled=true"]
     argv = ["--category=pushpins", f"--data-root={tiny_loco}", f"--out={artifact}"]
     assert main([*argv, f"--save-maps={maps}", *args]) == 0
     return {"artifact": artifact, "maps": maps, "data": tiny_loco}
@@ -53,6 +55,8 @@ def test_manifest_records_every_size(sized_build: dict[str, Path]) -> None:
     assert config["composition"]["image_size"] == COMPOSITION_SIZE
     # EfficientNet-Lite0's finest level (layer2) has stride 8.
     assert manifest["composition_grid"] == [COMPOSITION_SIZE // 8] * 2
+    assert manifest["positional_memory"]["grid"] == [STRUCTURAL_SIZE // 8] * 2
+    assert set(manifest["calibration"]) == {"logical", "structural", "positional", "composition"}
 
 
 def test_each_branch_receives_its_own_input_size(rt: Runtime, sized_build: dict[str, Path]) -> None:
@@ -80,8 +84,9 @@ def test_each_branch_receives_its_own_input_size(rt: Runtime, sized_build: dict[
         "logical": [(1, 3, LOGICAL_SIZE, LOGICAL_SIZE)],
     }
     assert isinstance(result, Result)
-    # Both branch maps come out at the logical (fused map) resolution.
-    assert result.logical_map.shape == result.structural_map.shape == (LOGICAL_SIZE, LOGICAL_SIZE)
+    # Every branch map comes out at the logical (fused map) resolution.
+    for name in ("logical", "structural", "positional", "composition"):
+        assert getattr(result, f"{name}_map").shape == (LOGICAL_SIZE, LOGICAL_SIZE), name
 
 
 def test_runtime_maps_equal_the_saved_maps_and_the_formula(

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from engine.calibrate import BRANCHES
 from engine.detector import Detector
 from engine.models.composition import CompositionConfig, CompositionModel
 from engine.models.structural import resize_input
@@ -62,7 +61,8 @@ def test_the_fusion_module_follows_the_configuration(mode, gate_power, after_blu
         composition=composition,
     )
     fusion = detector.fusion
-    assert fusion.branches == BRANCHES and detector.branch_names == BRANCHES
+    expected = ("logical", "structural", "composition")
+    assert fusion.branches == expected and detector.branch_names == expected
     assert (fusion.gate_power, fusion.gate_after_blur) == (gate_power, after_blur)
     assert fusion.sigma == config.fusion.sigma_at(detector.map_size)
     assert detector.weights["composition"] == 0.25
@@ -85,7 +85,7 @@ def test_composition_takes_its_own_pass_at_its_own_size() -> None:
         bank_features, bank_grid = features(x)
         want_structural = tiny.structural.map_from_features(bank_features, bank_grid, (32, 32))
         want_score, _ = detector.composition(*features(resize_input(x, own)))
-        structural, composition_map = detector.structural_side(x)
-    torch.testing.assert_close(structural, want_structural)
-    assert composition_map is not None
-    torch.testing.assert_close(composition_map, want_score[:, None, None].expand(-1, 32, 32))
+        side = detector.structural_side(x)
+    assert set(side) == {"structural", "composition"}
+    torch.testing.assert_close(side["structural"], want_structural)
+    torch.testing.assert_close(side["composition"], want_score[:, None, None].expand(-1, 32, 32))

@@ -3,9 +3,9 @@
 Two graphs, each with a dynamic batch dimension: the logical branch (normalised image -> map)
 and the structural patch features (normalised image -> (B, h*w, D) features), the latter once
 more at the composition branch's own input size when it has one. The memory-bank
-search (FAISS or :func:`kernels.knn_min`), the composition model and fusion stay in PyTorch:
-they consume the features, and the search is one BLAS product that ONNX Runtime would not run
-faster. CPU only in this version (ONNX Runtime's CPU provider).
+search (FAISS or :func:`kernels.knn_min`), the positional memory, the composition model and
+fusion stay in PyTorch: they consume the features, and the search is one BLAS product that ONNX
+Runtime would not run faster. CPU only in this version (ONNX Runtime's CPU provider).
 
 Exporting takes tens of seconds, so the graphs are cached in
 ``$XDG_CACHE_HOME/npgmf-engine/onnx/<key>`` (default ``~/.cache/...``, beside the synthetic data

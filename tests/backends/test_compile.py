@@ -31,8 +31,9 @@ def test_compile_equals_eager(device: str, index: str, own_size: int | None) -> 
     if index == "faiss_flat" and not faiss_available():
         pytest.skip("faiss is not installed")
     detector, config = TINY["tiny_detector"](0)
-    if own_size is not None:
+    if own_size is not None:  # with every optional branch
         detector = TINY["with_composition"](detector, config, own_size)
+        detector, _ = TINY["with_positional"](detector, config)
     detector.to(device)
     if index != "torch":
         searcher = make_index(index)
@@ -43,7 +44,7 @@ def test_compile_equals_eager(device: str, index: str, own_size: int | None) -> 
     assert apply_backend(detector, "compile") == "compile"
     for _ in range(2):  # the second call runs the compiled code without recompiling
         compiled = detector(frames)
-        for name in ("fused", "logical", "structural", "composition"):
+        for name in ("fused", "logical", "structural", "positional", "composition"):
             if getattr(eager, name) is None:
                 continue
             torch.testing.assert_close(

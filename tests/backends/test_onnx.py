@@ -55,15 +55,16 @@ def test_onnx_equals_eager_and_caches_its_graphs(cache: Path, monkeypatch) -> No
 
 @pytest.mark.slow
 def test_onnx_exports_a_second_feature_graph_for_the_composition_size(cache: Path) -> None:
+    """With a positional memory too: it scores the bank's features, as the structural map does."""
     tiny, config = TINY["tiny_detector"](0)
-    detector = TINY["with_composition"](tiny, config, 24)
+    detector, _ = TINY["with_positional"](TINY["with_composition"](tiny, config, 24), config)
     batch = frames()
     eager = detector(batch)
     key = onnx.graph_key(detector)
     assert key != onnx.graph_key(tiny)
     apply_backend(detector, "onnx")
     got = detector(batch)
-    for name in ("fused", "logical", "structural", "composition"):
+    for name in ("fused", "logical", "structural", "positional", "composition"):
         torch.testing.assert_close(getattr(got, name), getattr(eager, name), rtol=1e-4, atol=1e-4)
     graphs = sorted(p.name for p in (cache / key).glob("*.onnx"))
     assert graphs == ["features.onnx", "features_24.onnx", "logical.onnx"]

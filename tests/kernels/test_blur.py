@@ -18,7 +18,7 @@ from kernels.blur import (
 from kernels.blur_triton import gaussian_blur_triton, normalize_merge_blur_triton
 
 # (weight, mean, std) of the logical, structural and composition branches.
-AFFINES = [(3.0, 0.2, 1.5), (1.0, -0.4, 0.3), (0.5, 2.0, 0.7)]
+AFFINES = [(3.0, 0.2, 1.5), (1.0, -0.4, 0.3), (0.5, 2.0, 0.7), (2.0, -1.0, 2.5)]
 
 
 def rand_maps(gen: torch.Generator, count: int, shape: tuple[int, int, int]) -> list[torch.Tensor]:
@@ -45,7 +45,7 @@ def test_reference_matches_scipy(
         np.testing.assert_allclose(ref[b].numpy(), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
 def test_merge_reference_matches_scipy(gen: torch.Generator, count: int) -> None:
     maps = rand_maps(gen, count, (2, 10, 13))
     out = normalize_merge_blur_reference(maps, AFFINES[:count], 2.0)
@@ -96,7 +96,7 @@ def test_triton_blur_non_contiguous(device: torch.device, gen: torch.Generator) 
         torch.testing.assert_close(out.cpu(), gaussian_blur_reference(view, 1.5))
 
 
-@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
 @pytest.mark.parametrize(
     ("shape", "sigma"),
     [((2, 13, 11), 1.5), ((1, 9, 7), 4.0)],  # odd sizes; radius 16 > both sides
@@ -116,8 +116,8 @@ def test_triton_merge_matches_reference(
 
 
 def test_triton_merge_mixed_dtypes(device: torch.device, gen: torch.Generator) -> None:
-    maps = rand_maps(gen, 3, (2, 11, 14))
-    maps = [maps[0].half(), maps[1].bfloat16(), maps[2]]
+    maps = rand_maps(gen, 4, (2, 11, 14))
+    maps = [maps[0].half(), maps[1].bfloat16(), maps[2], maps[3].half()]
     ref = normalize_merge_blur_reference(maps, AFFINES, 1.0)
     out = normalize_merge_blur_triton([m.to(device) for m in maps], AFFINES, 1.0)
     torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
@@ -129,7 +129,8 @@ def test_triton_merge_non_contiguous(device: torch.device, gen: torch.Generator)
     transposed = torch.rand(2, 12, 9, generator=gen).transpose(1, 2)
     sliced = torch.rand(2, 18, 37, generator=gen)[:, ::2, 1::3]
     broadcast = torch.rand(1, *shape[1:], generator=gen).expand(shape)
-    maps = [transposed, sliced, broadcast]
+    batch_last = torch.rand(*shape[1:], 2, generator=gen).permute(2, 0, 1)
+    maps = [transposed, sliced, broadcast, batch_last]
     assert all(m.shape == shape and not m.is_contiguous() for m in maps)
     ref = normalize_merge_blur_reference(maps, AFFINES, 1.5)
     out = normalize_merge_blur_triton([m.to(device) for m in maps], AFFINES, 1.5)
@@ -149,7 +150,7 @@ def test_dispatchers_forced_triton(device: torch.device, gen: torch.Generator) -
     x = torch.rand(1, 10, 11, generator=gen)
     out = gaussian_blur(x.to(device), 1.0, backend="triton")
     torch.testing.assert_close(out.cpu(), gaussian_blur_reference(x, 1.0))
-    maps = rand_maps(gen, 3, (1, 10, 11))
+    maps = rand_maps(gen, 4, (1, 10, 11))
     out = normalize_merge_blur([m.to(device) for m in maps], AFFINES, backend="triton")
     ref = normalize_merge_blur_reference(maps, AFFINES)
     torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
@@ -190,8 +191,8 @@ GOOD = (1.0, 0.0, 1.0)
 @pytest.mark.parametrize(
     ("maps", "affines", "message"),
     [
-        ([], [], "expected 1 to 3 maps, got 0"),
-        ([ONE] * 4, [GOOD] * 4, "expected 1 to 3 maps, got 4"),
+        ([], [], "expected 1 to 4 maps, got 0"),
+        ([ONE] * 5, [GOOD] * 5, "expected 1 to 4 maps, got 5"),
         (ONE[None], [GOOD], "maps must be a sequence of .* got Tensor"),
         ([ONE, ONE], [GOOD], "got 2 maps but 1 affines"),
         ([ONE], [GOOD, GOOD], "got 1 maps but 2 affines"),

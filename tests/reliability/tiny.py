@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from engine.config import BuildConfig
 from engine.detector import Detector
 from engine.models.composition import CompositionConfig, CompositionModel
 from engine.models.logical import LogicalConfig, LogicalModel
+from engine.models.positional import PositionalConfig, PositionalModel
 from engine.models.structural import (
     StructuralConfig,
     StructuralModel,
@@ -107,6 +109,33 @@ def with_composition(detector: Detector, config: BuildConfig, own_size: int) -> 
         structural_size=SIZE,
         composition=composition,
     )
+
+
+# A positional memory for the tiny 8 x 8 grid: pooled to 4 x 4, one cell of tolerance.
+TINY_POSITIONAL = PositionalConfig(enabled=True, pool=2, radius=1, dims=4)
+
+
+def with_positional(detector: Detector, config: BuildConfig) -> tuple[Detector, BuildConfig]:
+    """``detector`` with a positional memory fitted on random images and calibrated like the
+    other branches, and ``config`` with that branch enabled (what its manifest records)."""
+    features = detector.structural.patch_features
+    images = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        train, grid = features(images)
+    positional = PositionalModel(TINY_POSITIONAL, features.out_dim, grid, len(images))
+    positional.fit(train, grid)
+    assert detector.stats is not None
+    positional_stats = BranchStats(1.0, 0.5)
+    detector = Detector(
+        detector.logical,
+        detector.structural,
+        config.fusion,
+        detector.stats | {"positional": positional_stats},
+        structural_size=SIZE,
+        composition=detector.composition,
+        positional=positional,
+    )
+    return detector, replace(config, positional=TINY_POSITIONAL)
 
 
 def info(threshold: float = 1.5, marker: str = "A") -> dict:

@@ -1,0 +1,221 @@
+"""Positional memory (beyond the paper): each patch compared with the training patches found
+near the *same place* of the good training images.
+
+The memory bank (:mod:`engine.models.structural`) asks whether a patch looks like any good patch
+anywhere, so a part that is present but in the wrong place, and a place that should hold a part
+but is empty, pass it (docs/ACCURACY.md: breakfast_box ``missing_toppings`` is at 0.02 in the
+bank alone). This branch keeps every training image's patch features on their grid and scores a
+patch by its distance to the nearest training patch within ``radius`` cells of its own position,
+over all training images: the good images' own variation in pose and layout is the tolerance,
+so a random layout (screws anywhere in a bag) costs little while a fixed one (a compartment that
+always holds almonds) is enforced. SPADE and position-conditioned PatchCore variants score this
+way; here it is a separate map, fused by the maximum like the other map branches.
+
+Input: the memory bank's patch features ``(B, h*w, D)`` on their grid (no backbone pass of its
+own), projected on the top ``dims`` principal directions of the training patches and averaged
+over ``pool`` x ``pool`` cells. Every fitted value is a buffer: ``mean`` (D,), ``basis``
+(D, d) and ``memory`` (N, h' + 2r, w' + 2r, d), the training images' pooled projections
+zero-padded by ``r`` cells. ``memory_sq``, their squared norms with +inf on the padding so that
+no position outside the grid matches, is derived from ``memory`` (not saved: an artifact's state
+dicts hold finite values only).
+
+The search runs tile by tile: the queries of a ``TILE`` x ``TILE`` block against every
+candidate of the block widened by ``r`` in one matrix product, the candidates out of each
+query's own window masked. That computes ``(TILE + 2r)² / (2r + 1)²`` times the distances
+needed, but as one GEMM per tile instead of a matrix-vector product per cell and offset
+(about 10x faster on CPU at the defaults).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PositionalConfig", "PositionalModel"]
+
+TILE = 8  # query cells per tile side (see the module docstring)
+
+
+@dataclass(frozen=True)
+class PositionalConfig:
+    """Positional memory settings (see the module docstring).
+
+    ``enabled``: whether a build fits the branch and fuses its map.
+    ``pool``: the features are averaged over ``pool`` x ``pool`` cells of the memory bank's
+    grid first (a 48 x 48 grid becomes 24 x 24 at 2): fewer, broader cells tolerate pose better
+    and cost ``pool**4`` times less search.
+    ``radius``: r, the patches searched lie within r cells (of the pooled grid) of the query's
+    own cell, in both directions, on every training image; 0 compares each cell with the same
+    cell only.
+    ``dims``: d, the principal directions of the training patches kept (at most the features'
+    dimension): the memory holds d values per training cell.
+    ``fit_patches``: patches sampled (seeded with ``seed``) from the training images for the
+    principal directions.
+    """
+
+    enabled: bool = False
+    pool: int = 2
+    radius: int = 1
+    dims: int = 128
+    fit_patches: int = 20000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"PositionalConfig.enabled must be a bool, got {self.enabled!r}")
+        for name, low in (
+            ("pool", 1),
+            ("radius", 0),
+            ("dims", 1),
+            ("fit_patches", 1),
+            ("seed", 0),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"PositionalConfig.{name} must be an int >= {low}, got {value!r}")
+
+    def pooled_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The grid the memory lies on, for features on ``grid`` (partial cells kept)."""
+        return (-(-int(grid[0]) // self.pool), -(-int(grid[1]) // self.pool))
+
+
+class PositionalModel(nn.Module):
+    """The positional memory of ``n_images`` training images whose features lie on ``grid``.
+
+    Args:
+        config: the branch settings.
+        feature_dim: D, the patch features' dimension.
+        grid: (h, w), the patch grid of the features it is fitted on and scores.
+        n_images: N, the training images it holds.
+
+    The buffers have their fitted shapes from the start (NaN until :meth:`fit`), so an artifact
+    loads them with ``load_state_dict``. ``forward(features (B, h*w, D), grid) -> (B, h', w')``:
+    each pooled cell's distance to the nearest training cell within ``radius`` cells.
+    """
+
+    mean: torch.Tensor
+    basis: torch.Tensor
+    memory: torch.Tensor
+    memory_sq: torch.Tensor
+
+    def __init__(
+        self, config: PositionalConfig, feature_dim: int, grid: tuple[int, int], n_images: int
+    ) -> None:
+        super().__init__()
+        if n_images < 1:
+            raise ValueError("the positional memory needs at least one training image")
+        self.config = config
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.dims = min(config.dims, feature_dim)
+        r = config.radius
+        h, w = config.pooled_grid(self.grid)
+        nan = math.nan
+        self.register_buffer("mean", torch.full((feature_dim,), nan))
+        self.register_buffer("basis", torch.full((feature_dim, self.dims), nan))
+        self.register_buffer("memory", torch.full((n_images, h + 2 * r, w + 2 * r, self.dims), nan))
+        self.register_buffer("memory_sq", self._squares(), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_squares())
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, grid: tuple[int, int]) -> PositionalModel:
+        """Fit on the training images' patch features (N, h*w, D) on ``grid``."""
+        n, _, dim = self._check(features, grid)
+        if n != self.memory.shape[0]:
+            raise ValueError(f"expected {self.memory.shape[0]} training images, got {n}")
+        flat = features.reshape(-1, dim).float()
+        generator = torch.Generator().manual_seed(self.config.seed)
+        count = min(self.config.fit_patches, len(flat))
+        sample = flat[torch.randperm(len(flat), generator=generator)[:count].to(flat.device)]
+        mean = sample.mean(0)
+        # Principal directions of the sampled patches: right singular vectors, largest first.
+        _, _, vh = torch.linalg.svd(sample - mean, full_matrices=False)
+        basis = vh[: self.dims].T.contiguous()
+        cells = self._cells(features.float(), mean, basis)  # (N, h', w', d)
+        r = self.config.radius
+        self.mean.copy_(mean)
+        self.basis.copy_(basis)
+        self.memory.copy_(F.pad(cells, (0, 0, r, r, r, r)))
+        self._refresh_squares()
+        return self
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        self._check(features, grid)
+        x = self._cells(features.float(), self.mean, self.basis)  # (B, h', w', d)
+        batch, h, w, dims = x.shape
+        x_sq = x.pow(2).sum(-1)
+        r, n = self.config.radius, self.memory.shape[0]
+        nearest = torch.empty(batch, h, w, device=x.device)
+        for top in range(0, h, TILE):
+            for left in range(0, w, TILE):
+                th, tw = min(TILE, h - top), min(TILE, w - left)
+                rows, cols = slice(top, top + th + 2 * r), slice(left, left + tw + 2 * r)
+                queries = x[:, top : top + th, left : left + tw].reshape(-1, dims)
+                candidates = self.memory[:, rows, cols].reshape(-1, dims)
+                d2 = (
+                    x_sq[:, top : top + th, left : left + tw].reshape(-1, 1)
+                    + self.memory_sq[:, rows, cols].reshape(1, -1)
+                    - 2 * queries @ candidates.T
+                ).reshape(batch, th * tw, n, -1)
+                d2 = d2.masked_fill(~_window(th, tw, r, x.device), math.inf)
+                nearest[:, top : top + th, left : left + tw] = d2.amin((-2, -1)).reshape(
+                    batch, th, tw
+                )
+        return nearest.clamp_min(0).sqrt()
+
+    def map_from_features(
+        self, features: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
+    ) -> torch.Tensor:
+        """The cell distances upsampled to ``size`` (the input's (S, S)): (B, S, S)."""
+        scores = self(features, grid)
+        return F.interpolate(scores[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+    def _squares(self) -> torch.Tensor:
+        """(N, h' + 2r, w' + 2r): the memory's squared norms, +inf on its padding."""
+        squares = self.memory.pow(2).sum(-1)
+        r = self.config.radius
+        inside = torch.zeros_like(squares, dtype=torch.bool)
+        inside[:, r : squares.shape[1] - r, r : squares.shape[2] - r] = True
+        return squares.masked_fill(~inside, math.inf)
+
+    def _refresh_squares(self) -> None:
+        self.memory_sq = self._squares()
+
+    def _cells(
+        self, features: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, h*w, D) -> (B, h', w', d): projected, then pooled over ``pool`` x ``pool`` cells."""
+        projected = ((features - mean) @ basis).reshape(len(features), *self.grid, -1)
+        pool = self.config.pool
+        if pool == 1:
+            return projected
+        pooled = F.avg_pool2d(projected.permute(0, 3, 1, 2), pool, ceil_mode=True)
+        return pooled.permute(0, 2, 3, 1).contiguous()
+
+    def _check(self, features: torch.Tensor, grid: tuple[int, int]) -> tuple[int, int, int]:
+        if features.dim() != 3:
+            raise ValueError(f"expected (B, h*w, D) features, got shape {tuple(features.shape)}")
+        if tuple(grid) != self.grid or features.shape[1] != self.grid[0] * self.grid[1]:
+            raise ValueError(
+                f"the positional memory was fitted on a {self.grid} grid, got features of "
+                f"{features.shape[1]} patches on {tuple(grid)}"
+            )
+        if features.shape[-1] != self.mean.shape[0]:
+            raise ValueError(
+                f"expected {self.mean.shape[0]}-d features, got {features.shape[-1]}-d"
+            )
+        return int(features.shape[0]), int(features.shape[1]), int(features.shape[2])
+
+
+def _window(th: int, tw: int, r: int, device: torch.device) -> torch.Tensor:
+    """(th*tw, 1, (th+2r)*(tw+2r)) bool: which candidates of a tile's widened block lie within
+    ``r`` cells of each query (a query at (a, b) sees block rows a..a+2r, columns b..b+2r)."""
+    a = torch.arange(th, device=device)[:, None, None, None]
+    b = torch.arange(tw, device=device)[None, :, None, None]
+    p = torch.arange(th + 2 * r, device=device)[None, None, :, None]
+    q = torch.arange(tw + 2 * r, device=device)[None, None, None, :]
+    inside = (p >= a) & (p <= a + 2 * r) & (q >= b) & (q <= b + 2 * r)
+    return inside.reshape(th * tw, 1, -1)

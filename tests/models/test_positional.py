@@ -1,0 +1,106 @@
+"""The positional memory against a brute-force search, its settings and its saved state."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.models.positional import TILE, PositionalConfig, PositionalModel
+
+
+def brute_force(model: PositionalModel, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """Each pooled cell of ``test`` against every training cell within ``radius``, one by one."""
+
+    def cells(features: torch.Tensor) -> torch.Tensor:
+        projected = ((features - model.mean) @ model.basis).reshape(len(features), *model.grid, -1)
+        pool = model.config.pool
+        grid = F.avg_pool2d(projected.permute(0, 3, 1, 2), pool, ceil_mode=True)
+        return grid.permute(0, 2, 3, 1)
+
+    memory, queries = cells(train), cells(test)
+    r = model.config.radius
+    _, h, w, _ = queries.shape
+    out = torch.empty(queries.shape[:3])
+    for i in range(h):
+        for j in range(w):
+            window = memory[:, max(0, i - r) : i + r + 1, max(0, j - r) : j + r + 1]
+            candidates = window.reshape(-1, window.shape[-1])
+            out[:, i, j] = torch.cdist(queries[:, i, j], candidates).amin(-1)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("grid", "pool", "radius"),
+    [((6, 7), 1, 0), ((6, 7), 1, 2), ((9, 5), 2, 1), ((TILE + 3, TILE + 1), 1, 1)],
+)
+def test_the_search_equals_a_brute_force_search(grid, pool, radius) -> None:
+    """Tiles, the masked windows, the padding and partial pooling cells (odd grids) included."""
+    generator = torch.Generator().manual_seed(0)
+    dim = 6
+    train = torch.randn(4, grid[0] * grid[1], dim, generator=generator)
+    test = torch.randn(3, grid[0] * grid[1], dim, generator=generator)
+    config = PositionalConfig(enabled=True, pool=pool, radius=radius, dims=5)
+    model = PositionalModel(config, dim, grid, len(train)).fit(train, grid)
+    got = model(test, grid)
+    assert got.shape == (3, *config.pooled_grid(grid))
+    torch.testing.assert_close(got, brute_force(model, train, test), rtol=1e-4, atol=1e-4)
+
+
+def test_a_part_one_cell_away_passes_and_a_missing_or_moved_part_does_not() -> None:
+    """What the branch is for: content within the radius of where the training images hold it
+    scores 0; a part moved three cells away, and the place it left empty, score high."""
+    grid, dim = (8, 8), 3
+    part = torch.tensor([5.0, 0.0, 0.0])
+    train = torch.zeros(2, 8, 8, dim)
+    train[:, 1:4, 1:4] = part  # a 3 x 3-cell part at rows and columns 1-3 in every image
+    train = train.reshape(2, 64, dim)
+    config = PositionalConfig(enabled=True, pool=1, radius=1, dims=dim)
+    model = PositionalModel(config, dim, grid, 2).fit(train, grid)
+    near, far = torch.zeros(2, 8, 8, dim)
+    near[2:5, 2:5] = part
+    far[5:8, 5:8] = part
+    near, far = near.reshape(1, 64, dim), far.reshape(1, 64, dim)
+    assert model(train[:1], grid).abs().max() < 1e-4
+    assert model(near, grid).abs().max() < 1e-4
+    scores = model(far, grid)[0]
+    assert scores[6, 6] > 4.0 and scores[2, 2] > 4.0  # the moved part and the empty place
+
+
+def test_the_state_dict_holds_finite_values_and_restores_the_scores() -> None:
+    grid, dim = (6, 6), 4
+    generator = torch.Generator().manual_seed(1)
+    train = torch.randn(3, 36, dim, generator=generator)
+    config = PositionalConfig(enabled=True, pool=2, radius=1, dims=3)
+    model = PositionalModel(config, dim, grid, 3).fit(train, grid)
+    state = model.state_dict()
+    assert set(state) == {"mean", "basis", "memory"}
+    assert all(torch.isfinite(v).all() for v in state.values())
+    restored = PositionalModel(config, dim, grid, 3)
+    restored.load_state_dict(state, assign=True)
+    assert math.isinf(float(restored.memory_sq[0, 0, 0]))
+    test = torch.randn(2, 36, dim, generator=generator)
+    torch.testing.assert_close(restored(test, grid), model(test, grid))
+
+
+def test_wrong_inputs_are_refused() -> None:
+    model = PositionalModel(PositionalConfig(enabled=True, dims=2), 4, (4, 4), 2)
+    with pytest.raises(ValueError, match="fitted on a"):
+        model(torch.zeros(1, 16, 4), (2, 8))
+    with pytest.raises(ValueError, match="4-d features"):
+        model(torch.zeros(1, 16, 3), (4, 4))
+    with pytest.raises(ValueError, match="expected 2 training images"):
+        model.fit(torch.zeros(3, 16, 4), (4, 4))
+    with pytest.raises(ValueError, match="at least one training image"):
+        PositionalModel(PositionalConfig(), 4, (4, 4), 0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("radius", -1), ("pool", 0), ("dims", 0), ("dims", 2.5), ("enabled", "yes"), ("seed", True)],
+)
+def test_bad_settings_are_refused(field, value) -> None:
+    with pytest.raises(ValueError, match=f"PositionalConfig.{field}"):
+        PositionalConfig(**{field: value})
