@@ -30,7 +30,12 @@ def test_build_writes_a_complete_artifact(tiny_build: dict[str, Path]) -> None:
         "images": {"train": 8, "validation": 4},
         "test_images": {"good": 3, "anomalous": 6},
     }
-    assert set(manifest["files"]) == {"logical.pt", "structural.pt", "composition.pt"}
+    assert set(manifest["files"]) == {
+        "logical.pt",
+        "structural.pt",
+        "composition.pt",
+        "positional.pt",
+    }
     assert manifest["text_prior"] == {"kind": "learned", "prompt": "pushpins", "dim": None}
     assert manifest["backbones"]["logical"]["arch"] == "efficientnet_lite0"
     config = BuildConfig.from_dict(manifest["config"])

@@ -124,7 +124,8 @@ def test_mvtec_build_reports_image_pixel_auroc_and_pro(mvtec_build: dict) -> Non
         "images": {"train": 10, "validation": 2},
         "test_images": {"good": 3, "anomalous": 6},
     }
-    assert set(manifest["metrics"]) == {"logical", "structural", "composition", "fused"}
+    branches = {"logical", "structural", "positional", "composition", "fused"}
+    assert set(manifest["metrics"]) == branches
     for branch, values in manifest["metrics"].items():
         assert set(values) == PIXEL_KEYS, branch
         assert set(values["image_auroc_per_defect"]) == set(LOCO_TYPES)

@@ -42,6 +42,13 @@ def test_explicit_presets_and_bad_name() -> None:
         resolve_preset("fastest", torch.device("cpu"))
 
 
+def test_branches_beyond_the_paper_are_on_in_the_cpu_preset_only() -> None:
+    paper, _ = resolve_preset("paper", torch.device("cpu"))
+    cpu, _ = resolve_preset("cpu", torch.device("cpu"))
+    assert not paper.composition.enabled and not paper.positional.enabled
+    assert cpu.composition.enabled and cpu.positional.enabled
+
+
 @pytest.mark.parametrize(
     ("declared", "text", "expected"),
     [

@@ -25,9 +25,11 @@ from engine.runtime import Result, Runtime
 
 # The engine fuses and blurs in float32, the reference in float64. On the tiny build (fused
 # values within +-40, the gated composition term raised to the 8th power) they differ by up to
-# 1.5e-6 relative; swapping the branch statistics moves the map by whole units.
+# 1.5e-6 relative without the positional memory and 1.7e-5 with it (its distances lie far from
+# zero against their validation spread, so float32 standardisation keeps fewer digits);
+# swapping the branch statistics moves the map by whole units.
 FUSED_ATOL = 3e-5
-FUSED_RTOL = 1e-5
+FUSED_RTOL = 4e-5
 # Scores of the same batch as the build's calibration: only float32 rounding may differ.
 SCORE_ATOL = 1e-5
 
