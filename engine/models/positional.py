@@ -22,8 +22,8 @@ dicts hold finite values only).
 The search runs tile by tile: the queries of a ``TILE`` x ``TILE`` block against every
 candidate of the block widened by ``r`` in one matrix product, the candidates out of each
 query's own window masked. That computes ``(TILE + 2r)² / (2r + 1)²`` times the distances
-needed, but as one GEMM per tile instead of a matrix-vector product per cell and offset
-(about 10x faster on CPU at the defaults).
+needed, but as one GEMM per tile instead of a matrix-vector product per cell and offset, which
+BLAS runs far worse (benchmarks/test_positional_search.py times it).
 """
 
 from __future__ import annotations
