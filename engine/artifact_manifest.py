@@ -200,18 +200,18 @@ def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
         is_approximate(index), config.composition.enabled, config.positional.enabled
     )
     files = _parse_files(f, f.section(root, "files", "files"), expected)
-    shapes = {"composition_grid": grid, "positional_memory": positional}
     return ManifestSpec(
         config,
         weights,
         stats,
         fusion_weights,
-        text_dim=text_dim,
-        threshold=threshold,
-        index=index,
-        files=files,
-        image_stats=image_stats,
-        **shapes,
+        grid,
+        text_dim,
+        threshold,
+        index,
+        files,
+        image_stats,
+        positional,
     )
 
 

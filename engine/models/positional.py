@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.composition.ops import pca_basis
+
 __all__ = ["PositionalConfig", "PositionalModel"]
 
 TILE = 8  # query cells per tile side (see the module docstring)
@@ -126,14 +128,10 @@ class PositionalModel(nn.Module):
         n, _, dim = self._check(features, grid)
         if n != self.memory.shape[0]:
             raise ValueError(f"expected {self.memory.shape[0]} training images, got {n}")
-        flat = features.reshape(-1, dim).float()
+        flat = features.reshape(-1, dim)
         generator = torch.Generator().manual_seed(self.config.seed)
-        count = min(self.config.fit_patches, len(flat))
-        sample = flat[torch.randperm(len(flat), generator=generator)[:count].to(flat.device)]
-        mean = sample.mean(0)
-        # Principal directions of the sampled patches: right singular vectors, largest first.
-        _, _, vh = torch.linalg.svd(sample - mean, full_matrices=False)
-        basis = vh[: self.dims].T.contiguous()
+        picks = torch.randperm(len(flat), generator=generator)[: self.config.fit_patches]
+        mean, basis = pca_basis(flat[picks.to(flat.device)], self.dims)
         cells = self._cells(features.float(), mean, basis)  # (N, h', w', d)
         r = self.config.radius
         self.mean.copy_(mean)
@@ -165,13 +163,6 @@ class PositionalModel(nn.Module):
                     batch, th, tw
                 )
         return nearest.clamp_min(0).sqrt()
-
-    def map_from_features(
-        self, features: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
-    ) -> torch.Tensor:
-        """The cell distances upsampled to ``size`` (the input's (S, S)): (B, S, S)."""
-        scores = self(features, grid)
-        return F.interpolate(scores[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
     def _squares(self) -> torch.Tensor:
         """(N, h' + 2r, w' + 2r): the memory's squared norms, +inf on its padding."""
