@@ -216,7 +216,8 @@ def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
 
 
 def _parse_positional(f: Fields, root: dict[str, Any]) -> tuple[tuple[int, int], int]:
-    """``positional_memory``: ``{"grid": [h, w], "images": N}``, the memory's shape."""
+    """``positional_memory``: ``{"grid": [h, w], "images": M}``, the memory's shape (M rows per
+    cell: the training images, or ``max_images`` of them)."""
     section = f.section(root, "positional_memory", "positional_memory")
     grid = _grid(f, section.get("grid"), "positional_memory.grid")
     images = f.count(section, "images", "positional_memory.images")

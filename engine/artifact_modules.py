@@ -48,8 +48,8 @@ def empty_modules(
         )
     positional = None
     if spec.positional_memory is not None:
-        grid, images = spec.positional_memory
-        positional = PositionalModel(spec.config.positional, features.out_dim, grid, images)
+        grid, rows = spec.positional_memory
+        positional = PositionalModel(spec.config.positional, features.out_dim, grid, rows)
     return logical, structural, composition, positional
 
 

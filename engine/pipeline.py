@@ -298,10 +298,13 @@ def build_category(
     positional = None
     if config.positional.enabled:
         with _step(seconds, "positional memory", verbose):
-            positional = PositionalModel(
-                config.positional, int(features.shape[-1]), grid, int(features.shape[0])
-            )
+            rows = config.positional.memory_rows(int(features.shape[0]))
+            positional = PositionalModel(config.positional, int(features.shape[-1]), grid, rows)
             positional.to(device).fit(features.to(device), grid)
+        if verbose:
+            h, w = config.positional.pooled_grid(grid)
+            kept = "all" if rows == len(features) else f"k-center {rows} of {len(features)}"
+            print(f"positional memory: {h} x {w} cells, training images per cell: {kept}")
 
     composition = None
     if config.composition.enabled:

@@ -4,6 +4,7 @@ artifacts from before the branch existed still load."""
 from __future__ import annotations
 
 import runpy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,18 @@ def test_round_trip_gives_the_same_maps_and_the_runtime_returns_the_branch_map(
     result = Runtime.load(art, device="cpu", backend="eager")(batch[0].numpy(), color="rgb")
     assert result.positional_map is not None and result.positional_map.shape == (32, 32)
     assert result.composition_map is None
+
+
+def test_a_memory_capped_below_the_training_images_round_trips(tmp_path: Path) -> None:
+    detector, config = tiny["tiny_detector"](0)
+    capped = replace(tiny["TINY_POSITIONAL"], max_images=3)
+    detector, config = tiny["with_positional"](detector, config, capped)
+    path = tiny["save"](tmp_path / "capped", detector, config)
+    loaded, manifest = load_artifact(path)
+    assert manifest["positional_memory"] == {"grid": [8, 8], "images": 3}
+    assert manifest["config"]["positional"]["max_images"] == 3
+    batch = frames()
+    torch.testing.assert_close(loaded(batch).positional, detector(batch).positional)
 
 
 def test_an_artifact_from_before_the_positional_section_loads(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """An end-to-end build whose branches take different input sizes (logical 64 px, structural
 96 px, as the default presets do: 128 / 256 px; the composition branch its own 80 px pass),
 while the shared tiny build uses one size; with every optional branch (a positional memory on
-the structural features too)."""
+the structural features too, capped at fewer training images than the category has)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from engine.runtime import Result, Runtime
 pytestmark = pytest.mark.slow
 
 LOGICAL_SIZE, STRUCTURAL_SIZE, COMPOSITION_SIZE = 64, 96, 80
+POSITIONAL_ROWS = 5  # of the 8 training images
 # Runtime (1 image per batch) and build (8 per batch): float32 rounding noise only.
 MAP_ATOL = 1e-4
 MAP_RTOL = 1e-5  # maps reach tens of units: rounding noise scales with them
@@ -36,7 +37,7 @@ def sized_build(
     args += [f"--set=logical.image_size={LOGICAL_SIZE}"]
     args += [f"--set=structural.image_size={STRUCTURAL_SIZE}"]
     args += [f"--set=composition.image_size={COMPOSITION_SIZE}"]
-    args += ["--set=positional.enabled=true"]
+    args += ["--set=positional.enabled=true", f"--set=positional.max_images={POSITIONAL_ROWS}"]
     argv = ["--category=pushpins", f"--data-root={tiny_loco}", f"--out={artifact}"]
     assert main([*argv, f"--save-maps={maps}", *args]) == 0
     return {"artifact": artifact, "maps": maps, "data": tiny_loco}
@@ -55,7 +56,11 @@ def test_manifest_records_every_size(sized_build: dict[str, Path]) -> None:
     assert config["composition"]["image_size"] == COMPOSITION_SIZE
     # EfficientNet-Lite0's finest level (layer2) has stride 8.
     assert manifest["composition_grid"] == [COMPOSITION_SIZE // 8] * 2
-    assert manifest["positional_memory"]["grid"] == [STRUCTURAL_SIZE // 8] * 2
+    assert manifest["positional_memory"] == {
+        "grid": [STRUCTURAL_SIZE // 8] * 2,
+        "images": POSITIONAL_ROWS,
+    }
+    assert config["positional"]["max_images"] == POSITIONAL_ROWS
     assert set(manifest["calibration"]) == {"logical", "structural", "positional", "composition"}
 
 

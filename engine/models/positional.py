@@ -14,8 +14,12 @@ way; here it is a separate map, fused by the maximum like the other map branches
 Input: the memory bank's patch features ``(B, h*w, D)`` on their grid (no backbone pass of its
 own), projected on the top ``dims`` principal directions of the training patches and averaged
 over ``pool`` x ``pool`` cells. Every fitted value is a buffer: ``mean`` (D,), ``basis``
-(D, d) and ``memory`` (N, h' + 2r, w' + 2r, d), the training images' pooled projections
-zero-padded by ``r`` cells. ``memory_sq``, their squared norms with +inf on the padding so that
+(D, d) and ``memory`` (M, h' + 2r, w' + 2r, d), the training images' pooled projections
+zero-padded by ``r`` cells. With more than ``max_images`` training images, each cell keeps the
+M = ``max_images`` of its N training vectors that a greedy k-center selection picks (PatchCore's
+coreset rule, per cell): every dropped vector lies within the selection's coverage radius ε of a
+kept one at the same cell, so no score rises by more than ε (triangle inequality), while the
+memory and the search stay the size of M images however many training images there are. ``memory_sq``, their squared norms with +inf on the padding so that
 no position outside the grid matches, is derived from ``memory`` (not saved: an artifact's state
 dicts hold finite values only).
 
@@ -57,6 +61,8 @@ class PositionalConfig:
     dimension): the memory holds d values per training cell.
     ``fit_patches``: patches sampled (seeded with ``seed``) from the training images for the
     principal directions.
+    ``max_images``: M, at most this many training vectors kept per cell (k-center selection,
+    see the module docstring); ``None`` keeps every training image's.
     """
 
     enabled: bool = False
@@ -65,6 +71,7 @@ class PositionalConfig:
     dims: int = 128
     fit_patches: int = 20000
     seed: int = 0
+    max_images: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -79,6 +86,15 @@ class PositionalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"PositionalConfig.{name} must be an int >= {low}, got {value!r}")
+        cap = self.max_images
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(
+                f"PositionalConfig.max_images must be an int >= 1 or null, got {cap!r}"
+            )
+
+    def memory_rows(self, n_images: int) -> int:
+        """M, the memory's rows (training vectors per cell) for ``n_images`` training images."""
+        return n_images if self.max_images is None else min(n_images, self.max_images)
 
     def pooled_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         """The grid the memory lies on, for features on ``grid`` (partial cells kept)."""
@@ -86,13 +102,14 @@ class PositionalConfig:
 
 
 class PositionalModel(nn.Module):
-    """The positional memory of ``n_images`` training images whose features lie on ``grid``.
+    """The positional memory of ``rows`` training vectors per cell, on the features' ``grid``.
 
     Args:
         config: the branch settings.
         feature_dim: D, the patch features' dimension.
         grid: (h, w), the patch grid of the features it is fitted on and scores.
-        n_images: N, the training images it holds.
+        rows: M, the training vectors it holds per cell (``config.memory_rows`` of the training
+            image count).
 
     The buffers have their fitted shapes from the start (NaN until :meth:`fit`), so an artifact
     loads them with ``load_state_dict``. ``forward(features (B, h*w, D), grid) -> (B, h', w')``:
@@ -105,10 +122,10 @@ class PositionalModel(nn.Module):
     memory_sq: torch.Tensor
 
     def __init__(
-        self, config: PositionalConfig, feature_dim: int, grid: tuple[int, int], n_images: int
+        self, config: PositionalConfig, feature_dim: int, grid: tuple[int, int], rows: int
     ) -> None:
         super().__init__()
-        if n_images < 1:
+        if rows < 1:
             raise ValueError("the positional memory needs at least one training image")
         self.config = config
         self.grid = (int(grid[0]), int(grid[1]))
@@ -118,21 +135,28 @@ class PositionalModel(nn.Module):
         nan = math.nan
         self.register_buffer("mean", torch.full((feature_dim,), nan))
         self.register_buffer("basis", torch.full((feature_dim, self.dims), nan))
-        self.register_buffer("memory", torch.full((n_images, h + 2 * r, w + 2 * r, self.dims), nan))
+        self.register_buffer("memory", torch.full((rows, h + 2 * r, w + 2 * r, self.dims), nan))
         self.register_buffer("memory_sq", self._squares(), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_squares())
 
     @torch.no_grad()
     def fit(self, features: torch.Tensor, grid: tuple[int, int]) -> PositionalModel:
-        """Fit on the training images' patch features (N, h*w, D) on ``grid``."""
+        """Fit on the training images' patch features (N, h*w, D) on ``grid``, N >= M."""
         n, _, dim = self._check(features, grid)
-        if n != self.memory.shape[0]:
-            raise ValueError(f"expected {self.memory.shape[0]} training images, got {n}")
+        rows = self.memory.shape[0]
+        if n < rows or (n > rows and self.config.memory_rows(n) != rows):
+            raise ValueError(
+                f"a memory of {rows} rows expects {rows} training images"
+                + ("" if self.config.max_images is None else " or more")
+                + f", got {n}"
+            )
         flat = features.reshape(-1, dim)
         generator = torch.Generator().manual_seed(self.config.seed)
         picks = torch.randperm(len(flat), generator=generator)[: self.config.fit_patches]
         mean, basis = pca_basis(flat[picks.to(flat.device)], self.dims)
         cells = self._cells(features.float(), mean, basis)  # (N, h', w', d)
+        if n > rows:
+            cells = kcenter_per_cell(cells, rows)
         r = self.config.radius
         self.mean.copy_(mean)
         self.basis.copy_(basis)
@@ -199,6 +223,23 @@ class PositionalModel(nn.Module):
                 f"expected {self.mean.shape[0]}-d features, got {features.shape[-1]}-d"
             )
         return int(features.shape[0]), int(features.shape[1]), int(features.shape[2])
+
+
+def kcenter_per_cell(cells: torch.Tensor, rows: int) -> torch.Tensor:
+    """(N, h, w, d) -> (rows, h, w, d): at each cell, a greedy k-center selection of ``rows`` of
+    its N vectors, starting from the one nearest the cell's mean (deterministic)."""
+    n, h, w, d = cells.shape
+    points = cells.permute(1, 2, 0, 3).reshape(h * w, n, d)
+    first = (points - points.mean(1, keepdim=True)).pow(2).sum(-1).argmin(1)
+    picks = [first]
+    nearest = torch.full((h * w, n), math.inf, device=cells.device)
+    for _ in range(rows - 1):
+        chosen = points[torch.arange(h * w, device=cells.device), picks[-1]]
+        nearest = torch.minimum(nearest, (points - chosen[:, None]).pow(2).sum(-1))
+        picks.append(nearest.argmax(1))
+    index = torch.stack(picks, 1)  # (h*w, rows)
+    kept = points.gather(1, index[..., None].expand(-1, -1, d))
+    return kept.reshape(h, w, rows, d).permute(2, 0, 1, 3).contiguous()
 
 
 def _window(th: int, tw: int, r: int, device: torch.device) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models.positional import TILE, PositionalConfig, PositionalModel
+from engine.models.positional import TILE, PositionalConfig, PositionalModel, kcenter_per_cell
 
 
 def brute_force(model: PositionalModel, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
@@ -91,16 +91,86 @@ def test_wrong_inputs_are_refused() -> None:
         model(torch.zeros(1, 16, 4), (2, 8))
     with pytest.raises(ValueError, match="4-d features"):
         model(torch.zeros(1, 16, 3), (4, 4))
-    with pytest.raises(ValueError, match="expected 2 training images"):
+    with pytest.raises(ValueError, match="expects 2 training images, got 3"):
         model.fit(torch.zeros(3, 16, 4), (4, 4))
+    capped = PositionalModel(PositionalConfig(enabled=True, dims=2, max_images=2), 4, (4, 4), 2)
+    with pytest.raises(ValueError, match="expects 2 training images or more, got 1"):
+        capped.fit(torch.zeros(1, 16, 4), (4, 4))
     with pytest.raises(ValueError, match="at least one training image"):
         PositionalModel(PositionalConfig(), 4, (4, 4), 0)
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("radius", -1), ("pool", 0), ("dims", 0), ("dims", 2.5), ("enabled", "yes"), ("seed", True)],
+    [
+        ("radius", -1),
+        ("pool", 0),
+        ("dims", 0),
+        ("dims", 2.5),
+        ("enabled", "yes"),
+        ("seed", True),
+        ("max_images", 0),
+        ("max_images", True),
+        ("max_images", 1.5),
+    ],
 )
 def test_bad_settings_are_refused(field, value) -> None:
     with pytest.raises(ValueError, match=f"PositionalConfig.{field}"):
         PositionalConfig(**{field: value})
+
+
+def _capped_and_full(
+    train: torch.Tensor, grid: tuple[int, int], rows: int, **settings
+) -> tuple[PositionalModel, PositionalModel]:
+    dim = train.shape[-1]
+    capped = PositionalConfig(enabled=True, dims=dim, max_images=rows, **settings)
+    full = PositionalConfig(enabled=True, dims=dim, **settings)
+    n = len(train)
+    return (
+        PositionalModel(capped, dim, grid, capped.memory_rows(n)).fit(train, grid),
+        PositionalModel(full, dim, grid, full.memory_rows(n)).fit(train, grid),
+    )
+
+
+def test_up_to_max_images_the_memory_keeps_every_training_image() -> None:
+    generator = torch.Generator().manual_seed(2)
+    grid = (5, 6)
+    train = torch.randn(4, 30, 3, generator=generator)
+    capped, full = _capped_and_full(train, grid, 4, pool=1, radius=1)
+    assert PositionalConfig(max_images=4).memory_rows(3) == 3
+    torch.testing.assert_close(capped.memory, full.memory)
+
+
+def test_the_kcenter_cap_raises_no_score_by_more_than_its_coverage_radius() -> None:
+    """Each kept vector is one of its cell's training vectors, and every dropped one lies within
+    the coverage radius of a kept one: the capped score is the full one plus at most that."""
+    generator = torch.Generator().manual_seed(3)
+    grid, dim, n, rows = (6, 6), 3, 12, 4
+    train = torch.randn(n, 36, dim, generator=generator)
+    test = torch.randn(5, 36, dim, generator=generator)
+    capped, full = _capped_and_full(train, grid, rows, pool=1, radius=1)
+    assert capped.memory.shape[0] == rows
+    cells = train.reshape(n, *grid, dim) - full.mean  # pool 1, full basis: the same distances
+    kept = capped.memory[:, 1:-1, 1:-1] @ capped.basis.T
+    gaps = (kept[:, None] - cells[None]).norm(dim=-1)  # (rows, n, h, w)
+    assert torch.all(gaps.amin(1) < 1e-4)  # every kept vector is a training vector of its cell
+    coverage = float(gaps.amin(0).amax())
+    assert coverage > 0
+    low, high = full(test, grid), capped(test, grid)
+    assert torch.all(high >= low - 1e-4)
+    assert torch.all(high <= low + coverage + 1e-4)
+
+
+def test_the_cap_loses_nothing_when_training_images_repeat() -> None:
+    """Three distinct images, each four times: a 3-row memory keeps one copy of each."""
+    generator = torch.Generator().manual_seed(4)
+    grid = (4, 5)
+    train = torch.randn(3, 20, 4, generator=generator).repeat(4, 1, 1)
+    capped, full = _capped_and_full(train, grid, 3, pool=2, radius=1)
+    test = torch.randn(2, 20, 4, generator=generator)
+    torch.testing.assert_close(capped(test, grid), full(test, grid), rtol=1e-4, atol=1e-4)
+
+
+def test_kcenter_per_cell_starts_near_the_mean_and_takes_the_farthest_next() -> None:
+    points = torch.tensor([[0.0], [1.0], [10.0], [0.9]]).reshape(4, 1, 1, 1)
+    assert kcenter_per_cell(points, 2).flatten().tolist() == [1.0, 10.0]

@@ -115,14 +115,17 @@ def with_composition(detector: Detector, config: BuildConfig, own_size: int) -> 
 TINY_POSITIONAL = PositionalConfig(enabled=True, pool=2, radius=1, dims=4)
 
 
-def with_positional(detector: Detector, config: BuildConfig) -> tuple[Detector, BuildConfig]:
-    """``detector`` with a positional memory fitted on random images and calibrated like the
-    other branches, and ``config`` with that branch enabled (what its manifest records)."""
+def with_positional(
+    detector: Detector, config: BuildConfig, positional_config: PositionalConfig = TINY_POSITIONAL
+) -> tuple[Detector, BuildConfig]:
+    """``detector`` with a positional memory fitted on five random images and calibrated like
+    the other branches, and ``config`` with that branch enabled (what its manifest records)."""
     features = detector.structural.patch_features
     images = torch.randn(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         train, grid = features(images)
-    positional = PositionalModel(TINY_POSITIONAL, features.out_dim, grid, len(images))
+    rows = positional_config.memory_rows(len(images))
+    positional = PositionalModel(positional_config, features.out_dim, grid, rows)
     positional.fit(train, grid)
     assert detector.stats is not None
     positional_stats = BranchStats(1.0, 0.5)
@@ -135,7 +138,7 @@ def with_positional(detector: Detector, config: BuildConfig) -> tuple[Detector, 
         composition=detector.composition,
         positional=positional,
     )
-    return detector, replace(config, positional=TINY_POSITIONAL)
+    return detector, replace(config, positional=positional_config)
 
 
 def info(threshold: float = 1.5, marker: str = "A") -> dict:
