@@ -46,9 +46,10 @@ from engine.data.formats import (
 )
 from engine.data.loco import check_category_name
 from engine.data.synthetic import CATEGORIES, GENERATOR_VERSION, generate_category
-from engine.data.types import DatasetError
+from engine.data.types import GOOD, LOGICAL, STRUCTURAL, DatasetError
 from engine.evaluation import FUSED
 from engine.metrics import LocoMetrics, TestMetrics, metric_cells
+from engine.metrics.auroc import auroc_standard_error
 from engine.operating_point import operating_point_lines
 from engine.pipeline import BuildResult, build_category
 from engine.preflight import check_index_kind, check_outputs
@@ -327,6 +328,32 @@ def _metric_table(results: Sequence[BuildResult]) -> list[str]:
     return lines
 
 
+def noise_line(metrics: TestMetrics) -> str | None:
+    """How far the fused mean image AUROC of a LOCO test set moves by sampling alone (one
+    standard error), so that small differences between rows are not read as results; None
+    when the test set does not define it."""
+    if not isinstance(metrics, LocoMetrics):
+        return None
+    counts = {kind: len(metrics.image_scores.get(kind, ())) for kind in (GOOD, LOGICAL, STRUCTURAL)}
+    areas = {kind: metrics.auroc_tie_correct.get(kind) for kind in (LOGICAL, STRUCTURAL)}
+    errors = [
+        auroc_standard_error(area, counts[GOOD], counts[kind])
+        for kind, area in areas.items()
+        if area is not None
+    ]
+    if not errors:
+        return None
+    # The subsets share their good images, so their errors are correlated: the mean's error lies
+    # between the independent value and the errors' average, which is printed (the larger).
+    error = sum(errors) / len(errors)
+    return (
+        f"fused mean AUROC sampling error about ±{error:.3f} (one standard error, "
+        f"Hanley-McNeil; {counts[GOOD]} good, {counts[LOGICAL]} logical, {counts[STRUCTURAL]} "
+        "structural test images): closer rows are not told apart by this test set "
+        "(docs/ACCURACY.md: the multi-seed benchmark)"
+    )
+
+
 def result_table(results: Sequence[BuildResult], target_far: float) -> str:
     """The metrics per branch, one table with its legend per evaluation level (LOCO: image
     AUROC and AU-sPRO@0.05 per subset), step times, and what the threshold does on the test
@@ -342,6 +369,9 @@ def result_table(results: Sequence[BuildResult], target_far: float) -> str:
         steps = ", ".join(f"{name} {s:.1f}s" for name, s in result.seconds.items())
         lines.append(f"{result.category}: {steps}; total {sum(result.seconds.values()):.1f}s")
         lines.append(f"{result.category}: artifact {result.artifact}")
+        noise = noise_line(result.metrics[FUSED]) if FUSED in result.metrics else None
+        if noise is not None:
+            lines.append(f"{result.category}: {noise}")
         scores = result.image_scores.get(FUSED, np.empty(0))
         first, *rest = operating_point_lines(
             scores, result.test_defects, result.threshold, target_far

@@ -92,3 +92,21 @@ def roc_curve(negatives: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray,
     fpr = np.concatenate([[0.0], fp / neg.size])
     tpr = np.concatenate([[0.0], tp / pos.size])
     return fpr, tpr
+
+
+def auroc_standard_error(area: float, negatives: int, positives: int) -> float:
+    """Sampling standard error of an image AUROC ``area`` measured on ``negatives`` good and
+    ``positives`` anomalous images (Hanley & McNeil 1982, exponential approximation).
+
+    What a build prints beside its metrics so that a difference between two rows of a small test
+    set is not read as a result: 20 good and 20 anomalous images at AUROC 0.8 give about 0.07.
+    """
+    if not 0.0 <= area <= 1.0:
+        raise ValueError(f"an AUROC lies in [0, 1], got {area}")
+    if negatives < 1 or positives < 1:
+        raise ValueError(f"need at least one image per class, got {negatives} and {positives}")
+    q1, q2 = area / (2.0 - area), 2.0 * area**2 / (1.0 + area)
+    variance = (
+        area * (1.0 - area) + (positives - 1) * (q1 - area**2) + (negatives - 1) * (q2 - area**2)
+    ) / (positives * negatives)
+    return float(np.sqrt(max(variance, 0.0)))

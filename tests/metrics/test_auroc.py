@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from engine.metrics.auroc import auroc, auroc_official, roc_curve, roc_points_official
+from engine.metrics.auroc import (
+    auroc,
+    auroc_official,
+    auroc_standard_error,
+    roc_curve,
+    roc_points_official,
+)
 from engine.metrics.curve import trapezoid
 
 
@@ -70,3 +76,30 @@ def test_bad_scores_are_refused(negatives, positives, message):
     for metric in (auroc, auroc_official):
         with pytest.raises(ValueError, match=message):
             metric(negatives, positives)
+
+
+@pytest.mark.parametrize(("area", "negatives", "positives"), [(0.8, 20, 20), (0.9, 100, 100)])
+def test_standard_error_matches_the_spread_of_resampled_aurocs(area, negatives, positives):
+    # Binormal scores with this AUROC: d' = sqrt(2) * probit(area).
+    shift = np.sqrt(2) * {0.8: 0.8416212, 0.9: 1.2815516}[area]
+    rng = np.random.default_rng(0)
+    values = [
+        auroc(rng.normal(size=negatives), rng.normal(shift, size=positives)) for _ in range(2000)
+    ]
+    # Hanley-McNeil assumes exponential scores; on binormal ones it is within about 10 %.
+    assert auroc_standard_error(area, negatives, positives) == pytest.approx(
+        np.std(values), rel=0.15
+    )
+
+
+def test_standard_error_shrinks_with_the_test_set():
+    assert auroc_standard_error(0.8, 100, 100) < auroc_standard_error(0.8, 20, 20) / 2
+    assert auroc_standard_error(1.0, 20, 20) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("area", "negatives", "positives"), [(1.2, 5, 5), (0.5, 0, 5), (0.5, 5, 0)]
+)
+def test_standard_error_refuses_bad_input(area, negatives, positives):
+    with pytest.raises(ValueError):
+        auroc_standard_error(area, negatives, positives)
