@@ -77,6 +77,7 @@ from engine.models.text_prior import category_prompt, resolve_text_prior
 from engine.preflight import (
     check_index_kind,
     check_outputs,
+    check_training_images,
     checkpoint_folder,
     data_fingerprint,
     training_fingerprint,
@@ -218,6 +219,7 @@ def build_category(
     dataset = open_dataset(data_root, category, data_format)
     with _step(seconds, "validate inputs", verbose):
         validate_inputs(dataset, progress)
+        check_training_images(dataset, config)
         check_index_kind(config.structural.index, device)
         data_digest = data_fingerprint(dataset)
         data_info = _data_info(dataset)

@@ -16,9 +16,11 @@ import torch
 from tqdm import tqdm
 
 from engine import artifact as artifact_module
+from engine.config import BuildConfig
 from engine.data.formats import CategoryDataset
 from engine.data.images import read_image_size, read_rgb
 from engine.data.types import MIN_VALIDATION_IMAGES, DatasetError
+from engine.models.composition import MIN_TRAINING_IMAGES
 from engine.models.knn_index import faiss_available, faiss_gpu_available
 from engine.models.weights import WeightsInfo, file_sha256
 from engine.train import check_checkpoint_dir
@@ -27,6 +29,7 @@ __all__ = [
     "check_index_kind",
     "check_output_folder",
     "check_outputs",
+    "check_training_images",
     "checkpoint_folder",
     "data_fingerprint",
     "training_fingerprint",
@@ -126,6 +129,18 @@ def validate_inputs(dataset: CategoryDataset, progress: bool) -> None:
                     f"{channel.area} pixels ({channel.defect}); raise its saturation_threshold "
                     "in defects_config.json"
                 )
+
+
+def check_training_images(dataset: CategoryDataset, config: BuildConfig) -> None:
+    """Raise DatasetError when the branches ``config`` turns on need more training images than
+    ``dataset`` holds, before any training spends minutes on them."""
+    train = dataset.samples("train")
+    if config.composition.enabled and len(train) < MIN_TRAINING_IMAGES:
+        raise DatasetError(
+            f"{train[0].image_path.parent}: {len(train)} training image; the composition branch "
+            f"needs at least {MIN_TRAINING_IMAGES} (add good images, or turn the branch off "
+            "with --set composition.enabled=false)"
+        )
 
 
 def data_fingerprint(dataset: CategoryDataset) -> str:

@@ -29,6 +29,7 @@ from engine.artifact import load_artifact
 from engine.backends import apply_backend
 from engine.calibrate import finite_threshold, resize_to
 from engine.detector import Detector, check_precision
+from engine.frame_graph import FrameGraphs
 from engine.sources import LatestFrames, Source, SourceLost, open_source
 from engine.transfers import Transfers
 
@@ -131,6 +132,8 @@ class Runtime:
             threshold = finite_threshold(manifest.get("threshold"), "the manifest's threshold")
         self.threshold = threshold
         self._busy = threading.Lock()
+        # backend "graph": the whole frame replayed as one CUDA graph per frame shape
+        self._graphs = FrameGraphs(self._outputs, detector.device) if backend == "graph" else None
 
     @property
     def threshold(self) -> float:
@@ -243,14 +246,8 @@ class Runtime:
         batch = self._transfers.to_device(batch)
         if color == "bgr":
             batch = batch.flip(-1)
-        maps = self.detector(batch)
-        assert maps.fused is not None
-        height, width = int(batch.shape[1]), int(batch.shape[2])
-        branches = maps.branches()
-        wanted = [branches.get(name) if name in self.branch_maps else None for name in BRANCH_MAPS]
-        full_np, logical, structural, positional, composition = self._transfers.to_host(
-            [resize_to(maps.fused, (height, width)), *wanted]
-        )
+        outputs = (self._graphs or self._outputs)(batch)
+        full_np, logical, structural, positional, composition = self._transfers.to_host(outputs)
         assert full_np is not None
         scores = full_np.reshape(len(full_np), -1).max(axis=1)  # image score: the map's maximum
         if not np.isfinite(scores).all():
@@ -277,15 +274,28 @@ class Runtime:
             for i in range(len(scores))
         ]
 
-    def warmup(self, size: tuple[int, int] = (480, 640), iterations: int = 3) -> float:
-        """Run ``iterations`` black frames of ``size`` (H, W) to trigger compilation and
-        autotuning; returns the last call's latency in ms."""
-        frame = np.zeros((*size, 3), dtype=np.uint8)
-        result = None
+    def _outputs(self, batch: torch.Tensor) -> list[torch.Tensor | None]:
+        """uint8 RGB (B, H, W, 3) on the device -> the fused map at the frame's size, then each
+        of :data:`BRANCH_MAPS` at model size (None where off or not asked for)."""
+        maps = self.detector(batch)
+        assert maps.fused is not None
+        branches = maps.branches()
+        wanted = [branches.get(name) if name in self.branch_maps else None for name in BRANCH_MAPS]
+        return [resize_to(maps.fused, (int(batch.shape[1]), int(batch.shape[2]))), *wanted]
+
+    def warmup(
+        self, size: tuple[int, int] = (480, 640), iterations: int = 3, batch: int = 1
+    ) -> float:
+        """Run ``iterations`` black batches of ``batch`` frames of ``size`` (H, W) to trigger
+        compilation, autotuning and (backend ``graph``) the capture of that frame shape; returns
+        the last call's latency in ms. Warm up with the line's frame size and batch."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        frames = torch.zeros((batch, *size, 3), dtype=torch.uint8)
+        results: list[Result] = []
         for _ in range(max(1, iterations)):
-            result = self(frame, color="rgb")
-        assert isinstance(result, Result)
-        return result.latency_ms
+            results = self(frames, color="rgb")
+        return results[0].latency_ms
 
     def stream(
         self,

@@ -52,3 +52,17 @@ def test_branch_maps_are_copied_only_when_asked(tiny_build: dict[str, Path]) -> 
     np.testing.assert_array_equal(result.structural_map, full.structural_map)
     np.testing.assert_array_equal(result.anomaly_map, full.anomaly_map)
     assert result.score == full.score
+
+
+@pytest.mark.slow
+def test_warmup_runs_the_batch_shape_asked(tiny_build: dict[str, Path]) -> None:
+    rt = Runtime.load(tiny_build["artifact"], device="cpu", backend="eager")
+    assert np.isfinite(rt.warmup(size=(48, 64), iterations=1, batch=2))
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        rt.warmup(batch=0)
+
+
+@pytest.mark.slow
+def test_graph_backend_is_refused_on_cpu(tiny_build: dict[str, Path]) -> None:
+    with pytest.raises(RuntimeError, match="backend 'graph' captures CUDA graphs"):
+        Runtime.load(tiny_build["artifact"], device="cpu", backend="graph")

@@ -7,7 +7,7 @@
 # two short leases; BENCH_FILTER is a pytest -k expression for the benchmark step.
 # Measured on an H200 (2026-11-30, docs/PERFORMANCE.md): tiny paper build 56 s, the eager probe
 # cases 45 s, compiling the paper models more than 2 minutes, the kernel tests more than 150 s;
-# the step limits add up to about 16 minutes, more than one 10-minute lease: split with STEPS.
+# the step limits add up to about 17 minutes, more than one 10-minute lease: split with STEPS.
 #
 #   OUT=/tmp/gpu tools/gpu_check.sh
 #   STEPS="kernel_tests tiny_data tiny_paper_build precision_gate runtime_probe" tools/gpu_check.sh
@@ -65,7 +65,7 @@ step tiny_paper_build 120 "$PY" -m engine.build --category pushpins --data-root 
     --text-prior learned --epochs 1 --no-progress
 step precision_gate 60 "$PY" -m tools.precision_gate --artifact "$ARTIFACT" \
     --data-root "$DATA" --category pushpins --device cuda --out "$OUT/precision_gate.json"
-step runtime_probe 240 "$PY" -m tools.gpu_probe --artifact "$ARTIFACT" --out "$OUT"
+step runtime_probe 300 "$PY" -m tools.gpu_probe --artifact "$ARTIFACT" --out "$OUT"
 step kernel_tests 240 "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable --durations=15 \
     -m "gpu or not slow" --junitxml="$OUT/kernel_tests.xml" tests/kernels
 step gpu_tests 90 "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable -m gpu \

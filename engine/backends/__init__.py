@@ -2,7 +2,10 @@
 
 ``eager`` runs the PyTorch modules as they are (the reference every other backend is compared
 with). ``compile`` folds the BatchNorms into their convolutions and wraps both branch functions
-in ``torch.compile`` (Inductor; CUDA graphs with ``mode="reduce-overhead"`` on GPU). ``onnx``
+in ``torch.compile`` (Inductor; CUDA graphs with ``mode="reduce-overhead"`` on GPU). ``graph``
+(CUDA only) folds the BatchNorms and has the Runtime capture the whole frame, eager modules and
+all, as one CUDA graph per frame shape (:mod:`engine.frame_graph`); it needs the memory bank
+searched on the GPU (no FAISS index) and is not yet measured on a GPU. ``onnx``
 runs both networks in ONNX Runtime on CPU (see :mod:`engine.backends.onnx`). ``tensorrt`` is
 not implemented in this version and says so. ``auto`` picks ``compile`` on CUDA; on CPU it
 picks ``onnx`` for float32 when ONNX Runtime is installed (it runs the networks about 3x
@@ -21,7 +24,7 @@ import torch
 from engine.backends.onnx import apply_onnx, onnx_available
 from engine.detector import Detector
 
-BACKENDS = ("auto", "eager", "compile", "onnx", "tensorrt")
+BACKENDS = ("auto", "eager", "compile", "graph", "onnx", "tensorrt")
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +45,11 @@ def resolve_backend(name: str, device: torch.device, precision: str = "fp32") ->
             )
         raise NotImplementedError(
             "backend 'tensorrt' is not implemented in this version; use 'compile' or 'eager'"
+        )
+    if name == "graph" and device.type != "cuda":
+        raise RuntimeError(
+            f"backend 'graph' captures CUDA graphs and needs a CUDA device, got {device}; use "
+            "'onnx' or 'eager' on CPU"
         )
     if name == "onnx":
         if not onnx_available():
@@ -68,6 +76,16 @@ def apply_backend(detector: Detector, name: str) -> str:
     _install_eager(detector)
     if chosen == "onnx":
         return _install_onnx(detector, fall_back=name == "auto")
+    if chosen == "graph":
+        index = detector.structural.index
+        if index is not None:
+            raise RuntimeError(
+                f"backend 'graph' captures the memory-bank search in the CUDA graph, but this "
+                f"detector searches a FAISS index ({index.spec!r}) through the host; load the "
+                "artifact with its exact bank searched on the GPU (structural.index 'auto' or "
+                "'torch'), or use backend 'compile' or 'eager'"
+            )
+        detector.fold_batchnorm()
     if chosen == "compile":
         detector.fold_batchnorm()
         mode = "reduce-overhead" if detector.device.type == "cuda" else None

@@ -302,6 +302,12 @@ class FusionDecoder(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         for i, (level, quantizer) in enumerate(self.quantizers().items()):
             rows = torch.cat(vectors[level])
+            if rows.shape[0] < quantizer.num_codes:
+                raise ValueError(
+                    f"the {level} codebook has {quantizer.num_codes} entries, but the training "
+                    f"images give only {rows.shape[0]} vectors at that level to initialise it "
+                    "from: use more training images or a larger logical.image_size"
+                )
             if rows.shape[0] > max_vectors:
                 rows = rows[torch.randperm(rows.shape[0], generator=generator)[:max_vectors]]
             quantizer.init_from_data(rows, seed=seed + i)

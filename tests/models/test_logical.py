@@ -259,3 +259,9 @@ def test_bad_text_embedding_and_input_are_rejected():
     model = _model()
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model.anomaly_map(torch.randn(1, 1, 64, 64))
+
+
+def test_codebooks_need_as_many_training_vectors_as_entries():
+    model = _model()
+    with pytest.raises(ValueError, match="codebook has 16 entries, but the training images give"):
+        model.init_codebooks([torch.randn(2, 3, 32, 32)], seed=0)

@@ -40,3 +40,19 @@ def test_gpu_probe_without_cuda_says_so(tmp_path: Path, capsys: pytest.CaptureFi
     assert gpu_probe.main(["--artifact", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_throughput_runs_whole_batches(tiny_build: dict[str, Path], monkeypatch) -> None:
+    from engine import Runtime
+
+    calls: list[int] = []
+    rt = Runtime.load(tiny_build["artifact"], device="cpu", backend="eager")
+    run = rt._run
+    monkeypatch.setattr(
+        rt, "_run", lambda batch, color: calls.append(len(batch)) or run(batch, color)
+    )
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)  # the probe's timing fences
+    image = gpu_probe.frame()[:48, :64]
+    assert gpu_probe.images_per_second(rt, image, batch=3) > 0
+    assert calls == [3] * (2 + gpu_probe.THROUGHPUT_CALLS)  # warm-up, then the timed calls

@@ -44,6 +44,11 @@ Typical use::
     image_score, cell_map = model(features, (h, w))  # (B,), (B, G, G)
 """
 
-from engine.models.composition.model import PARTS, CompositionConfig, CompositionModel
+from engine.models.composition.model import (
+    MIN_TRAINING_IMAGES,
+    PARTS,
+    CompositionConfig,
+    CompositionModel,
+)
 
-__all__ = ["PARTS", "CompositionConfig", "CompositionModel"]
+__all__ = ["MIN_TRAINING_IMAGES", "PARTS", "CompositionConfig", "CompositionModel"]

@@ -12,9 +12,10 @@ from engine.models.composition.ops import blob_stats, ledoit_wolf, pca_basis
 from engine.models.kmeans import kmeans
 from kernels import vq_nearest
 
-__all__ = ["PARTS", "CompositionConfig", "CompositionModel"]
+__all__ = ["MIN_TRAINING_IMAGES", "PARTS", "CompositionConfig", "CompositionModel"]
 
 FUSED_MAPS = ("gated", "gated_after_blur", "image")
+MIN_TRAINING_IMAGES = 2  # a covariance of the training descriptors needs two of them
 # the descriptor parts a config may name (see the package docstring)
 PARTS = ("area", "pairs", "blobs", "blob_size", "blob_spread", "grid", "appearance", "spread")
 
@@ -346,8 +347,10 @@ class CompositionModel(nn.Module):
         and on any device; the work runs on this module's device. Needs N >= 2. Returns ``self``.
         """
         self._check(features[:1], grid)
-        if features.shape[0] < 2:
-            raise ValueError(f"fit needs at least 2 training images, got {features.shape[0]}")
+        if features.shape[0] < MIN_TRAINING_IMAGES:
+            raise ValueError(
+                f"fit needs at least {MIN_TRAINING_IMAGES} training images, got {features.shape[0]}"
+            )
         if not torch.isfinite(features).all():
             raise ValueError("the training features contain NaN or infinite values")
         cfg = self.config
