@@ -186,12 +186,12 @@ def _setup(
     device: str | torch.device,
     fingerprint: dict[str, str] | None,
 ) -> _Run:
-    """Move the model, create the checkpoint folder, optimiser and gradient scaler."""
+    """Move the model, create the optimiser and gradient scaler. The checkpoint folder is made
+    by the first checkpoint written, so a run that fails before its first epoch ends leaves
+    none behind."""
     device = torch.device(device)
     use_amp = cfg.amp and device.type == "cuda"
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt_dir is not None:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     params = [p for p in model.decoder.parameters() if p.requires_grad]
     return _Run(

@@ -29,7 +29,9 @@ RESUME_EXEMPT = ("epochs", "steps", "early_stop_patience", "num_workers")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` replacing ``path`` in one step (:func:`engine.atomic.atomic_file`)."""
+    """``torch.save`` replacing ``path`` in one step (:func:`engine.atomic.atomic_file`); makes
+    its folder first if need be."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as handle:
         torch.save(obj, handle)
 

@@ -291,12 +291,14 @@ def test_early_stopping_after_patience(monkeypatch):
     assert len(result.train_losses) == 4
 
 
-def test_non_finite_loss_raises():
+def test_non_finite_loss_raises_and_leaves_no_checkpoint_folder(tmp_path):
     images = torch.full((2, 3, SIZE, SIZE), float("nan"))
+    folder = tmp_path / "art.checkpoints"
     with pytest.raises(RuntimeError, match="non-finite"):
         train_logical(
-            _model(), TensorDataset(images, torch.arange(2)), None, _cfg(), None, progress=False
+            _model(), TensorDataset(images, torch.arange(2)), None, _cfg(), folder, progress=False
         )
+    assert not folder.exists()  # it failed before its first checkpoint
 
 
 def test_empty_sets_are_rejected():
