@@ -2,9 +2,12 @@
 
 Cases are named ``test_runtime[<backend>-<precision>-b<batch>]``: every backend that can run
 here, batch 1 and a larger batch (8 on CPU, 32 on CUDA), 640x480 uint8 frames, the ``cpu``
-preset on CPU and the ``paper`` preset on CUDA. Weights are random (timing only: the
-architecture, not the values, sets the cost); the memory bank has the size a LOCO category
-gives (10 % of 360 images' patches), searched with the index the Runtime picks. Each case
+preset on CPU and the ``paper`` preset on CUDA, with every branch the preset turns on (the
+``cpu`` preset's composition branch and positional memory included). Weights are random
+(timing only: the architecture, not the values, sets the cost); the memory bank and the
+positional memory have the size a LOCO category gives (10 % of 360 images' patches; 360
+images), the bank searched with the index the Runtime picks; the branches are calibrated on
+random frames. Each case
 records in ``extra_info``: p50/p95 per call, images/s, per-stage times of one call (CUDA events
 on GPU), the first call after loading (compile autotune and, on a cold cache, ONNX export
 included), the peak extra GPU memory, and the largest difference of its fused maps from
@@ -23,13 +26,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from engine import Runtime
 from engine.artifact import save_artifact
 from engine.calibrate import BranchStats
 from engine.config import BuildConfig, cpu_build_preset, paper_preset
 from engine.detector import Detector
+from engine.models.composition import CompositionModel
 from engine.models.logical import LogicalModel
+from engine.models.positional import PositionalModel
 from engine.models.structural import PatchFeatures, StructuralModel, attach_index
 from engine.stage_timer import StageTimer
 
@@ -45,11 +51,16 @@ _EAGER_MAPS: dict[int, np.ndarray] = {}  # batch -> eager fused maps of the comp
 
 
 def random_detector(config: BuildConfig) -> Detector:
+    """An uncalibrated random-weight detector of ``config`` with a LOCO-size random memory bank,
+    and the preset's composition branch and positional memory fitted on random patch features
+    (the positional memory holding ``TRAIN_IMAGES`` images, as a LOCO-size build does). With
+    full patch coordinates they are the compact detector's branches carried over, so that both
+    artifacts give the same maps."""
     torch.manual_seed(0)
     logical = LogicalModel.build(config.logical, None, "random", True, verbose=False)
     structural = StructuralModel.from_config(config.structural, "random", True, verbose=False)
-    grid = (config.structural.image_size // 8) ** 2
-    bank_rows = int(TRAIN_IMAGES * grid * CORESET_RATIO)
+    side = config.structural.image_size // 8
+    bank_rows = int(TRAIN_IMAGES * side * side * CORESET_RATIO)
     # Rows drawn in compact coordinates, mapped to full ones where needed: both artifacts then
     # hold the same bank and must give the same maps.
     pf = structural.patch_features
@@ -58,42 +69,92 @@ def random_detector(config: BuildConfig) -> Detector:
     rows = torch.randn(
         bank_rows, pf.feature_dim if basis is None else basis.shape[1], generator=generator
     )
-    structural.set_bank(rows if pf.basis is not None or basis is None else rows @ basis.t())
+    full = pf.basis is None and basis is not None
+    structural.set_bank(rows @ basis.t() if full else rows)
     attach_index(structural, config.structural.index, "cpu")
-    stats = {"logical": BranchStats(0.5, 0.1), "structural": BranchStats(0.5, 0.1)}
+    branches = fitted_branches(config, (side, side), rows.shape[1])
+    if full:
+        branches = {name: to_full(module, basis) for name, module in branches.items()}
     return Detector(
         logical,
         structural,
         config.fusion,
-        stats,
         structural_size=config.structural.image_size,
-        image_stats=stats,  # used by fusion.merge "max" only
+        **branches,
     )
 
 
-def make_artifact(folder: Path, info: dict, compact: bool = True) -> Path:
-    """A random-weight artifact of the preset timed here, written through the public API."""
+def fitted_branches(config: BuildConfig, grid: tuple[int, int], dim: int) -> dict:
+    """The composition branch (fitted on 20 images: its cost does not grow with them) and the
+    positional memory (``TRAIN_IMAGES`` images) that ``config`` enables, on random features."""
+    generator = torch.Generator().manual_seed(1)
+    branches = {}
+    if config.composition.enabled:
+        train = torch.randn(20, grid[0] * grid[1], dim, generator=generator)
+        branches["composition"] = CompositionModel(config.composition, dim, grid).fit(train, grid)
+    if config.positional.enabled:
+        settings = config.positional
+        train = torch.randn(TRAIN_IMAGES, grid[0] * grid[1], dim, generator=generator)
+        rows = settings.memory_rows(TRAIN_IMAGES)
+        branches["positional"] = PositionalModel(settings, dim, grid, rows).fit(train, grid)
+    return branches
+
+
+def to_full(module: nn.Module, basis: torch.Tensor) -> nn.Module:
+    """``module`` (fitted on compact features ``f``) for full-coordinate features
+    ``f @ basis.T``: its feature mean and projection rotated by ``basis``, the rest as it is."""
+    state = module.state_dict()
+    dim = basis.shape[0]
+    if isinstance(module, PositionalModel):
+        full = PositionalModel(module.config, dim, module.grid, module.memory.shape[0])
+        mean, projection = "mean", "basis"
+    else:
+        full = CompositionModel(module.config, dim, module.grid)
+        mean, projection = "feature_mean", "projection"
+    state[mean] = state[mean] @ basis.t()
+    state[projection] = basis @ state[projection]
+    full.load_state_dict(state)
+    return full
+
+
+Calibration = tuple[dict[str, BranchStats], dict[str, BranchStats]]
+
+
+def random_frame_calibration(detector: Detector) -> Calibration:
+    """Each branch's pixel and image-score statistics on four random frames, standing in for a
+    build's validation images: every branch then shapes the fused map, rather than the one
+    whose random-weight scores happen to be largest, and the maps compared with eager's carry
+    every branch."""
+    maps = detector(frames(4).to(detector.device)).branches()
+    pixel = {b: BranchStats(float(m.mean()), float(m.std())) for b, m in maps.items()}
+    peaks = {b: ((m - pixel[b].mean) / pixel[b].std).amax((1, 2)) for b, m in maps.items()}
+    image = {b: BranchStats(float(p.mean()), max(float(p.std()), 1e-3)) for b, p in peaks.items()}
+    return pixel, image
+
+
+def make_artifact(
+    folder: Path, info: dict, compact: bool = True, calibration: Calibration | None = None
+) -> tuple[Path, Calibration]:
+    """A random-weight artifact of the preset timed here, written through the public API, and
+    its calibration (``calibration`` when given, else :func:`random_frame_calibration`)."""
     config = paper_preset() if PRESET == "paper" else cpu_build_preset()
     structural = replace(config.structural, compact_features=compact)
-    composition = replace(config.composition, enabled=False)
     config = replace(
-        config,
-        weights="random",
-        allow_random=True,
-        text_prior="learned",
-        structural=structural,
-        composition=composition,
+        config, weights="random", allow_random=True, text_prior="learned", structural=structural
     )
-    return save_artifact(folder / "artifact", random_detector(config), config, info)
+    detector = random_detector(config)
+    calibration = calibration or random_frame_calibration(detector)
+    detector.fusion.calibrate(*calibration)
+    return save_artifact(folder / "artifact", detector, config, info), calibration
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory, timing_info: dict) -> dict[bool, Path]:
+    """Compact and full-coordinate artifacts holding the same bank and calibration."""
     root = tmp_path_factory.mktemp("runtime-bench")
-    return {
-        compact: make_artifact(root / str(compact), timing_info, compact)
-        for compact in (True, False)
-    }
+    compact, calibration = make_artifact(root / "compact", timing_info)
+    full, _ = make_artifact(root / "full", timing_info, False, calibration)
+    return {True: compact, False: full}
 
 
 def frames(batch: int) -> torch.Tensor:

@@ -5,8 +5,9 @@ approximate search, whose cost and recall depend on how the features are distrib
 inverted lists are fast on clustered data). Here the cpu preset's pretrained backbones extract the
 patch features of 350 synthetic pushpins training images (a LOCO-size category); a seeded random
 10 % of them is the bank (the greedy coreset would add two minutes to the setup; its size is
-the same). The logical decoder keeps random weights (its cost does not depend on them) and the
-composition branch is fitted on 60 of the images. Cases ``test_runtime_real_bank[<backend>-
+the same). The logical decoder keeps random weights (its cost does not depend on them), the
+composition branch is fitted on 60 of the images and the positional memory on all 350, as the
+preset builds it. Cases ``test_runtime_real_bank[<backend>-
 <index>]`` time one 640x480 frame per call, cycling through 12 frames made from the category's
 test images; ``python -m tools.bench_report`` gives each case's speed-up over ``eager`` with the
 same index from the same run. Those cases run one after another, and on a shared machine one
@@ -37,6 +38,7 @@ from engine.detector import Detector, model_transform
 from engine.models.composition import CompositionModel
 from engine.models.knn_index import auto_faiss_spec
 from engine.models.logical import LogicalModel
+from engine.models.positional import PositionalModel
 from engine.models.structural import StructuralModel, attach_index
 
 pytestmark = pytest.mark.skipif(
@@ -93,7 +95,12 @@ def category(tmp_path_factory: pytest.TempPathFactory, timing_info: dict) -> dic
     logical = LogicalModel.build(config.logical, None, "auto", False, verbose=False)
     composition = CompositionModel(config.composition, int(features.shape[-1]), grid)
     composition.fit(features[:60], grid)
-    stats = {b: BranchStats(0.5, 0.1) for b in ("logical", "structural", "composition")}
+    settings = config.positional
+    positional = PositionalModel(
+        settings, int(features.shape[-1]), grid, settings.memory_rows(len(features))
+    ).fit(features, grid)
+    branches = ("logical", "structural", "composition", "positional")
+    stats = {b: BranchStats(0.5, 0.1) for b in branches}
     artifacts = {}
     for case, (spec, params) in INDEXES.items():
         case_config = replace(
@@ -110,6 +117,7 @@ def category(tmp_path_factory: pytest.TempPathFactory, timing_info: dict) -> dic
             structural_size=size,
             composition=composition,
             image_stats=stats,  # used by fusion.merge "max" only
+            positional=positional,
         )
         artifacts[case] = save_artifact(root / case, detector, case_config, timing_info)
     frames = [

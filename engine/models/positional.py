@@ -15,19 +15,22 @@ Input: the memory bank's patch features ``(B, h*w, D)`` on their grid (no backbo
 own), projected on the top ``dims`` principal directions of the training patches and averaged
 over ``pool`` x ``pool`` cells. Every fitted value is a buffer: ``mean`` (D,), ``basis``
 (D, d) and ``memory`` (M, h' + 2r, w' + 2r, d), the training images' pooled projections
-zero-padded by ``r`` cells. With more than ``max_images`` training images, each cell keeps the
-M = ``max_images`` of its N training vectors that a greedy k-center selection picks (PatchCore's
-coreset rule, per cell): every dropped vector lies within the selection's coverage radius ε of a
-kept one at the same cell, so no score rises by more than ε (triangle inequality), while the
-memory and the search stay the size of M images however many training images there are. ``memory_sq``, their squared norms with +inf on the padding so that
-no position outside the grid matches, is derived from ``memory`` (not saved: an artifact's state
-dicts hold finite values only).
+zero-padded by ``r`` cells (the padding is never searched; it stays for the artifacts' format).
+With more than ``max_images`` training images, each cell keeps the M = ``max_images`` of its N
+training vectors that a greedy k-center selection picks (PatchCore's coreset rule, per cell):
+every dropped vector lies within the selection's coverage radius ε of a kept one at the same
+cell, so no score rises by more than ε (triangle inequality), while the memory and the search
+stay the size of M images however many training images there are. ``memory_sq``, the memory's
+squared norms, is derived from ``memory`` (not saved).
 
-The search runs tile by tile: the queries of a ``TILE`` x ``TILE`` block against every
-candidate of the block widened by ``r`` in one matrix product, the candidates out of each
-query's own window masked. That computes ``(TILE + 2r)² / (2r + 1)²`` times the distances
-needed, but as one GEMM per tile instead of a matrix-vector product per cell and offset, which
-BLAS runs far worse (benchmarks/test_positional_search.py times it).
+The search runs memory cell by memory cell: each training cell's N vectors meet, in one small
+matrix product, the (2r + 1)² query cells whose windows hold it (B of each in a batch), and each
+query then takes the smallest of its (2r + 1)² per-cell minima. That computes exactly the
+distances needed and reads the memory once per call, in a cell-major layout (the ``memory``
+buffer keeps its (M, h' + 2r, w' + 2r, d) shape, its storage ordered cell by cell). The
+previous search, one GEMM per 8 x 8-cell tile against the tile's widened block with the
+out-of-window candidates masked, computed ``(8 + 2r)² / (2r + 1)²`` times the distances needed
+(benchmarks/test_positional_search.py times both).
 """
 
 from __future__ import annotations
@@ -42,8 +45,6 @@ from torch import nn
 from engine.models.composition.ops import pca_basis
 
 __all__ = ["PositionalConfig", "PositionalModel"]
-
-TILE = 8  # query cells per tile side (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ class PositionalModel(nn.Module):
         nan = math.nan
         self.register_buffer("mean", torch.full((feature_dim,), nan))
         self.register_buffer("basis", torch.full((feature_dim, self.dims), nan))
-        self.register_buffer("memory", torch.full((rows, h + 2 * r, w + 2 * r, self.dims), nan))
+        cell_major = torch.full((h + 2 * r, w + 2 * r, rows, self.dims), nan)
+        self.register_buffer("memory", cell_major.permute(2, 0, 1, 3))
         self.register_buffer("memory_sq", self._squares(), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_squares())
 
@@ -168,35 +170,47 @@ class PositionalModel(nn.Module):
         self._check(features, grid)
         x = self._cells(features.float(), self.mean, self.basis)  # (B, h', w', d)
         batch, h, w, dims = x.shape
-        x_sq = x.pow(2).sum(-1)
-        r, n = self.config.radius, self.memory.shape[0]
-        nearest = torch.empty(batch, h, w, device=x.device)
-        for top in range(0, h, TILE):
-            for left in range(0, w, TILE):
-                th, tw = min(TILE, h - top), min(TILE, w - left)
-                rows, cols = slice(top, top + th + 2 * r), slice(left, left + tw + 2 * r)
-                queries = x[:, top : top + th, left : left + tw].reshape(-1, dims)
-                candidates = self.memory[:, rows, cols].reshape(-1, dims)
-                d2 = (
-                    x_sq[:, top : top + th, left : left + tw].reshape(-1, 1)
-                    + self.memory_sq[:, rows, cols].reshape(1, -1)
-                    - 2 * queries @ candidates.T
-                ).reshape(batch, th * tw, n, -1)
-                d2 = d2.masked_fill(~_window(th, tw, r, x.device), math.inf)
-                nearest[:, top : top + th, left : left + tw] = d2.amin((-2, -1)).reshape(
-                    batch, th, tw
-                )
-        return nearest.clamp_min(0).sqrt()
+        r = self.config.radius
+        offsets = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+        padded = F.pad(x, (0, 0, r, r, r, r))
+        # At memory cell (u, v), the query that looks at it from offset (dy, dx) is (u-dy, v-dx).
+        queries = torch.stack(
+            [padded[:, r - dy : r - dy + h, r - dx : r - dx + w] for dy, dx in offsets], dim=3
+        )  # (B, h', w', K, d), K = (2r + 1)²
+        queries = queries.permute(1, 2, 3, 0, 4).reshape(h, w, len(offsets) * batch, dims)
+        memory = self.memory.permute(1, 2, 0, 3)  # (h' + 2r, w' + 2r, M, d), contiguous
+        best = x.new_empty(h, w, len(offsets) * batch)
+        for u in range(h):  # one memory row of cells per product: (w', K*B, d) x (w', d, M)
+            candidates = memory[u + r, r : r + w]
+            squares = self.memory_sq[u, :, None]
+            products = torch.baddbmm(squares, queries[u], candidates.transpose(1, 2), alpha=-2)
+            best[u] = products.amin(-1)
+        # Query (i, j) takes offset (dy, dx)'s minimum from memory cell (i+dy, j+dx); +inf off
+        # the grid.
+        best = F.pad(
+            best.reshape(h, w, len(offsets), batch), (0, 0, 0, 0, r, r, r, r), value=math.inf
+        )
+        nearest = torch.stack(
+            [
+                best[r + dy : r + dy + h, r + dx : r + dx + w, k]
+                for k, (dy, dx) in enumerate(offsets)
+            ]
+        ).amin(0)  # (h', w', B)
+        return (nearest.permute(2, 0, 1) + x.pow(2).sum(-1)).clamp_min(0).sqrt()
 
     def _squares(self) -> torch.Tensor:
-        """(N, h' + 2r, w' + 2r): the memory's squared norms, +inf on its padding."""
-        squares = self.memory.pow(2).sum(-1)
+        """(h', w', M): the squared norms of the memory's vectors, cell by cell."""
         r = self.config.radius
-        inside = torch.zeros_like(squares, dtype=torch.bool)
-        inside[:, r : squares.shape[1] - r, r : squares.shape[2] - r] = True
-        return squares.masked_fill(~inside, math.inf)
+        inside = self.memory.permute(1, 2, 0, 3)[
+            r : self.memory.shape[1] - r, r : self.memory.shape[2] - r
+        ]
+        return inside.pow(2).sum(-1)
 
     def _refresh_squares(self) -> None:
+        # A state dict loaded with ``assign=True`` brings its own layout: put it back cell-major.
+        cell_major = self.memory.permute(1, 2, 0, 3)
+        if not cell_major.is_contiguous():
+            self.memory = cell_major.contiguous().permute(2, 0, 1, 3)
         self.memory_sq = self._squares()
 
     def _cells(
@@ -240,14 +254,3 @@ def kcenter_per_cell(cells: torch.Tensor, rows: int) -> torch.Tensor:
     index = torch.stack(picks, 1)  # (h*w, rows)
     kept = points.gather(1, index[..., None].expand(-1, -1, d))
     return kept.reshape(h, w, rows, d).permute(2, 0, 1, 3).contiguous()
-
-
-def _window(th: int, tw: int, r: int, device: torch.device) -> torch.Tensor:
-    """(th*tw, 1, (th+2r)*(tw+2r)) bool: which candidates of a tile's widened block lie within
-    ``r`` cells of each query (a query at (a, b) sees block rows a..a+2r, columns b..b+2r)."""
-    a = torch.arange(th, device=device)[:, None, None, None]
-    b = torch.arange(tw, device=device)[None, :, None, None]
-    p = torch.arange(th + 2 * r, device=device)[None, None, :, None]
-    q = torch.arange(tw + 2 * r, device=device)[None, None, None, :]
-    inside = (p >= a) & (p <= a + 2 * r) & (q >= b) & (q <= b + 2 * r)
-    return inside.reshape(th * tw, 1, -1)

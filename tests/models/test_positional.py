@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models.positional import TILE, PositionalConfig, PositionalModel, kcenter_per_cell
+from engine.models.positional import PositionalConfig, PositionalModel, kcenter_per_cell
 
 
 def brute_force(model: PositionalModel, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
@@ -34,10 +32,11 @@ def brute_force(model: PositionalModel, train: torch.Tensor, test: torch.Tensor)
 
 @pytest.mark.parametrize(
     ("grid", "pool", "radius"),
-    [((6, 7), 1, 0), ((6, 7), 1, 2), ((9, 5), 2, 1), ((TILE + 3, TILE + 1), 1, 1)],
+    [((6, 7), 1, 0), ((6, 7), 1, 2), ((9, 5), 2, 1), ((11, 9), 1, 1), ((3, 2), 1, 2)],
 )
 def test_the_search_equals_a_brute_force_search(grid, pool, radius) -> None:
-    """Tiles, the masked windows, the padding and partial pooling cells (odd grids) included."""
+    """Windows cut by the grid's edges (a radius wider than the grid included) and partial
+    pooling cells (odd grids)."""
     generator = torch.Generator().manual_seed(0)
     dim = 6
     train = torch.randn(4, grid[0] * grid[1], dim, generator=generator)
@@ -80,9 +79,27 @@ def test_the_state_dict_holds_finite_values_and_restores_the_scores() -> None:
     assert all(torch.isfinite(v).all() for v in state.values())
     restored = PositionalModel(config, dim, grid, 3)
     restored.load_state_dict(state, assign=True)
-    assert math.isinf(float(restored.memory_sq[0, 0, 0]))
+    assert restored.memory_sq.shape == (3, 3, 3) and torch.isfinite(restored.memory_sq).all()
     test = torch.randn(2, 36, dim, generator=generator)
     torch.testing.assert_close(restored(test, grid), model(test, grid))
+
+
+def test_a_memory_saved_in_another_layout_loads_cell_major_and_scores_the_same() -> None:
+    """Artifacts before the cell-major search saved ``memory`` contiguous as (M, h', w', d)."""
+    grid, dim = (6, 6), 4
+    generator = torch.Generator().manual_seed(2)
+    train = torch.randn(3, 36, dim, generator=generator)
+    config = PositionalConfig(enabled=True, pool=1, radius=1, dims=3)
+    model = PositionalModel(config, dim, grid, 3).fit(train, grid)
+    assert model.memory.permute(1, 2, 0, 3).is_contiguous()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert not state["memory"].permute(1, 2, 0, 3).is_contiguous()
+    for assign in (True, False):
+        restored = PositionalModel(config, dim, grid, 3)
+        restored.load_state_dict(state, assign=assign)
+        assert restored.memory.permute(1, 2, 0, 3).is_contiguous()
+        test = torch.randn(2, 36, dim, generator=generator)
+        torch.testing.assert_close(restored(test, grid), model(test, grid))
 
 
 def test_wrong_inputs_are_refused() -> None:
