@@ -3,8 +3,9 @@
 A frame's 48 x 48 grid of 152-d compact features (EfficientNet-Lite0 at 384 px), the preset's
 pool 2, radius 1 and 128 dimensions, with the training images of a synthetic category (60) or
 a LOCO-size one (350, all held or capped at ``max_images`` 128 or 64 per cell), at batch 1
-and 8 (32 on CUDA, where every case runs on the GPU). ``test_bank_knn`` times the memory bank's exact kNN of the same queries (12 000 rows, a
-synthetic category's bank) as the reference cost of a frame's search, and
+and 8 (32 on CUDA, where every case runs on the GPU). ``test_bank_knn`` times the memory
+bank's exact kNN of the same queries (12 000 rows, a synthetic category's bank) as the
+reference cost of a frame's search, and
 ``test_tiled_search`` the search the module ran before its cell-major one (one GEMM per 8 x 8
 tile against the tile's widened block, out-of-window candidates masked), side by side.
 Run: ``pytest benchmarks --benchmark-only -k positional_search``; docs/PERFORMANCE.md.

@@ -23,7 +23,7 @@ cell, so no score rises by more than ε (triangle inequality), while the memory 
 stay the size of M images however many training images there are. ``memory_sq``, the memory's
 squared norms, is derived from ``memory`` (not saved).
 
-The search runs memory cell by memory cell: each training cell's N vectors meet, in one small
+The search runs memory cell by memory cell: each training cell's M vectors meet, in one small
 matrix product, the (2r + 1)² query cells whose windows hold it (B of each in a batch), and each
 query then takes the smallest of its (2r + 1)² per-cell minima. That computes exactly the
 distances needed and reads the memory once per call, in a cell-major layout (the ``memory``

@@ -68,38 +68,29 @@ def test_a_part_one_cell_away_passes_and_a_missing_or_moved_part_does_not() -> N
     assert scores[6, 6] > 4.0 and scores[2, 2] > 4.0  # the moved part and the empty place
 
 
-def test_the_state_dict_holds_finite_values_and_restores_the_scores() -> None:
+@pytest.mark.parametrize("assign", [True, False])
+@pytest.mark.parametrize("layout", ["cell-major", "contiguous"])
+def test_the_state_dict_holds_finite_values_and_restores_the_scores(layout, assign) -> None:
+    """Restored from its own state dict, or from one saved contiguous as (M, h', w', d) as
+    artifacts before the cell-major search were: the memory is cell-major again, same scores."""
     grid, dim = (6, 6), 4
     generator = torch.Generator().manual_seed(1)
     train = torch.randn(3, 36, dim, generator=generator)
     config = PositionalConfig(enabled=True, pool=2, radius=1, dims=3)
     model = PositionalModel(config, dim, grid, 3).fit(train, grid)
+    assert model.memory.permute(1, 2, 0, 3).is_contiguous()
     state = model.state_dict()
     assert set(state) == {"mean", "basis", "memory"}
     assert all(torch.isfinite(v).all() for v in state.values())
+    if layout == "contiguous":
+        state = {k: v.contiguous() for k, v in state.items()}
+        assert not state["memory"].permute(1, 2, 0, 3).is_contiguous()
     restored = PositionalModel(config, dim, grid, 3)
-    restored.load_state_dict(state, assign=True)
+    restored.load_state_dict(state, assign=assign)
+    assert restored.memory.permute(1, 2, 0, 3).is_contiguous()
     assert restored.memory_sq.shape == (3, 3, 3) and torch.isfinite(restored.memory_sq).all()
     test = torch.randn(2, 36, dim, generator=generator)
     torch.testing.assert_close(restored(test, grid), model(test, grid))
-
-
-def test_a_memory_saved_in_another_layout_loads_cell_major_and_scores_the_same() -> None:
-    """Artifacts before the cell-major search saved ``memory`` contiguous as (M, h', w', d)."""
-    grid, dim = (6, 6), 4
-    generator = torch.Generator().manual_seed(2)
-    train = torch.randn(3, 36, dim, generator=generator)
-    config = PositionalConfig(enabled=True, pool=1, radius=1, dims=3)
-    model = PositionalModel(config, dim, grid, 3).fit(train, grid)
-    assert model.memory.permute(1, 2, 0, 3).is_contiguous()
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    assert not state["memory"].permute(1, 2, 0, 3).is_contiguous()
-    for assign in (True, False):
-        restored = PositionalModel(config, dim, grid, 3)
-        restored.load_state_dict(state, assign=assign)
-        assert restored.memory.permute(1, 2, 0, 3).is_contiguous()
-        test = torch.randn(2, 36, dim, generator=generator)
-        torch.testing.assert_close(restored(test, grid), model(test, grid))
 
 
 def test_wrong_inputs_are_refused() -> None:
