@@ -6,12 +6,15 @@ the same object, so the maps a deployed engine produces are the maps the build m
 
 On CUDA the structural stream (memory bank, positional memory and composition, which share one
 backbone pass unless the composition branch has an input size of its own) runs on its own CUDA
-stream, concurrently with the logical branch.
+stream, concurrently with the logical branch. On CPU a backend whose logical branch runs outside
+PyTorch's thread pool (``onnx``) can have it run on a worker thread, concurrently with the
+structural stream (:meth:`Detector.overlap_logical`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -176,6 +179,7 @@ class Detector:
         self.logical_fn: MapFn = logical.anomaly_map
         self.structural_fn: StructuralFn = self.structural_side
         self._side_stream: torch.cuda.Stream | None = None
+        self._logical_worker: ThreadPoolExecutor | None = None
         self.precision = "fp32"
         self.stage_timer: StageTimer | None = None  # set to time each stage (profiling only)
 
@@ -196,6 +200,22 @@ class Detector:
         return fold_batchnorm(
             self.logical, lambda: self.logical.anomaly_map(x_logical)
         ) + fold_batchnorm(features, lambda: features(x_structural))
+
+    def overlap_logical(self, enabled: bool) -> None:
+        """On CPU, run :attr:`logical_fn` on a worker thread while the structural stream runs on
+        the calling thread (the CPU counterpart of the CUDA side stream).
+
+        Worth it when the two do not share one thread pool: the ``onnx`` backend's logical
+        graph runs in ONNX Runtime's pool while the structural stream's search, positional
+        memory and composition run in PyTorch's and FAISS's, several of them small operations
+        that leave cores idle (docs/PERFORMANCE.md). The maps do not change. No effect on CUDA.
+        """
+        if not enabled:
+            if self._logical_worker is not None:
+                self._logical_worker.shutdown(wait=True)
+            self._logical_worker = None
+        elif self._logical_worker is None:
+            self._logical_worker = ThreadPoolExecutor(1, thread_name_prefix="npgmf-logical")
 
     @property
     def branch_names(self) -> tuple[str, ...]:
@@ -272,6 +292,12 @@ class Detector:
             yield
             self.stage_timer.stop(name)
 
+    @torch.inference_mode()
+    def _run_logical(self, x: torch.Tensor) -> torch.Tensor:
+        # Inference mode and autocast are per thread: set here for the worker thread too.
+        with self._stage("logical"), self._autocast():
+            return self.logical_fn(x)
+
     def _autocast(self) -> AbstractContextManager:
         dtype = PRECISIONS[self.precision]
         if dtype is None:
@@ -282,18 +308,25 @@ class Detector:
         self, x_logical: torch.Tensor, x_structural: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(logical map, the structural stream's maps by branch); on CUDA the structural stream
-        runs on the side stream, concurrently with the logical branch."""
+        runs on the side stream, concurrently with the logical branch, and on CPU with
+        :meth:`overlap_logical` the logical branch runs on the worker thread."""
+        if self._side_stream is None and self._logical_worker is not None:
+            logical = self._logical_worker.submit(self._run_logical, x_logical)
+            try:
+                with self._stage("structural"):
+                    side = self.structural_fn(x_structural)
+            finally:
+                wait([logical])  # even on an error: no frame's work outlives its call
+            return logical.result(), side
         if self._side_stream is None:
             with self._stage("structural"):
                 side = self.structural_fn(x_structural)
-            with self._stage("logical"):
-                return self.logical_fn(x_logical), side
+            return self._run_logical(x_logical), side
         main = torch.cuda.current_stream(self.device)
         self._side_stream.wait_stream(main)
         with torch.cuda.stream(self._side_stream), self._stage("structural"):
             side = self.structural_fn(x_structural)
-        with self._stage("logical"):
-            logical = self.logical_fn(x_logical)
+        logical = self._run_logical(x_logical)
         main.wait_stream(self._side_stream)
         for tensor in side.values():
             tensor.record_stream(main)

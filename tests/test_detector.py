@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import runpy
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from torch import nn
 from engine.detector import Detector
 from engine.models.composition import CompositionConfig, CompositionModel
 from engine.models.structural import resize_input
+from engine.stage_timer import StageTimer
 
 TINY = runpy.run_path(str(Path(__file__).parent / "reliability" / "tiny.py"))
 
@@ -89,3 +92,63 @@ def test_composition_takes_its_own_pass_at_its_own_size() -> None:
     assert set(side) == {"structural", "composition"}
     torch.testing.assert_close(side["structural"], want_structural)
     torch.testing.assert_close(side["composition"], want_score[:, None, None].expand(-1, 32, 32))
+
+
+def test_overlapping_the_logical_branch_keeps_the_maps_and_the_stage_times() -> None:
+    """:meth:`Detector.overlap_logical`: the logical branch runs on the worker thread, the
+    structural stream on the caller's; same maps; both stages timed; off again = one thread."""
+    detector, _ = TINY["tiny_detector"](0)
+    frames = torch.randint(
+        0, 256, (2, 40, 50, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
+    expected = detector(frames)
+    threads: list[tuple[str, bool]] = []
+    logical_fn = detector.logical_fn
+
+    def recorded(x: torch.Tensor) -> torch.Tensor:
+        threads.append((threading.current_thread().name, torch.is_inference_mode_enabled()))
+        return logical_fn(x)
+
+    detector.logical_fn = recorded
+    detector.stage_timer = StageTimer(detector.device)
+    detector.overlap_logical(True)
+    got = detector(frames)
+    assert threads[-1][0].startswith("npgmf-logical") and threads[-1][1]
+    for name in ("fused", "logical", "structural"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=0, atol=0)
+    assert {"structural", "logical"} <= set(detector.stage_timer.elapsed_ms())
+
+    detector.overlap_logical(False)
+    detector(frames)
+    assert threads[-1][0] == threading.current_thread().name
+
+
+def test_an_overlapped_frame_that_fails_waits_for_the_other_branch() -> None:
+    """A failure in either branch is raised from the call, and only once the worker is idle."""
+    detector, _ = TINY["tiny_detector"](0)
+    frames = torch.randint(0, 256, (1, 40, 50, 3), dtype=torch.uint8)
+    detector.overlap_logical(True)
+    finished = threading.Event()
+    logical_fn = detector.logical_fn
+
+    def slow_logical(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.2)
+        finished.set()
+        return logical_fn(x)
+
+    def broken_structural(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise RuntimeError("structural stream failed")
+
+    detector.logical_fn, structural_fn = slow_logical, detector.structural_fn
+    detector.structural_fn = broken_structural
+    with pytest.raises(RuntimeError, match="structural stream failed"):
+        detector(frames)
+    assert finished.is_set()
+
+    def broken_logical(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("logical branch failed")
+
+    detector.logical_fn, detector.structural_fn = broken_logical, structural_fn
+    with pytest.raises(RuntimeError, match="logical branch failed"):
+        detector(frames)
+    detector.overlap_logical(False)

@@ -95,6 +95,7 @@ def apply_backend(detector: Detector, name: str) -> str:
 
 
 def _install_eager(detector: Detector) -> None:
+    detector.overlap_logical(False)
     detector.structural_side.features_fn = None
     detector.logical_fn = detector.logical.anomaly_map
     detector.structural_fn = detector.structural_side

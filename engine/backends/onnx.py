@@ -5,7 +5,9 @@ and the structural patch features (normalised image -> (B, h*w, D) features), th
 more at the composition branch's own input size when it has one. The memory-bank
 search (FAISS or :func:`kernels.knn_min`), the positional memory, the composition model and
 fusion stay in PyTorch: they consume the features, and the search is one BLAS product that ONNX
-Runtime would not run faster. CPU only in this version (ONNX Runtime's CPU provider).
+Runtime would not run faster. The logical graph runs on a worker thread, concurrently with the
+structural stream (:meth:`~engine.detector.Detector.overlap_logical`). CPU only in this version
+(ONNX Runtime's CPU provider).
 
 Exporting takes tens of seconds, so the graphs are cached in
 ``$XDG_CACHE_HOME/npgmf-engine/onnx/<key>`` (default ``~/.cache/...``, beside the synthetic data
@@ -177,3 +179,5 @@ def apply_onnx(detector: Detector) -> None:
     detector.logical_fn = OrtFunction(logical_path, threads)
     detector.structural_side.features_fn = OrtPatchFeatures(graphs)
     detector.structural_fn = detector.structural_side
+    # ONNX Runtime's pool runs the logical graph while PyTorch's and FAISS's run the rest.
+    detector.overlap_logical(True)

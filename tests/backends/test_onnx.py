@@ -34,6 +34,7 @@ def test_onnx_equals_eager_and_caches_its_graphs(cache: Path, monkeypatch) -> No
     assert apply_backend(detector, "onnx") == "onnx"
     assert isinstance(detector.logical_fn, onnx.OrtFunction)
     assert isinstance(detector.structural_side.features_fn, onnx.OrtPatchFeatures)
+    assert detector._logical_worker is not None  # the logical graph overlaps the structural stream
     got = detector(batch)
     for name in ("fused", "logical", "structural"):
         torch.testing.assert_close(getattr(got, name), getattr(eager, name), rtol=1e-4, atol=1e-4)
@@ -50,7 +51,7 @@ def test_onnx_equals_eager_and_caches_its_graphs(cache: Path, monkeypatch) -> No
     torch.testing.assert_close(again(batch).fused, got.fused)
     # Back to eager: the module's own features again.
     apply_backend(again, "eager")
-    assert again.structural_side.features_fn is None
+    assert again.structural_side.features_fn is None and again._logical_worker is None
 
 
 @pytest.mark.slow
