@@ -7,9 +7,9 @@ patch features of 350 synthetic pushpins training images (a LOCO-size category);
 10 % of them is the bank (the greedy coreset would add two minutes to the setup; its size is
 the same). The logical decoder keeps random weights (its cost does not depend on them), the
 composition branch is fitted on 60 of the images and the positional memory on all 350, as the
-preset builds it. Cases ``test_runtime_real_bank[<backend>-
-<index>]`` time one 640x480 frame per call, cycling through 12 frames made from the category's
-test images; ``python -m tools.bench_report`` gives each case's speed-up over ``eager`` with the
+preset builds it, and each artifact is calibrated on the category's four validation images.
+Cases ``test_runtime_real_bank[<backend>-<index>]`` time one 640x480 frame per call, cycling
+through 12 frames made from the category's test images; ``python -m tools.bench_report`` gives each case's speed-up over ``eager`` with the
 same index from the same run. Those cases run one after another, and on a shared machine one
 case's p50 can move by 30 % between runs; ``test_runtime_real_bank_paired[<index>]`` compares
 ``onnx`` with ``eager`` frame by frame instead (each round scores one frame with both, in
@@ -30,8 +30,8 @@ from PIL import Image
 
 from engine import Runtime
 from engine.artifact import save_artifact
-from engine.calibrate import BranchStats
 from engine.config import cpu_build_preset
+from engine.data.formats import open_dataset
 from engine.data.images import read_rgb
 from engine.data.synthetic import generate_category
 from engine.detector import Detector, model_transform
@@ -40,6 +40,7 @@ from engine.models.knn_index import auto_faiss_spec
 from engine.models.logical import LogicalModel
 from engine.models.positional import PositionalModel
 from engine.models.structural import StructuralModel, attach_index
+from engine.pipeline import calibrate, validation_maps
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="CPU frame latency (the cpu preset); CUDA runs test_runtime"
@@ -99,8 +100,7 @@ def category(tmp_path_factory: pytest.TempPathFactory, timing_info: dict) -> dic
     positional = PositionalModel(
         settings, int(features.shape[-1]), grid, settings.memory_rows(len(features))
     ).fit(features, grid)
-    branches = ("logical", "structural", "composition", "positional")
-    stats = {b: BranchStats(0.5, 0.1) for b in branches}
+    validation = open_dataset(root, "pushpins").samples("validation")
     artifacts = {}
     for case, (spec, params) in INDEXES.items():
         case_config = replace(
@@ -113,12 +113,13 @@ def category(tmp_path_factory: pytest.TempPathFactory, timing_info: dict) -> dic
             logical,
             structural,
             config.fusion,
-            stats,
             structural_size=size,
             composition=composition,
-            image_stats=stats,  # used by fusion.merge "max" only
             positional=positional,
         )
+        # Calibrated as a build calibrates, so the fused map weighs every branch as it would
+        # in a build, and its differences from eager are in the map's real units.
+        calibrate(detector.fusion, validation_maps(detector, validation, False), config.fusion)
         artifacts[case] = save_artifact(root / case, detector, case_config, timing_info)
     frames = [
         np.asarray(Image.open(p).convert("RGB").resize((640, 480), Image.BILINEAR))
