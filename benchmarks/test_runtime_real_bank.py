@@ -9,11 +9,12 @@ the same). The logical decoder keeps random weights (its cost does not depend on
 composition branch is fitted on 60 of the images and the positional memory on all 350, as the
 preset builds it, and each artifact is calibrated on the category's four validation images.
 Cases ``test_runtime_real_bank[<backend>-<index>]`` time one 640x480 frame per call, cycling
-through 12 frames made from the category's test images; ``python -m tools.bench_report`` gives each case's speed-up over ``eager`` with the
-same index from the same run. Those cases run one after another, and on a shared machine one
-case's p50 can move by 30 % between runs; ``test_runtime_real_bank_paired[<index>]`` compares
-``onnx`` with ``eager`` frame by frame instead (each round scores one frame with both, in
-alternating order), so that the machine's drift hits both alike.
+through 12 frames made from the category's test images; ``python -m tools.bench_report`` gives
+each case's speed-up over ``eager`` with the same index from the same run. Those cases run one
+after another, and on a shared machine one case's p50 can move by 30 % between runs;
+``test_runtime_real_bank_paired[<index>]`` compares ``onnx`` with ``eager`` frame by frame
+instead (each round scores one frame with both, in alternating order), so that the machine's
+drift hits both alike.
 """
 
 from __future__ import annotations

@@ -310,7 +310,11 @@ class Detector:
         """(logical map, the structural stream's maps by branch); on CUDA the structural stream
         runs on the side stream, concurrently with the logical branch, and on CPU with
         :meth:`overlap_logical` the logical branch runs on the worker thread."""
-        if self._side_stream is None and self._logical_worker is not None:
+        if self._side_stream is None:
+            if self._logical_worker is None:
+                with self._stage("structural"):
+                    side = self.structural_fn(x_structural)
+                return self._run_logical(x_logical), side
             logical = self._logical_worker.submit(self._run_logical, x_logical)
             try:
                 with self._stage("structural"):
@@ -318,10 +322,6 @@ class Detector:
             finally:
                 wait([logical])  # even on an error: no frame's work outlives its call
             return logical.result(), side
-        if self._side_stream is None:
-            with self._stage("structural"):
-                side = self.structural_fn(x_structural)
-            return self._run_logical(x_logical), side
         main = torch.cuda.current_stream(self.device)
         self._side_stream.wait_stream(main)
         with torch.cuda.stream(self._side_stream), self._stage("structural"):
