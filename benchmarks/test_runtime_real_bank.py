@@ -37,7 +37,7 @@ from engine.data.images import read_rgb
 from engine.data.synthetic import generate_category
 from engine.detector import Detector, model_transform
 from engine.models.composition import CompositionModel
-from engine.models.knn_index import auto_faiss_spec
+from engine.models.knn_index import auto_faiss_spec, auto_index_params
 from engine.models.logical import LogicalModel
 from engine.models.positional import PositionalModel
 from engine.models.structural import StructuralModel, attach_index
@@ -52,7 +52,7 @@ INDEXES = {  # case id -> (structural.index, structural.index_params)
     "HNSW32": ("HNSW32", ""),
     "IVF512-nprobe32": ("IVF512,Flat", "nprobe=32"),
     "IVF1024-nprobe8": ("IVF1024,Flat", "nprobe=8"),
-    "auto": ("IVF256,PQ76x4fs,RFlat", ""),  # what structural.index=auto builds for this bank
+    "auto": ("IVF256,PQ76x4fs,RFlat", "nprobe=8"),  # what structural.index=auto builds here
 }
 BACKENDS = ("eager", "onnx")
 PAIRED = ("auto",)  # the index of the CPU speed-up target (docs/PERFORMANCE.md)
@@ -92,7 +92,8 @@ def category(tmp_path_factory: pytest.TempPathFactory, timing_info: dict) -> dic
     rows = features.reshape(-1, features.shape[-1])
     pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))
     structural.set_bank(rows[pick[: int(rows.shape[0] * BANK_RATIO)]].contiguous())
-    assert INDEXES["auto"][0] == auto_faiss_spec(*structural.bank.shape)
+    auto = auto_faiss_spec(*structural.bank.shape)
+    assert INDEXES["auto"] == (auto, auto_index_params(auto))
     torch.manual_seed(0)
     logical = LogicalModel.build(config.logical, None, "auto", False, verbose=False)
     composition = CompositionModel(config.composition, int(features.shape[-1]), grid)

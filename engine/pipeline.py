@@ -57,7 +57,7 @@ from engine.evaluation import (
 from engine.metrics import TestMetrics
 from engine.models.composition import CompositionModel
 from engine.models.fusion import Fusion
-from engine.models.knn_index import auto_index
+from engine.models.knn_index import auto_index, auto_index_params
 from engine.models.logical import LogicalModel
 from engine.models.logical_diagnostics import (
     COLLAPSE_RATIO,
@@ -290,10 +290,11 @@ def build_category(
             )
         )
         structural.to(device)
-        index = config.structural.index
-        if index == "auto":
+        index, params = config.structural.index, config.structural.index_params
+        if index == "auto":  # takes no parameters of its own (StructuralModel.from_config)
             index = auto_index(device, *map(int, structural.bank.shape))
-        index_kind = attach_index(structural, index, device, config.structural.index_params)
+            params = auto_index_params(index)
+        index_kind = attach_index(structural, index, device, params)
         if verbose:
             print(f"memory bank: {tuple(structural.bank.shape)}, search: {index_kind}", flush=True)
 

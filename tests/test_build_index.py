@@ -32,7 +32,8 @@ def test_auto_builds_an_approximate_index_for_a_large_bank(
     assert manifest["config"]["structural"]["index"] == "auto"
     assert identity["spec"] == knn_index.auto_faiss_spec(identity["size"], identity["dim"])
     assert identity["spec"].startswith("IVF") and identity["exact"] is False
-    assert identity["params"] == "nprobe=16,k_factor_rf=16"  # the engine's defaults
+    # the engine's defaults, with auto's own probe count for its approximate pick
+    assert identity["params"] == f"{knn_index.AUTO_APPROXIMATE_PARAMS},k_factor_rf=16"
     assert f"search: {identity['spec']}" in capsys.readouterr().out
 
     detector, _ = load_artifact(out)

@@ -16,6 +16,7 @@ from engine.models.knn_index import (
     auto_faiss_spec,
     auto_faiss_specs,
     auto_index,
+    auto_index_params,
     check_index_setting,
     faiss_available,
     faiss_gpu_available,
@@ -275,6 +276,11 @@ def test_auto_picks_product_codes_for_large_banks_on_cpu(
     assert auto_faiss_spec(rows, dim) == spec
     assert auto_index("cpu", rows, dim) == (spec if faiss_available() else "torch")
     assert auto_index("cuda", rows, dim) == "torch"  # exact search on the GPU, whatever the size
+
+
+def test_auto_probes_fewer_lists_only_in_its_own_approximate_pick() -> None:
+    assert auto_index_params(auto_faiss_spec(AUTO_APPROXIMATE_ROWS, 152)) == "nprobe=8"
+    assert auto_index_params("Flat") == auto_index_params("torch") == ""
 
 
 def test_auto_for_a_large_bank_needs_its_dimension() -> None:
