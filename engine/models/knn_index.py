@@ -192,9 +192,16 @@ def check_index_setting(spec: str, params: str, dim: int | None = None) -> None:
         raise ValueError(f"structural.index={spec!r}: empty; use {EXAMPLES}")
     if spec in CHOICES:
         if parsed and dim is not None:
+            hint = (
+                f"; auto sets its own on the index it picks ({AUTO_APPROXIMATE_PARAMS} on "
+                "inverted lists): to choose them, name the index, e.g. "
+                "structural.index='IVF256,PQ76x4fs,RFlat'"
+                if spec == "auto"
+                else ""
+            )
             raise ValueError(
                 f"structural.index_params={params!r}: structural.index={spec!r} takes no "
-                "parameters (they are for FAISS indexes such as 'HNSW32' or 'IVF256,Flat')"
+                f"parameters (they are for FAISS indexes such as 'HNSW32' or 'IVF256,Flat'){hint}"
             )
         return
     if not faiss_available():

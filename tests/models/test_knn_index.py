@@ -207,7 +207,7 @@ def test_bad_settings_fail_at_config_validation(spec: str, params: str, message:
         ("IVF64,PQ64", "", r"structural.index='IVF64,PQ64' cannot index the 152-d"),
         ("HNSW32", "nprobe=4", r"structural.index_params: nprobe=4 does not apply"),
         ("Flat", "efSearch=64", r"structural.index_params: efSearch=64 does not apply"),
-        ("auto", "nprobe=4", r"structural.index='auto' takes no parameters"),
+        ("auto", "nprobe=4", r"structural.index='auto' takes no parameters.*name the index"),
         ("torch", "nprobe=4", r"structural.index='torch' takes no parameters"),
     ],
 )
