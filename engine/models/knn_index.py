@@ -80,10 +80,10 @@ EXAMPLES = (
 # it at a fiftieth of the search time (docs/PERFORMANCE.md); a LOCO-size category at the cpu
 # preset's 384 px has about 80k rows.
 AUTO_APPROXIMATE_ROWS = 50_000
-# auto's approximate pick probes 8 of its lists, not DEFAULT_PARAMS' 16: on three LOCO-size
-# builds image AUROC and AU-sPRO stayed within 0.003 of exact search either way, and the frame
-# gains ~10 ms on 2 cores (docs/PERFORMANCE.md). Not a global default: IVF1024,Flat at
-# nprobe 8 moved a subset by 0.006.
+# auto's approximate pick probes 8 of its lists, not DEFAULT_PARAMS' 16: on four LOCO-size
+# builds image AUROC and AU-sPRO stayed within 0.003 of exact search, and a frame takes 9-12 ms
+# less on 2 cores (docs/PERFORMANCE.md). Not a global default: IVF1024,Flat at nprobe 8 moved a
+# subset by 0.006.
 AUTO_APPROXIMATE_PARAMS = "nprobe=8"
 # FAISS aborts the whole process (an assertion, not an exception) on e.g. HNSW0 or IVF0.
 _ZERO_SIZE = re.compile(r"(?<![\d.])0+(?![\d.])")
