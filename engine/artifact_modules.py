@@ -43,9 +43,9 @@ def empty_modules(
     structural = StructuralModel(features)
     composition = None
     if spec.composition_grid is not None:
-        composition = CompositionModel(
-            spec.config.composition, features.out_dim, spec.composition_grid
-        )
+        cc = spec.config.composition
+        fine_channels = features.fine_channels() if cc.fine_parts else None
+        composition = CompositionModel(cc, features.out_dim, spec.composition_grid, fine_channels)
     positional = None
     if spec.positional_memory is not None:
         grid, rows = spec.positional_memory

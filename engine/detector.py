@@ -49,7 +49,9 @@ def check_precision(precision: str) -> torch.dtype | None:
 
 MapFn = Callable[[torch.Tensor], torch.Tensor]
 StructuralFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
-FeaturesFn = Callable[[torch.Tensor], tuple[torch.Tensor, tuple[int, int]]]
+# (x, fine) -> (patch features, grid, the raw fine levels when ``fine`` else None)
+Fine = tuple[torch.Tensor, torch.Tensor]
+FeaturesFn = Callable[[torch.Tensor, bool], tuple[torch.Tensor, tuple[int, int], Fine | None]]
 
 try:
     import nvtx as _nvtx
@@ -93,7 +95,8 @@ class StructuralSide(nn.Module):
     (B, s, s). The composition map is the image score at every pixel (its evidence is about the
     whole image); fusion decides where it counts (``CompositionConfig.fused_map``).
     ``features_fn``, when set by a backend, computes the patch features in place of the
-    module's own ``patch_features``, at any input size the detector uses.
+    module's own ``patch_features``, at any input size the detector uses: ``(x, fine)`` ->
+    ``(features, grid, the raw fine levels or None)`` as :meth:`extract` returns them.
     """
 
     def __init__(
@@ -108,10 +111,22 @@ class StructuralSide(nn.Module):
         self.positional = positional
         self.features_fn: FeaturesFn | None = None
 
+    def extract(
+        self, x: torch.Tensor, fine: bool = False
+    ) -> tuple[torch.Tensor, tuple[int, int], Fine | None]:
+        """Patch features of ``x``, their grid and, with ``fine``, the raw fine levels
+        (:meth:`engine.models.structural.PatchFeatures.with_fine`), through ``features_fn``
+        when a backend set one."""
+        if self.features_fn is not None:
+            return self.features_fn(x, fine)
+        patch_features = self.structural.patch_features
+        if fine:
+            return patch_features.with_fine(x)
+        return (*patch_features(x), None)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        patch_features = self.features_fn or self.structural.patch_features
-        features, grid = patch_features(x)
         size = (int(x.shape[-2]), int(x.shape[-1]))
+        features, grid, fine = self.extract(x, self._fine_in_bank_pass(size[-1]))
         maps = {"structural": self.structural.map_from_features(features, grid, size)}
         if self.positional is not None:
             # Its distances, like the composition model's, are computed in float32 at every
@@ -120,15 +135,50 @@ class StructuralSide(nn.Module):
                 maps["positional"] = self.positional(features.float(), grid)
         if self.composition is None:
             return maps
-        own_size = self.composition.config.own_pass_size(size[-1])
-        if own_size is not None:
-            features, grid = patch_features(resize_input(x, own_size))
+        features, grid, fine = self._composition_inputs(x, features, grid, fine)
         # Mahalanobis distances lose too much in 16-bit arithmetic: the composition model runs
         # in float32 at every precision.
         with torch.autocast(x.device.type, enabled=False):
-            image_score, _ = self.composition(features.float(), grid)
+            image_score, _ = self.composition(features.float(), grid, _float(fine))
         maps["composition"] = image_score[:, None, None].expand(-1, *size).contiguous()
         return maps
+
+    def composition_distances(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, groups) the composition model's uncalibrated group distances of ``x``
+        (:meth:`engine.models.composition.CompositionModel.group_distances`)."""
+        features, grid, fine = self.composition_features(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.composition.group_distances(features.float(), grid, _float(fine))
+
+    def composition_features(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int], Fine | None]:
+        """The composition model's inputs for ``x`` from one pass at its size: patch
+        features, grid and, with fine parts, the raw fine levels."""
+        if self.composition is None:
+            raise ValueError("this detector has no composition branch")
+        own_size = self.composition.config.own_pass_size(int(x.shape[-1]))
+        x = x if own_size is None else resize_input(x, own_size)
+        return self.extract(x, self.composition.fine is not None)
+
+    def _fine_in_bank_pass(self, side: int) -> bool:
+        """Whether the memory bank's pass must also return the fine levels (the composition
+        branch has fine parts and reads the bank's features)."""
+        c = self.composition
+        return c is not None and c.fine is not None and c.config.own_pass_size(side) is None
+
+    def _composition_inputs(
+        self, x: torch.Tensor, features: torch.Tensor, grid: tuple[int, int], fine: Fine | None
+    ) -> tuple[torch.Tensor, tuple[int, int], Fine | None]:
+        """The composition model's inputs: the bank pass's, or its own pass at its size."""
+        assert self.composition is not None
+        if self.composition.config.own_pass_size(int(x.shape[-1])) is None:
+            return features, grid, fine
+        return self.composition_features(x)
+
+
+def _float(fine: Fine | None) -> Fine | None:
+    return None if fine is None else (fine[0].float(), fine[1].float())
 
 
 class Detector:

@@ -45,7 +45,7 @@ from engine.data.formats import (
 )
 from engine.data.transforms import ImageFolderDataset
 from engine.data.types import Sample
-from engine.detector import Detector, model_transform
+from engine.detector import Detector, StructuralSide, model_transform
 from engine.evaluation import (
     FUSED,
     INFERENCE_BATCH,
@@ -56,6 +56,7 @@ from engine.evaluation import (
 )
 from engine.metrics import TestMetrics
 from engine.models.composition import CompositionModel
+from engine.models.composition.fine import fit_fine_parts
 from engine.models.fusion import Fusion
 from engine.models.knn_index import auto_index, auto_index_params
 from engine.models.logical import LogicalModel
@@ -72,6 +73,7 @@ from engine.models.structural import (
     attach_index,
     build_memory_bank,
     extract_patch_features,
+    loader_images,
 )
 from engine.models.text_prior import category_prompt, resolve_text_prior
 from engine.preflight import (
@@ -138,12 +140,34 @@ def validation_maps(
     return ValidationMaps(branch_maps, sizes)
 
 
+def calibrate_composition_groups(
+    detector: Detector, samples: Sequence[Sample], progress: bool
+) -> None:
+    """Standardise the composition branch's two distances (descriptor, fine parts) by their
+    validation medians and MADs (:meth:`CompositionModel.calibrate_groups`)."""
+    assert detector.composition is not None
+    distances = []
+    for _, frames in frame_batches(samples, INFERENCE_BATCH, "composition groups", progress):
+        x = detector.structural_transform.batch(frames.to(detector.device))
+        with torch.inference_mode():
+            distances.append(detector.structural_side.composition_distances(x).cpu())
+    detector.composition.calibrate_groups(torch.cat(distances))
+
+
 def calibrate(
-    fusion: Fusion, validation: ValidationMaps, config: FusionConfig
+    fusion: Fusion,
+    validation: ValidationMaps,
+    config: FusionConfig,
+    composition_calibrated: bool = False,
 ) -> tuple[float, np.ndarray]:
     """Each branch's statistics over all validation pixels (with ``merge="max"`` also over the
     image scores of its standardised map, :func:`~engine.calibrate.fit_image_stats`), then the
     image-score threshold, all stored in ``fusion``.
+
+    ``composition_calibrated``: the composition branch's scores are already standardised on
+    these validation images (:meth:`CompositionModel.calibrate_groups`, with fine parts), so
+    fusion takes them as they are (mean 0, std 1) instead of standardising them again: a second
+    standardisation of the larger of two standardised scores would rescale it.
 
     Returns (threshold, validation image scores). The scores are maxima of the fused map at the
     original image size, exactly as the Runtime computes them.
@@ -152,11 +176,14 @@ def calibrate(
     stats = {
         branch: BranchStats.fit(chunk[branch] for chunk in chunks) for branch in fusion.branches
     }
+    as_is = {"composition": BranchStats(0.0, 1.0)} if composition_calibrated else {}
+    stats |= {b: s for b, s in as_is.items() if b in stats}
     image_stats = None
     if fusion.merge == "max":
         image_stats = fit_image_stats(
             chunks, stats, fusion.sigma, config.image_scale, config.composition_scale
         )
+        image_stats |= {b: s for b, s in as_is.items() if b in image_stats}
     fusion.calibrate(stats, image_stats)
     scores = [
         image_scores(resize_to(fusion(chunk), size))
@@ -242,6 +269,9 @@ def build_category(
         structural = StructuralModel.from_config(
             config.structural, config.weights, config.allow_random, verbose
         )
+        fine_channels = None
+        if config.composition.enabled and config.composition.fine_parts:
+            fine_channels = structural.patch_features.fine_channels()  # refuses before training
         logical_transform = model_transform(config.logical.image_size, logical.encoder)
         structural_transform = model_transform(
             config.structural.image_size, structural.patch_features.backbone
@@ -317,8 +347,18 @@ def build_category(
                 features, grid = extract_patch_features(
                     structural.patch_features, loader, device, progress, size=own_size
                 )
-            composition = CompositionModel(config.composition, int(features.shape[-1]), grid)
+            composition = CompositionModel(
+                config.composition, int(features.shape[-1]), grid, fine_channels
+            )
             composition.to(device).fit(features, grid)
+            if composition.fine is not None:
+                side = StructuralSide(structural, composition)
+                fit_fine_parts(
+                    composition,
+                    side.composition_features,
+                    lambda: (loader_images(batch).to(device) for batch in loader),
+                    config.composition.seed,
+                )
     del features
     detector = Detector(
         logical,
@@ -330,15 +370,18 @@ def build_category(
     ).to(device)
 
     with _step(seconds, "calibrate on validation", verbose):
+        fine = composition is not None and composition.fine is not None
+        if fine:
+            calibrate_composition_groups(detector, dataset.samples("validation"), progress)
         validation = validation_maps(detector, dataset.samples("validation"), progress)
-        threshold, val_scores = calibrate(detector.fusion, validation, config.fusion)
+        threshold, val_scores = calibrate(detector.fusion, validation, config.fusion, fine)
         val_branch_scores = validation_branch_scores(detector, validation) | {FUSED: val_scores}
         variants = {}
         for name, variant in (fusion_variants or {}).items():
             variants[name] = Fusion.from_config(
                 variant, detector.branch_names, detector.map_size, config.composition
             )
-            calibrate(variants[name], validation, variant)
+            calibrate(variants[name], validation, variant, fine)
             variants[name].to(device)
         del validation
 

@@ -58,6 +58,19 @@ class _Method(nn.Module):
         return out[0] if self.first_only else out
 
 
+class _WithFine(nn.Module):
+    """:meth:`~engine.models.structural.PatchFeatures.with_fine` as a graph of three tensor
+    outputs: the patch features and the two raw fine levels."""
+
+    def __init__(self, features: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features, _, (layer1, layer2) = self.features.with_fine(x)
+        return features, layer1, layer2
+
+
 class OrtFunction:
     """An ONNX Runtime session called like the module it was exported from: a float32 CPU
     tensor in, a float32 CPU tensor out."""
@@ -75,27 +88,40 @@ class OrtFunction:
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outputs(x)[0]
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every output of the graph, in order."""
         array = np.ascontiguousarray(x.detach().float().cpu().numpy())
-        return torch.from_numpy(self.session.run(None, {self.input: array})[0])
+        return [torch.from_numpy(out) for out in self.session.run(None, {self.input: array})]
 
 
 class OrtPatchFeatures:
-    """:class:`~engine.models.structural.PatchFeatures` through ONNX Runtime: ``(features,
-    grid)`` from the graph exported for the input's side (one per size the detector uses), the
-    grid being fixed by that size."""
+    """:class:`~engine.models.structural.PatchFeatures` through ONNX Runtime, called as
+    :meth:`engine.detector.StructuralSide.extract`: ``(x, fine)`` -> ``(features, grid, fine
+    levels or None)`` from the graph exported for the input's side (one per size the detector
+    uses; a graph exported with the fine levels also serves ``fine=False``), the grid being
+    fixed by that size."""
 
-    def __init__(self, graphs: dict[int, tuple[OrtFunction, tuple[int, int]]]) -> None:
+    def __init__(self, graphs: dict[int, tuple[OrtFunction, tuple[int, int], bool]]) -> None:
         self.graphs = graphs
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def __call__(
+        self, x: torch.Tensor, fine: bool = False
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, torch.Tensor] | None]:
         side = int(x.shape[-1])
         if side not in self.graphs:
             raise ValueError(
                 f"no exported patch-feature graph for {side}-px inputs "
                 f"(exported: {sorted(self.graphs)})"
             )
-        function, grid = self.graphs[side]
-        return function(x), grid
+        function, grid, has_fine = self.graphs[side]
+        if fine and not has_fine:
+            raise ValueError(f"the {side}-px patch-feature graph was exported without fine levels")
+        if not has_fine:
+            return function(x), grid, None
+        features, layer1, layer2 = function.outputs(x)
+        return features, grid, (layer1, layer2) if fine else None
 
 
 def feature_sizes(detector: Detector) -> tuple[int, ...]:
@@ -108,13 +134,25 @@ def feature_sizes(detector: Detector) -> tuple[int, ...]:
     return (bank_size,) if own_size is None else (bank_size, own_size)
 
 
+def fine_size(detector: Detector) -> int | None:
+    """The input side whose patch-feature pass feeds the composition branch's fine parts, or
+    None without them."""
+    composition = detector.composition
+    if composition is None or composition.fine is None:
+        return None
+    return feature_sizes(detector)[-1]
+
+
 def graph_key(detector: Detector) -> str:
     """Hash of everything the exported graphs depend on."""
     import onnxscript
 
     digest = hashlib.sha256()
     sizes = (detector.map_size, *feature_sizes(detector))
-    digest.update(f"{torch.__version__} {onnxscript.__version__} {sizes} {MAX_BATCH}".encode())
+    fine = fine_size(detector)
+    digest.update(
+        f"{torch.__version__} {onnxscript.__version__} {sizes} {MAX_BATCH} {fine}".encode()
+    )
     for module in (detector.logical, detector.structural.patch_features):
         # Buffers include the non-persistent ones (the structural projections).
         for name, tensor in chain(module.named_parameters(), module.named_buffers()):
@@ -170,12 +208,14 @@ def apply_onnx(detector: Detector) -> None:
     for i, size in enumerate(feature_sizes(detector)):
         # The memory bank's graph keeps its plain name; a second pass's is named by its size.
         path = folder / ("features.onnx" if i == 0 else f"features_{size}.onnx")
+        has_fine = size == fine_size(detector)
         if not path.is_file():
             log.info("exporting the structural features at %d px to ONNX (%s)", size, path)
-            _export(_Method(features, "forward", first_only=True), size, path)
+            graph = _WithFine(features) if has_fine else _Method(features, "forward", True)
+            _export(graph, size, path)
         with torch.no_grad():
             _, grid = features(torch.zeros(1, 3, size, size))
-        graphs[size] = (OrtFunction(path, threads), grid)
+        graphs[size] = (OrtFunction(path, threads), grid, has_fine)
     detector.logical_fn = OrtFunction(logical_path, threads)
     detector.structural_side.features_fn = OrtPatchFeatures(graphs)
     detector.structural_fn = detector.structural_side

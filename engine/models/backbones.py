@@ -87,14 +87,19 @@ class FeatureExtractor(nn.Module):
         """Ignore ``mode``: a frozen backbone always runs in eval mode."""
         return super().train(False)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """``extra``: more levels to return, among the stages built (those up to the deepest
+        requested level), e.g. ``layer1`` on the way to ``layer2``."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a (B, 3, H, W) image batch, got shape {tuple(x.shape)}")
+        missing = [name for name in extra if name not in self.stages]
+        if missing:
+            raise ValueError(f"levels {missing} are not built; built: {tuple(self.stages)}")
         features: dict[str, torch.Tensor] = {}
         x = self.stem(x)
         for name, stage in self.stages.items():
             x = stage(x)
-            if name in self.levels:
+            if name in self.levels or name in extra:
                 features[name] = x
         return features
 

@@ -44,6 +44,10 @@ from engine.models.knn_index import KnnIndex, check_index_setting, make_index
 from kernels import knn_min
 from kernels.knn_args import bank_sq_norms
 
+# The raw levels PatchFeatures.with_fine returns (strides 4 and 8), for the composition
+# branch's fine parts.
+FINE_LEVELS = ("layer1", "layer2")
+
 __all__ = [
     "BANK_FLIPS",
     "PatchFeatures",
@@ -202,7 +206,33 @@ class PatchFeatures(nn.Module):
             self.register_buffer(f"projection_{level}", weight.contiguous()[:, :, None, None])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        maps = self.backbone(x)
+        return self._aggregate(self.backbone(x))
+
+    def with_fine(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        """``forward``'s output and, from the same pass, the raw ``FINE_LEVELS`` maps (what
+        :class:`engine.models.composition.fine.FineParts` reads)."""
+        maps = self.backbone(x, extra=FINE_LEVELS)
+        features, grid = self._aggregate(maps)
+        return features, grid, (maps[FINE_LEVELS[0]], maps[FINE_LEVELS[1]])
+
+    def fine_channels(self) -> tuple[int, int]:
+        """The channel counts of the ``FINE_LEVELS`` maps :meth:`with_fine` returns; ValueError
+        when the backbone does not reach the deeper of them."""
+        built = tuple(self.backbone.stages)
+        if not set(FINE_LEVELS) <= set(built):
+            raise ValueError(
+                f"composition.fine_parts reads the structural backbone's {FINE_LEVELS} maps, but "
+                f"structural.levels {self.backbone.levels} build only {built}: use levels that "
+                f"reach {FINE_LEVELS[-1]}, or turn fine_parts off"
+            )
+        probe = torch.zeros(1, 3, 32, 32, device=next(self.backbone.parameters()).device)
+        with torch.no_grad():
+            maps = self.backbone(probe, extra=FINE_LEVELS)
+        return int(maps[FINE_LEVELS[0]].shape[1]), int(maps[FINE_LEVELS[1]].shape[1])
+
+    def _aggregate(self, maps: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
         finest = self.backbone.levels[0]
         grid = maps[finest].shape[-2:]
         total = None
@@ -221,7 +251,7 @@ class PatchFeatures(nn.Module):
         return total.flatten(2).transpose(1, 2), (h, w)
 
 
-def _images(batch: torch.Tensor | tuple | list) -> torch.Tensor:
+def loader_images(batch: torch.Tensor | tuple | list) -> torch.Tensor:
     """The image tensor of a loader batch: a tensor, or the first item of ``(images, ...)``."""
     images = batch[0] if isinstance(batch, tuple | list) else batch
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
@@ -255,7 +285,7 @@ def extract_patch_features(
     patch_features.to(device).eval()
     chunks, grid = [], (0, 0)
     for batch in tqdm(loader, desc="patch features", unit="batch", disable=not progress):
-        images = _images(batch).to(device)
+        images = loader_images(batch).to(device)
         if size is not None:
             images = resize_input(images, size)
         features, grid = patch_features(images.flip(flip) if flip else images)

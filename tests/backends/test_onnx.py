@@ -71,6 +71,32 @@ def test_onnx_exports_a_second_feature_graph_for_the_composition_size(cache: Pat
     assert graphs == ["features.onnx", "features_24.onnx", "logical.onnx"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("own_size", [None, 24])
+def test_onnx_exports_the_fine_levels_for_the_composition_fine_parts(
+    cache: Path, own_size: int | None
+) -> None:
+    """``composition.fine_parts``: the graph of the pass the composition branch reads also
+    returns the two raw levels; the maps equal eager's."""
+    tiny, config = TINY["tiny_detector"](0, levels=("layer1", "layer2"))
+    detector = TINY["with_composition"](tiny, config, own_size or TINY["SIZE"], fine_parts=True)
+    batch = frames()
+    eager = detector(batch)
+    key = onnx.graph_key(detector)
+    apply_backend(detector, "onnx")
+    got = detector(batch)
+    for name in ("fused", "logical", "structural", "composition"):
+        torch.testing.assert_close(getattr(got, name), getattr(eager, name), rtol=1e-4, atol=1e-4)
+    graphs = sorted(p.name for p in (cache / key).glob("*.onnx"))
+    assert graphs == (
+        ["features.onnx", "features_24.onnx", "logical.onnx"]
+        if own_size
+        else ["features.onnx", "logical.onnx"]
+    )
+    fine_graph = detector.structural_side.features_fn.graphs[own_size or TINY["SIZE"]]
+    assert fine_graph[2] and len(fine_graph[0].session.get_outputs()) == 3
+
+
 def test_feature_graphs_refuse_a_size_they_were_not_exported_for() -> None:
     with pytest.raises(ValueError, match=r"no exported patch-feature graph for 24-px inputs"):
         onnx.OrtPatchFeatures({})(torch.zeros(1, 3, 24, 24))

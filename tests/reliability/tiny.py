@@ -20,8 +20,9 @@ import torch
 from engine.artifact import load_artifact, save_artifact
 from engine.calibrate import BranchStats
 from engine.config import BuildConfig
-from engine.detector import Detector
+from engine.detector import Detector, StructuralSide
 from engine.models.composition import CompositionConfig, CompositionModel
+from engine.models.composition.fine import fit_fine_parts
 from engine.models.logical import LogicalConfig, LogicalModel
 from engine.models.positional import PositionalConfig, PositionalModel
 from engine.models.structural import (
@@ -35,7 +36,9 @@ SIZE = 32
 FEATURE_DIM = 8
 
 
-def tiny_config(index: str = "torch", params: str = "") -> BuildConfig:
+def tiny_config(
+    index: str = "torch", params: str = "", levels: tuple[str, ...] = ("layer1",)
+) -> BuildConfig:
     logical = LogicalConfig(
         backbone="resnet18",
         compared_levels=("layer1",),
@@ -53,7 +56,7 @@ def tiny_config(index: str = "torch", params: str = "") -> BuildConfig:
     )
     structural = StructuralConfig(
         backbone="resnet18",
-        levels=("layer1",),
+        levels=levels,
         image_size=SIZE,
         feature_dim=FEATURE_DIM,
         index=index,
@@ -70,14 +73,19 @@ def tiny_config(index: str = "torch", params: str = "") -> BuildConfig:
 
 
 def tiny_detector(
-    seed: int = 0, index: str = "torch", params: str = "", bank_rows: int | None = None
+    seed: int = 0,
+    index: str = "torch",
+    params: str = "",
+    bank_rows: int | None = None,
+    levels: tuple[str, ...] = ("layer1",),
 ) -> tuple[Detector, BuildConfig]:
     """A calibrated detector with random weights, searching with ``structural.index=index``
     (``index_params=params``) on a ``bank_rows``-row bank (default 64, or 16 for ``torch``).
     An approximate index (``"HNSW32"``, ``"IVF2,PQ2x4"``, ...) makes the artifact hold
-    ``index/`` files."""
+    ``index/`` files. ``levels``: the memory bank's backbone levels (``("layer1", "layer2")``
+    reaches what the composition branch's fine parts read)."""
     torch.manual_seed(seed)
-    config = tiny_config(index, params)
+    config = tiny_config(index, params, levels)
     logical = LogicalModel.build(config.logical, None, "random", True, verbose=False)
     structural = StructuralModel.from_config(config.structural, "random", True, verbose=False)
     rows = bank_rows or (16 if index == "torch" else 64)
@@ -88,18 +96,35 @@ def tiny_detector(
     return detector, config
 
 
-def with_composition(detector: Detector, config: BuildConfig, own_size: int) -> Detector:
+def with_composition(
+    detector: Detector, config: BuildConfig, own_size: int, fine_parts: bool = False
+) -> Detector:
     """``detector`` with a composition branch fitted (on random images) at its own input size
-    ``own_size`` (``CompositionConfig.image_size``), calibrated like the other branches."""
+    ``own_size`` (``CompositionConfig.image_size``), calibrated like the other branches; with
+    ``fine_parts`` (the detector's levels must reach ``layer2``) its fine parts fitted and its
+    groups calibrated on more random images."""
     features = detector.structural.patch_features
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(6, 3, SIZE, SIZE, generator=generator)
     with torch.no_grad():
         train, grid = features(resize_input(images, own_size))
     composition_config = CompositionConfig(
-        enabled=True, image_size=own_size, n_components=2, pca_dim=4, fit_patches=200
+        enabled=True,
+        image_size=own_size,
+        n_components=2,
+        pca_dim=4,
+        fit_patches=200,
+        fine_parts=fine_parts,
     )
-    composition = CompositionModel(composition_config, features.out_dim, grid).fit(train, grid)
+    fine_channels = features.fine_channels() if fine_parts else None
+    composition = CompositionModel(composition_config, features.out_dim, grid, fine_channels)
+    composition.fit(train, grid)
+    if fine_parts:
+        side = StructuralSide(detector.structural, composition)
+        with torch.no_grad():
+            fit_fine_parts(composition, side.composition_features, lambda: [images], seed=0)
+            more = torch.randn(4, 3, SIZE, SIZE, generator=generator)
+            composition.calibrate_groups(side.composition_distances(more))
     assert detector.stats is not None
     return Detector(
         detector.logical,

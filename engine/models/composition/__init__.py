@@ -42,13 +42,13 @@ Typical use::
     model = CompositionModel(CompositionConfig(), feature_dim=D, grid=(h, w))
     model.fit(train_features, (h, w))  # (N, h*w, D) features of the N train/good images
     image_score, cell_map = model(features, (h, w))  # (B,), (B, G, G)
+
+With ``CompositionConfig.fine_parts`` the components are also drawn at stride 4 from two raw
+backbone levels (:mod:`engine.models.composition.fine`), and the image score is the larger of
+the two groups' distances, each standardised on the validation good images.
 """
 
-from engine.models.composition.model import (
-    MIN_TRAINING_IMAGES,
-    PARTS,
-    CompositionConfig,
-    CompositionModel,
-)
+from engine.models.composition.config import MIN_TRAINING_IMAGES, PARTS, CompositionConfig
+from engine.models.composition.model import CompositionModel
 
 __all__ = ["MIN_TRAINING_IMAGES", "PARTS", "CompositionConfig", "CompositionModel"]

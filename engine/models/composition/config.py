@@ -1,0 +1,203 @@
+"""The composition branch's settings (see the package docstring for what each part measures)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["FUSED_MAPS", "MIN_TRAINING_IMAGES", "PARTS", "CompositionConfig"]
+
+FUSED_MAPS = ("gated", "gated_after_blur", "image")
+MIN_TRAINING_IMAGES = 2  # a covariance of the training descriptors needs two of them
+# the descriptor parts a config may name (see the package docstring)
+PARTS = ("area", "pairs", "blobs", "blob_size", "blob_spread", "grid", "appearance", "spread")
+
+
+def positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"CompositionConfig.{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CompositionConfig:
+    """Composition branch settings (see the package docstring for what each part measures).
+
+    ``enabled``: whether a build fits the branch and fuses its map (the ``paper`` preset keeps
+    the paper's two branches).
+    ``fused_map``: what the branch contributes to fusion. Its evidence is about the whole
+    image (counts, mixes, relations), so its map is the image score at every pixel; ``"gated"``
+    places that score where the other branches see the anomaly
+    (:func:`engine.calibrate.gated_composition`, with ``gate_power``) before the blur, which
+    spreads the narrow gated peak and keeps only about half of the evidence in the image score,
+    a share that varies from image to image; ``"gated_after_blur"`` adds it at the peak of the
+    other branches' blurred map after the blur, so the image score rises by exactly the
+    evidence (logical subset +0.018 / +0.007 and structural -0.009 / -0.006 on two seeds, mean
+    unchanged, docs/ACCURACY.md: an option, not the default); ``"image"`` adds it to every pixel.
+    docs/ACCURACY.md: a score on every pixel lifts the whole of an anomalous image and cuts
+    AU-sPRO@0.05 by a third; gated, the fused map beats every single branch on both image
+    AUROC and AU-sPRO. The per-cell map (``forward``'s second output) localises too coarsely to
+    fuse.
+    ``image_size``: the side of the images the branch's patch features come from; None: the
+    memory bank's (``StructuralConfig.image_size``), so one backbone pass serves both. Another
+    size costs a second pass of the same backbone, on the bank's input resized with antialias
+    (:func:`engine.models.structural.resize_input`): a finer bank helps small defects, while
+    the components and blobs are measured on the grid they were tuned on (docs/ACCURACY.md,
+    ablations 11 and 12).
+    ``n_components``: K, k-means components of the patch features.
+    ``temperature``: soft assignment for every part but the blob ones: a patch's weight for
+    component k is softmax_k(-d²_k / (temperature * m)), d_k its distance to centroid k and m
+    the median squared distance of training patches to their nearest centroid; 0 = one-hot.
+    ``pca_dim``: the features are projected on their top ``pca_dim`` principal directions
+    (fitted on train patches) before k-means and assignment.
+    ``appearance_dim``: q, per component the top directions of its own pixels' variation in
+    that projection; ``appearance`` / ``spread`` / ``blob_spread`` are measured along them.
+    ``grid``: G, the ``grid`` part and the cell map use G x G cells.
+    ``parts``: the image score's covariance groups: each entry is one or more part names of
+    ``PARTS`` joined by ``+``, modelled by one joint Ledoit-Wolf covariance; groups are
+    independent and each adds its squared distance divided by its size.
+    ``min_blob``: blobs smaller than this many grid cells are neither counted nor compared.
+    ``label_iterations``: connected-component steps (12 labels any mask up to 64 x 64 exactly).
+    ``variance_floor``: added to the diagonal of every standardised descriptor covariance, so
+    no direction has less variance than this (unit = a typical dimension's variance). With few
+    training images some directions never vary; without a floor their precision is huge and one
+    small change scores millions (a 1e-6 floor on 8 images gave fused maps of 8e6).
+    ``scale_floor``: a descriptor dimension's scale is at least this fraction of its part's
+    median scale, so dimensions constant on the training set stay finite.
+    ``fit_patches``: patches sampled (seeded) from the training images for the PCA and k-means.
+    ``kmeans_iterations`` / ``kmeans_restarts`` / ``seed``: k-means settings.
+    ``fine_parts``: also draw the components at the backbone's stride 4 and score the blob
+    counts and lengths there (:mod:`engine.models.composition.fine`); the image score is then
+    the larger of the two distances, each standardised by its median and MAD over the
+    validation good images (:meth:`CompositionModel.calibrate_groups`). Parts a few pixels
+    apart merge on the 8-px grid and separate at stride 4 (docs/ACCURACY.md ablation 19).
+    """
+
+    enabled: bool = False
+    fused_map: str = "gated"
+    gate_power: float = 8.0
+    image_size: int | None = None
+    n_components: int = 8
+    temperature: float = 0.3
+    pca_dim: int = 32
+    appearance_dim: int = 2
+    grid: int = 4
+    parts: tuple[str, ...] = ("area+pairs+appearance+spread+blob_spread",)
+    min_blob: int = 2
+    label_iterations: int = 12
+    scale_floor: float = 0.1
+    variance_floor: float = 0.1
+    fit_patches: int = 50_000
+    kmeans_iterations: int = 50
+    kmeans_restarts: int = 3
+    seed: int = 0
+    fine_parts: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "n_components",
+            "pca_dim",
+            "appearance_dim",
+            "grid",
+            "min_blob",
+            "label_iterations",
+            "fit_patches",
+            "kmeans_iterations",
+            "kmeans_restarts",
+        ):
+            positive_int(name, getattr(self, name))
+        if self.image_size is not None:
+            positive_int("image_size", self.image_size)
+        if self.n_components < 2:
+            raise ValueError(
+                f"CompositionConfig.n_components must be >= 2, got {self.n_components}"
+            )
+        if self.appearance_dim > self.pca_dim:
+            raise ValueError(
+                f"CompositionConfig.appearance_dim ({self.appearance_dim}) must not exceed "
+                f"pca_dim ({self.pca_dim})"
+            )
+        self._check_parts()
+        if not isinstance(self.fine_parts, bool):
+            raise ValueError(
+                f"CompositionConfig.fine_parts must be a bool, got {self.fine_parts!r}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(
+                f"CompositionConfig.seed must be a non-negative int, got {self.seed!r}"
+            )
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, int | float)
+            or not 0 <= self.temperature < 1e3
+        ):
+            raise ValueError(
+                f"CompositionConfig.temperature must be in [0, 1000), got {self.temperature!r}"
+            )
+        if self.fused_map not in FUSED_MAPS:
+            raise ValueError(
+                f"CompositionConfig.fused_map must be one of {FUSED_MAPS}, got {self.fused_map!r}"
+            )
+        if isinstance(self.gate_power, bool) or not (
+            isinstance(self.gate_power, int | float) and 0 < self.gate_power <= 64
+        ):
+            raise ValueError(
+                f"CompositionConfig.gate_power must be in (0, 64], got {self.gate_power!r}"
+            )
+        if isinstance(self.variance_floor, bool) or not (
+            isinstance(self.variance_floor, int | float) and 0 < self.variance_floor <= 10
+        ):
+            raise ValueError(
+                f"CompositionConfig.variance_floor must be in (0, 10], got {self.variance_floor!r}"
+            )
+        if (
+            isinstance(self.scale_floor, bool)
+            or not isinstance(self.scale_floor, int | float)
+            or not 0 < self.scale_floor <= 1
+        ):
+            raise ValueError(
+                f"CompositionConfig.scale_floor must be in (0, 1], got {self.scale_floor!r}"
+            )
+
+    def _check_parts(self) -> None:
+        if (
+            not isinstance(self.parts, tuple)
+            or not self.parts
+            or not all(isinstance(g, str) for g in self.parts)
+        ):
+            raise ValueError(
+                f"CompositionConfig.parts must be a non-empty tuple of strings, got {self.parts!r}"
+            )
+        names = self.part_names
+        if any(name not in PARTS for name in names) or len(set(names)) != len(names):
+            raise ValueError(
+                f"CompositionConfig.parts: each entry joins part names with '+', every name "
+                f"once, from {PARTS}; got {self.parts!r}"
+            )
+
+    def own_pass_size(self, bank_size: int) -> int | None:
+        """The input side of the branch's own backbone pass: ``image_size`` when it differs
+        from the memory bank's ``bank_size``, else None (the bank's features serve both)."""
+        return None if self.image_size in (None, bank_size) else self.image_size
+
+    @property
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        """``parts`` split into its covariance groups of part names."""
+        return tuple(tuple(group.split("+")) for group in self.parts)
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        """The part names of ``parts`` in descriptor order."""
+        return tuple(name for group in self.groups for name in group)
+
+    def part_sizes(self) -> dict[str, int]:
+        """Descriptor length of every part in ``PARTS``."""
+        k, q = self.n_components, self.appearance_dim
+        return {
+            "area": k,
+            "pairs": k * (k - 1) // 2,
+            "blobs": k,
+            "blob_size": 2 * k,
+            "blob_spread": k * q,
+            "grid": k * self.grid**2,
+            "appearance": k * q,
+            "spread": k * q,
+        }
