@@ -356,7 +356,10 @@ def build_category(
                 fit_fine_parts(
                     composition,
                     side.composition_features,
-                    lambda: (loader_images(batch).to(device) for batch in loader),
+                    lambda: (
+                        loader_images(batch).to(device)
+                        for batch in tqdm(loader, "composition fine parts", disable=not progress)
+                    ),
                     config.composition.seed,
                 )
     del features

@@ -297,9 +297,16 @@ def kept_diagnostics(artifact: Path) -> dict:
     }
 
 
-def build_record(result: BuildResult, dataset: LocoDataset, seed: int, seconds: float) -> dict:
+def build_record(
+    result: BuildResult,
+    dataset: LocoDataset,
+    seed: int,
+    seconds: float,
+    calibrated: Sequence[str] = (),
+) -> dict:
     """The JSON-ready raw result of one build (metrics per branch, per-image scores, the kept
-    epoch's logical collapse diagnostics)."""
+    epoch's logical collapse diagnostics). ``calibrated``: the branches whose scores the
+    fusion takes as they are (the composition branch with fine parts standardises its own)."""
     kinds = {
         defect: KINDS[sample.defect_type]
         for sample, defect in zip(dataset.samples("test"), result.test_defects, strict=True)
@@ -321,6 +328,7 @@ def build_record(result: BuildResult, dataset: LocoDataset, seed: int, seconds: 
             b: s.tolist() for b, s in result.validation_image_scores.items()
         },
         "logical_diagnostics": kept_diagnostics(result.artifact),
+        "calibrated_branches": list(calibrated),
     }
 
 
@@ -358,7 +366,10 @@ def run_builds(
                 fusion_variants=plan.variants,
             )
             seconds = time.perf_counter() - start
-            records.append(build_record(result, LocoDataset(root, category), seed, seconds))
+            composition = config.composition
+            calibrated = ("composition",) if composition.enabled and composition.fine_parts else ()
+            dataset = LocoDataset(root, category)
+            records.append(build_record(result, dataset, seed, seconds, calibrated))
             means = ", ".join(
                 f"{branch} {m.auroc_tie_correct['mean']:.3f}"
                 for branch, m in result.metrics.items()

@@ -26,7 +26,13 @@ import numpy as np
 import torch
 
 from engine.build import apply_overrides
-from engine.calibrate import BRANCHES, FusionConfig, image_stats_from_scores, max_fuse_scores
+from engine.calibrate import (
+    BRANCHES,
+    BranchStats,
+    FusionConfig,
+    image_stats_from_scores,
+    max_fuse_scores,
+)
 from engine.cli import description
 from engine.config import cpu_build_preset
 from engine.metrics import auroc
@@ -43,11 +49,17 @@ def fused_scores(sources: Mapping[str, dict], fusion: FusionConfig) -> np.ndarra
         for b, build in sources.items()
     }
     stats = image_stats_from_scores(validation, fusion.image_scale, fusion.composition_scale)
+    # scores their build standardised already (composition fine parts): taken as they are
+    stats |= {b: BranchStats(0.0, 1.0) for b, build in sources.items() if _as_is(build, b)}
     test = {
         b: torch.tensor(build["image_scores"][b], dtype=torch.float64)
         for b, build in sources.items()
     }
     return max_fuse_scores(test, stats, {b: fusion.weight(b) for b in sources}).numpy()
+
+
+def _as_is(build: dict, branch: str) -> bool:
+    return branch in build.get("calibrated_branches", ())
 
 
 def subset_aurocs(build: dict, scores: np.ndarray) -> list[float]:

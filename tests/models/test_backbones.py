@@ -121,6 +121,16 @@ def test_deeper_levels_are_not_built_or_run() -> None:
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters())
 
 
+def test_extra_levels_come_from_the_stages_built() -> None:
+    model = load_backbone("resnet18", ["layer2"], "random", allow_random=True, verbose=False)
+    x = torch.randn(1, 3, 64, 64)
+    features = model(x, extra=("layer1",))
+    assert set(features) == {"layer1", "layer2"} and features["layer1"].shape[-1] == 16
+    torch.testing.assert_close(features["layer2"], model(x)["layer2"])
+    with pytest.raises(ValueError, match=r"levels \['layer3'\] are not built"):
+        model(x, extra=("layer3",))
+
+
 def test_lite0_shallow_levels_skip_deep_blocks() -> None:
     model = load_backbone(
         "efficientnet_lite0", ["layer1"], "random", allow_random=True, verbose=False

@@ -249,7 +249,7 @@ def fake_builds(monkeypatch, tmp_path: Path, interrupt_at: int = 0) -> list[tupl
             raise KeyboardInterrupt
         return SimpleNamespace(category=category, metrics={})
 
-    def build_record(result, dataset, seed, seconds):
+    def build_record(result, dataset, seed, seconds, calibrated=()):
         return record(result.category, seed, {"fused": 0.5 + 0.1 * seed})
 
     monkeypatch.setattr(accuracy, "ensure_dataset", lambda plan, category, seed: tmp_path)

@@ -105,3 +105,14 @@ def test_fusion_overrides_apply() -> None:
     assert fusion.composition_scale == "std" and fusion.merge == "max"
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         accuracy_recombine.fusion_config(["fusion.sigma"])
+
+
+def test_scores_a_build_calibrated_itself_are_taken_as_they_are() -> None:
+    """A composition branch with fine parts standardises its own scores: fusion adds them as
+    they are, and so does the recombination."""
+    structural, composition = [1.0, 2.0, 2.0, 1.0, 3.0, 2.0, 9.0, 9.0], [0.5] * 6 + [0.0] * 2
+    base = build(composition, structural, [0.0] * 8) | {"calibrated_branches": ["composition"]}
+    fusion = accuracy_recombine.fusion_config([])
+    got = accuracy_recombine.fused_scores({b: base for b in ("structural", "composition")}, fusion)
+    expected = np.maximum((np.array(structural) - 2) / np.sqrt(2), composition)
+    np.testing.assert_allclose(got, expected)
