@@ -135,7 +135,8 @@ class StructuralSide(nn.Module):
                 maps["positional"] = self.positional(features.float(), grid)
         if self.composition is None:
             return maps
-        features, grid, fine = self._composition_inputs(x, features, grid, fine)
+        if self.composition.config.own_pass_size(size[-1]) is not None:
+            features, grid, fine = self.composition_features(x)
         # Mahalanobis distances lose too much in 16-bit arithmetic: the composition model runs
         # in float32 at every precision.
         with torch.autocast(x.device.type, enabled=False):
@@ -166,15 +167,6 @@ class StructuralSide(nn.Module):
         branch has fine parts and reads the bank's features)."""
         c = self.composition
         return c is not None and c.fine is not None and c.config.own_pass_size(side) is None
-
-    def _composition_inputs(
-        self, x: torch.Tensor, features: torch.Tensor, grid: tuple[int, int], fine: Fine | None
-    ) -> tuple[torch.Tensor, tuple[int, int], Fine | None]:
-        """The composition model's inputs: the bank pass's, or its own pass at its size."""
-        assert self.composition is not None
-        if self.composition.config.own_pass_size(int(x.shape[-1])) is None:
-            return features, grid, fine
-        return self.composition_features(x)
 
 
 def _float(fine: Fine | None) -> Fine | None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.composition.ops import blob_shapes, ledoit_wolf
+from engine.models.composition.ops import blob_shapes, shrunk_precision
 
 __all__ = ["FineParts", "RidgeFit", "fit_fine_parts"]
 
@@ -161,13 +161,10 @@ class FineParts(nn.Module):
         # scale of the others (else 1), or the smallest change would score without bound.
         scale = scale.clamp_min(0.1 * (float(varying.median()) if varying.numel() else 1.0))
         u = (x - center) / scale
-        _, covariance, _ = ledoit_wolf(u)
-        covariance = covariance.double()
-        eye = torch.eye(covariance.shape[0], dtype=covariance.dtype)
         self.descriptor_center.copy_(center)
         self.descriptor_scale.copy_(scale)
         self.standardised_mean.copy_(u.mean(0))
-        self.precision.copy_(torch.linalg.inv(covariance + self.variance_floor * eye))
+        self.precision.copy_(shrunk_precision(u, self.variance_floor))
 
 
 @torch.no_grad()

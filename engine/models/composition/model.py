@@ -14,7 +14,7 @@ from engine.models.composition.config import (
     positive_int,
 )
 from engine.models.composition.fine import FineParts
-from engine.models.composition.ops import blob_stats, ledoit_wolf, pca_basis
+from engine.models.composition.ops import blob_stats, pca_basis, shrunk_precision
 from engine.models.kmeans import kmeans
 from kernels import vq_nearest
 
@@ -312,7 +312,7 @@ class CompositionModel(nn.Module):
             width = sum(sizes[name] for name in group)
             block = slice(start, start + width)
             precision[block, block] = (
-                _shrunk_precision(standardised[:, block], self.config.variance_floor) / width
+                shrunk_precision(standardised[:, block], self.config.variance_floor) / width
             )
             start += width
         self.descriptor_mean.copy_(mean)
@@ -328,19 +328,10 @@ class CompositionModel(nn.Module):
         one_patch = self.config.grid**2 / (h * w)
         for c in range(cells.shape[1]):
             self.cell_mean[c] = cells[:, c].mean(0)
-            self.cell_precision[c] = _shrunk_precision(cells[:, c], one_patch**2)
+            self.cell_precision[c] = shrunk_precision(cells[:, c], one_patch**2)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._fitted = bool(self.fitted)
         if self.fine is not None:
             self._group_calibrated = bool(torch.isfinite(self.group_scale).all())
-
-
-def _shrunk_precision(samples: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
-    """Inverse of the Ledoit-Wolf covariance of (n, d) samples plus ``ridge`` on the diagonal,
-    so dimensions constant on the training set stay invertible and bounded."""
-    _, covariance, _ = ledoit_wolf(samples)
-    covariance = covariance.double()
-    eye = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
-    return torch.linalg.inv(covariance + ridge * eye).float()

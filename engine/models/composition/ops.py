@@ -7,7 +7,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["blob_shapes", "blob_stats", "label_components", "ledoit_wolf", "pca_basis"]
+__all__ = [
+    "blob_shapes",
+    "blob_stats",
+    "label_components",
+    "ledoit_wolf",
+    "pca_basis",
+    "shrunk_precision",
+]
 
 
 def pca_basis(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +64,15 @@ def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         d, dtype=rows.dtype, device=rows.device
     )
     return mean.float(), covariance.float(), shrinkage
+
+
+def shrunk_precision(samples: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """Inverse of the Ledoit-Wolf covariance of (n, d) samples plus ``ridge`` on the diagonal,
+    so dimensions constant on the training set stay invertible and bounded."""
+    _, covariance, _ = ledoit_wolf(samples)
+    covariance = covariance.double()
+    eye = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
+    return torch.linalg.inv(covariance + ridge * eye).float()
 
 
 def label_components(mask: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -130,9 +146,7 @@ def blob_stats(
     sizes = torch.zeros(m, h * w, device=mask.device).scatter_add_(1, labels, inside[..., 0])
     kept = (sizes >= min_size).float()  # (M, H*W): one entry per kept blob, at its label
     count = kept.sum(1)
-    sums = torch.zeros_like(values).scatter_add_(
-        1, labels[..., None].expand_as(values), values * inside
-    )
+    sums = _blob_sums(labels, values, inside)
     means = sums / sizes.clamp_min(1.0)[..., None]
     centre = (means * kept[..., None]).sum(1) / count.clamp_min(1.0)[:, None]
     deviation = (means - centre[:, None]) ** 2 * kept[..., None]
@@ -171,8 +185,7 @@ def blob_shapes(
     ys, xs = ys.reshape(1, -1), xs.reshape(1, -1)
     # per pixel: 1, y, x, y², x², xy (inside the mask), summed per blob at its label
     moments = torch.stack([torch.ones_like(ys), ys, xs, ys * ys, xs * xs, xs * ys], -1)
-    moments = moments * inside[..., None]
-    sums = torch.zeros_like(moments).scatter_add_(1, labels[..., None].expand_as(moments), moments)
+    sums = _blob_sums(labels, moments.expand(m, -1, -1), inside[..., None])
     size = sums[..., 0]
     kept = size >= min_size
     n = size.clamp_min(1.0)
@@ -184,3 +197,11 @@ def blob_shapes(
     length = 4.0 * major.clamp_min(0.0).sqrt() / max(h, w)
     length = torch.where(kept, length, torch.zeros_like(length))
     return kept.float().sum(1), length.topk(top, dim=1).values
+
+
+def _blob_sums(labels: torch.Tensor, values: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """(M, N, q) per-pixel ``values`` inside the mask (``inside``: (M, N, 1) 0/1) summed per
+    blob, each sum at the blob's (M, N) label."""
+    return torch.zeros_like(values).scatter_add_(
+        1, labels[..., None].expand_as(values), values * inside
+    )
