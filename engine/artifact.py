@@ -63,6 +63,7 @@ from engine.artifact_writer import ArtifactWriter, check_target
 from engine.calibrate import BranchStats
 from engine.config import BuildConfig
 from engine.detector import Detector
+from engine.models.composition import CompositionModel
 from engine.models.knn_index import KnnIndex, auto_index, is_approximate, restore_index
 from engine.models.positional import PositionalModel
 from engine.models.structural import attach_index
@@ -83,6 +84,20 @@ _VERSION_2_NOTE = (
     " (a version-2 artifact recomputes its structural projection at load, which can come out "
     "in another basis than its memory bank on a machine with another thread count)"
 )
+
+
+def _window_checks(composition: CompositionModel | None) -> dict[str, Any]:
+    """What the manifest records of the composition branch's window sizes: each one's
+    rearranged-layout AUROC on validation and whether it takes part in the score."""
+    if composition is None or composition.windows is None:
+        return {}
+    return {
+        "composition_windows": {
+            "divisions": list(composition.config.windows),
+            "rearranged_auroc": [round(float(a), 4) for a in composition.window_auroc],
+            "used": [bool(u) for u in composition.group_used[1:]],
+        }
+    }
 
 
 def save_artifact(
@@ -110,6 +125,7 @@ def save_artifact(
         **({"image_calibration": _stats_json(image_stats)} if image_stats is not None else {}),
         "structural_index": index.identity if index is not None else {"kind": "torch"},
         **({"composition_grid": list(composition.grid)} if composition is not None else {}),
+        **_window_checks(composition),
         **({"positional_memory": _memory_shape(positional)} if positional is not None else {}),
         **info,
     }

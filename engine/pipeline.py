@@ -34,6 +34,7 @@ from engine.calibrate import (
     resize_to,
     standardised_maps,
 )
+from engine.composition_calibration import calibrate_composition_groups
 from engine.config import BuildConfig
 from engine.data.formats import (
     FORMAT_NAMES,
@@ -140,20 +141,6 @@ def validation_maps(
     return ValidationMaps(branch_maps, sizes)
 
 
-def calibrate_composition_groups(
-    detector: Detector, samples: Sequence[Sample], progress: bool
-) -> None:
-    """Standardise the composition branch's two distances (descriptor, fine parts) by their
-    validation medians and MADs (:meth:`CompositionModel.calibrate_groups`)."""
-    assert detector.composition is not None
-    distances = []
-    for _, frames in frame_batches(samples, INFERENCE_BATCH, "composition groups", progress):
-        x = detector.structural_transform.batch(frames.to(detector.device))
-        with torch.inference_mode():
-            distances.append(detector.structural_side.composition_distances(x).cpu())
-    detector.composition.calibrate_groups(torch.cat(distances))
-
-
 def calibrate(
     fusion: Fusion,
     validation: ValidationMaps,
@@ -165,7 +152,7 @@ def calibrate(
     image-score threshold, all stored in ``fusion``.
 
     ``composition_calibrated``: the composition branch's scores are already standardised on
-    these validation images (:meth:`CompositionModel.calibrate_groups`, with fine parts), so
+    these validation images (:meth:`CompositionModel.calibrate_groups`: fine parts, windows), so
     fusion takes them as they are (mean 0, std 1) instead of standardising them again: a second
     standardisation of the larger of two standardised scores would rescale it.
 
@@ -373,18 +360,18 @@ def build_category(
     ).to(device)
 
     with _step(seconds, "calibrate on validation", verbose):
-        fine = composition is not None and composition.fine is not None
-        if fine:
-            calibrate_composition_groups(detector, dataset.samples("validation"), progress)
+        grouped = composition is not None and composition.n_groups > 1
+        if grouped:
+            calibrate_composition_groups(detector, dataset.samples("validation"), progress, verbose)
         validation = validation_maps(detector, dataset.samples("validation"), progress)
-        threshold, val_scores = calibrate(detector.fusion, validation, config.fusion, fine)
+        threshold, val_scores = calibrate(detector.fusion, validation, config.fusion, grouped)
         val_branch_scores = validation_branch_scores(detector, validation) | {FUSED: val_scores}
         variants = {}
         for name, variant in (fusion_variants or {}).items():
             variants[name] = Fusion.from_config(
                 variant, detector.branch_names, detector.map_size, config.composition
             )
-            calibrate(variants[name], validation, variant, fine)
+            calibrate(variants[name], validation, variant, grouped)
             variants[name].to(device)
         del validation
 

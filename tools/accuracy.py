@@ -329,6 +329,9 @@ def build_record(
         },
         "logical_diagnostics": kept_diagnostics(result.artifact),
         "calibrated_branches": list(calibrated),
+        "composition_windows": read_manifest(result.artifact, verify=False).get(
+            "composition_windows"
+        ),
     }
 
 
@@ -367,7 +370,8 @@ def run_builds(
             )
             seconds = time.perf_counter() - start
             composition = config.composition
-            calibrated = ("composition",) if composition.enabled and composition.fine_parts else ()
+            grouped = composition.enabled and composition.groups_calibrated
+            calibrated = ("composition",) if grouped else ()
             dataset = LocoDataset(root, category)
             records.append(build_record(result, dataset, seed, seconds, calibrated))
             means = ", ".join(

@@ -97,12 +97,16 @@ def tiny_detector(
 
 
 def with_composition(
-    detector: Detector, config: BuildConfig, own_size: int, fine_parts: bool = False
+    detector: Detector,
+    config: BuildConfig,
+    own_size: int,
+    fine_parts: bool = False,
+    windows: tuple[int, ...] = (),
 ) -> Detector:
     """``detector`` with a composition branch fitted (on random images) at its own input size
     ``own_size`` (``CompositionConfig.image_size``), calibrated like the other branches; with
-    ``fine_parts`` (the detector's levels must reach ``layer2``) its fine parts fitted and its
-    groups calibrated on more random images."""
+    ``fine_parts`` (the detector's levels must reach ``layer2``) its fine parts fitted, and with
+    ``fine_parts`` or ``windows`` its groups calibrated on more random images."""
     features = detector.structural.patch_features
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(6, 3, SIZE, SIZE, generator=generator)
@@ -115,16 +119,19 @@ def with_composition(
         pca_dim=4,
         fit_patches=200,
         fine_parts=fine_parts,
+        windows=windows,
     )
     fine_channels = features.fine_channels() if fine_parts else None
     composition = CompositionModel(composition_config, features.out_dim, grid, fine_channels)
     composition.fit(train, grid)
-    if fine_parts:
-        side = StructuralSide(detector.structural, composition)
-        with torch.no_grad():
+    side = StructuralSide(detector.structural, composition)
+    with torch.no_grad():
+        if fine_parts:
             fit_fine_parts(composition, side.composition_features, lambda: [images], seed=0)
+        if composition_config.groups_calibrated:
             more = torch.randn(4, 3, SIZE, SIZE, generator=generator)
-            composition.calibrate_groups(side.composition_distances(more))
+            checks = torch.ones(len(windows)) if windows else None  # every window size used
+            composition.calibrate_groups(side.composition_distances(more), checks)
     assert detector.stats is not None
     return Detector(
         detector.logical,

@@ -71,6 +71,16 @@ class CompositionConfig:
     apart merge on the 8-px grid and separate at stride 4; the branch alone gained in 8 of 10
     builds, but the fused map lost 0.006 over two seeds of five categories, so it is off by
     default (docs/ACCURACY.md ablation 19).
+    ``windows``: also score the components' areas per window and place
+    (:mod:`engine.models.composition.windows`): per entry n, windows of the patch grid's sides
+    divided by n, moved by half a window, each compared with the training images' windows at
+    the same place; each window size is one more distance, standardised on the validation good
+    images like the fine parts'. Empty: off.
+    ``window_check``: a window size takes part in the score only if its distance tells
+    validation good images from the same images with a region of half a window moved elsewhere
+    (:meth:`CompositionModel.rearranged_window_distances`) with an image AUROC of at least this;
+    where parts lie anywhere, moving one is no anomaly and the window size only adds noise
+    (docs/ACCURACY.md, ablation 20). 0: every window size takes part.
     """
 
     enabled: bool = False
@@ -92,6 +102,8 @@ class CompositionConfig:
     kmeans_restarts: int = 3
     seed: int = 0
     fine_parts: bool = False
+    windows: tuple[int, ...] = ()
+    window_check: float = 0.75
 
     def __post_init__(self) -> None:
         for name in (
@@ -121,6 +133,20 @@ class CompositionConfig:
         if not isinstance(self.fine_parts, bool):
             raise ValueError(
                 f"CompositionConfig.fine_parts must be a bool, got {self.fine_parts!r}"
+            )
+        if not isinstance(self.windows, tuple) or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in self.windows
+        ):
+            raise ValueError(
+                f"CompositionConfig.windows must be a tuple of ints >= 2, got {self.windows!r}"
+            )
+        if len(set(self.windows)) != len(self.windows):
+            raise ValueError(f"CompositionConfig.windows repeats a size: {self.windows!r}")
+        if isinstance(self.window_check, bool) or not (
+            isinstance(self.window_check, int | float) and 0 <= self.window_check <= 1
+        ):
+            raise ValueError(
+                f"CompositionConfig.window_check must be in [0, 1], got {self.window_check!r}"
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(
@@ -174,6 +200,12 @@ class CompositionConfig:
                 f"CompositionConfig.parts: each entry joins part names with '+', every name "
                 f"once, from {PARTS}; got {self.parts!r}"
             )
+
+    @property
+    def groups_calibrated(self) -> bool:
+        """Whether the image score is the largest of several distances, each standardised on
+        the validation good images (fine parts or windows), not one distance."""
+        return self.fine_parts or bool(self.windows)
 
     def own_pass_size(self, bank_size: int) -> int | None:
         """The input side of the branch's own backbone pass: ``image_size`` when it differs

@@ -15,6 +15,7 @@ from engine.models.composition.config import (
 )
 from engine.models.composition.fine import FineParts
 from engine.models.composition.ops import blob_stats, pca_basis, shrunk_precision
+from engine.models.composition.windows import WindowAreas
 from engine.models.kmeans import kmeans
 from kernels import vq_nearest
 
@@ -35,8 +36,8 @@ class CompositionModel(nn.Module):
     order (:class:`engine.models.structural.PatchFeatures` output) and, with fine parts, those
     two raw levels; it returns ``(image_score (B,), cell_map (B, G, G))``, float32, larger =
     more anomalous, G = ``config.grid``; both are about 1 on typical good images (see the
-    package docstring). With fine parts the image score is in validation MADs above the
-    validation median instead (about 0 on good images).
+    package docstring). With fine parts or windows the image score is the largest of the
+    distances, each in validation MADs above its validation median (about 0 on good images).
     Everything inference needs is a buffer (``state_dict`` carries it); ``forward`` has no
     data-dependent control flow.
     """
@@ -73,14 +74,26 @@ class CompositionModel(nn.Module):
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self._fitted = False  # mirrors the buffer as a Python bool: checked without a sync
         self.fine: FineParts | None = None
+        self.windows: WindowAreas | None = None
         self._group_calibrated = False
         if config.fine_parts:
             if fine_channels is None:
                 raise ValueError("CompositionConfig.fine_parts needs fine_channels")
             self.fine = FineParts(fine_channels, k, config.min_blob, config.variance_floor)
-            # per group (coarse, fine): median and MAD of the validation distances
-            self.register_buffer("group_center", torch.full((2,), math.nan))
-            self.register_buffer("group_scale", torch.full((2,), math.nan))
+        if config.windows:
+            self.windows = WindowAreas(k, self.grid, config.windows)
+            # per window size: its rearranged-layout AUROC on validation; per group: whether it
+            # takes part in the score (the descriptor's always does)
+            self.register_buffer("window_auroc", torch.full((len(config.windows),), math.nan))
+            self.register_buffer(
+                "group_used", torch.ones(1 + len(config.windows), dtype=torch.bool)
+            )
+        self.n_groups = 1 + len(config.windows) + int(config.fine_parts)
+        if config.groups_calibrated:
+            # per group (descriptor, each window size, fine parts): median and MAD of the
+            # validation distances
+            self.register_buffer("group_center", torch.full((self.n_groups,), math.nan))
+            self.register_buffer("group_scale", torch.full((self.n_groups,), math.nan))
 
     def _check(self, features: torch.Tensor, grid: tuple[int, int]) -> None:
         h, w = self.grid
@@ -105,11 +118,17 @@ class CompositionModel(nn.Module):
             weights = F.one_hot(indices, self.config.n_components).float()
         return z, indices, weights
 
-    def parts(self, features: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """The descriptor parts ``names`` of (B, h*w, D) features, each (B, part size)."""
+    def parts(
+        self,
+        features: torch.Tensor,
+        names: tuple[str, ...],
+        assigned: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The descriptor parts ``names`` of (B, h*w, D) features, each (B, part size);
+        ``assigned``: :meth:`assign`'s output for them, if the caller has it."""
         h, w = self.grid
         k = self.config.n_components
-        z, indices, weights = self.assign(features)
+        z, indices, weights = self.assign(features) if assigned is None else assigned
         b, n = indices.shape
         wanted = set(names)
         area = weights.mean(1)
@@ -152,11 +171,17 @@ class CompositionModel(nn.Module):
 
     def describe(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, h*w, D) -> (descriptor (B, F) of ``config.parts``, cell histograms (B, G*G, K))."""
+        return self._describe(features)[:2]
+
+    def _describe(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`describe`, and the soft component weights on the grid (B, K, h, w)."""
         names = self.config.part_names
-        parts = self.parts(features, tuple(dict.fromkeys((*names, "grid"))))
+        assigned = self.assign(features)
+        parts = self.parts(features, tuple(dict.fromkeys((*names, "grid"))), assigned)
         descriptor = torch.cat([parts[name] for name in names], dim=1)
         g, k = self.config.grid, self.config.n_components
-        return descriptor, parts["grid"].reshape(-1, k, g * g).transpose(1, 2)
+        weights = assigned[2].transpose(1, 2).reshape(-1, k, *self.grid)
+        return descriptor, parts["grid"].reshape(-1, k, g * g).transpose(1, 2), weights
 
     def forward(
         self,
@@ -166,14 +191,19 @@ class CompositionModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, h*w, D) patch features [, raw fine levels] -> (image_score (B,), cell_map)."""
         distances, cell_map = self._distances(features, grid, fine)
-        if self.fine is None:
+        if self.n_groups == 1:
             return distances[:, 0], cell_map
         if not bool(self._group_calibrated):
             raise RuntimeError(
-                "CompositionModel with fine parts is not calibrated: call calibrate_groups() "
-                "or load a state_dict"
+                "CompositionModel with several distances (fine parts or windows) is not "
+                "calibrated: call calibrate_groups() or load a state_dict"
             )
         z = (distances - self.group_center) / self.group_scale
+        if self.windows is not None:
+            used = self.group_used
+            if self.fine is not None:
+                used = torch.cat([used, used.new_ones(1)])
+            z = z.masked_fill(~used, -math.inf)
         return z.amax(1), cell_map
 
     def group_distances(
@@ -182,23 +212,54 @@ class CompositionModel(nn.Module):
         grid: tuple[int, int],
         fine: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """(B, groups) uncalibrated distances: the descriptor's, then the fine parts' (if on)."""
+        """(B, groups) uncalibrated distances: the descriptor's, one per window size, then the
+        fine parts' (those that are on)."""
         return self._distances(features, grid, fine)[0]
 
     @torch.no_grad()
-    def calibrate_groups(self, distances: torch.Tensor) -> None:
-        """Standardise each group by the median and 1.4826 x MAD of its (N, 2)
-        :meth:`group_distances` over the validation good images (floored: no zero scale)."""
-        if self.fine is None:
-            raise ValueError("calibrate_groups is for a model with fine parts")
-        if distances.dim() != 2 or distances.shape[1] != 2 or distances.shape[0] < 2:
-            raise ValueError(f"expected (N >= 2, 2) distances, got {tuple(distances.shape)}")
+    def rearranged_window_distances(
+        self, features: torch.Tensor, grid: tuple[int, int], copies: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """(B * copies, S) window distances of the (B, h*w, D) images' soft component weights
+        with a region moved (:meth:`engine.models.composition.windows.WindowAreas.rearranged`):
+        what a window size would see of a layout broken on a good image."""
+        if self.windows is None:
+            raise ValueError("rearranged_window_distances is for a model with windows")
+        self._check(features, grid)
+        return self.windows.rearranged(self._describe(features)[2], copies, generator)
+
+    @torch.no_grad()
+    def calibrate_groups(
+        self, distances: torch.Tensor, window_auroc: torch.Tensor | None = None
+    ) -> None:
+        """Standardise each group by the median and 1.4826 x MAD of its (N, groups)
+        :meth:`group_distances` over the validation good images (floored: no zero scale).
+
+        ``window_auroc`` (S,): per window size, how well its distance tells those images from
+        their rearranged versions (:meth:`rearranged_window_distances`); a window size takes
+        part in the score if that is at least ``config.window_check``. Needed exactly when the
+        model has windows."""
+        if self.n_groups == 1:
+            raise ValueError("calibrate_groups is for a model with fine parts or windows")
+        groups = self.n_groups
+        if distances.dim() != 2 or distances.shape[1] != groups or distances.shape[0] < 2:
+            raise ValueError(f"expected (N >= 2, {groups}) distances, got {tuple(distances.shape)}")
         x = distances.double()
         center = x.quantile(0.5, dim=0)
         scale = 1.4826 * (x - center).abs().quantile(0.5, dim=0)
         scale = torch.maximum(scale, 1e-3 * center.abs().clamp_min(1.0))
         self.group_center.copy_(center)
         self.group_scale.copy_(scale)
+        if (window_auroc is None) != (self.windows is None):
+            raise ValueError("window_auroc is needed exactly when the model has windows")
+        if window_auroc is not None:
+            if window_auroc.shape != self.window_auroc.shape:
+                raise ValueError(
+                    f"window_auroc must be ({self.window_auroc.numel()},), got "
+                    f"{tuple(window_auroc.shape)}"
+                )
+            self.window_auroc.copy_(window_auroc)
+            self.group_used[1:].copy_(self.window_auroc >= self.config.window_check)
         self._group_calibrated = True
 
     def _distances(
@@ -215,16 +276,19 @@ class CompositionModel(nn.Module):
                 "fine-level features are needed exactly when the model has fine parts "
                 f"(fine_parts={self.fine is not None}, got {'none' if fine is None else 'some'})"
             )
-        descriptor, cells = self.describe(features)
+        descriptor, cells, weights = self._describe(features)
         u = (descriptor - self.descriptor_mean) / self.descriptor_scale
         image = torch.einsum("bi,ij,bj->b", u, self.descriptor_precision, u).clamp_min(0.0).sqrt()
         c = cells - self.cell_mean
         cell = torch.einsum("bck,ckl,bcl->bc", c, self.cell_precision, c)
         g, k = self.config.grid, self.config.n_components
         cell_map = (cell.clamp_min(0.0) / k).sqrt().reshape(-1, g, g)
-        if self.fine is None:
-            return image[:, None], cell_map
-        return torch.stack([image, self.fine(*fine)], 1), cell_map
+        groups = [image[:, None]]
+        if self.windows is not None:
+            groups.append(self.windows(weights))
+        if self.fine is not None:
+            groups.append(self.fine(*fine)[:, None])
+        return torch.cat(groups, 1), cell_map
 
     @torch.no_grad()
     def fit(
@@ -258,14 +322,16 @@ class CompositionModel(nn.Module):
         indices, nearest = vq_nearest(z, self.centroids)
         self.assign_scale.fill_(float(((z - nearest) ** 2).sum(1).median().clamp_min(1e-12)))
         self._fit_appearance(z, indices)
-        descriptors, cells = zip(
+        descriptors, cells, weights = zip(
             *(
-                self.describe(features[i : i + batch_size].to(device))
+                self._describe(features[i : i + batch_size].to(device))
                 for i in range(0, features.shape[0], batch_size)
             )
         )
         self._fit_descriptor(torch.cat(descriptors))
         self._fit_cells(torch.cat(cells))
+        if self.windows is not None:
+            self.windows.fit(torch.cat(weights))
         self.fitted.fill_(True)
         self._fitted = True
         return self
@@ -333,5 +399,5 @@ class CompositionModel(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._fitted = bool(self.fitted)
-        if self.fine is not None:
+        if self.n_groups > 1:
             self._group_calibrated = bool(torch.isfinite(self.group_scale).all())

@@ -12,6 +12,7 @@ __all__ = [
     "blob_stats",
     "label_components",
     "ledoit_wolf",
+    "ledoit_wolf_batched",
     "pca_basis",
     "shrunk_precision",
 ]
@@ -47,23 +48,31 @@ def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """
     if x.dim() != 2 or x.shape[0] < 2:
         raise ValueError(f"ledoit_wolf needs (n, d) samples with n >= 2, got {tuple(x.shape)}")
+    mean, covariance, shrinkage = ledoit_wolf_batched(x[:, None])
+    return mean[0].float(), covariance[0].float(), float(shrinkage[0])
+
+
+def ledoit_wolf_batched(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`ledoit_wolf` of L sets of samples at once: (n, L, d) -> mean (L, d), covariance
+    (L, d, d) and shrinkage (L,), all float64 (one estimate per set, as if each were alone)."""
+    if x.dim() != 3 or x.shape[0] < 2:
+        raise ValueError(f"ledoit_wolf needs (n, L, d) samples with n >= 2, got {tuple(x.shape)}")
     rows = x.detach().double()
-    n, d = rows.shape
+    n, _, d = rows.shape
     mean = rows.mean(0)
     centred = rows - mean
-    emp = centred.t() @ centred / n
-    mu = float(torch.trace(emp)) / d
+    emp = torch.einsum("nli,nlj->lij", centred, centred) / n
+    mu = torch.diagonal(emp, dim1=1, dim2=2).sum(-1) / d
     squares = centred * centred
-    beta_sum = float((squares.t() @ squares).sum()) / n
-    delta_sum = float((emp * emp).sum())
+    beta_sum = torch.einsum("nli,nlj->l", squares, squares) / n
+    delta_sum = (emp * emp).sum((1, 2))
     beta = (beta_sum - delta_sum) / (d * n)
-    delta = (delta_sum - 2 * mu * float(torch.trace(emp)) + d * mu * mu) / d
-    beta = min(beta, delta)
-    shrinkage = 0.0 if beta == 0 else beta / delta
-    covariance = (1 - shrinkage) * emp + shrinkage * mu * torch.eye(
-        d, dtype=rows.dtype, device=rows.device
-    )
-    return mean.float(), covariance.float(), shrinkage
+    delta = (delta_sum - d * mu * mu) / d  # ||S - mu I||² / d
+    beta = torch.minimum(beta, delta)
+    shrinkage = torch.where(beta > 0, beta / delta.clamp_min(torch.finfo(delta.dtype).tiny), 0.0)
+    eye = torch.eye(d, dtype=rows.dtype, device=rows.device)
+    covariance = (1 - shrinkage)[:, None, None] * emp + (shrinkage * mu)[:, None, None] * eye
+    return mean, covariance, shrinkage
 
 
 def shrunk_precision(samples: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
