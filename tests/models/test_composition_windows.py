@@ -60,6 +60,24 @@ def test_distances_match_a_per_place_scikit_learn_fit() -> None:
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_leave_one_out_statistics_score_each_image_under_the_others() -> None:
+    weights = layout(12, seed=7)
+    module = WindowAreas(3, GRID, (3,))
+    module.fit(weights)
+    loo = []
+    for j in range(12):
+        others = WindowAreas(3, GRID, (3,))
+        others.fit(torch.cat([weights[:j], weights[j + 1 :]]))
+        loo.append(others(weights[j : j + 1])[0, 0].double())
+    values = torch.stack(loo)
+    center = values.quantile(0.5)
+    torch.testing.assert_close(module.loo_center[0].double(), center, rtol=1e-4, atol=1e-5)
+    scale = (values.quantile(0.95) - center) / 1.645
+    torch.testing.assert_close(module.loo_scale[0].double(), scale, rtol=1e-4, atol=1e-5)
+    # held out, good images score above the images the Gaussians were fitted on
+    assert module.loo_center[0] > module(weights)[:, 0].median()
+
+
 def layout(n: int, seed: int, empty: bool = False) -> torch.Tensor:
     """(n, 3, 12, 12) soft weights: one 2 x 2 part (component 2) at a random place inside each
     4 x 4 compartment, floor (0) elsewhere, separator rows and columns (1) at the edges; with
@@ -129,6 +147,23 @@ def test_windows_need_a_calibration_and_survive_a_state_dict(fitted: Composition
     assert torch.equal(restored.group_used, fitted.group_used)
 
 
+@pytest.mark.parametrize("scale", ["tail", "mad"])
+def test_window_sizes_are_standardised_as_configured(scale: str) -> None:
+    model = CompositionModel(replace(CONFIG, window_scale=scale), 3, GRID)
+    model.fit(features_of(layout(20, seed=0)), GRID)
+    distances = model.group_distances(features_of(layout(16, seed=3)), GRID)
+    model.calibrate_groups(distances, torch.ones(2))
+    median = distances.double().quantile(0.5, dim=0)
+    torch.testing.assert_close(model.group_center[0].double(), median[0])
+    want = model.windows.loo_center if scale == "tail" else median[1:].float()
+    torch.testing.assert_close(model.group_center[1:], want)
+
+
+def test_windows_need_three_training_images() -> None:
+    with pytest.raises(ValueError, match="3 with windows"):
+        CompositionModel(CONFIG, 3, GRID).fit(features_of(layout(2, seed=0)), GRID)
+
+
 def test_a_window_size_below_the_check_is_left_out_of_the_score(fitted: CompositionModel) -> None:
     features = features_of(layout(6, seed=4, empty=True))
     model = CompositionModel(CONFIG, 3, GRID)
@@ -179,6 +214,11 @@ def test_config_refuses_bad_windows(windows: object) -> None:
 def test_config_refuses_a_bad_window_check(check: object) -> None:
     with pytest.raises(ValueError, match="window_check"):
         replace(CONFIG, window_check=check)
+
+
+def test_config_refuses_an_unknown_window_scale() -> None:
+    with pytest.raises(ValueError, match="window_scale must be one of"):
+        replace(CONFIG, window_scale="std")
 
 
 def test_windows_are_set_from_the_command_line() -> None:

@@ -44,8 +44,12 @@ Typical use::
     image_score, cell_map = model(features, (h, w))  # (B,), (B, G, G)
 
 With ``CompositionConfig.fine_parts`` the components are also drawn at stride 4 from two raw
-backbone levels (:mod:`engine.models.composition.fine`), and the image score is the larger of
-the two groups' distances, each standardised on the validation good images.
+backbone levels (:mod:`engine.models.composition.fine`); with ``CompositionConfig.windows`` the
+soft component areas of every window of the grid are compared with the training images' at the
+same place (:mod:`engine.models.composition.windows`), one distance per window size. The image
+score is then the largest of the distances, each standardised on the validation good images; a
+window size takes part only if it tells those images from rearranged copies of them
+(``CompositionConfig.window_check``).
 """
 
 from engine.models.composition.config import MIN_TRAINING_IMAGES, PARTS, CompositionConfig

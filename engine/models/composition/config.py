@@ -7,6 +7,7 @@ from dataclasses import dataclass
 __all__ = ["FUSED_MAPS", "MIN_TRAINING_IMAGES", "PARTS", "CompositionConfig"]
 
 FUSED_MAPS = ("gated", "gated_after_blur", "image")
+WINDOW_SCALES = ("tail", "mad")
 MIN_TRAINING_IMAGES = 2  # a covariance of the training descriptors needs two of them
 # the descriptor parts a config may name (see the package docstring)
 PARTS = ("area", "pairs", "blobs", "blob_size", "blob_spread", "grid", "appearance", "spread")
@@ -81,6 +82,10 @@ class CompositionConfig:
     (:meth:`CompositionModel.rearranged_window_distances`) with an image AUROC of at least this;
     where parts lie anywhere, moving one is no anomaly and the window size only adds noise
     (docs/ACCURACY.md, ablation 20). 0: every window size takes part.
+    ``window_scale``: how a window size's distance is standardised: ``"tail"`` by the median
+    and the 95th-percentile tail of the training images' leave-one-out distances (a heavy tail
+    of good images then weighs less), ``"mad"`` by the validation median and MAD like the other
+    distances.
     """
 
     enabled: bool = False
@@ -104,6 +109,7 @@ class CompositionConfig:
     fine_parts: bool = False
     windows: tuple[int, ...] = ()
     window_check: float = 0.75
+    window_scale: str = "tail"
 
     def __post_init__(self) -> None:
         for name in (
@@ -142,6 +148,11 @@ class CompositionConfig:
             )
         if len(set(self.windows)) != len(self.windows):
             raise ValueError(f"CompositionConfig.windows repeats a size: {self.windows!r}")
+        if self.window_scale not in WINDOW_SCALES:
+            raise ValueError(
+                f"CompositionConfig.window_scale must be one of {WINDOW_SCALES}, "
+                f"got {self.window_scale!r}"
+            )
         if isinstance(self.window_check, bool) or not (
             isinstance(self.window_check, int | float) and 0 <= self.window_check <= 1
         ):

@@ -233,7 +233,9 @@ class CompositionModel(nn.Module):
         self, distances: torch.Tensor, window_auroc: torch.Tensor | None = None
     ) -> None:
         """Standardise each group by the median and 1.4826 x MAD of its (N, groups)
-        :meth:`group_distances` over the validation good images (floored: no zero scale).
+        :meth:`group_distances` over the validation good images (floored: no zero scale); with
+        ``config.window_scale == "tail"`` the window sizes' by their training leave-one-out
+        distances instead (:meth:`engine.models.composition.windows.WindowAreas.fit`).
 
         ``window_auroc`` (S,): per window size, how well its distance tells those images from
         their rearranged versions (:meth:`rearranged_window_distances`); a window size takes
@@ -248,6 +250,10 @@ class CompositionModel(nn.Module):
         center = x.quantile(0.5, dim=0)
         scale = 1.4826 * (x - center).abs().quantile(0.5, dim=0)
         scale = torch.maximum(scale, 1e-3 * center.abs().clamp_min(1.0))
+        if self.windows is not None and self.config.window_scale == "tail":
+            windows = slice(1, 1 + len(self.config.windows))
+            center[windows] = self.windows.loo_center.double()
+            scale[windows] = self.windows.loo_scale.double()
         self.group_center.copy_(center)
         self.group_scale.copy_(scale)
         if (window_auroc is None) != (self.windows is None):
@@ -303,9 +309,10 @@ class CompositionModel(nn.Module):
         and on any device; the work runs on this module's device. Needs N >= 2. Returns ``self``.
         """
         self._check(features[:1], grid)
-        if features.shape[0] < MIN_TRAINING_IMAGES:
+        if features.shape[0] < MIN_TRAINING_IMAGES + bool(self.config.windows):
             raise ValueError(
-                f"fit needs at least {MIN_TRAINING_IMAGES} training images, got {features.shape[0]}"
+                f"fit needs at least {MIN_TRAINING_IMAGES} training images (3 with windows: "
+                f"each is scored under the others'), got {features.shape[0]}"
             )
         if not torch.isfinite(features).all():
             raise ValueError("the training features contain NaN or infinite values")

@@ -57,6 +57,9 @@ class WindowAreas(nn.Module):
             k = n_components
             self.register_buffer(f"mean{i}", torch.zeros(places, k))
             self.register_buffer(f"precision{i}", torch.eye(k).repeat(places, 1, 1))
+        # per window size: median and tail scale of the training images' leave-one-out distances
+        self.register_buffer("loo_center", torch.zeros(len(divisions)))
+        self.register_buffer("loo_scale", torch.ones(len(divisions)))
 
     def _areas(self, weights: torch.Tensor, i: int) -> torch.Tensor:
         """(B, K, h, w) -> (B, places, K) soft component areas of window size ``i``."""
@@ -102,11 +105,38 @@ class WindowAreas(nn.Module):
 
     @torch.no_grad()
     def fit(self, weights: torch.Tensor) -> None:
-        """Fit every place's Gaussian on the (N, K, h, w) weights of the N training images."""
-        k = self.n_components
-        eye = torch.eye(k, dtype=torch.float64, device=weights.device)
-        for i, (size, _) in enumerate(self.shapes):
-            mean, covariance, _ = ledoit_wolf_batched(self._areas(weights.float(), i))
-            floor = (1.0 / (size[0] * size[1])) ** 2
+        """Fit every place's Gaussian on the (N, K, h, w) weights of the N >= 3 training images,
+        and measure each window size's leave-one-out distances (:meth:`_fit_loo`)."""
+        for i in range(len(self.shapes)):
+            mean, precision = self._gaussians(self._areas(weights.float(), i), i)
             getattr(self, f"mean{i}").copy_(mean)
-            getattr(self, f"precision{i}").copy_(torch.linalg.inv(covariance + floor * eye))
+            getattr(self, f"precision{i}").copy_(precision)
+        self._fit_loo(weights)
+
+    def _gaussians(self, areas: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, places, K) areas -> per place mean (places, K) and floored precision (K, K)."""
+        size = self.shapes[i][0]
+        mean, covariance, _ = ledoit_wolf_batched(areas)
+        floor = (1.0 / (size[0] * size[1])) ** 2
+        eye = torch.eye(self.n_components, dtype=covariance.dtype, device=covariance.device)
+        return mean, torch.linalg.inv(covariance + floor * eye)
+
+    def _fit_loo(self, weights: torch.Tensor) -> None:
+        """Per window size, each training image's distance under the Gaussians of the others:
+        their median and (95th percentile - median) / 1.645, a scale that matches the standard
+        deviation of a normal tail and grows with a heavy one. Good images score like these, not
+        like the training images the Gaussians were fitted on."""
+        n = weights.shape[0]
+        for i in range(len(self.shapes)):
+            areas = self._areas(weights.float(), i)
+            loo = []
+            for j in range(n):
+                mean, precision = self._gaussians(torch.cat([areas[:j], areas[j + 1 :]]), i)
+                d = areas[j].double() - mean
+                d2 = torch.einsum("pk,pkl,pl->p", d, precision, d)
+                loo.append((d2.amax().clamp_min(0.0) / self.n_components).sqrt())
+            values = torch.stack(loo)
+            center = values.quantile(0.5)
+            scale = (values.quantile(0.95) - center) / 1.645
+            self.loo_center[i] = center
+            self.loo_scale[i] = torch.maximum(scale, 1e-3 * center.abs().clamp_min(1.0))
