@@ -38,7 +38,11 @@ def empty_modules(
         lc, backbone("logical", (*lc.compared_levels, lc.bottleneck_level)), embedding
     )
     features = PatchFeatures(
-        backbone("structural", sc.levels), sc.feature_dim, sc.patch_size, sc.compact_features
+        backbone("structural", sc.levels),
+        sc.feature_dim,
+        sc.patch_size,
+        sc.compact_features,
+        sc.grid_level,
     )
     structural = StructuralModel(features)
     composition = None

@@ -9,6 +9,9 @@ Patch features (``PatchFeatures``), per backbone level:
    (PatchCore's ``Aggregator``). Both poolings are fixed linear maps, so they are folded into one
    (C_level, feature_dim) matrix per level and applied as a 1x1 projection (ONNX-exportable);
 3. the coarser levels bilinearly upsampled (align_corners=False) to the finest grid and summed.
+   With ``grid_level`` (beyond PatchCore) the grid is that level's instead: the finer levels
+   are max-pooled onto it, so a stride-4 level adds its detail (a thin needle, a chip) without
+   four times the patches, bank and search (docs/ACCURACY.md, ablation 21).
 
 Because steps 1-3 are all linear, projecting before upsampling gives the same numbers as
 PatchCore's order while upsampling only ``feature_dim`` channels.
@@ -86,6 +89,7 @@ class StructuralConfig:
 
     backbone: str = "resnext101_32x8d"
     levels: tuple[str, ...] = ("layer2", "layer3")
+    grid_level: str | None = None  # None: the finest level's grid (PatchCore)
     image_size: int = 256
     patch_size: int = 3
     feature_dim: int = 1024
@@ -106,6 +110,11 @@ class StructuralConfig:
                 raise ValueError(f"StructuralConfig.{name} must be a positive int, got {value!r}")
         if self.patch_size % 2 == 0:
             raise ValueError(f"StructuralConfig.patch_size must be odd, got {self.patch_size}")
+        if self.grid_level is not None and self.grid_level not in self.levels:
+            raise ValueError(
+                f"StructuralConfig.grid_level must be None or one of levels {self.levels}, "
+                f"got {self.grid_level!r}"
+            )
         if not 0 < self.coreset_ratio <= 1:
             raise ValueError(
                 f"StructuralConfig.coreset_ratio must be in (0, 1], got {self.coreset_ratio}"
@@ -158,7 +167,8 @@ class PatchFeatures(nn.Module):
     ``forward(x)`` takes (B, 3, S, S) normalised images and returns ``(features, (h, w))`` with
     features of shape (B, h*w, out_dim) in row-major grid order, (h, w) the finest level's grid.
     ``out_dim`` is ``feature_dim``, or with ``compact`` the rank of the feature space (module
-    docstring); distances between features are the same either way.
+    docstring); distances between features are the same either way. ``grid_level``: the level
+    whose grid the features lie on (None: the finest); finer levels are max-pooled onto it.
     """
 
     basis: torch.Tensor | None
@@ -169,6 +179,7 @@ class PatchFeatures(nn.Module):
         feature_dim: int = 1024,
         patch_size: int = 3,
         compact: bool = True,
+        grid_level: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
@@ -180,10 +191,13 @@ class PatchFeatures(nn.Module):
             or patch_size % 2 != 1
         ):
             raise ValueError(f"patch_size must be a positive odd int, got {patch_size!r}")
+        levels = backbone.levels
+        if grid_level is not None and grid_level not in levels:
+            raise ValueError(f"grid_level must be None or one of {levels}, got {grid_level!r}")
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.patch_size = patch_size
-        levels = backbone.levels
+        self.grid_level = grid_level or levels[0]
         stacked = adaptive_pool_matrix(len(levels) * feature_dim, feature_dim)
         folded = [  # per level, the (D, C_level) map from pooled channels to features
             (
@@ -233,13 +247,15 @@ class PatchFeatures(nn.Module):
         return int(maps[FINE_LEVELS[0]].shape[1]), int(maps[FINE_LEVELS[1]].shape[1])
 
     def _aggregate(self, maps: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-        finest = self.backbone.levels[0]
-        grid = maps[finest].shape[-2:]
+        grid = maps[self.grid_level].shape[-2:]
         total = None
         for level in self.backbone.levels:
             pooled = F.avg_pool2d(
                 maps[level], self.patch_size, stride=1, padding=self.patch_size // 2
             )
+            ratio = self.backbone.strides[self.grid_level] // self.backbone.strides[level]
+            if ratio > 1:  # a finer level: each backbone channel's strongest response per cell
+                pooled = F.max_pool2d(pooled, ratio, ceil_mode=True)
             projected = F.conv2d(pooled, getattr(self, f"projection_{level}"))
             if projected.shape[-2:] != grid:
                 projected = F.interpolate(
@@ -373,7 +389,9 @@ class StructuralModel(nn.Module):
         """The model ``cfg`` describes, without a bank; ValueError, before any work, when
         ``cfg.index`` with ``cfg.index_params`` cannot index its features."""
         backbone = load_backbone(cfg.backbone, cfg.levels, weights, allow_random, verbose)
-        features = PatchFeatures(backbone, cfg.feature_dim, cfg.patch_size, cfg.compact_features)
+        features = PatchFeatures(
+            backbone, cfg.feature_dim, cfg.patch_size, cfg.compact_features, cfg.grid_level
+        )
         check_index_setting(cfg.index, cfg.index_params, features.out_dim)
         return cls(features)
 

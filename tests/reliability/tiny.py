@@ -37,7 +37,10 @@ FEATURE_DIM = 8
 
 
 def tiny_config(
-    index: str = "torch", params: str = "", levels: tuple[str, ...] = ("layer1",)
+    index: str = "torch",
+    params: str = "",
+    levels: tuple[str, ...] = ("layer1",),
+    grid_level: str | None = None,
 ) -> BuildConfig:
     logical = LogicalConfig(
         backbone="resnet18",
@@ -57,6 +60,7 @@ def tiny_config(
     structural = StructuralConfig(
         backbone="resnet18",
         levels=levels,
+        grid_level=grid_level,
         image_size=SIZE,
         feature_dim=FEATURE_DIM,
         index=index,
@@ -78,14 +82,15 @@ def tiny_detector(
     params: str = "",
     bank_rows: int | None = None,
     levels: tuple[str, ...] = ("layer1",),
+    grid_level: str | None = None,
 ) -> tuple[Detector, BuildConfig]:
     """A calibrated detector with random weights, searching with ``structural.index=index``
     (``index_params=params``) on a ``bank_rows``-row bank (default 64, or 16 for ``torch``).
     An approximate index (``"HNSW32"``, ``"IVF2,PQ2x4"``, ...) makes the artifact hold
     ``index/`` files. ``levels``: the memory bank's backbone levels (``("layer1", "layer2")``
-    reaches what the composition branch's fine parts read)."""
+    reaches what the composition branch's fine parts read; ``grid_level`` the grid they lie on)."""
     torch.manual_seed(seed)
-    config = tiny_config(index, params, levels)
+    config = tiny_config(index, params, levels, grid_level)
     logical = LogicalModel.build(config.logical, None, "random", True, verbose=False)
     structural = StructuralModel.from_config(config.structural, "random", True, verbose=False)
     rows = bank_rows or (16 if index == "torch" else 64)
