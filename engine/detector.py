@@ -137,6 +137,8 @@ class StructuralSide(nn.Module):
             return maps
         if self.composition.config.own_pass_size(size[-1]) is not None:
             features, grid, fine = self.composition_features(x)
+        else:
+            features = self.structural.patch_features.layout(features)
         # Mahalanobis distances lose too much in 16-bit arithmetic: the composition model runs
         # in float32 at every precision.
         with torch.autocast(x.device.type, enabled=False):
@@ -155,12 +157,14 @@ class StructuralSide(nn.Module):
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[int, int], Fine | None]:
         """The composition model's inputs for ``x`` from one pass at its size: patch
-        features, grid and, with fine parts, the raw fine levels."""
+        features without the levels finer than their grid (``PatchFeatures.layout``), grid and,
+        with fine parts, the raw fine levels."""
         if self.composition is None:
             raise ValueError("this detector has no composition branch")
         own_size = self.composition.config.own_pass_size(int(x.shape[-1]))
         x = x if own_size is None else resize_input(x, own_size)
-        return self.extract(x, self.composition.fine is not None)
+        features, grid, fine = self.extract(x, self.composition.fine is not None)
+        return self.structural.patch_features.layout(features), grid, fine
 
     def _fine_in_bank_pass(self, side: int) -> bool:
         """Whether the memory bank's pass must also return the fine levels (the composition

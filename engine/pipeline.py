@@ -257,8 +257,11 @@ def build_category(
             config.structural, config.weights, config.allow_random, verbose
         )
         fine_channels = None
-        if config.composition.enabled and config.composition.fine_parts:
-            fine_channels = structural.patch_features.fine_channels()  # refuses before training
+        if config.composition.enabled:
+            # Both refuse before training: the layout features, and the fine levels.
+            structural.patch_features.layout(torch.zeros(1, structural.patch_features.out_dim))
+            if config.composition.fine_parts:
+                fine_channels = structural.patch_features.fine_channels()
         logical_transform = model_transform(config.logical.image_size, logical.encoder)
         structural_transform = model_transform(
             config.structural.image_size, structural.patch_features.backbone
@@ -337,7 +340,7 @@ def build_category(
             composition = CompositionModel(
                 config.composition, int(features.shape[-1]), grid, fine_channels
             )
-            composition.to(device).fit(features, grid)
+            composition.to(device).fit(structural.patch_features.layout(features), grid)
             if composition.fine is not None:
                 side = StructuralSide(structural, composition)
                 fit_fine_parts(

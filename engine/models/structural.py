@@ -112,8 +112,9 @@ class StructuralConfig:
             raise ValueError(f"StructuralConfig.patch_size must be odd, got {self.patch_size}")
         if self.grid_level is not None and self.grid_level not in self.levels:
             raise ValueError(
-                f"StructuralConfig.grid_level must be None or one of levels {self.levels}, "
-                f"got {self.grid_level!r}"
+                f"StructuralConfig.grid_level must be None (the finest level's grid) or one of "
+                f"levels {self.levels}, got {self.grid_level!r}; with other levels set "
+                f"structural.grid_level=null too"
             )
         if not 0 < self.coreset_ratio <= 1:
             raise ValueError(
@@ -172,6 +173,7 @@ class PatchFeatures(nn.Module):
     """
 
     basis: torch.Tensor | None
+    layout_projection: torch.Tensor | None
 
     def __init__(
         self,
@@ -218,6 +220,41 @@ class PatchFeatures(nn.Module):
         for level, weight in zip(levels, folded, strict=True):
             # As an (out_dim, C, 1, 1) 1x1-convolution weight.
             self.register_buffer(f"projection_{level}", weight.contiguous()[:, :, None, None])
+        self.detail_levels = levels[: levels.index(self.grid_level)]
+        self.register_buffer("layout_projection", self._layout_projection(folded))
+
+    def _layout_projection(self, folded: list[torch.Tensor]) -> torch.Tensor | None:
+        """(out_dim, out_dim) linear map from a feature to its part from the levels at and above
+        the grid level (the detail levels' part removed), or None when no level is finer than
+        the grid or when the levels' projections overlap, so that the parts are not separable.
+
+        Separable whenever the levels' channels together fit in the feature space (EfficientNet-
+        Lite0: 24 + 40 + 112 = 176 coordinates): the feature is then a unique combination of the
+        stacked projection columns, and the map keeps the coarse levels' share of it."""
+        if not self.detail_levels:
+            return None
+        stacked = torch.cat([w.double() for w in folded], dim=1)  # (out_dim, sum of channels)
+        if torch.linalg.matrix_rank(stacked) < stacked.shape[1]:
+            return None
+        n_detail = sum(w.shape[1] for w in folded[: len(self.detail_levels)])
+        coefficients = torch.linalg.pinv(stacked)  # exact left inverse at full column rank
+        return (stacked[:, n_detail:] @ coefficients[n_detail:]).float()
+
+    def layout(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., out_dim) features -> the same without the levels finer than the grid: what the
+        composition branch reads, so that its parts stay parts (the detail levels split them by
+        texture; docs/ACCURACY.md, ablation 21). The features themselves when there are none."""
+        if not self.detail_levels:
+            return features
+        if self.layout_projection is None:
+            raise ValueError(
+                f"structural.grid_level={self.grid_level!r}: the levels {self.backbone.levels} "
+                f"have more channels than the feature space holds, so the composition branch "
+                f"cannot read the features without the finer levels {self.detail_levels}; "
+                f"raise structural.feature_dim (each level needs feature_dim / number of levels "
+                f"at least its channel count), or turn the composition branch off"
+            )
+        return features @ self.layout_projection.to(features.device, features.dtype).t()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         return self._aggregate(self.backbone(x))

@@ -133,3 +133,55 @@ def test_onnx_backend_equals_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         got = detector(frames)
     for name in ("fused", "structural"):
         torch.testing.assert_close(getattr(got, name), getattr(eager, name), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_layout_keeps_only_the_coarse_levels(resnet18: FeatureExtractor, compact: bool) -> None:
+    """``layout`` recovers, from the features alone, the sum of the grid level's and the
+    coarser levels' projections: what the composition branch reads."""
+    pf = PatchFeatures(resnet18, feature_dim=1024, compact=compact, grid_level="layer2")
+    assert pf.detail_levels == ("layer1",) and pf.layout_projection is not None
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features, grid = pf(x)
+        maps = resnet18(x)
+    want = 0
+    for level in ("layer2", "layer3"):
+        f = F.avg_pool2d(maps[level], 3, stride=1, padding=1)
+        f = F.conv2d(f, getattr(pf, f"projection_{level}"))
+        want = want + F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+    want = want.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(pf.layout(features), want, rtol=1e-4, atol=1e-4)
+
+
+def test_layout_is_the_features_without_detail_levels(resnet18: FeatureExtractor) -> None:
+    features = torch.randn(2, 5, PatchFeatures(resnet18, feature_dim=32).out_dim)
+    assert PatchFeatures(resnet18, feature_dim=32).layout(features) is features
+    same = PatchFeatures(resnet18, feature_dim=32, grid_level="layer1")
+    assert same.layout_projection is None and same.layout(features) is features
+
+
+def test_layout_refuses_overlapping_levels(resnet18: FeatureExtractor) -> None:
+    """64 + 128 + 256 channels pooled into 32 dimensions: the levels' parts cannot be told
+    apart (each level needs a third of feature_dim at least as large as its channel count)."""
+    pf = PatchFeatures(resnet18, feature_dim=32, grid_level="layer2")
+    assert pf.layout_projection is None
+    with pytest.raises(ValueError, match="composition branch cannot read"):
+        pf.layout(torch.zeros(1, pf.out_dim))
+
+
+def test_the_composition_branch_reads_the_layout(resnet18: FeatureExtractor) -> None:
+    from engine.detector import StructuralSide
+    from engine.models.composition import CompositionConfig, CompositionModel
+
+    pf = PatchFeatures(resnet18, feature_dim=1024, grid_level="layer2")
+    side = StructuralSide(
+        StructuralModel(pf, torch.randn(20, pf.out_dim)),
+        CompositionModel(CompositionConfig(), pf.out_dim, (8, 8)),
+    )
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got, grid, fine = side.composition_features(x)
+        features, _ = pf(x)
+    assert grid == (8, 8) and fine is None
+    torch.testing.assert_close(got, pf.layout(features))
