@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from engine.models import structural
+from engine.models import patch_features
 from engine.models.backbones import FeatureExtractor, load_backbone
 from engine.models.structural import (
     PatchFeatures,
@@ -106,14 +106,14 @@ def test_the_basis_travels_in_the_state_dict(
     state = built.state_dict()
     assert {"patch_features.basis", "patch_features.projection_layer2"} <= set(state)
 
-    original = structural.column_basis
+    original = patch_features.column_basis
 
     def rotated(matrix: torch.Tensor) -> torch.Tensor:  # another valid basis of the same space
         basis = original(matrix)
         q, _ = torch.linalg.qr(torch.randn(basis.shape[1], basis.shape[1], dtype=basis.dtype))
         return basis @ q
 
-    monkeypatch.setattr(structural, "column_basis", rotated)
+    monkeypatch.setattr(patch_features, "column_basis", rotated)
     loaded = StructuralModel(PatchFeatures(resnet18, 1024))
     with torch.no_grad():
         assert not torch.allclose(loaded.patch_features(x)[0], features, atol=1e-3)
