@@ -4,7 +4,6 @@ maps; its backbone must reach the levels the fine parts read."""
 from __future__ import annotations
 
 import runpy
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def built():
-    detector, config = tiny["tiny_detector"](0, levels=("layer1", "layer2"))
-    detector = tiny["with_composition"](detector, config, tiny["SIZE"], fine_parts=True)
-    assert detector.composition is not None
-    return detector, replace(config, composition=detector.composition.config)
-
-
-def frames() -> torch.Tensor:
-    generator = torch.Generator().manual_seed(3)
-    return torch.randint(0, 256, (2, 40, 50, 3), dtype=torch.uint8, generator=generator)
+    return tiny["composed"](levels=("layer1", "layer2"), fine_parts=True)
 
 
 def test_round_trip_keeps_the_fine_parts_and_their_calibration(built, tmp_path: Path) -> None:
@@ -39,14 +30,14 @@ def test_round_trip_keeps_the_fine_parts_and_their_calibration(built, tmp_path: 
     assert loaded.composition is not None and loaded.composition.fine is not None
     torch.testing.assert_close(loaded.composition.group_scale, detector.composition.group_scale)
     with torch.no_grad():
-        want, got = detector(frames()), loaded(frames())
+        want, got = detector(tiny["frames"]()), loaded(tiny["frames"]())
     torch.testing.assert_close(got.composition, want.composition)
     torch.testing.assert_close(got.fused, want.fused)
 
 
 def test_structural_side_scores_the_fine_levels_of_the_bank_pass(built) -> None:
     detector, _ = built
-    x = detector.structural_transform.batch(frames(), channels_last=True)
+    x = detector.structural_transform.batch(tiny["frames"](), channels_last=True)
     features = detector.structural.patch_features
     with torch.no_grad():
         patch, grid, fine = features.with_fine(x)

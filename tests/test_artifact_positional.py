@@ -30,15 +30,10 @@ def art(built, tmp_path: Path) -> Path:
     return tiny["save"](tmp_path / "art", *built)
 
 
-def frames() -> torch.Tensor:
-    generator = torch.Generator().manual_seed(3)
-    return torch.randint(0, 256, (2, 40, 50, 3), dtype=torch.uint8, generator=generator)
-
-
 def test_the_positional_map_is_the_memory_on_the_bank_features(built) -> None:
     detector = built[0]
     assert detector.branch_names == ("logical", "structural", "positional")
-    batch = frames()
+    batch = tiny["frames"]()
     maps = detector(batch)
     x = detector.structural_transform.batch(batch, channels_last=True)
     with torch.no_grad():
@@ -57,7 +52,7 @@ def test_round_trip_gives_the_same_maps_and_the_runtime_returns_the_branch_map(
     assert manifest["positional_memory"] == {"grid": [8, 8], "images": 5}
     assert set(manifest["files"]) == {"logical.pt", "structural.pt", "positional.pt"}
     assert manifest["config"]["positional"]["enabled"] is True
-    batch = frames()
+    batch = tiny["frames"]()
     want, got = built[0](batch), detector(batch)
     for name in ("positional", "fused"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name))
@@ -74,7 +69,7 @@ def test_a_memory_capped_below_the_training_images_round_trips(tmp_path: Path) -
     loaded, manifest = load_artifact(path)
     assert manifest["positional_memory"] == {"grid": [8, 8], "images": 3}
     assert manifest["config"]["positional"]["max_images"] == 3
-    batch = frames()
+    batch = tiny["frames"]()
     torch.testing.assert_close(loaded(batch).positional, detector(batch).positional)
 
 

@@ -4,7 +4,6 @@ saved, loaded and run with the same maps, in eager and through the ONNX feature 
 from __future__ import annotations
 
 import runpy
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def built():
-    detector, config = tiny["tiny_detector"](0)
-    detector = tiny["with_composition"](detector, config, tiny["SIZE"], windows=(4, 2))
-    assert detector.composition is not None
-    return detector, replace(config, composition=detector.composition.config)
-
-
-def frames() -> torch.Tensor:
-    generator = torch.Generator().manual_seed(3)
-    return torch.randint(0, 256, (2, 40, 50, 3), dtype=torch.uint8, generator=generator)
+    return tiny["composed"](windows=(4, 2))
 
 
 def test_round_trip_keeps_the_windows_and_their_calibration(built, tmp_path: Path) -> None:
@@ -38,9 +29,9 @@ def test_round_trip_keeps_the_windows_and_their_calibration(built, tmp_path: Pat
     assert loaded.composition is not None and loaded.composition.windows is not None
     torch.testing.assert_close(loaded.composition.group_scale, detector.composition.group_scale)
     with torch.no_grad():
-        want, got = detector(frames()), loaded(frames())
+        want, got = detector(tiny["frames"]()), loaded(tiny["frames"]())
         distances = loaded.structural_side.composition_distances(
-            loaded.structural_transform.batch(frames(), channels_last=True)
+            loaded.structural_transform.batch(tiny["frames"](), channels_last=True)
         )
     torch.testing.assert_close(got.composition, want.composition)
     torch.testing.assert_close(got.fused, want.fused)

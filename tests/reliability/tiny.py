@@ -152,6 +152,23 @@ def with_composition(
 TINY_POSITIONAL = PositionalConfig(enabled=True, pool=2, radius=1, dims=4)
 
 
+def composed(
+    levels: tuple[str, ...] = ("layer1",), **composition: Any
+) -> tuple[Detector, BuildConfig]:
+    """``tiny_detector(0, levels=levels)`` with a composition branch (:func:`with_composition`
+    at the detector's own size, ``composition`` its options) and the config that describes it."""
+    detector, config = tiny_detector(0, levels=levels)
+    detector = with_composition(detector, config, SIZE, **composition)
+    assert detector.composition is not None
+    return detector, replace(config, composition=detector.composition.config)
+
+
+def frames(n: int = 2) -> torch.Tensor:
+    """``n`` seeded random (40, 50) RGB uint8 frames, channels last."""
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(0, 256, (n, 40, 50, 3), dtype=torch.uint8, generator=generator)
+
+
 def with_positional(
     detector: Detector, config: BuildConfig, positional_config: PositionalConfig = TINY_POSITIONAL
 ) -> tuple[Detector, BuildConfig]:
