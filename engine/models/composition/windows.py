@@ -72,8 +72,16 @@ class WindowAreas(nn.Module):
 
     def _distance(self, weights: torch.Tensor, i: int) -> torch.Tensor:
         """(B, K, h, w) -> (B,) the largest window distance of window size ``i``."""
-        d = self._areas(weights.float(), i) - getattr(self, f"mean{i}")
-        d2 = torch.einsum("bpk,pkl,bpl->bp", d, getattr(self, f"precision{i}"), d)
+        areas = self._areas(weights.float(), i)
+        return self._largest(areas, getattr(self, f"mean{i}"), getattr(self, f"precision{i}"))
+
+    def _largest(
+        self, areas: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, places, K) areas under per-place Gaussians -> (B,) ``sqrt(d² / K)`` of the
+        farthest place."""
+        d = areas.to(mean.dtype) - mean
+        d2 = torch.einsum("bpk,pkl,bpl->bp", d, precision, d)
         return (d2.amax(1).clamp_min(0.0) / self.n_components).sqrt()
 
     @torch.no_grad()
@@ -108,10 +116,11 @@ class WindowAreas(nn.Module):
         """Fit every place's Gaussian on the (N, K, h, w) weights of the N >= 3 training images,
         and measure each window size's leave-one-out distances (:meth:`_fit_loo`)."""
         for i in range(len(self.shapes)):
-            mean, precision = self._gaussians(self._areas(weights.float(), i), i)
+            areas = self._areas(weights.float(), i)
+            mean, precision = self._gaussians(areas, i)
             getattr(self, f"mean{i}").copy_(mean)
             getattr(self, f"precision{i}").copy_(precision)
-        self._fit_loo(weights)
+            self._fit_loo(areas, i)
 
     def _gaussians(self, areas: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, places, K) areas -> per place mean (places, K) and floored precision (K, K)."""
@@ -121,22 +130,21 @@ class WindowAreas(nn.Module):
         eye = torch.eye(self.n_components, dtype=covariance.dtype, device=covariance.device)
         return mean, torch.linalg.inv(covariance + floor * eye)
 
-    def _fit_loo(self, weights: torch.Tensor) -> None:
-        """Per window size, each training image's distance under the Gaussians of the others:
-        their median and (95th percentile - median) / 1.645, a scale that matches the standard
-        deviation of a normal tail and grows with a heavy one. Good images score like these, not
-        like the training images the Gaussians were fitted on."""
-        n = weights.shape[0]
-        for i in range(len(self.shapes)):
-            areas = self._areas(weights.float(), i)
-            loo = []
-            for j in range(n):
-                mean, precision = self._gaussians(torch.cat([areas[:j], areas[j + 1 :]]), i)
-                d = areas[j].double() - mean
-                d2 = torch.einsum("pk,pkl,pl->p", d, precision, d)
-                loo.append((d2.amax().clamp_min(0.0) / self.n_components).sqrt())
-            values = torch.stack(loo)
-            center = values.quantile(0.5)
-            scale = (values.quantile(0.95) - center) / 1.645
-            self.loo_center[i] = center
-            self.loo_scale[i] = torch.maximum(scale, 1e-3 * center.abs().clamp_min(1.0))
+    def _fit_loo(self, areas: torch.Tensor, i: int) -> None:
+        """Window size ``i``: each training image's distance under the Gaussians of the others,
+        from the (N, places, K) training areas; their median and (95th percentile - median) /
+        1.645, a scale that matches the standard deviation of a normal tail and grows with a
+        heavy one. Good images score like these, not like the images the Gaussians were fitted
+        on."""
+        values = torch.cat(
+            [
+                self._largest(
+                    areas[j : j + 1], *self._gaussians(torch.cat([areas[:j], areas[j + 1 :]]), i)
+                )
+                for j in range(areas.shape[0])
+            ]
+        )
+        center = values.quantile(0.5)
+        scale = (values.quantile(0.95) - center) / 1.645
+        self.loo_center[i] = center
+        self.loo_scale[i] = torch.maximum(scale, 1e-3 * center.abs().clamp_min(1.0))
