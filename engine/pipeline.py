@@ -259,7 +259,7 @@ def build_category(
         fine_channels = None
         if config.composition.enabled:
             # Both refuse before training: the layout features, and the fine levels.
-            structural.patch_features.layout(torch.zeros(1, structural.patch_features.out_dim))
+            structural.patch_features.check_layout()
             if config.composition.fine_parts:
                 fine_channels = structural.patch_features.fine_channels()
         logical_transform = model_transform(config.logical.image_size, logical.encoder)

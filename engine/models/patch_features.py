@@ -62,10 +62,10 @@ def column_basis(matrix: torch.Tensor) -> torch.Tensor:
 
 
 class PatchFeatures(nn.Module):
-    """Frozen backbone -> locally aggregated, projected patch features on the finest level's grid.
+    """Frozen backbone -> locally aggregated, projected patch features on one level's grid.
 
     ``forward(x)`` takes (B, 3, S, S) normalised images and returns ``(features, (h, w))`` with
-    features of shape (B, h*w, out_dim) in row-major grid order, (h, w) the finest level's grid.
+    features of shape (B, h*w, out_dim) in row-major grid order, (h, w) the grid level's grid.
     ``out_dim`` is ``feature_dim``, or with ``compact`` the rank of the feature space (module
     docstring); distances between features are the same either way. ``grid_level``: the level
     whose grid the features lie on (None: the finest); finer levels are max-pooled onto it.
@@ -145,7 +145,13 @@ class PatchFeatures(nn.Module):
         texture; docs/ACCURACY.md, ablation 21). The features themselves when there are none."""
         if not self.detail_levels:
             return features
-        if self.layout_projection is None:
+        self.check_layout()
+        return features @ self.layout_projection.to(features.device, features.dtype).t()
+
+    def check_layout(self) -> None:
+        """ValueError when :meth:`layout` cannot separate the detail levels (checked by the build
+        before training when the composition branch is on)."""
+        if self.detail_levels and self.layout_projection is None:
             raise ValueError(
                 f"structural.grid_level={self.grid_level!r}: the levels {self.backbone.levels} "
                 f"have more channels than the feature space holds, so the composition branch "
@@ -153,7 +159,6 @@ class PatchFeatures(nn.Module):
                 f"raise structural.feature_dim (each level needs feature_dim / number of levels "
                 f"at least its channel count), or turn the composition branch off"
             )
-        return features @ self.layout_projection.to(features.device, features.dtype).t()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         return self._aggregate(self.backbone(x))

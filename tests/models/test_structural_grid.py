@@ -167,6 +167,8 @@ def test_layout_refuses_overlapping_levels(resnet18: FeatureExtractor) -> None:
     pf = PatchFeatures(resnet18, feature_dim=32, grid_level="layer2")
     assert pf.layout_projection is None
     with pytest.raises(ValueError, match="composition branch cannot read"):
+        pf.check_layout()
+    with pytest.raises(ValueError, match="composition branch cannot read"):
         pf.layout(torch.zeros(1, pf.out_dim))
 
 
