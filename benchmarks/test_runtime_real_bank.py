@@ -52,7 +52,7 @@ INDEXES = {  # case id -> (structural.index, structural.index_params)
     "HNSW32": ("HNSW32", ""),
     "IVF512-nprobe32": ("IVF512,Flat", "nprobe=32"),
     "IVF1024-nprobe8": ("IVF1024,Flat", "nprobe=8"),
-    "auto": ("IVF256,PQ76x4fs,RFlat", "nprobe=8"),  # what structural.index=auto builds here
+    "auto": ("IVF256,PQ88x4fs,RFlat", "nprobe=8"),  # what structural.index=auto builds here
 }
 BACKENDS = ("eager", "onnx")
 PAIRED = ("auto",)  # the index of the CPU speed-up target (docs/PERFORMANCE.md)

@@ -38,7 +38,7 @@ TINY_BUILD_ARGS = [
     "--no-progress",
     "--set=logical.image_size=64",
     "--set=structural.image_size=64",
-    "--set=structural.feature_dim=32",
+    "--set=structural.feature_dim=336",  # the preset's three levels fit: 3 x 112 channels
     "--set=train.batch_size=4",
 ]
 

@@ -157,7 +157,9 @@ class PatchFeatures(nn.Module):
                 f"have more channels than the feature space holds, so the composition branch "
                 f"cannot read the features without the finer levels {self.detail_levels}; "
                 f"raise structural.feature_dim (each level needs feature_dim / number of levels "
-                f"at least its channel count), or turn the composition branch off"
+                f"at least its channel count), leave the finer levels out "
+                f"(structural.levels=layer2,layer3 structural.grid_level=null), or turn the "
+                f"composition branch off"
             )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

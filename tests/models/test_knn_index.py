@@ -265,7 +265,8 @@ def test_auto_choice() -> None:
         (None, None, "Flat"),
         (AUTO_APPROXIMATE_ROWS - 1, 152, "Flat"),
         (AUTO_APPROXIMATE_ROWS, 152, "IVF256,PQ76x4fs,RFlat"),  # sqrt(50 000) = 224
-        (80_640, 152, "IVF256,PQ76x4fs,RFlat"),  # LOCO size at the cpu preset: 284
+        (80_640, 152, "IVF256,PQ76x4fs,RFlat"),  # LOCO size, layer2 + layer3: 284
+        (80_640, 176, "IVF256,PQ88x4fs,RFlat"),  # the same at the cpu preset (three levels)
         (400_000, 1024, "IVF512,PQ512x4fs,RFlat"),  # 632
         (2_000_000, 151, "IVF1024,PQ151x4fs,RFlat"),  # 1 414; an odd dimension: 1-d codes
     ],
