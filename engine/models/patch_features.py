@@ -152,13 +152,14 @@ class PatchFeatures(nn.Module):
         """ValueError when :meth:`layout` cannot separate the detail levels (checked by the build
         before training when the composition branch is on)."""
         if self.detail_levels and self.layout_projection is None:
+            coarse = ",".join(n for n in self.backbone.levels if n not in self.detail_levels)
             raise ValueError(
                 f"structural.grid_level={self.grid_level!r}: the levels {self.backbone.levels} "
                 f"have more channels than the feature space holds, so the composition branch "
                 f"cannot read the features without the finer levels {self.detail_levels}; "
                 f"raise structural.feature_dim (each level needs feature_dim / number of levels "
                 f"at least its channel count), leave the finer levels out "
-                f"(structural.levels=layer2,layer3 structural.grid_level=null), or turn the "
+                f"(structural.levels={coarse} structural.grid_level=null), or turn the "
                 f"composition branch off"
             )
 

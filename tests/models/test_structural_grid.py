@@ -166,8 +166,9 @@ def test_layout_refuses_overlapping_levels(resnet18: FeatureExtractor) -> None:
     apart (each level needs a third of feature_dim at least as large as its channel count)."""
     pf = PatchFeatures(resnet18, feature_dim=32, grid_level="layer2")
     assert pf.layout_projection is None
-    with pytest.raises(ValueError, match="composition branch cannot read"):
+    with pytest.raises(ValueError, match="composition branch cannot read") as refused:
         pf.check_layout()
+    assert "structural.levels=layer2,layer3 structural.grid_level=null" in str(refused.value)
     with pytest.raises(ValueError, match="composition branch cannot read"):
         pf.layout(torch.zeros(1, pf.out_dim))
 
