@@ -135,24 +135,6 @@ def test_onnx_backend_equals_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         torch.testing.assert_close(getattr(got, name), getattr(eager, name), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
-def test_compile_backend_equals_eager() -> None:
-    from engine.backends import apply_backend
-
-    detector, _ = tiny["tiny_detector"](0, levels=("layer1", "layer2"), grid_level="layer2")
-    frames = torch.randint(0, 256, (2, 40, 50, 3), dtype=torch.uint8)
-    with torch.no_grad():
-        eager = detector(frames)
-    assert apply_backend(detector, "compile") == "compile"
-    for _ in range(2):  # the second call runs the compiled code without recompiling
-        with torch.no_grad():
-            got = detector(frames)
-        for name in ("fused", "logical", "structural"):
-            torch.testing.assert_close(
-                getattr(got, name), getattr(eager, name), rtol=1e-4, atol=1e-4
-            )
-
-
 @pytest.mark.parametrize("compact", [True, False])
 def test_layout_keeps_only_the_coarse_levels(resnet18: FeatureExtractor, compact: bool) -> None:
     """``layout`` recovers, from the features alone, the sum of the grid level's and the
