@@ -1,6 +1,6 @@
-"""composition.fine_parts and composition.windows in a build: fitted on the training images,
-their distances standardised on the validation images (the window sizes checked there) and
-taken as they are by the fusion; the Runtime runs them."""
+"""composition.fine_parts, composition.windows and composition.members in a build: fitted on
+the training images, their distances standardised on the validation images (the window sizes
+checked there) and taken as they are by the fusion; the Runtime runs them."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
     [
         ("composition.fine_parts=true", "fine_parts", True),
         ("composition.windows=4,2", "windows", [4, 2]),
+        ("composition.members=2", "members", 2),
     ],
 )
 def test_a_build_with_composition_groups_calibrates_and_runs(
@@ -36,6 +37,9 @@ def test_a_build_with_composition_groups_calibrates_and_runs(
     assert composition is not None
     assert (composition.fine is not None) == (key == "fine_parts")
     assert (composition.windows is not None) == (key == "windows")
+    assert len(composition.members) == (1 if key == "members" else 0)
+    if key == "members":  # the members' mean, standardised again on the validation images
+        assert float(composition.ensemble_scale) > 0
     if composition.windows is not None:  # checked on the validation images
         assert ((composition.window_auroc >= 0) & (composition.window_auroc <= 1)).all()
         checks = read_manifest(out)["composition_windows"]

@@ -1,4 +1,5 @@
-"""Composition branch: k-means, Ledoit-Wolf, connected components, scores, state, export."""
+"""Composition branch: k-means, Ledoit-Wolf, connected components, scores, members, state,
+export."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 from scipy import ndimage
 
+from engine.build import apply_overrides
+from engine.config import cpu_build_preset
 from engine.models.composition import PARTS, CompositionConfig, CompositionModel, ops
 from engine.models.composition.ops import blob_stats, label_components, ledoit_wolf, pca_basis
 from engine.models.kmeans import kmeans
@@ -221,7 +224,9 @@ def test_config_parts_are_covariance_groups() -> None:
     assert width == 4 + 4 * 16 + 4 * 2
 
 
-def test_forward_exports_with_torch_export(fitted: CompositionModel) -> None:
+@pytest.mark.parametrize("model", ["fitted", "members"])
+def test_forward_exports_with_torch_export(model: str, request: pytest.FixtureRequest) -> None:
+    fitted = request.getfixturevalue(model)
     x = scenes(2, 4, seed=6)
 
     class Wrapped(torch.nn.Module):
@@ -252,3 +257,84 @@ def test_own_pass_only_when_the_size_differs_from_the_memory_bank() -> None:
     assert CompositionConfig().own_pass_size(384) is None
     assert CompositionConfig(image_size=384).own_pass_size(384) is None
     assert CompositionConfig(image_size=384).own_pass_size(448) == 384
+
+
+# Members: several k-means fits of one composition model, their scores averaged.
+MEMBERS = CompositionConfig(**SMALL, members=3, seed=4)
+
+
+@pytest.fixture(scope="module")
+def members() -> CompositionModel:
+    model = CompositionModel(MEMBERS, DIM, GRID).fit(scenes(40, 4, seed=0), GRID)
+    model.calibrate_groups(model.group_distances(scenes(16, 4, seed=3), GRID))
+    return model
+
+
+def test_each_member_is_the_model_fitted_with_its_own_seed(members: CompositionModel) -> None:
+    x = scenes(5, 4, seed=6, extra=1)
+    distances = members.group_distances(x, GRID)
+    assert distances.shape == (5, 3)
+    for i in range(3):
+        alone = CompositionModel(replace(MEMBERS, members=1, seed=4 + i), DIM, GRID)
+        alone.fit(scenes(40, 4, seed=0), GRID)
+        torch.testing.assert_close(distances[:, i], alone(x, GRID)[0])
+
+
+def test_the_score_is_the_standardised_mean_of_the_standardised_members(
+    members: CompositionModel,
+) -> None:
+    validation = members.group_distances(scenes(16, 4, seed=3), GRID).double()
+    center = validation.quantile(0.5, dim=0)
+    scale = 1.4826 * (validation - center).abs().quantile(0.5, dim=0)
+    mean = ((validation - center) / scale).mean(1)
+    torch.testing.assert_close(members.group_center.double(), center)
+    torch.testing.assert_close(members.group_scale.double(), scale)
+    x = scenes(6, 4, seed=7, extra=1)
+    z = ((members.group_distances(x, GRID).double() - center) / scale).mean(1)
+    m = mean.quantile(0.5)
+    want = (z - m) / (1.4826 * (mean - m).abs().quantile(0.5))
+    torch.testing.assert_close(members(x, GRID)[0].double(), want, rtol=1e-5, atol=1e-5)
+    # on its own validation images the score is centred with a unit median absolute deviation
+    own = members(scenes(16, 4, seed=3), GRID)[0].double()
+    assert abs(float(own.quantile(0.5))) < 1e-5
+
+
+def test_with_members_an_extra_part_scores_above_every_good_image(
+    members: CompositionModel,
+) -> None:
+    good = members(scenes(20, 4, seed=1), GRID)[0]
+    extra = members(scenes(20, 4, seed=2, extra=1), GRID)[0]
+    assert good.max() < extra.min()
+
+
+def test_members_need_a_calibration_and_survive_a_state_dict(members: CompositionModel) -> None:
+    x = scenes(4, 4, seed=8)
+    uncalibrated = CompositionModel(MEMBERS, DIM, GRID).fit(scenes(8, 4, seed=0), GRID)
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        uncalibrated(x, GRID)
+    with pytest.raises(ValueError, match=r"\(N >= 2, 3\)"):
+        uncalibrated.calibrate_groups(torch.ones(4, 1))
+    restored = CompositionModel(MEMBERS, DIM, GRID)
+    restored.load_state_dict(members.state_dict())
+    assert any(key.startswith("members.1.") for key in members.state_dict())
+    torch.testing.assert_close(restored(x, GRID), members(x, GRID))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"members": 0}, "members must be a positive int"),
+        ({"members": True}, "members must be a positive int"),
+        ({"members": 2, "windows": (4,)}, "not combined with fine_parts or windows"),
+        ({"members": 2, "fine_parts": True}, "not combined with fine_parts or windows"),
+    ],
+)
+def test_config_refuses_bad_members(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        replace(MEMBERS, **changes)
+
+
+def test_members_are_set_from_the_command_line() -> None:
+    config = apply_overrides(cpu_build_preset(), ["composition.members=5"])
+    assert config.composition.members == 5
+    assert config.composition.groups_calibrated

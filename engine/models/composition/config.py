@@ -84,6 +84,13 @@ class CompositionConfig:
     (:meth:`CompositionModel.rearranged_window_distances`) with an image AUROC of at least this;
     where parts lie anywhere, moving one is no anomaly and the window size only adds noise
     (docs/ACCURACY.md, ablation 20). 0: every window size takes part.
+    ``members``: M, how many composition models score each image, the i-th with k-means seed
+    ``seed + i`` (its own patch sample and initialisation); the image score is the mean of
+    their distances, each in validation MADs above its validation median
+    (:meth:`CompositionModel.calibrate_groups`), standardised again by that mean's validation
+    median and MAD. One k-means fit decides which patches form "a part", and a refit moves one
+    category's composition score by up to 0.03; the mean over fits does not depend on one of
+    them (docs/ACCURACY.md, ablation 23). Not combined with ``fine_parts`` or ``windows``.
     ``window_scale``: how a window size's distance is standardised: ``"tail"`` by the median
     and the 95th-percentile tail of the training images' leave-one-out distances (a heavy tail
     of good images then weighs less), ``"mad"`` by the validation median and MAD like the other
@@ -112,6 +119,7 @@ class CompositionConfig:
     windows: tuple[int, ...] = ()
     window_check: float = 0.75
     window_scale: str = "tail"
+    members: int = 1
 
     def __post_init__(self) -> None:
         for name in (
@@ -124,6 +132,7 @@ class CompositionConfig:
             "fit_patches",
             "kmeans_iterations",
             "kmeans_restarts",
+            "members",
         ):
             positive_int(name, getattr(self, name))
         if self.image_size is not None:
@@ -147,6 +156,11 @@ class CompositionConfig:
         ):
             raise ValueError(
                 f"CompositionConfig.windows must be a tuple of ints >= 2, got {self.windows!r}"
+            )
+        if self.members > 1 and (self.fine_parts or self.windows):
+            raise ValueError(
+                f"CompositionConfig.members={self.members} is not combined with fine_parts or "
+                "windows: use members=1 with those"
             )
         if len(set(self.windows)) != len(self.windows):
             raise ValueError(f"CompositionConfig.windows repeats a size: {self.windows!r}")
@@ -216,9 +230,9 @@ class CompositionConfig:
 
     @property
     def groups_calibrated(self) -> bool:
-        """Whether the image score is the largest of several distances, each standardised on
-        the validation good images (fine parts or windows), not one distance."""
-        return self.fine_parts or bool(self.windows)
+        """Whether the image score joins several distances, each standardised on the
+        validation good images (fine parts, windows or several members), not one distance."""
+        return self.fine_parts or bool(self.windows) or self.members > 1
 
     def own_pass_size(self, bank_size: int) -> int | None:
         """The input side of the branch's own backbone pass: ``image_size`` when it differs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,9 @@ class CompositionModel(nn.Module):
     two raw levels; it returns ``(image_score (B,), cell_map (B, G, G))``, float32, larger =
     more anomalous, G = ``config.grid``; both are about 1 on typical good images (see the
     package docstring). With fine parts or windows the image score is the largest of the
-    distances, each in validation MADs above its validation median (about 0 on good images).
+    distances, each in validation MADs above its validation median (about 0 on good images);
+    with several members (``config.members``) it is the mean of the members' such distances,
+    standardised again the same way.
     Everything inference needs is a buffer (``state_dict`` carries it); ``forward`` has no
     data-dependent control flow.
     """
@@ -88,7 +91,15 @@ class CompositionModel(nn.Module):
             self.register_buffer(
                 "group_used", torch.ones(1 + len(config.windows), dtype=torch.bool)
             )
-        self.n_groups = 1 + len(config.windows) + int(config.fine_parts)
+        # members 1..M-1: the same model fitted with other k-means seeds (this one is member 0)
+        self.members = nn.ModuleList(
+            CompositionModel(replace(config, members=1, seed=config.seed + i), feature_dim, grid)
+            for i in range(1, config.members)
+        )
+        self.n_groups = config.members + len(config.windows) + int(config.fine_parts)
+        if config.members > 1:  # the validation median and MAD of the members' mean
+            self.register_buffer("ensemble_center", torch.full((), math.nan))
+            self.register_buffer("ensemble_scale", torch.full((), math.nan))
         if config.groups_calibrated:
             # per group (descriptor, each window size, fine parts): median and MAD of the
             # validation distances
@@ -199,6 +210,8 @@ class CompositionModel(nn.Module):
                 "calibrated: call calibrate_groups() or load a state_dict"
             )
         z = (distances - self.group_center) / self.group_scale
+        if len(self.members):
+            return (z.mean(1) - self.ensemble_center) / self.ensemble_scale, cell_map
         if self.windows is not None:
             used = self.group_used
             if self.fine is not None:
@@ -212,8 +225,8 @@ class CompositionModel(nn.Module):
         grid: tuple[int, int],
         fine: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """(B, groups) uncalibrated distances: the descriptor's, one per window size, then the
-        fine parts' (those that are on)."""
+        """(B, groups) uncalibrated distances: the descriptor's (one per member), one per window
+        size, then the fine parts' (those that are on)."""
         return self._distances(features, grid, fine)[0]
 
     @torch.no_grad()
@@ -233,7 +246,8 @@ class CompositionModel(nn.Module):
         self, distances: torch.Tensor, window_auroc: torch.Tensor | None = None
     ) -> None:
         """Standardise each group by the median and 1.4826 x MAD of its (N, groups)
-        :meth:`group_distances` over the validation good images (floored: no zero scale); with
+        :meth:`group_distances` over the validation good images (floored: no zero scale), and
+        with several members their mean the same way; with
         ``config.window_scale == "tail"`` the window sizes' by their training leave-one-out
         distances instead (:meth:`engine.models.composition.windows.WindowAreas.fit`).
 
@@ -242,14 +256,18 @@ class CompositionModel(nn.Module):
         part in the score if that is at least ``config.window_check``. Needed exactly when the
         model has windows."""
         if self.n_groups == 1:
-            raise ValueError("calibrate_groups is for a model with fine parts or windows")
+            raise ValueError(
+                "calibrate_groups is for a model with fine parts, windows or several members"
+            )
         groups = self.n_groups
         if distances.dim() != 2 or distances.shape[1] != groups or distances.shape[0] < 2:
             raise ValueError(f"expected (N >= 2, {groups}) distances, got {tuple(distances.shape)}")
         x = distances.double()
-        center = x.quantile(0.5, dim=0)
-        scale = 1.4826 * (x - center).abs().quantile(0.5, dim=0)
-        scale = torch.maximum(scale, 1e-3 * center.abs().clamp_min(1.0))
+        center, scale = _median_mad(x)
+        if len(self.members):
+            ensemble_center, ensemble_scale = _median_mad(((x - center) / scale).mean(1))
+            self.ensemble_center.copy_(ensemble_center)
+            self.ensemble_scale.copy_(ensemble_scale)
         if self.windows is not None and self.config.window_scale == "tail":
             windows = slice(1, 1 + len(self.config.windows))
             center[windows] = self.windows.loo_center.double()
@@ -290,6 +308,7 @@ class CompositionModel(nn.Module):
         g, k = self.config.grid, self.config.n_components
         cell_map = (cell.clamp_min(0.0) / k).sqrt().reshape(-1, g, g)
         groups = [image[:, None]]
+        groups += [member._distances(features, grid, None)[0] for member in self.members]
         if self.windows is not None:
             groups.append(self.windows(weights))
         if self.fine is not None:
@@ -339,6 +358,8 @@ class CompositionModel(nn.Module):
         self._fit_cells(torch.cat(cells))
         if self.windows is not None:
             self.windows.fit(torch.cat(weights))
+        for member in self.members:
+            member.fit(features, grid, batch_size)
         self.fitted.fill_(True)
         self._fitted = True
         return self
@@ -408,3 +429,13 @@ class CompositionModel(nn.Module):
         self._fitted = bool(self.fitted)
         if self.n_groups > 1:
             self._group_calibrated = bool(torch.isfinite(self.group_scale).all())
+            if len(self.members):
+                self._group_calibrated &= bool(torch.isfinite(self.ensemble_scale))
+
+
+def _median_mad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Median and 1.4826 x median absolute deviation over dim 0, the scale floored at 1e-3 of
+    the median's size (at least 1e-3): no zero scale."""
+    center = x.quantile(0.5, dim=0)
+    scale = 1.4826 * (x - center).abs().quantile(0.5, dim=0)
+    return center, torch.maximum(scale, 1e-3 * center.abs().clamp_min(1.0))
