@@ -7,6 +7,7 @@ the training images' patch features; a patch scores its distance to the nearest 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.models.backbones import load_backbone
-from engine.models.coreset import greedy_coreset
+from engine.models.coreset import coreset_size, greedy_coreset
 from engine.models.knn_compat import upgrade_spec
 from engine.models.knn_index import KnnIndex, check_index_setting, make_index
 from engine.models.patch_features import (
@@ -37,6 +38,7 @@ __all__ = [
     "coreset_bank",
     "extract_patch_features",
     "resize_input",
+    "rotate_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ BANK_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
     "v": ((2,),),
     "hv": ((3,), (2,), (2, 3)),
 }
+# The largest turn ``bank_rotations`` takes: a pose jitter, not a new orientation of the layout.
+MAX_BANK_ROTATION = 15.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,12 @@ class StructuralConfig:
     ``grid_level``: the level whose grid the patches lie on, None for the finest (PatchCore);
     finer levels are max-pooled onto it and left out of what the composition branch reads
     (:meth:`PatchFeatures.layout`; docs/ACCURACY.md, ablation 21).
+    ``bank_flips``: flipped copies of the training images whose patches also enter the bank
+    (:data:`BANK_FLIPS`), the coreset keeping ``coreset_ratio`` of them all.
+    ``bank_rotations``: angles in degrees; each adds a copy of every training image turned by
+    it about its centre (:func:`rotate_images`) to what the coreset chooses from, while the bank
+    keeps the size it has without them: the copies show the parts in poses between those of the
+    training images, not more rows to search (docs/ACCURACY.md, ablation 25).
     """
 
     backbone: str = "resnext101_32x8d"
@@ -80,6 +90,7 @@ class StructuralConfig:
     k: int = 1
     bank_dtype: str = "float32"
     bank_flips: str = "none"
+    bank_rotations: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "feature_dim", "coreset_projection_dim", "k"):
@@ -110,6 +121,18 @@ class StructuralConfig:
             raise ValueError(
                 f"StructuralConfig.bank_flips must be one of {tuple(BANK_FLIPS)}, "
                 f"got {self.bank_flips!r}"
+            )
+        turns = self.bank_rotations
+        if not isinstance(turns, tuple) or not all(
+            isinstance(a, int | float)
+            and not isinstance(a, bool)
+            and math.isfinite(a)
+            and 0 < abs(a) <= MAX_BANK_ROTATION
+            for a in turns
+        ):
+            raise ValueError(
+                f"StructuralConfig.bank_rotations must be angles in degrees, each non-zero and "
+                f"at most {MAX_BANK_ROTATION:g} either way, got {turns!r}"
             )
         if self.bank_dtype not in ("float32", "float16"):
             raise ValueError(
@@ -150,16 +173,20 @@ def extract_patch_features(
     progress: bool = True,
     flip: tuple[int, ...] = (),
     size: int | None = None,
+    rotation: float = 0.0,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Patch features of every image the loader yields: (N_images, h*w, D) float32 on CPU, and
     the (h, w) grid they lie on. ``flip``: image dims to flip first (see :data:`BANK_FLIPS`);
-    ``size``: resize the images to this side first (:func:`resize_input`)."""
+    ``size``: resize the images to this side first (:func:`resize_input`); ``rotation``: turn
+    them by this many degrees first (:func:`rotate_images`)."""
     patch_features.to(device).eval()
     chunks, grid = [], (0, 0)
     for batch in tqdm(loader, desc="patch features", unit="batch", disable=not progress):
         images = loader_images(batch).to(device)
         if size is not None:
             images = resize_input(images, size)
+        if rotation:
+            images = rotate_images(images, rotation)
         features, grid = patch_features(images.flip(flip) if flip else images)
         chunks.append(features.float().cpu())
     if not chunks:
@@ -173,14 +200,17 @@ def coreset_bank(
     device: str | torch.device = "cpu",
     progress: bool = True,
     basis: torch.Tensor | None = None,
+    count: int | None = None,
 ) -> torch.Tensor:
-    """(N, h*w, D) training patch features reduced to ``cfg.coreset_ratio`` of the patches by
-    greedy coreset: the (M, D) bank on CPU in ``cfg.bank_dtype``. ``basis``: the
-    :attr:`PatchFeatures.basis` of compact features (the picks are then the full features')."""
+    """(N, h*w, D) training patch features reduced to ``cfg.coreset_ratio`` of the patches (or
+    to ``count`` rows) by greedy coreset: the (M, D) bank on CPU in ``cfg.bank_dtype``.
+    ``basis``: the :attr:`PatchFeatures.basis` of compact features (the picks are then the full
+    features')."""
     flat = features.reshape(-1, features.shape[-1])
     picks = greedy_coreset(
         flat,
-        ratio=cfg.coreset_ratio,
+        ratio=None if count else cfg.coreset_ratio,
+        count=count,
         projection_dim=cfg.coreset_projection_dim,
         seed=cfg.coreset_seed,
         device=device,
@@ -198,9 +228,10 @@ def build_memory_bank(
     progress: bool = True,
     features: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Features of all training images and of their flipped copies (``cfg.bank_flips``),
-    reduced by :func:`coreset_bank`. ``features``: the loader's unflipped (N, h*w, D) patch
-    features, when the caller has already extracted them."""
+    """Features of all training images, of their flipped copies (``cfg.bank_flips``) and of
+    their turned copies (``cfg.bank_rotations``), reduced by :func:`coreset_bank` to
+    ``cfg.coreset_ratio`` of the unturned ones' patches. ``features``: the loader's unflipped
+    (N, h*w, D) patch features, when the caller has already extracted them."""
     if features is None:
         features, _ = extract_patch_features(patch_features, loader, device, progress)
     flipped = [
@@ -209,7 +240,29 @@ def build_memory_bank(
     ]
     if flipped:
         features = torch.cat([features, *flipped])
-    return coreset_bank(features, cfg, device, progress, patch_features.basis)
+    if not cfg.bank_rotations:
+        return coreset_bank(features, cfg, device, progress, patch_features.basis)
+    count = coreset_size(features.shape[0] * features.shape[1], cfg.coreset_ratio, None)
+    turned = [
+        extract_patch_features(patch_features, loader, device, progress, rotation=angle)[0]
+        for angle in cfg.bank_rotations
+    ]
+    features = torch.cat([features, *turned])
+    return coreset_bank(features, cfg, device, progress, patch_features.basis, count)
+
+
+def rotate_images(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """(B, C, H, W) images turned ``degrees`` about their centre (the sign picks the way): bilinear,
+    the corners the turn uncovers filled by reflection (no black wedges that no frame shows)."""
+    angle = math.radians(degrees)
+    cos, sin = math.cos(angle), math.sin(angle)
+    h, w = x.shape[-2:]
+    # affine_grid works in [-1, 1] coordinates per axis: a non-square image needs its aspect
+    theta = torch.tensor(
+        [[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]], dtype=x.dtype, device=x.device
+    )
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 class StructuralModel(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from engine.models.structural import (
     build_memory_bank,
     extract_patch_features,
     resize_input,
+    rotate_images,
 )
 
 
@@ -319,6 +321,51 @@ def test_bank_flips_add_the_flipped_images_patches(
 def test_bank_flips_must_be_named() -> None:
     with pytest.raises(ValueError, match="bank_flips"):
         StructuralConfig(bank_flips="rot90")
+
+
+def test_rotate_images_turns_about_the_centre_and_keeps_the_aspect() -> None:
+    square = torch.randn(2, 3, 16, 16)
+    # a quarter turn of a square grid maps pixels onto pixels: torch.rot90, one way or the other
+    quarter = rotate_images(square, 90.0)
+    assert any(torch.allclose(quarter, square.rot90(k, dims=(2, 3)), atol=1e-4) for k in (1, 3))
+    torch.testing.assert_close(rotate_images(square, 0.0), square, atol=1e-5, rtol=0)
+    # on a wide image the turn is rigid in pixels (not in [-1, 1] units, which would shear
+    # it): a spot 40 px right of the centre stays 40 px away, 10 degrees round
+    h, w = 64, 128
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    spot = torch.exp(-((xs - w / 2 - 40) ** 2 + (ys - h / 2) ** 2) / 8.0)[None, None]
+    turned = rotate_images(spot, 10.0)[0, 0]
+    assert turned.shape == (h, w)
+    cx = float((turned * (xs - w / 2)).sum() / turned.sum())
+    cy = float((turned * (ys - h / 2)).sum() / turned.sum())
+    assert abs(math.hypot(cx, cy) - 40.0) < 0.3
+    assert abs(abs(math.degrees(math.atan2(cy, cx))) - 10.0) < 0.3
+
+
+def test_bank_rotations_widen_the_coreset_choice_not_the_bank(resnet18: FeatureExtractor) -> None:
+    pf = PatchFeatures(resnet18, feature_dim=32)
+    torch.manual_seed(1)
+    image = F.interpolate(torch.randn(1, 3, 8, 8), size=(64, 64), mode="bilinear")
+    plain = build_memory_bank(pf, [image], StructuralConfig(feature_dim=32), progress=False)
+    cfg = StructuralConfig(feature_dim=32, bank_rotations=(-10.0, 10.0))
+    bank = build_memory_bank(pf, [image], cfg, progress=False)
+    assert bank.shape == plain.shape == (int(0.1 * 8 * 8), pf.out_dim)
+    # with every patch kept, the turned copies' patches are in the bank: a turned test image
+    # then scores lower than against the unturned image's patches alone
+    every = StructuralConfig(feature_dim=32, coreset_ratio=1.0)
+    alone = StructuralModel(pf, build_memory_bank(pf, [image], every, progress=False))
+    turned_cfg = StructuralConfig(feature_dim=32, coreset_ratio=1.0, bank_rotations=(10.0,))
+    both = StructuralModel(pf, build_memory_bank(pf, [image], turned_cfg, progress=False))
+    assert both.bank.shape == alone.bank.shape  # the size of the unturned image's patches
+    with torch.no_grad():
+        query = rotate_images(image, 10.0)
+        assert float(both(query).mean()) < float(alone(query).mean())
+
+
+@pytest.mark.parametrize("turns", [(0.0,), (20.0,), (float("nan"),), (True,), [5.0]])
+def test_bank_rotations_must_be_small_nonzero_angles(turns) -> None:
+    with pytest.raises(ValueError, match="bank_rotations"):
+        StructuralConfig(bank_rotations=turns)
 
 
 def test_resize_input_is_antialiased_bilinear_and_a_no_op_at_its_own_size() -> None:
