@@ -240,14 +240,13 @@ def build_memory_bank(
     ]
     if flipped:
         features = torch.cat([features, *flipped])
-    if not cfg.bank_rotations:
-        return coreset_bank(features, cfg, device, progress, patch_features.basis)
     count = coreset_size(features.shape[0] * features.shape[1], cfg.coreset_ratio, None)
     turned = [
         extract_patch_features(patch_features, loader, device, progress, rotation=angle)[0]
         for angle in cfg.bank_rotations
     ]
-    features = torch.cat([features, *turned])
+    if turned:
+        features = torch.cat([features, *turned])
     return coreset_bank(features, cfg, device, progress, patch_features.basis, count)
 
 
