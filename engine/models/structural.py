@@ -39,7 +39,6 @@ __all__ = [
     "extract_patch_features",
     "resize_input",
     "rotate_images",
-    "shift_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,11 +73,6 @@ class StructuralConfig:
     it about its centre (:func:`rotate_images`) to what the coreset chooses from, while the bank
     keeps the size it has without them: the copies show the parts in poses between those of the
     training images, not more rows to search (docs/ACCURACY.md, ablation 25).
-    ``bank_shifts``: fractions of the patch grid's stride; each adds a copy of every training
-    image moved by it right and down (:func:`shift_images`), chosen from like the turned copies.
-    Patches lie on a grid of one stride, the parts of a test image anywhere between its points:
-    half a stride puts patch centres between the training images' (docs/ACCURACY.md,
-    ablation 26).
     """
 
     backbone: str = "resnext101_32x8d"
@@ -97,7 +91,6 @@ class StructuralConfig:
     bank_dtype: str = "float32"
     bank_flips: str = "none"
     bank_rotations: tuple[float, ...] = ()
-    bank_shifts: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "feature_dim", "coreset_projection_dim", "k"):
@@ -141,15 +134,6 @@ class StructuralConfig:
                 f"StructuralConfig.bank_rotations must be angles in degrees, each non-zero and "
                 f"at most {MAX_BANK_ROTATION:g} either way, got {turns!r}"
             )
-        shifts = self.bank_shifts
-        if not isinstance(shifts, tuple) or not all(
-            isinstance(s, int | float) and not isinstance(s, bool) and 0 < abs(s) < 1
-            for s in shifts
-        ):
-            raise ValueError(
-                f"StructuralConfig.bank_shifts must be fractions of the patch stride, each "
-                f"non-zero and less than 1 either way, got {shifts!r}"
-            )
         if self.bank_dtype not in ("float32", "float16"):
             raise ValueError(
                 f"StructuralConfig.bank_dtype must be float32 or float16, got {self.bank_dtype!r}"
@@ -190,13 +174,11 @@ def extract_patch_features(
     flip: tuple[int, ...] = (),
     size: int | None = None,
     rotation: float = 0.0,
-    shift: float = 0.0,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Patch features of every image the loader yields: (N_images, h*w, D) float32 on CPU, and
     the (h, w) grid they lie on. ``flip``: image dims to flip first (see :data:`BANK_FLIPS`);
     ``size``: resize the images to this side first (:func:`resize_input`); ``rotation``: turn
-    them by this many degrees first (:func:`rotate_images`); ``shift``: move them this many
-    pixels right and down first (:func:`shift_images`)."""
+    them by this many degrees first (:func:`rotate_images`)."""
     patch_features.to(device).eval()
     chunks, grid = [], (0, 0)
     for batch in tqdm(loader, desc="patch features", unit="batch", disable=not progress):
@@ -205,8 +187,6 @@ def extract_patch_features(
             images = resize_input(images, size)
         if rotation:
             images = rotate_images(images, rotation)
-        if shift:
-            images = shift_images(images, shift)
         features, grid = patch_features(images.flip(flip) if flip else images)
         chunks.append(features.float().cpu())
     if not chunks:
@@ -249,8 +229,8 @@ def build_memory_bank(
     features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Features of all training images, of their flipped copies (``cfg.bank_flips``) and of
-    their turned and moved copies (``cfg.bank_rotations``, ``cfg.bank_shifts``), reduced by
-    :func:`coreset_bank` to ``cfg.coreset_ratio`` of the unturned, unmoved ones' patches. ``features``: the loader's unflipped
+    their turned copies (``cfg.bank_rotations``), reduced by :func:`coreset_bank` to
+    ``cfg.coreset_ratio`` of the unturned ones' patches. ``features``: the loader's unflipped
     (N, h*w, D) patch features, when the caller has already extracted them."""
     if features is None:
         features, _ = extract_patch_features(patch_features, loader, device, progress)
@@ -264,11 +244,6 @@ def build_memory_bank(
     turned = [
         extract_patch_features(patch_features, loader, device, progress, rotation=angle)[0]
         for angle in cfg.bank_rotations
-    ]
-    stride = patch_features.backbone.strides[patch_features.grid_level]
-    turned += [
-        extract_patch_features(patch_features, loader, device, progress, shift=part * stride)[0]
-        for part in cfg.bank_shifts
     ]
     if turned:
         features = torch.cat([features, *turned])
@@ -284,20 +259,6 @@ def rotate_images(x: torch.Tensor, degrees: float) -> torch.Tensor:
     # affine_grid works in [-1, 1] coordinates per axis: a non-square image needs its aspect
     theta = torch.tensor(
         [[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]], dtype=x.dtype, device=x.device
-    )
-    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def shift_images(x: torch.Tensor, pixels: float) -> torch.Tensor:
-    """(B, C, H, W) images moved ``pixels`` right and down (bilinear, so a fraction of a pixel
-    too), the edges they uncover filled by reflection."""
-    h, w = x.shape[-2:]
-    # affine_grid's [-1, 1] spans the image: a pixel is 2 / side; the grid samples the source
-    theta = torch.tensor(
-        [[1.0, 0.0, -2.0 * pixels / w], [0.0, 1.0, -2.0 * pixels / h]],
-        dtype=x.dtype,
-        device=x.device,
     )
     grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -23,7 +23,6 @@ from engine.models.structural import (
     extract_patch_features,
     resize_input,
     rotate_images,
-    shift_images,
 )
 
 
@@ -361,41 +360,6 @@ def test_bank_rotations_widen_the_coreset_choice_not_the_bank(resnet18: FeatureE
     with torch.no_grad():
         query = rotate_images(image, 10.0)
         assert float(both(query).mean()) < float(alone(query).mean())
-
-
-def test_shift_images_moves_content_right_and_down() -> None:
-    h, w = 32, 48
-    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-    spot = torch.exp(-((xs - 20) ** 2 + (ys - 12) ** 2) / 4.0)[None, None]
-    moved = shift_images(spot, 2.5)[0, 0]
-    assert moved.shape == (h, w)
-    cx = float((moved * xs).sum() / moved.sum())
-    cy = float((moved * ys).sum() / moved.sum())
-    assert abs(cx - 22.5) < 0.05 and abs(cy - 14.5) < 0.05
-    # a whole-pixel move is a plain roll inside the image (the uncovered edge is reflected)
-    image = torch.randn(1, 3, h, w)
-    torch.testing.assert_close(shift_images(image, 3.0)[..., 3:, 3:], image[..., :-3, :-3])
-
-
-def test_bank_shifts_widen_the_coreset_choice_not_the_bank(resnet18: FeatureExtractor) -> None:
-    pf = PatchFeatures(resnet18, feature_dim=32)
-    torch.manual_seed(2)
-    image = F.interpolate(torch.randn(1, 3, 8, 8), size=(64, 64), mode="bilinear")
-    every = StructuralConfig(feature_dim=32, coreset_ratio=1.0)
-    alone = StructuralModel(pf, build_memory_bank(pf, [image], every, progress=False))
-    moved_cfg = StructuralConfig(feature_dim=32, coreset_ratio=1.0, bank_shifts=(0.5,))
-    both = StructuralModel(pf, build_memory_bank(pf, [image], moved_cfg, progress=False))
-    assert both.bank.shape == alone.bank.shape
-    stride = resnet18.strides[pf.grid_level]
-    with torch.no_grad():  # an image moved by half a stride matches the moved copy's patches
-        query = shift_images(image, 0.5 * stride)
-        assert float(both(query).mean()) < float(alone(query).mean())
-
-
-@pytest.mark.parametrize("shifts", [(0.0,), (1.0,), (-1.5,), (float("nan"),), (True,), [0.5]])
-def test_bank_shifts_must_be_fractions_of_the_stride(shifts) -> None:
-    with pytest.raises(ValueError, match="bank_shifts"):
-        StructuralConfig(bank_shifts=shifts)
 
 
 @pytest.mark.parametrize("turns", [(0.0,), (20.0,), (float("nan"),), (True,), [5.0]])
