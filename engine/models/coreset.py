@@ -16,7 +16,7 @@ points are not themselves added. The same ``seed`` gives the same indices on the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -38,7 +38,7 @@ def coreset_size(n: int, ratio: float | None, count: int | None) -> int:
 
 
 def random_projection(
-    features: torch.Tensor,
+    features: torch.Tensor | Sequence[torch.Tensor],
     projection_dim: int,
     generator: torch.Generator,
     device: torch.device,
@@ -46,6 +46,7 @@ def random_projection(
     basis: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, D) features -> (N, projection_dim) float32 on ``device``, projected ``batch`` rows at a time.
+    ``features`` may be a sequence of (N_i, D) parts, taken as their concatenation (never built).
 
     The matrix is i.i.d. N(0, 1/projection_dim) (drawn on CPU from ``generator`` so that the seed
     means the same matrix on every device). With ``projection_dim >= D`` the features are used as
@@ -56,24 +57,61 @@ def random_projection(
     space and mapped onto the basis, so the projection, and so the coreset, is the one the
     full-space vectors would get.
     """
-    n, d = features.shape
+    parts = _parts(features)
+    n, d = sum(part.shape[0] for part in parts), parts[0].shape[1]
     if basis is not None and (basis.dim() != 2 or basis.shape[1] != d):
         raise ValueError(f"basis must be (D_full, {d}), got {tuple(basis.shape)}")
     full = d if basis is None else basis.shape[0]
     if projection_dim >= full:
-        return features.to(device=device, dtype=torch.float32, copy=True)
+        return torch.cat([part.to(device=device, dtype=torch.float32, copy=True) for part in parts])
     matrix = torch.randn(full, projection_dim, generator=generator) / math.sqrt(projection_dim)
     if basis is not None:
         matrix = basis.t().double().cpu() @ matrix.double()
     matrix = matrix.float().to(device)
     out = torch.empty(n, projection_dim, dtype=torch.float32, device=device)
-    for start in range(0, n, batch):
-        out[start : start + batch] = features[start : start + batch].to(device).float() @ matrix
+    for start, rows in _row_batches(parts, batch):
+        out[start : start + rows.shape[0]] = rows.to(device).float() @ matrix
     return out
 
 
+def _row_batches(parts: list[torch.Tensor], batch: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, rows) of the parts' concatenation, ``batch`` rows at a time: the same
+    batches, and so the same products, as one tensor would give (a batch that spans parts is
+    copied together; nothing else is)."""
+    ends = torch.tensor([p.shape[0] for p in parts]).cumsum(0).tolist()
+    total = ends[-1]
+    for start in range(0, total, batch):
+        stop, pieces, begin = min(start + batch, total), [], 0
+        for part, end in zip(parts, ends, strict=True):
+            lo, hi = max(start, begin), min(stop, end)
+            if lo < hi:
+                pieces.append(part[lo - begin : hi - begin])
+            begin = end
+        yield start, pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _parts(features: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``features`` as a list of (N_i, D) parts (one part for a tensor), checked."""
+    parts = [features] if isinstance(features, torch.Tensor) else list(features)
+    if not parts:
+        raise ValueError("features must be a non-empty (N, D) tensor, got no parts")
+    width = parts[0].shape[-1]
+    for part in parts:
+        if part.dim() != 2 or part.shape[1] == 0 or part.shape[1] != width:
+            raise ValueError(f"features must be a non-empty (N, D) tensor, got {tuple(part.shape)}")
+        if not part.is_floating_point():
+            raise ValueError(f"features must be floating point, got {part.dtype}")
+    if sum(part.shape[0] for part in parts) == 0:
+        raise ValueError(
+            f"features must be a non-empty (N, D) tensor, got {[tuple(p.shape) for p in parts]}"
+            if len(parts) > 1
+            else f"features must be a non-empty (N, D) tensor, got {tuple(parts[0].shape)}"
+        )
+    return parts
+
+
 def greedy_coreset(
-    features: torch.Tensor,
+    features: torch.Tensor | Sequence[torch.Tensor],
     ratio: float | None = None,
     count: int | None = None,
     projection_dim: int = 128,
@@ -86,7 +124,9 @@ def greedy_coreset(
     """Indices of an approximate greedy k-center coreset of ``features``.
 
     Args:
-        features: (N, D) memory bank, any float dtype, on any device.
+        features: (N, D) memory bank, any float dtype, on any device; or a sequence of
+            (N_i, D) parts taken as their concatenation, which is never built (the indices are
+            into it).
         ratio: fraction of points to keep (``max(1, int(N * ratio))``), or
         count: number of points to keep (give exactly one of the two).
         projection_dim: random projection size (PatchCore: 128).
@@ -98,15 +138,12 @@ def greedy_coreset(
             :func:`random_projection`); the picks are then those of the full-space vectors.
 
     Returns:
-        (K,) int64 distinct indices into ``features`` in pick order, on ``features.device``.
+        (K,) int64 distinct indices into ``features`` in pick order, on the features' device.
 
     Memory is the (N, projection_dim) projection, O(N) running distances and one 65 536 x 256
     block of distances (64 MiB); features are moved to ``device`` in row batches only.
     """
-    if features.dim() != 2 or features.shape[0] == 0 or features.shape[1] == 0:
-        raise ValueError(f"features must be a non-empty (N, D) tensor, got {tuple(features.shape)}")
-    if not features.is_floating_point():
-        raise ValueError(f"features must be floating point, got {features.dtype}")
+    parts = _parts(features)
     if (
         isinstance(projection_dim, bool)
         or not isinstance(projection_dim, int)
@@ -115,12 +152,12 @@ def greedy_coreset(
         raise ValueError(f"projection_dim must be a positive int, got {projection_dim!r}")
     if isinstance(num_starts, bool) or not isinstance(num_starts, int) or num_starts < 1:
         raise ValueError(f"num_starts must be a positive int, got {num_starts!r}")
-    n = features.shape[0]
+    n = sum(part.shape[0] for part in parts)
     k = coreset_size(n, ratio, count)
-    device = torch.device(device) if device is not None else features.device
+    device = torch.device(device) if device is not None else parts[0].device
     generator = torch.Generator().manual_seed(seed)
 
-    projected = random_projection(features, projection_dim, generator, device, basis=basis)
+    projected = random_projection(parts, projection_dim, generator, device, basis=basis)
     if not torch.isfinite(projected).all():
         raise ValueError("features contain NaN or infinite values")
     sq_norms = projected.pow(2).sum(1)
@@ -131,7 +168,7 @@ def greedy_coreset(
     for rows, sq in _sq_distance_chunks(projected, sq_norms, starts):
         nearest[rows] = sq.sqrt_().mean(1).pow_(2)
     picks = _blocked_greedy(projected, sq_norms, nearest, k, progress)
-    return picks.to(features.device)
+    return picks.to(parts[0].device)
 
 
 def _sq_distance_chunks(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,8 @@ __all__ = [
     "build_memory_bank",
     "coreset_bank",
     "extract_patch_features",
+    "feature_chunks",
+    "gather_rows",
     "resize_input",
     "rotate_images",
 ]
@@ -179,6 +181,22 @@ def extract_patch_features(
     the (h, w) grid they lie on. ``flip``: image dims to flip first (see :data:`BANK_FLIPS`);
     ``size``: resize the images to this side first (:func:`resize_input`); ``rotation``: turn
     them by this many degrees first (:func:`rotate_images`)."""
+    chunks, grid = feature_chunks(patch_features, loader, device, progress, flip, size, rotation)
+    return torch.cat(chunks), grid
+
+
+@torch.no_grad()
+def feature_chunks(
+    patch_features: PatchFeatures,
+    loader: Iterable,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    flip: tuple[int, ...] = (),
+    size: int | None = None,
+    rotation: float = 0.0,
+) -> tuple[list[torch.Tensor], tuple[int, int]]:
+    """:func:`extract_patch_features` as one (B, h*w, D) chunk per loader batch, not joined
+    (joining would hold every feature twice for a moment)."""
     patch_features.to(device).eval()
     chunks, grid = [], (0, 0)
     for batch in tqdm(loader, desc="patch features", unit="batch", disable=not progress):
@@ -191,11 +209,11 @@ def extract_patch_features(
         chunks.append(features.float().cpu())
     if not chunks:
         raise ValueError("the training loader yielded no images")
-    return torch.cat(chunks), grid
+    return chunks, grid
 
 
 def coreset_bank(
-    features: torch.Tensor,
+    features: torch.Tensor | Sequence[torch.Tensor],
     cfg: StructuralConfig,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -204,9 +222,11 @@ def coreset_bank(
 ) -> torch.Tensor:
     """(N, h*w, D) training patch features reduced to ``cfg.coreset_ratio`` of the patches (or
     to ``count`` rows) by greedy coreset: the (M, D) bank on CPU in ``cfg.bank_dtype``.
-    ``basis``: the :attr:`PatchFeatures.basis` of compact features (the picks are then the full
-    features')."""
-    flat = features.reshape(-1, features.shape[-1])
+    ``features`` may be a sequence of (N_i, h*w, D) chunks, taken as their concatenation without
+    building it. ``basis``: the :attr:`PatchFeatures.basis` of compact features (the picks are
+    then the full features')."""
+    chunks = [features] if isinstance(features, torch.Tensor) else list(features)
+    flat = [chunk.reshape(-1, chunk.shape[-1]) for chunk in chunks]
     picks = greedy_coreset(
         flat,
         ratio=None if count else cfg.coreset_ratio,
@@ -217,7 +237,19 @@ def coreset_bank(
         progress=progress,
         basis=basis,
     )
-    return flat[picks.cpu()].to(getattr(torch, cfg.bank_dtype))
+    return gather_rows(flat, picks.cpu()).to(getattr(torch, cfg.bank_dtype))
+
+
+def gather_rows(parts: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (indices into the concatenation of the (N_i, D) ``parts``), in that order."""
+    ends = torch.tensor([p.shape[0] for p in parts]).cumsum(0)
+    which = torch.searchsorted(ends, rows, right=True)
+    out = torch.empty(len(rows), parts[0].shape[1], dtype=parts[0].dtype)
+    for i, part in enumerate(parts):
+        mine = which == i
+        if mine.any():
+            out[mine] = part[rows[mine] - (ends[i] - part.shape[0])]
+    return out
 
 
 def build_memory_bank(
@@ -232,22 +264,17 @@ def build_memory_bank(
     their turned copies (``cfg.bank_rotations``), reduced by :func:`coreset_bank` to
     ``cfg.coreset_ratio`` of the unturned ones' patches. ``features``: the loader's unflipped
     (N, h*w, D) patch features, when the caller has already extracted them."""
+    # Chunks, never joined: at 350 LOCO-size images one copy's features are 1.5 GB.
     if features is None:
-        features, _ = extract_patch_features(patch_features, loader, device, progress)
-    flipped = [
-        extract_patch_features(patch_features, loader, device, progress, flip=dims)[0]
-        for dims in BANK_FLIPS[cfg.bank_flips]
-    ]
-    if flipped:
-        features = torch.cat([features, *flipped])
-    count = coreset_size(features.shape[0] * features.shape[1], cfg.coreset_ratio, None)
-    turned = [
-        extract_patch_features(patch_features, loader, device, progress, rotation=angle)[0]
-        for angle in cfg.bank_rotations
-    ]
-    if turned:
-        features = torch.cat([features, *turned])
-    return coreset_bank(features, cfg, device, progress, patch_features.basis, count)
+        chunks, _ = feature_chunks(patch_features, loader, device, progress)
+    else:
+        chunks = [features]
+    for dims in BANK_FLIPS[cfg.bank_flips]:
+        chunks += feature_chunks(patch_features, loader, device, progress, flip=dims)[0]
+    count = coreset_size(sum(c.shape[0] * c.shape[1] for c in chunks), cfg.coreset_ratio, None)
+    for angle in cfg.bank_rotations:
+        chunks += feature_chunks(patch_features, loader, device, progress, rotation=angle)[0]
+    return coreset_bank(chunks, cfg, device, progress, patch_features.basis, count)
 
 
 def rotate_images(x: torch.Tensor, degrees: float) -> torch.Tensor:

@@ -189,3 +189,27 @@ def test_bad_inputs(features: torch.Tensor, kwargs: dict, message: str) -> None:
     fails for the reason named in ``message``, not an earlier one."""
     with pytest.raises(ValueError, match=message):
         greedy_coreset(features, **{"count": 2, "progress": False, **kwargs})
+
+
+@pytest.mark.parametrize("projection_dim", [8, 64])
+def test_parts_pick_what_their_concatenation_picks(projection_dim: int) -> None:
+    """Features given as parts (memory-bank copies, never joined) get exactly the picks and the
+    projection of their concatenation, batches spanning parts included."""
+    torch.manual_seed(0)
+    parts = [torch.randn(70, 40), torch.randn(0, 40), torch.randn(45, 40), torch.randn(30, 40)]
+    whole = torch.cat(parts)
+    cpu = torch.device("cpu")
+    projected = [
+        coreset.random_projection(x, projection_dim, torch.Generator().manual_seed(5), cpu, 32)
+        for x in (parts, whole)
+    ]
+    assert torch.equal(*projected)
+    kwargs = {"count": 30, "projection_dim": projection_dim, "seed": 2, "progress": False}
+    assert torch.equal(greedy_coreset(parts, **kwargs), greedy_coreset(whole, **kwargs))
+
+
+def test_parts_must_share_their_width() -> None:
+    with pytest.raises(ValueError, match=r"non-empty \(N, D\) tensor, got \(5, 3\)"):
+        greedy_coreset([torch.randn(5, 4), torch.randn(5, 3)], count=2, progress=False)
+    with pytest.raises(ValueError, match="got no parts"):
+        greedy_coreset([], count=2, progress=False)

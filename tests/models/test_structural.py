@@ -20,7 +20,9 @@ from engine.models.structural import (
     StructuralModel,
     adaptive_pool_matrix,
     build_memory_bank,
+    coreset_bank,
     extract_patch_features,
+    gather_rows,
     resize_input,
     rotate_images,
 )
@@ -360,6 +362,21 @@ def test_bank_rotations_widen_the_coreset_choice_not_the_bank(resnet18: FeatureE
     with torch.no_grad():
         query = rotate_images(image, 10.0)
         assert float(both(query).mean()) < float(alone(query).mean())
+
+
+def test_coreset_bank_of_chunks_is_the_bank_of_their_concatenation() -> None:
+    torch.manual_seed(3)
+    chunks = [torch.randn(2, 16, 12), torch.randn(3, 16, 12), torch.randn(1, 16, 12)]
+    cfg = StructuralConfig(feature_dim=12, coreset_ratio=0.2, coreset_projection_dim=4)
+    torch.testing.assert_close(
+        coreset_bank(chunks, cfg, progress=False),
+        coreset_bank(torch.cat(chunks), cfg, progress=False),
+        atol=0,
+        rtol=0,
+    )
+    rows = torch.tensor([95, 0, 40, 31, 32, 47, 48])
+    flat = [c.reshape(-1, 12) for c in chunks]
+    assert torch.equal(gather_rows(flat, rows), torch.cat(flat)[rows])
 
 
 @pytest.mark.parametrize("turns", [(0.0,), (20.0,), (float("nan"),), (True,), [5.0]])
