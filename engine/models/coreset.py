@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-__all__ = ["coreset_size", "greedy_coreset", "random_projection", "reference_greedy"]
+__all__ = ["coreset_size", "gather_rows", "greedy_coreset", "random_projection", "reference_greedy"]
 
 
 def coreset_size(n: int, ratio: float | None, count: int | None) -> int:
@@ -63,7 +63,8 @@ def random_projection(
         raise ValueError(f"basis must be (D_full, {d}), got {tuple(basis.shape)}")
     full = d if basis is None else basis.shape[0]
     if projection_dim >= full:
-        return torch.cat([part.to(device=device, dtype=torch.float32, copy=True) for part in parts])
+        # cat always allocates: the result never aliases the caller's features
+        return torch.cat([part.to(device=device, dtype=torch.float32) for part in parts])
     matrix = torch.randn(full, projection_dim, generator=generator) / math.sqrt(projection_dim)
     if basis is not None:
         matrix = basis.t().double().cpu() @ matrix.double()
@@ -78,7 +79,7 @@ def _row_batches(parts: list[torch.Tensor], batch: int) -> Iterator[tuple[int, t
     """(first row, rows) of the parts' concatenation, ``batch`` rows at a time: the same
     batches, and so the same products, as one tensor would give (a batch that spans parts is
     copied together; nothing else is)."""
-    ends = torch.tensor([p.shape[0] for p in parts]).cumsum(0).tolist()
+    ends = _part_ends(parts).tolist()
     total = ends[-1]
     for start in range(0, total, batch):
         stop, pieces, begin = min(start + batch, total), [], 0
@@ -88,6 +89,24 @@ def _row_batches(parts: list[torch.Tensor], batch: int) -> Iterator[tuple[int, t
                 pieces.append(part[lo - begin : hi - begin])
             begin = end
         yield start, pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def gather_rows(parts: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (CPU indices into the concatenation of the (N_i, D) ``parts``, as
+    :func:`greedy_coreset` returns them for parts), in that order, without the concatenation."""
+    ends = _part_ends(parts)
+    which = torch.searchsorted(ends, rows, right=True)
+    out = torch.empty(len(rows), parts[0].shape[1], dtype=parts[0].dtype)
+    for i, part in enumerate(parts):
+        mine = which == i
+        if mine.any():
+            out[mine] = part[rows[mine] - (ends[i] - part.shape[0])]
+    return out
+
+
+def _part_ends(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(P,) int64: one past the last row of each part in the parts' concatenation."""
+    return torch.tensor([p.shape[0] for p in parts]).cumsum(0)
 
 
 def _parts(features: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.models.backbones import load_backbone
-from engine.models.coreset import coreset_size, greedy_coreset
+from engine.models.coreset import coreset_size, gather_rows, greedy_coreset
 from engine.models.knn_compat import upgrade_spec
 from engine.models.knn_index import KnnIndex, check_index_setting, make_index
 from engine.models.patch_features import (
@@ -38,7 +38,6 @@ __all__ = [
     "coreset_bank",
     "extract_patch_features",
     "feature_chunks",
-    "gather_rows",
     "resize_input",
     "rotate_images",
 ]
@@ -238,18 +237,6 @@ def coreset_bank(
         basis=basis,
     )
     return gather_rows(flat, picks.cpu()).to(getattr(torch, cfg.bank_dtype))
-
-
-def gather_rows(parts: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """Rows ``rows`` (indices into the concatenation of the (N_i, D) ``parts``), in that order."""
-    ends = torch.tensor([p.shape[0] for p in parts]).cumsum(0)
-    which = torch.searchsorted(ends, rows, right=True)
-    out = torch.empty(len(rows), parts[0].shape[1], dtype=parts[0].dtype)
-    for i, part in enumerate(parts):
-        mine = which == i
-        if mine.any():
-            out[mine] = part[rows[mine] - (ends[i] - part.shape[0])]
-    return out
 
 
 def build_memory_bank(

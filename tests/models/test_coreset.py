@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.models import coreset
-from engine.models.coreset import coreset_size, greedy_coreset
+from engine.models.coreset import coreset_size, gather_rows, greedy_coreset
 
 
 def clustered(
@@ -206,6 +206,13 @@ def test_parts_pick_what_their_concatenation_picks(projection_dim: int) -> None:
     assert torch.equal(*projected)
     kwargs = {"count": 30, "projection_dim": projection_dim, "seed": 2, "progress": False}
     assert torch.equal(greedy_coreset(parts, **kwargs), greedy_coreset(whole, **kwargs))
+
+
+def test_gather_rows_reads_the_concatenation_without_building_it() -> None:
+    torch.manual_seed(3)
+    parts = [torch.randn(32, 12), torch.randn(48, 12), torch.randn(16, 12)]
+    rows = torch.tensor([95, 0, 40, 31, 32, 47, 48])
+    assert torch.equal(gather_rows(parts, rows), torch.cat(parts)[rows])
 
 
 def test_parts_must_share_their_width() -> None:

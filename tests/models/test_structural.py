@@ -22,7 +22,6 @@ from engine.models.structural import (
     build_memory_bank,
     coreset_bank,
     extract_patch_features,
-    gather_rows,
     resize_input,
     rotate_images,
 )
@@ -374,9 +373,6 @@ def test_coreset_bank_of_chunks_is_the_bank_of_their_concatenation() -> None:
         atol=0,
         rtol=0,
     )
-    rows = torch.tensor([95, 0, 40, 31, 32, 47, 48])
-    flat = [c.reshape(-1, 12) for c in chunks]
-    assert torch.equal(gather_rows(flat, rows), torch.cat(flat)[rows])
 
 
 @pytest.mark.parametrize("turns", [(0.0,), (20.0,), (float("nan"),), (True,), [5.0]])
