@@ -44,6 +44,7 @@ __all__ = [
     "peak_gate",
     "resize_to",
     "standardised_maps",
+    "weigh_evidence",
 ]
 
 # Map branches first; composition (an image-level score) last.
@@ -61,7 +62,9 @@ class FusionConfig:
     """Fusion settings.
 
     ``*_weight``: each branch's weight in the merged map (paper: structural 1, logical 3; the
-    positional and composition weights apply only when those branches are enabled). ``sigma``:
+    positional and composition weights apply only when those branches are enabled). With
+    ``merge="max"`` a weight scales only what lies above the branch's typical good-image peak
+    (:func:`weigh_evidence`). ``sigma``:
     the Gaussian's σ in pixels of a 256-px map; a map of side S is blurred with
     ``sigma * S / 256`` (RD4AD and PatchCore use σ = 4 at 256 px, so the blur keeps its size
     relative to the image). At the cpu preset σ = 1-3 raised image AUROC by at most 0.003 and
@@ -305,6 +308,17 @@ def image_stats_from_scores(
     return {b: BranchStats(s.mean, std) if b in pooled else s for b, s in fitted.items()}
 
 
+def weigh_evidence(z: torch.Tensor, weight: float) -> torch.Tensor:
+    """A branch's weight in the ``merge="max"`` units: ``weight * z`` above 0, ``z`` below.
+
+    0 is the branch's typical peak on a good image (its validation mean image score), so only
+    what lies above it is evidence. Scaling the whole map would also pull everything below it
+    towards 0 with a weight under 1, lifting that branch's background over the others' in the
+    maximum and spreading false positives over good pixels; the weight scales the evidence only.
+    """
+    return torch.where(z > 0, z * weight, z)
+
+
 def max_fuse_maps(
     maps: Mapping[str, torch.Tensor],
     stats: Mapping[str, BranchStats],
@@ -316,9 +330,10 @@ def max_fuse_maps(
     """(B, S, S) fused map of ``FusionConfig.merge="max"``.
 
     Each branch's :func:`standardised_maps` map ``m_b`` becomes
-    ``a_b = w_b * (m_b - image_mean_b) / image_std_b``, with ``image_stats`` the mean and std
-    of ``max(m_b)`` over the validation good images, so every branch's image score is in
-    validation standard deviations of its own. The map is the pointwise maximum of the ``a_b``
+    ``a_b = (m_b - image_mean_b) / image_std_b``, weighted by :func:`weigh_evidence` (``w_b``
+    times the part above 0), with ``image_stats`` the mean and std of ``max(m_b)`` over the
+    validation good images, so every branch's image score is in validation standard deviations
+    of its own. The map is the pointwise maximum of the ``a_b``
     of the map branches; the composition branch's ``a_c`` (one number per image) raises the
     image's peak to ``a_c`` where it is larger, spread by the gate ``g ** gate_power`` (``g``:
     the maximum map rescaled to [0, 1]), so the image score is exactly the largest ``a_b`` of
@@ -332,7 +347,7 @@ def max_fuse_maps(
     if not used:
         raise ValueError("every branch has weight 0: nothing to fuse")
     scaled = {
-        b: weights[b] * (m - image_stats[b].mean) / image_stats[b].std
+        b: weigh_evidence((m - image_stats[b].mean) / image_stats[b].std, weights[b])
         for b, m in standardised_maps(used, stats, sigma).items()
     }
     composition = scaled.pop("composition", None)
@@ -354,14 +369,15 @@ def max_fuse_scores(
     weights: Mapping[str, float],
 ) -> torch.Tensor:
     """The image scores of :func:`max_fuse_maps` from each branch's (B,) image scores (the
-    maxima of its standardised maps): ``max_b w_b * (s_b - image_mean_b) / image_std_b`` over
-    the branches of non-zero weight. Exact, since every term is a per-branch maximum and the
+    maxima of its standardised maps): ``max_b`` of ``(s_b - image_mean_b) / image_std_b``
+    weighted by :func:`weigh_evidence`, over the branches of non-zero weight. Exact, since every term is a per-branch maximum and the
     gated composition evidence lifts the peak to exactly its own value."""
     used = [b for b in scores if weights[b] != 0]
     if not used:
         raise ValueError("every branch has weight 0: nothing to fuse")
     scaled = [
-        weights[b] * (scores[b].double() - image_stats[b].mean) / image_stats[b].std for b in used
+        weigh_evidence((scores[b].double() - image_stats[b].mean) / image_stats[b].std, weights[b])
+        for b in used
     ]
     return torch.stack(scaled).amax(dim=0)
 

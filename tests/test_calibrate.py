@@ -20,6 +20,7 @@ from engine.calibrate import (
     max_fuse_scores,
     resize_to,
     standardised_maps,
+    weigh_evidence,
 )
 
 
@@ -152,7 +153,8 @@ def test_max_merge_equals_the_formula() -> None:
         values = (values.astype(np.float64) - mean) / std
         if branch != "composition":
             values = np.stack([gaussian_filter(v, sigma=sigma, mode="reflect") for v in values])
-        return weights[branch] * (values - image_mean) / image_std
+        z = (values - image_mean) / image_std
+        return np.where(z > 0, weights[branch] * z, z)  # the weight scales evidence only
 
     base = np.maximum(scaled("logical", maps["logical"]), scaled("structural", maps["structural"]))
     top = base.max((1, 2), keepdims=True)
@@ -172,7 +174,7 @@ def test_max_merge_without_the_gate_and_with_one_branch() -> None:
     tensors = {b: torch.from_numpy(m) for b, m in maps.items()}
     standardised = standardised_maps(tensors, stats, 1.0)
     scaled = {
-        b: weights[b] * (standardised[b] - image_stats[b].mean) / image_stats[b].std
+        b: weigh_evidence((standardised[b] - image_stats[b].mean) / image_stats[b].std, weights[b])
         for b in tensors
     }
     floor = max_fuse_maps(tensors, stats, image_stats, weights, 1.0)
@@ -189,6 +191,26 @@ def test_max_merge_without_the_gate_and_with_one_branch() -> None:
         max_fuse_maps(tensors, stats, {"logical": image_stats["logical"]}, weights, 1.0)
     with pytest.raises(ValueError, match="every branch has weight 0"):
         max_fuse_maps(tensors, stats, image_stats, dict.fromkeys(weights, 0.0), 1.0)
+
+
+def test_a_weight_scales_evidence_not_the_background() -> None:
+    z = torch.tensor([-3.0, -0.5, 0.0, 0.5, 4.0])
+    torch.testing.assert_close(weigh_evidence(z, 0.5), torch.tensor([-3.0, -0.5, 0.0, 0.25, 2.0]))
+    torch.testing.assert_close(weigh_evidence(z, 1.0), z)
+    # a down-weighted branch whose map stays below its typical good-image peak keeps its place
+    # among the others: a linear weight would lift its background towards 0, over their pixels
+    maps, stats, image_stats, _ = max_fusion_case(12)
+    tensors = {b: torch.from_numpy(maps[b]) for b in ("logical", "structural")}
+    quiet = {**image_stats, "structural": BranchStats(10.0, 2.0)}  # every pixel below 0
+    z = {
+        b: (m - quiet[b].mean) / quiet[b].std
+        for b, m in standardised_maps(tensors, stats, 1.0).items()
+    }
+    assert z["structural"].max() < 0
+    fused = max_fuse_maps(tensors, stats, quiet, {"logical": 1.0, "structural": 0.25}, 1.0)
+    torch.testing.assert_close(fused, torch.maximum(z["logical"], z["structural"]))
+    linear = torch.maximum(z["logical"], 0.25 * z["structural"])
+    assert (linear > fused + 1.0).float().mean() > 0.5
 
 
 def test_standardised_maps_are_the_branch_alone_maps() -> None:
@@ -249,7 +271,9 @@ def test_image_level_fusion_from_branch_scores(composition_scale: str) -> None:
         alone,
         torch.maximum(
             *(
-                weights[b] * (scores[b].double() - image_stats[b].mean) / image_stats[b].std
+                weigh_evidence(
+                    (scores[b].double() - image_stats[b].mean) / image_stats[b].std, weights[b]
+                )
                 for b in ("structural", "composition")
             )
         ),
