@@ -64,8 +64,8 @@ class FusionConfig:
     ``*_weight``: each branch's weight in the merged map (paper: structural 1, logical 3; the
     positional and composition weights apply only when those branches are enabled). With
     ``merge="max"`` a weight scales only what lies above the branch's typical good-image peak
-    (:func:`weigh_evidence`). ``sigma``:
-    the Gaussian's σ in pixels of a 256-px map; a map of side S is blurred with
+    (:func:`weigh_evidence`). ``sigma``: the Gaussian's σ in pixels of a 256-px map; a map of
+    side S is blurred with
     ``sigma * S / 256`` (RD4AD and PatchCore use σ = 4 at 256 px, so the blur keeps its size
     relative to the image). At the cpu preset σ = 1-3 raised image AUROC by at most 0.003 and
     lowered AU-sPRO; σ = 6-8 lowered both (docs/ACCURACY.md, ablation 18), so 4 stays.
@@ -319,6 +319,12 @@ def weigh_evidence(z: torch.Tensor, weight: float) -> torch.Tensor:
     return torch.where(z > 0, z * weight, z)
 
 
+def _in_image_units(x: torch.Tensor, stats: BranchStats, weight: float) -> torch.Tensor:
+    """A branch's map or image scores in validation image-score units, weighted: the one
+    formula :func:`max_fuse_maps` and :func:`max_fuse_scores` share (so the second is exact)."""
+    return weigh_evidence((x - stats.mean) / stats.std, weight)
+
+
 def max_fuse_maps(
     maps: Mapping[str, torch.Tensor],
     stats: Mapping[str, BranchStats],
@@ -333,11 +339,10 @@ def max_fuse_maps(
     ``a_b = (m_b - image_mean_b) / image_std_b``, weighted by :func:`weigh_evidence` (``w_b``
     times the part above 0), with ``image_stats`` the mean and std of ``max(m_b)`` over the
     validation good images, so every branch's image score is in validation standard deviations
-    of its own. The map is the pointwise maximum of the ``a_b``
-    of the map branches; the composition branch's ``a_c`` (one number per image) raises the
-    image's peak to ``a_c`` where it is larger, spread by the gate ``g ** gate_power`` (``g``:
-    the maximum map rescaled to [0, 1]), so the image score is exactly the largest ``a_b`` of
-    all branches. Without ``gate_power`` it is a floor under every pixel. Branches of weight 0
+    of its own. The map is the pointwise maximum of the ``a_b`` of the map branches; the
+    composition branch's ``a_c`` (one number per image) raises the image's peak to ``a_c``
+    where it is larger, spread by the gate ``g ** gate_power`` (``g``: the maximum map rescaled
+    to [0, 1]), so the image score is exactly the largest ``a_b`` of all branches. Without ``gate_power`` it is a floor under every pixel. Branches of weight 0
     are left out.
     """
     missing = [b for b in maps if b not in stats or b not in image_stats or b not in weights]
@@ -347,7 +352,7 @@ def max_fuse_maps(
     if not used:
         raise ValueError("every branch has weight 0: nothing to fuse")
     scaled = {
-        b: weigh_evidence((m - image_stats[b].mean) / image_stats[b].std, weights[b])
+        b: _in_image_units(m, image_stats[b], weights[b])
         for b, m in standardised_maps(used, stats, sigma).items()
     }
     composition = scaled.pop("composition", None)
@@ -370,15 +375,13 @@ def max_fuse_scores(
 ) -> torch.Tensor:
     """The image scores of :func:`max_fuse_maps` from each branch's (B,) image scores (the
     maxima of its standardised maps): ``max_b`` of ``(s_b - image_mean_b) / image_std_b``
-    weighted by :func:`weigh_evidence`, over the branches of non-zero weight. Exact, since every term is a per-branch maximum and the
-    gated composition evidence lifts the peak to exactly its own value."""
+    weighted by :func:`weigh_evidence`, over the branches of non-zero weight. Exact, since
+    every term is a per-branch maximum (the weighting is monotone) and the gated composition
+    evidence lifts the peak to exactly its own value."""
     used = [b for b in scores if weights[b] != 0]
     if not used:
         raise ValueError("every branch has weight 0: nothing to fuse")
-    scaled = [
-        weigh_evidence((scores[b].double() - image_stats[b].mean) / image_stats[b].std, weights[b])
-        for b in used
-    ]
+    scaled = [_in_image_units(scores[b].double(), image_stats[b], weights[b]) for b in used]
     return torch.stack(scaled).amax(dim=0)
 
 
