@@ -52,6 +52,7 @@ BRANCHES = ("logical", "structural", "positional", "composition")
 MERGES = ("sum", "max")
 IMAGE_SCALES = ("branch", "pooled")
 COMPOSITION_SCALES = ("std", "robust")
+POSITIONAL_ROLES = ("score", "shape")
 # The paper's map branches; positional keeps a scale of its own, composition is image-level.
 POOLED_BRANCHES = ("logical", "structural")
 SIGMA_REFERENCE_SIZE = 256  # FusionConfig.sigma is in pixels of a map of this side
@@ -86,6 +87,13 @@ class FusionConfig:
     within 0.2), a std inflated by them shrinks every anomaly's evidence, and the maximum
     over branches then loses the count anomalies only this branch sees (docs/ACCURACY.md).
 
+    ``positional_role`` (``"max"`` only): ``"score"`` merges the positional map like the other
+    map branches; ``"shape"`` caps it at the other map branches' peak in each image, so it
+    shapes the fused map (where in the image) but never raises the image score
+    (:func:`max_fuse_maps`). Where parts may lie anywhere the positional memory's good images
+    have a heavy tail of image scores while its localisation still helps (docs/ACCURACY.md,
+    ablation 32).
+
     ``target_false_alarm_rate`` defaults to 0.05: MVTec LOCO has only tens of validation good
     images per category, and with n images a rate can only be resolved to 1/n; 5% still lands
     inside the sample for n >= 20, while a 1% target on ~60 images is just the single largest
@@ -101,6 +109,7 @@ class FusionConfig:
     merge: str = "sum"
     image_scale: str = "branch"
     composition_scale: str = "std"
+    positional_role: str = "score"
 
     def __post_init__(self) -> None:
         for name in (
@@ -129,6 +138,18 @@ class FusionConfig:
                 f"FusionConfig.composition_scale must be one of {COMPOSITION_SCALES}, "
                 f"got {self.composition_scale!r}"
             )
+        if self.positional_role not in POSITIONAL_ROLES:
+            raise ValueError(
+                f"FusionConfig.positional_role must be one of {POSITIONAL_ROLES}, "
+                f"got {self.positional_role!r}"
+            )
+        if self.positional_role == "shape" and self.merge != "max":
+            raise ValueError("FusionConfig.positional_role='shape' needs merge='max'")
+
+    @property
+    def capped(self) -> tuple[str, ...]:
+        """The map branches capped at the others' peak (:func:`max_fuse_maps`)."""
+        return ("positional",) if self.positional_role == "shape" else ()
 
     def weight(self, branch: str) -> float:
         """The configured weight of ``branch`` (one of :data:`BRANCHES`)."""
@@ -332,6 +353,7 @@ def max_fuse_maps(
     weights: Mapping[str, float],
     sigma: float,
     gate_power: float | None = None,
+    capped: Sequence[str] = (),
 ) -> torch.Tensor:
     """(B, S, S) fused map of ``FusionConfig.merge="max"``.
 
@@ -342,8 +364,11 @@ def max_fuse_maps(
     of its own. The map is the pointwise maximum of the ``a_b`` of the map branches; the
     composition branch's ``a_c`` (one number per image) raises the image's peak to ``a_c``
     where it is larger, spread by the gate ``g ** gate_power`` (``g``: the maximum map rescaled
-    to [0, 1]), so the image score is exactly the largest ``a_b`` of all branches. Without ``gate_power`` it is a floor under every pixel. Branches of weight 0
-    are left out.
+    to [0, 1]), so the image score is exactly the largest ``a_b`` of all branches. Without
+    ``gate_power`` it is a floor under every pixel. A map branch in ``capped``
+    (``FusionConfig.positional_role="shape"``) is cut at the other map branches' peak in each
+    image first: it places evidence within the image but never raises its score. Branches of
+    weight 0 are left out.
     """
     missing = [b for b in maps if b not in stats or b not in image_stats or b not in weights]
     if missing:
@@ -356,10 +381,17 @@ def max_fuse_maps(
         for b, m in standardised_maps(used, stats, sigma).items()
     }
     composition = scaled.pop("composition", None)
+    shaping = [scaled.pop(b) for b in capped if b in scaled]
     if not scaled:
+        if shaping:
+            raise ValueError(f"capped branch(es) {list(capped)} need another map branch")
         assert composition is not None
         return composition
     fused = torch.stack(list(scaled.values())).amax(dim=0)
+    if shaping:
+        peak = fused.amax(dim=(-2, -1), keepdim=True)
+        below = torch.stack(shaping).amax(dim=0).minimum(peak)
+        fused = fused.maximum(below)
     if composition is None:
         return fused
     if gate_power is None:
@@ -372,13 +404,15 @@ def max_fuse_scores(
     scores: Mapping[str, torch.Tensor],
     image_stats: Mapping[str, BranchStats],
     weights: Mapping[str, float],
+    capped: Sequence[str] = (),
 ) -> torch.Tensor:
     """The image scores of :func:`max_fuse_maps` from each branch's (B,) image scores (the
     maxima of its standardised maps): ``max_b`` of ``(s_b - image_mean_b) / image_std_b``
-    weighted by :func:`weigh_evidence`, over the branches of non-zero weight. Exact, since
-    every term is a per-branch maximum (the weighting is monotone) and the gated composition
-    evidence lifts the peak to exactly its own value."""
-    used = [b for b in scores if weights[b] != 0]
+    weighted by :func:`weigh_evidence`, over the branches of non-zero weight not in ``capped``.
+    Exact, since every term is a per-branch maximum (the weighting is monotone), a capped
+    branch never exceeds the others' peak and the gated composition evidence lifts the peak to
+    exactly its own value."""
+    used = [b for b in scores if weights[b] != 0 and b not in capped]
     if not used:
         raise ValueError("every branch has weight 0: nothing to fuse")
     scaled = [_in_image_units(scores[b].double(), image_stats[b], weights[b]) for b in used]

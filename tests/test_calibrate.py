@@ -213,6 +213,55 @@ def test_a_weight_scales_evidence_not_the_background() -> None:
     assert (linear > fused + 1.0).float().mean() > 0.5
 
 
+def test_a_capped_branch_shapes_the_map_but_never_raises_the_score() -> None:
+    """positional_role="shape": the positional map is cut at the other map branches' peak in
+    each image; below it the map is the plain maximum, and the image scores are those of the
+    other branches (exactly, from the branch scores as from the maps)."""
+    maps, stats, image_stats, weights = max_fusion_case(13)
+    maps["positional"] = np.random.default_rng(3).random((3, 20, 20)).astype(np.float32)
+    maps["positional"][1, 6, 6] = 40.0  # a positional peak far above the others in image 1
+    stats["positional"], image_stats["positional"] = BranchStats(0.5, 0.2), BranchStats(1.0, 0.4)
+    weights["positional"] = 1.0
+    tensors = {b: torch.from_numpy(m) for b, m in maps.items()}
+    standardised = standardised_maps(tensors, stats, 1.0)
+    z = {
+        b: weigh_evidence((standardised[b] - image_stats[b].mean) / image_stats[b].std, weights[b])
+        for b in tensors
+    }
+    others = torch.maximum(z["logical"], z["structural"])
+    peak = others.amax(dim=(1, 2), keepdim=True)
+    got = max_fuse_maps(tensors, stats, image_stats, weights, 1.0, capped=("positional",))
+    want = torch.maximum(
+        torch.maximum(others, torch.minimum(z["positional"], peak)), z["composition"]
+    )
+    torch.testing.assert_close(got, want)
+    assert z["positional"][1].max() > peak[1].max() + 10  # the cap bites on image 1
+    below = z["positional"] < peak
+    assert (got[below] >= z["positional"][below]).all()  # below the peak it still places evidence
+    assert (torch.minimum(z["positional"], peak) > others)[below].any()
+    scores = {b: image_scores(m) for b, m in standardised.items()}
+    torch.testing.assert_close(
+        max_fuse_scores(scores, image_stats, weights, ("positional",)),
+        image_scores(got).double(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    uncapped = max_fuse_scores(scores, image_stats, weights)
+    assert uncapped[1] > image_scores(got)[1] + 10
+    only = {"positional": tensors["positional"]}
+    with pytest.raises(ValueError, match="need another map branch"):
+        max_fuse_maps(only, stats, image_stats, weights, 1.0, capped=("positional",))
+
+
+def test_positional_role_is_checked() -> None:
+    assert FusionConfig(merge="max", positional_role="shape").capped == ("positional",)
+    assert FusionConfig(merge="max").capped == ()
+    with pytest.raises(ValueError, match="needs merge='max'"):
+        FusionConfig(positional_role="shape")
+    with pytest.raises(ValueError, match="positional_role must be one of"):
+        FusionConfig(merge="max", positional_role="map")
+
+
 def test_standardised_maps_are_the_branch_alone_maps() -> None:
     maps, stats, _, _ = max_fusion_case(8)
     tensors = {b: torch.from_numpy(m) for b, m in maps.items()}

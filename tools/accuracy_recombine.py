@@ -55,7 +55,8 @@ def fused_scores(sources: Mapping[str, dict], fusion: FusionConfig) -> np.ndarra
         b: torch.tensor(build["image_scores"][b], dtype=torch.float64)
         for b, build in sources.items()
     }
-    return max_fuse_scores(test, stats, {b: fusion.weight(b) for b in sources}).numpy()
+    weights = {b: fusion.weight(b) for b in sources}
+    return max_fuse_scores(test, stats, weights, fusion.capped).numpy()
 
 
 def _as_is(build: dict, branch: str) -> bool:

@@ -53,6 +53,8 @@ class Fusion(nn.Module):
         gate_after_blur: with ``merge="sum"``, add the gated composition evidence after the
             blur (``"max"`` always gates on the blurred maps).
         merge: ``"sum"`` or ``"max"`` (see :class:`engine.calibrate.FusionConfig`).
+        capped: with ``merge="max"``, the map branches cut at the others' peak
+            (``FusionConfig.positional_role``).
 
     Buffers (float64, so they hold the manifest's numbers exactly): ``mean``, ``std``,
     ``image_mean``, ``image_std`` (``merge="max"`` only) and ``weight``, each (N,) in
@@ -80,6 +82,7 @@ class Fusion(nn.Module):
         gate_power: float | None = None,
         gate_after_blur: bool = False,
         merge: str = "sum",
+        capped: Sequence[str] = (),
     ) -> None:
         super().__init__()
         unknown = [b for b in branches if b not in BRANCHES]
@@ -92,11 +95,14 @@ class Fusion(nn.Module):
             raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
         if merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+        if capped and merge != "max":
+            raise ValueError("capped branches need merge='max'")
         self.branches = tuple(branches)
         self.sigma = float(sigma)
         self.gate_power = gate_power
         self.gate_after_blur = gate_after_blur
         self.merge = merge
+        self.capped = tuple(b for b in capped if b in self.branches)
         nan = torch.full((len(branches),), math.nan, dtype=torch.float64)
         for name in ("mean", "std", "image_mean", "image_std"):
             self.register_buffer(name, nan.clone())
@@ -129,6 +135,7 @@ class Fusion(nn.Module):
             gate_power,
             after_blur,
             config.merge,
+            config.capped,
         )
 
     def calibrate(
@@ -200,13 +207,20 @@ class Fusion(nn.Module):
                 "the fusion is not calibrated: merge='max' needs the branches' image statistics"
             )
         return max_fuse_maps(
-            maps, values.stats, values.image_stats, values.weights, self.sigma, self.gate_power
+            maps,
+            values.stats,
+            values.image_stats,
+            values.weights,
+            self.sigma,
+            self.gate_power,
+            self.capped,
         )
 
     def extra_repr(self) -> str:
         return (
             f"branches={self.branches}, sigma={self.sigma:g}, gate_power={self.gate_power}, "
-            f"gate_after_blur={self.gate_after_blur}, merge={self.merge!r}"
+            f"gate_after_blur={self.gate_after_blur}, merge={self.merge!r}, "
+            f"capped={self.capped}"
         )
 
     @staticmethod

@@ -130,6 +130,29 @@ def test_max_merge_is_max_fuse_maps_with_the_buffers() -> None:
     torch.testing.assert_close(restored(maps), want, rtol=0, atol=0)
 
 
+def test_from_config_caps_the_positional_map_when_asked() -> None:
+    """``positional_role="shape"`` reaches the module: the positional map is cut at the other
+    map branches' peak (engine.calibrate.max_fuse_maps)."""
+    branches = ("logical", "structural", "positional")
+    maps = branch_maps(3)
+    maps = {"logical": maps["logical"], "structural": maps["structural"]}
+    maps["positional"] = maps["logical"] * 40.0  # far above the others everywhere
+    stats = {**STATS, "positional": BranchStats(0.5, 0.2)}
+    image_stats = {**IMAGE_STATS, "positional": BranchStats(1.0, 0.4)}
+    config = FusionConfig(merge="max", positional_role="shape")
+    fusion = Fusion.from_config(config, branches, 16)
+    assert fusion.capped == ("positional",)
+    fusion.calibrate(stats, image_stats)
+    weights = {b: config.weight(b) for b in branches}
+    want = max_fuse_maps(maps, stats, image_stats, weights, fusion.sigma, capped=("positional",))
+    torch.testing.assert_close(fusion(maps), want, rtol=0, atol=0)
+    free = max_fuse_maps(maps, stats, image_stats, weights, fusion.sigma)
+    assert (free.amax(dim=(1, 2)) > want.amax(dim=(1, 2)) + 1).all()
+    assert Fusion.from_config(FusionConfig(merge="max"), branches, 16).capped == ()
+    with pytest.raises(ValueError, match="capped branches need merge='max'"):
+        Fusion(branches, weights, 1.0, capped=("positional",))
+
+
 def test_max_merge_without_image_statistics_says_so() -> None:
     summed = calibrated()
     assert summed.image_stats is None  # the sum merge has no use for them
