@@ -446,10 +446,12 @@ def gated_composition(
 
 def peak_gate(base: torch.Tensor, power: float) -> torch.Tensor:
     """``g ** power`` with ``g`` each (B, S, S) map of ``base`` rescaled to [0, 1] per image:
-    1 at the image's most anomalous pixel, near 0 away from it."""
+    1 at the image's most anomalous pixel, near 0 away from it; 1 everywhere on a flat map
+    (no place is preferred, and the evidence must not vanish)."""
     low = base.amin(dim=(-2, -1), keepdim=True)
-    span = (base.amax(dim=(-2, -1), keepdim=True) - low).clamp_min(1e-12)
-    return ((base - low) / span) ** power
+    span = base.amax(dim=(-2, -1), keepdim=True) - low
+    gate = ((base - low) / span.clamp_min(1e-12)) ** power
+    return torch.where(span > 0, gate, torch.ones_like(gate))
 
 
 def resize_to(maps: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:

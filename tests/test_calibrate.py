@@ -18,6 +18,7 @@ from engine.calibrate import (
     image_stats_from_scores,
     max_fuse_maps,
     max_fuse_scores,
+    peak_gate,
     resize_to,
     standardised_maps,
     weigh_evidence,
@@ -88,6 +89,18 @@ def test_gated_composition_lands_on_the_other_branches_peak() -> None:
     )
     want = gaussian_filter(base[0] + gated[0], sigma=1.0)
     np.testing.assert_allclose(fused[0].numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_gate_of_a_flat_map_keeps_the_evidence() -> None:
+    """A map with no peak (a blank frame, or a capped branch filling the image at the peak)
+    prefers no place: the gate is 1 everywhere, so the composition evidence is not lost."""
+    flat = torch.full((1, 8, 8), 0.7)
+    torch.testing.assert_close(peak_gate(flat, 8.0), torch.ones(1, 8, 8))
+    maps = {b: torch.zeros(1, 8, 8) for b in ("logical", "structural")}
+    maps["composition"] = torch.full((1, 8, 8), 9.0)
+    stats = {b: BranchStats(0.0, 1.0) for b in maps}
+    fused = max_fuse_maps(maps, stats, stats, dict.fromkeys(maps, 1.0), 1.0, 8.0)
+    torch.testing.assert_close(fused, torch.full((1, 8, 8), 9.0))
 
 
 def test_gate_after_blur_adds_the_whole_evidence_at_the_blurred_peak() -> None:
