@@ -88,11 +88,11 @@ class FusionConfig:
     over branches then loses the count anomalies only this branch sees (docs/ACCURACY.md).
 
     ``positional_role`` (``"max"`` only): ``"score"`` merges the positional map like the other
-    map branches; ``"shape"`` caps it at the other map branches' peak in each image, so it
-    shapes the fused map (where in the image) but never raises the image score
-    (:func:`max_fuse_maps`). Where parts may lie anywhere the positional memory's good images
-    have a heavy tail of image scores while its localisation still helps (docs/ACCURACY.md,
-    ablation 32).
+    map branches; ``"shape"`` cuts it at the score the image has without it (the other
+    branches' largest evidence), so it shapes the fused map (where in the image) but never
+    raises the image score (:func:`max_fuse_maps`). Where parts may lie anywhere the positional
+    memory's good images have a heavy tail of image scores, while its localisation still helps
+    (docs/ACCURACY.md, ablation 32).
 
     ``target_false_alarm_rate`` defaults to 0.05: MVTec LOCO has only tens of validation good
     images per category, and with n images a rate can only be resolved to 1/n; 5% still lands
@@ -148,7 +148,7 @@ class FusionConfig:
 
     @property
     def capped(self) -> tuple[str, ...]:
-        """The map branches capped at the others' peak (:func:`max_fuse_maps`)."""
+        """The map branches cut at the image's score without them (:func:`max_fuse_maps`)."""
         return ("positional",) if self.positional_role == "shape" else ()
 
     def weight(self, branch: str) -> float:
@@ -366,9 +366,9 @@ def max_fuse_maps(
     where it is larger, spread by the gate ``g ** gate_power`` (``g``: the maximum map rescaled
     to [0, 1]), so the image score is exactly the largest ``a_b`` of all branches. Without
     ``gate_power`` it is a floor under every pixel. A map branch in ``capped``
-    (``FusionConfig.positional_role="shape"``) is cut at the other map branches' peak in each
-    image first: it places evidence within the image but never raises its score. Branches of
-    weight 0 are left out.
+    (``FusionConfig.positional_role="shape"``) is first cut at what the image scores without
+    it (the larger of the other map branches' peak and ``a_c``): it places evidence within the
+    image but never raises its score. Branches of weight 0 are left out.
     """
     missing = [b for b in maps if b not in stats or b not in image_stats or b not in weights]
     if missing:
@@ -388,10 +388,11 @@ def max_fuse_maps(
         assert composition is not None
         return composition
     fused = torch.stack(list(scaled.values())).amax(dim=0)
-    if shaping:
+    if shaping:  # cut at the image's score: the others' peak, or the composition evidence
         peak = fused.amax(dim=(-2, -1), keepdim=True)
-        below = torch.stack(shaping).amax(dim=0).minimum(peak)
-        fused = fused.maximum(below)
+        if composition is not None:
+            peak = peak.maximum(composition.amax(dim=(-2, -1), keepdim=True))
+        fused = fused.maximum(torch.stack(shaping).amax(dim=0).minimum(peak))
     if composition is None:
         return fused
     if gate_power is None:
@@ -410,7 +411,7 @@ def max_fuse_scores(
     maxima of its standardised maps): ``max_b`` of ``(s_b - image_mean_b) / image_std_b``
     weighted by :func:`weigh_evidence`, over the branches of non-zero weight not in ``capped``.
     Exact, since every term is a per-branch maximum (the weighting is monotone), a capped
-    branch never exceeds the others' peak and the gated composition evidence lifts the peak to
+    branch never exceeds the others' score and the gated composition evidence lifts the peak to
     exactly its own value."""
     used = [b for b in scores if weights[b] != 0 and b not in capped]
     if not used:

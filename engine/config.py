@@ -247,7 +247,9 @@ def cpu_build_preset() -> BuildConfig:
     directions, not 128: half the memory and search time (a LOCO-size frame 151 -> 137 ms in
     eager), fused image AUROC and AU-sPRO within 0.001 paired over 3 seeds (ablation 17). Its
     weight stays 1: at 0.5 the fused mean image AUROC gains +0.006 and AU-sPRO loses 0.004 on
-    two new seeds (ablation 30).
+    two new seeds (ablation 30). It shapes the fused map but does not raise the image score
+    (``positional_role="shape"``): fused mean image AUROC +0.008 / +0.006 on seeds 9-10 / 11-12
+    (new data, the rule fixed before they were built), AU-sPRO@0.05 within 0.002 (ablation 32).
     The memory bank also reads the stride-4 level, max-pooled onto the layer2 grid, while the
     composition branch reads the features without it: fused mean image AUROC +0.014 / +0.017
     and AU-sPRO +0.009 / +0.016 paired on seeds 3 / 4, every category up on seed 3 (ablation 21).
@@ -276,6 +278,7 @@ def cpu_build_preset() -> BuildConfig:
             merge="max",
             image_scale="pooled",
             composition_scale="robust",
+            positional_role="shape",
         ),
         composition=CompositionConfig(enabled=True),
         positional=PositionalConfig(enabled=True, dims=64),

@@ -227,12 +227,14 @@ def test_a_weight_scales_evidence_not_the_background() -> None:
 
 
 def test_a_capped_branch_shapes_the_map_but_never_raises_the_score() -> None:
-    """positional_role="shape": the positional map is cut at the other map branches' peak in
-    each image; below it the map is the plain maximum, and the image scores are those of the
-    other branches (exactly, from the branch scores as from the maps)."""
+    """positional_role="shape": the positional map is cut at what the image scores without it
+    (the other map branches' peak, or the composition evidence where that is larger); below
+    that the map is the plain maximum, and the image scores are those of the other branches
+    (exactly, from the branch scores as from the maps)."""
     maps, stats, image_stats, weights = max_fusion_case(13)
     maps["positional"] = np.random.default_rng(3).random((3, 20, 20)).astype(np.float32)
     maps["positional"][1, 6, 6] = 40.0  # a positional peak far above the others in image 1
+    maps["positional"][2, 9, 9] = 40.0  # and in image 2, whose composition evidence is larger
     stats["positional"], image_stats["positional"] = BranchStats(0.5, 0.2), BranchStats(1.0, 0.4)
     weights["positional"] = 1.0
     tensors = {b: torch.from_numpy(m) for b, m in maps.items()}
@@ -242,16 +244,18 @@ def test_a_capped_branch_shapes_the_map_but_never_raises_the_score() -> None:
         for b in tensors
     }
     others = torch.maximum(z["logical"], z["structural"])
-    peak = others.amax(dim=(1, 2), keepdim=True)
+    score = torch.maximum(others.amax(dim=(1, 2), keepdim=True), z["composition"][:, :1, :1])
     got = max_fuse_maps(tensors, stats, image_stats, weights, 1.0, capped=("positional",))
     want = torch.maximum(
-        torch.maximum(others, torch.minimum(z["positional"], peak)), z["composition"]
+        torch.maximum(others, torch.minimum(z["positional"], score)), z["composition"]
     )
     torch.testing.assert_close(got, want)
-    assert z["positional"][1].max() > peak[1].max() + 10  # the cap bites on image 1
-    below = z["positional"] < peak
-    assert (got[below] >= z["positional"][below]).all()  # below the peak it still places evidence
-    assert (torch.minimum(z["positional"], peak) > others)[below].any()
+    assert z["positional"][1].max() > score[1].max() + 10  # the cap bites on image 1
+    assert score[2].max() > others[2].max() + 1  # image 2: the cap is its composition evidence
+    assert got[2, 9, 9] == pytest.approx(float(score[2].max()))
+    below = z["positional"] < score
+    assert (got[below] >= z["positional"][below]).all()  # below the score it places evidence
+    assert (z["positional"] > torch.maximum(others, z["composition"]))[below].any()
     scores = {b: image_scores(m) for b, m in standardised.items()}
     torch.testing.assert_close(
         max_fuse_scores(scores, image_stats, weights, ("positional",)),
@@ -261,6 +265,10 @@ def test_a_capped_branch_shapes_the_map_but_never_raises_the_score() -> None:
     )
     uncapped = max_fuse_scores(scores, image_stats, weights)
     assert uncapped[1] > image_scores(got)[1] + 10
+    gated = max_fuse_maps(tensors, stats, image_stats, weights, 1.0, 8.0, ("positional",))
+    torch.testing.assert_close(
+        image_scores(gated).double(), max_fuse_scores(scores, image_stats, weights, ("positional",))
+    )
     only = {"positional": tensors["positional"]}
     with pytest.raises(ValueError, match="need another map branch"):
         max_fuse_maps(only, stats, image_stats, weights, 1.0, capped=("positional",))

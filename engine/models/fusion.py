@@ -53,7 +53,7 @@ class Fusion(nn.Module):
         gate_after_blur: with ``merge="sum"``, add the gated composition evidence after the
             blur (``"max"`` always gates on the blurred maps).
         merge: ``"sum"`` or ``"max"`` (see :class:`engine.calibrate.FusionConfig`).
-        capped: with ``merge="max"``, the map branches cut at the others' peak
+        capped: with ``merge="max"``, the map branches cut at the image's score without them
             (``FusionConfig.positional_role``).
 
     Buffers (float64, so they hold the manifest's numbers exactly): ``mean``, ``std``,
