@@ -143,13 +143,12 @@ class FusionConfig:
                 f"FusionConfig.positional_role must be one of {POSITIONAL_ROLES}, "
                 f"got {self.positional_role!r}"
             )
-        if self.positional_role == "shape" and self.merge != "max":
-            raise ValueError("FusionConfig.positional_role='shape' needs merge='max'")
 
     @property
     def capped(self) -> tuple[str, ...]:
-        """The map branches cut at the image's score without them (:func:`max_fuse_maps`)."""
-        return ("positional",) if self.positional_role == "shape" else ()
+        """The map branches cut at the image's score without them (:func:`max_fuse_maps`);
+        none with ``merge="sum"``, which ``positional_role`` does not apply to."""
+        return ("positional",) if self.positional_role == "shape" and self.merge == "max" else ()
 
     def weight(self, branch: str) -> float:
         """The configured weight of ``branch`` (one of :data:`BRANCHES`)."""

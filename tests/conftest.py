@@ -165,8 +165,10 @@ def reference_fused_map(
 def _max_merged(maps: dict, manifest: dict, weights: dict, normalised, blur) -> np.ndarray:
     """The ``fusion.merge="max"`` map at model size: each branch standardised by its pixel
     statistics, blurred (not the composition map, constant per image), standardised by its
-    ``image_calibration`` and weighted; the pointwise maximum of the map branches, its peak
-    raised to the composition value where that is larger, spread by the gate."""
+    ``image_calibration`` and weighted; the pointwise maximum of the map branches (with
+    ``positional_role="shape"`` the positional map cut at the image's score without it), its
+    peak raised to the composition value where that is larger, spread by the gate (1 everywhere
+    on a flat map)."""
     scaled = {}
     for name in maps:
         if not weights.get(name, 0.0):
@@ -175,13 +177,20 @@ def _max_merged(maps: dict, manifest: dict, weights: dict, normalised, blur) -> 
         values = normalised(name) if name == "composition" else blur(normalised(name))
         scaled[name] = weights[name] * (values - image["mean"]) / image["std"]
     evidence = scaled.pop("composition", None)
+    shaping = None
+    if manifest["config"]["fusion"].get("positional_role", "score") == "shape":
+        shaping = scaled.pop("positional", None)
     fused = np.max(np.stack(list(scaled.values())), axis=0)
+    if shaping is not None:
+        score = fused.max() if evidence is None else max(fused.max(), evidence.max())
+        fused = np.maximum(fused, np.minimum(shaping, score))
     if evidence is None:
         return fused
     composition = manifest["config"]["composition"]
     if composition["fused_map"] == "image":
         return np.maximum(fused, evidence)
-    gate = (fused - fused.min()) / max(fused.max() - fused.min(), 1e-12)
+    span = fused.max() - fused.min()
+    gate = (fused - fused.min()) / span if span > 0 else np.ones_like(fused)
     return fused + np.maximum(evidence - fused.max(), 0.0) * gate ** composition["gate_power"]
 
 

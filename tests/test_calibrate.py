@@ -277,8 +277,8 @@ def test_a_capped_branch_shapes_the_map_but_never_raises_the_score() -> None:
 def test_positional_role_is_checked() -> None:
     assert FusionConfig(merge="max", positional_role="shape").capped == ("positional",)
     assert FusionConfig(merge="max").capped == ()
-    with pytest.raises(ValueError, match="needs merge='max'"):
-        FusionConfig(positional_role="shape")
+    # like image_scale, a setting of the max merge: the paper's sum sums every map
+    assert FusionConfig(merge="sum", positional_role="shape").capped == ()
     with pytest.raises(ValueError, match="positional_role must be one of"):
         FusionConfig(merge="max", positional_role="map")
 
