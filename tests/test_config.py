@@ -118,3 +118,13 @@ def test_configs_built_in_code_are_type_checked_too() -> None:
     with pytest.raises(ValueError, match=r"logical\.backbone expects a string"):
         BuildConfig(logical=odd_logical)
     assert BuildConfig(fusion=FusionConfig(logical_weight=3)).fusion.logical_weight == 3
+
+
+def test_a_manifest_from_before_positional_role_keeps_the_positional_memory_in_the_score() -> None:
+    """Artifacts built before ``fusion.positional_role`` existed fuse as they were built: the
+    positional map raises the image score like the other map branches."""
+    values = cpu_build_preset().to_dict()
+    assert values["fusion"].pop("positional_role") == "shape"
+    old = BuildConfig.from_dict(values)
+    assert old.fusion.positional_role == "score" and old.fusion.capped == ()
+    assert cpu_build_preset().fusion.capped == ("positional",)
