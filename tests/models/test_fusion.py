@@ -131,8 +131,9 @@ def test_max_merge_is_max_fuse_maps_with_the_buffers() -> None:
 
 
 def test_from_config_caps_the_positional_map_when_asked() -> None:
-    """``positional_role="shape"`` reaches the module: the positional map is cut at the other
-    map branches' peak (engine.calibrate.max_fuse_maps)."""
+    """``positional_role="shape"`` reaches the module: the positional map is cut at the image's
+    score without it, here (no composition branch) the other map branches' peak
+    (engine.calibrate.max_fuse_maps)."""
     branches = ("logical", "structural", "positional")
     maps = branch_maps(3)
     maps = {"logical": maps["logical"], "structural": maps["structural"]}
