@@ -114,6 +114,7 @@ def save_artifact(
     saved_index = index is not None and not index.exact
     composition, positional = detector.composition, detector.positional
     image_stats = detector.fusion.image_stats if detector.fusion.merge == "max" else None
+    backgrounds = detector.fusion.backgrounds
     manifest = {
         "config": config.to_dict(),
         "backbones": {
@@ -123,6 +124,7 @@ def save_artifact(
         "calibration": _stats_json(detector.stats),
         "fusion_weights": dict(detector.weights),
         **({"image_calibration": _stats_json(image_stats)} if image_stats is not None else {}),
+        **({"background_scales": backgrounds} if backgrounds is not None else {}),
         "structural_index": index.identity if index is not None else {"kind": "torch"},
         **({"composition_grid": list(composition.grid)} if composition is not None else {}),
         **_window_checks(composition),
@@ -213,6 +215,7 @@ def load_artifact(
         weights=spec.fusion_weights,
         image_stats=spec.image_stats,
         positional=positional,
+        backgrounds=spec.backgrounds,
     ).to(device)
     detector.fusion.set_threshold(spec.threshold)
     # An approximate index that ``auto`` chose on a CPU gives way to exact search on CUDA.

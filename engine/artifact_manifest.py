@@ -134,6 +134,8 @@ class ManifestSpec:
     image_stats: dict[str, BranchStats] | None = None
     # the patch grid and the training images it holds, when the positional memory is enabled
     positional_memory: tuple[tuple[int, int], int] | None = None
+    # per branch map, the scale of its part below 0: fusion.background_quantile only
+    backgrounds: dict[str, float] | None = None
 
 
 def expected_files(saved_index: bool, composition: bool, positional: bool = False) -> set[str]:
@@ -176,6 +178,11 @@ def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
     if config.fusion.merge == "max":
         image_calibration = f.section(root, "image_calibration", "image_calibration")
         image_stats = _parse_stats(f, image_calibration, "image_calibration", branches)
+    backgrounds = None
+    if config.fusion.equalised_background is not None:
+        backgrounds = _parse_scales(
+            f, f.section(root, "background_scales", "background_scales"), branches
+        )
     fusion = f.section(root, "fusion_weights", "fusion_weights")
     fusion_weights = {
         b: f.number(fusion, b, f"fusion_weights.{b}", low=0.0, high=LIMIT) for b in branches
@@ -212,6 +219,7 @@ def parse_manifest(manifest: Any, where: str) -> ManifestSpec:
         files,
         image_stats,
         positional,
+        backgrounds,
     )
 
 
@@ -252,6 +260,17 @@ def _parse_stats(
     if set(section) != set(branches):
         raise f.fail(name, f"an object with exactly the branches {branches}", section)
     return stats
+
+
+def _parse_scales(
+    f: Fields, section: dict[str, Any], branches: tuple[str, ...]
+) -> dict[str, float]:
+    """``{branch: scale}`` for exactly ``branches``, each scale positive."""
+    if set(section) != set(branches):
+        raise f.fail(
+            "background_scales", f"an object with exactly the branches {branches}", section
+        )
+    return {b: f.number(section, b, f"background_scales.{b}", low=MIN_STD) for b in branches}
 
 
 def _parse_config(f: Fields, config: dict[str, Any]) -> BuildConfig:

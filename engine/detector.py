@@ -186,7 +186,8 @@ class Detector:
     eager modules; :mod:`engine.backends` swaps in compiled versions. ``structural_size`` is the
     structural module's input side (its config's ``image_size``). :attr:`fusion` (a
     :class:`~engine.models.fusion.Fusion`) holds the calibration as buffers: each branch's
-    validation statistics (``stats`` and, for ``merge="max"``, ``image_stats``, when given), its
+    validation statistics (``stats`` and, for ``merge="max"``, ``image_stats`` and with
+    ``background_quantile`` the ``backgrounds`` scales, when given), its
     fusion weight (``weights``, else the config's) and the decision threshold. Not thread-safe
     (it owns a CUDA stream and reusable state): use one per thread.
     """
@@ -203,6 +204,7 @@ class Detector:
         weights: dict[str, float] | None = None,
         image_stats: dict[str, BranchStats] | None = None,
         positional: PositionalModel | None = None,
+        backgrounds: dict[str, float] | None = None,
     ) -> None:
         self.logical = logical.eval()
         self.structural = structural.eval()
@@ -217,7 +219,7 @@ class Detector:
             weights,
         )
         if stats is not None:
-            self.fusion.calibrate(stats, image_stats)
+            self.fusion.calibrate(stats, image_stats, backgrounds)
         self.logical_transform = model_transform(logical.config.image_size, logical.encoder)
         self.structural_transform = model_transform(
             structural_size, structural.patch_features.backbone

@@ -29,7 +29,6 @@ from engine.calibrate import (
     BranchStats,
     FusionConfig,
     calibrate_threshold,
-    fit_image_stats,
     image_scores,
     resize_to,
     standardised_maps,
@@ -55,6 +54,7 @@ from engine.evaluation import (
     frame_batches,
     summary,
 )
+from engine.max_merge import fit_background_scales, fit_image_stats
 from engine.metrics import TestMetrics
 from engine.models.composition import CompositionModel
 from engine.models.composition.fine import fit_fine_parts
@@ -148,8 +148,10 @@ def calibrate(
     composition_calibrated: bool = False,
 ) -> tuple[float, np.ndarray]:
     """Each branch's statistics over all validation pixels (with ``merge="max"`` also over the
-    image scores of its standardised map, :func:`~engine.calibrate.fit_image_stats`), then the
-    image-score threshold, all stored in ``fusion``.
+    image scores of its standardised map, :func:`~engine.max_merge.fit_image_stats`, and with
+    ``background_quantile`` each branch's background scale,
+    :func:`~engine.max_merge.fit_background_scales`), then the image-score threshold, all stored
+    in ``fusion``.
 
     ``composition_calibrated``: the composition branch's scores are already standardised on
     these validation images (:meth:`CompositionModel.calibrate_groups`: fine parts, windows), so
@@ -165,13 +167,18 @@ def calibrate(
     }
     as_is = {"composition": BranchStats(0.0, 1.0)} if composition_calibrated else {}
     stats |= {b: s for b, s in as_is.items() if b in stats}
-    image_stats = None
+    image_stats, backgrounds = None, None
     if fusion.merge == "max":
         image_stats = fit_image_stats(
             chunks, stats, fusion.sigma, config.image_scale, config.composition_scale
         )
         image_stats |= {b: s for b, s in as_is.items() if b in image_stats}
-    fusion.calibrate(stats, image_stats)
+    if fusion.background_quantile is not None:
+        assert image_stats is not None  # Fusion refuses the quantile without merge="max"
+        backgrounds = fit_background_scales(
+            chunks, stats, image_stats, fusion.weights, fusion.sigma, fusion.background_quantile
+        )
+    fusion.calibrate(stats, image_stats, backgrounds)
     scores = [
         image_scores(resize_to(fusion(chunk), size))
         for chunk, size in zip(chunks, validation.sizes, strict=True)

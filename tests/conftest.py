@@ -165,17 +165,20 @@ def reference_fused_map(
 def _max_merged(maps: dict, manifest: dict, weights: dict, normalised, blur) -> np.ndarray:
     """The ``fusion.merge="max"`` map at model size: each branch standardised by its pixel
     statistics, blurred (not the composition map, constant per image), standardised by its
-    ``image_calibration`` and weighted; the pointwise maximum of the map branches (with
+    ``image_calibration``, its part above 0 weighted and the part below scaled by its
+    ``background_scales`` (1 without); the pointwise maximum of the map branches (with
     ``positional_role="shape"`` the positional map cut at the image's score without it), its
     peak raised to the composition value where that is larger, spread by the gate (1 everywhere
     on a flat map)."""
     scaled = {}
+    backgrounds = manifest.get("background_scales", {})
     for name in maps:
         if not weights.get(name, 0.0):
             continue
         image = manifest["image_calibration"][name]
         values = normalised(name) if name == "composition" else blur(normalised(name))
-        scaled[name] = weights[name] * (values - image["mean"]) / image["std"]
+        z = (values - image["mean"]) / image["std"]
+        scaled[name] = np.where(z > 0, weights[name] * z, backgrounds.get(name, 1.0) * z)
     evidence = scaled.pop("composition", None)
     shaping = None
     if manifest["config"]["fusion"].get("positional_role", "score") == "shape":

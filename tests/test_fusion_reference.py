@@ -46,21 +46,35 @@ def other_merge() -> str:
     return next(m for m in MERGES if m != cpu_build_preset().fusion.merge)
 
 
-@pytest.fixture(scope="module", params=["preset merge", "other merge"])
+# Each variant of the tiny build: its --set overrides (the preset's own build is tiny_build).
+VARIANTS = {
+    "other merge": [f"--set=fusion.merge={other_merge()}"],
+    # max merge with weights above 1 (the evidence only) and the backgrounds equalised
+    "equalised backgrounds": [
+        "--set=fusion.merge=max",
+        "--set=fusion.background_quantile=0.95",
+        "--set=fusion.positional_weight=2",
+        "--set=fusion.logical_weight=1.5",
+    ],
+}
+
+
+@pytest.fixture(scope="module", params=["preset merge", *VARIANTS])
 def build(
     request: pytest.FixtureRequest,
     tiny_build: dict[str, Path],
     tiny_build_args: list[str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Path]:
-    """The tiny build, and the same build with the other ``fusion.merge``."""
+    """The tiny build, and the same build with the other ``fusion.merge`` or other max-merge
+    settings."""
     if request.param == "preset merge":
         return tiny_build
     from engine.build import main
 
-    artifact = tmp_path_factory.mktemp("other-merge") / "artifact"
+    artifact = tmp_path_factory.mktemp(request.param.replace(" ", "-")) / "artifact"
     argv = ["--category=pushpins", f"--data-root={tiny_build['data']}", f"--out={artifact}"]
-    assert main([*argv, *tiny_build_args, f"--set=fusion.merge={other_merge()}"]) == 0
+    assert main([*argv, *tiny_build_args, *VARIANTS[request.param]]) == 0
     return {"artifact": artifact, "data": tiny_build["data"]}
 
 
@@ -164,6 +178,27 @@ def test_runtime_reproduces_validation_scores_and_threshold(
     assert [r.is_anomalous for r in results] == [bool(s > expected) for s in scores]
 
 
+def validation_maps(rt: Runtime, manifest: dict, build: dict[str, Path]) -> dict[str, list]:
+    """Each branch's validation maps standardised by its pixel statistics and, but for the
+    composition map (constant per image), blurred, in numpy: what its image score is the
+    maximum of."""
+    from scipy.ndimage import gaussian_filter
+
+    paths = sorted((build["data"] / "pushpins" / "validation" / "good").glob("*.png"))
+    results = rt([read_image(p) for p in paths], color="rgb")
+    sigma = manifest["config"]["fusion"]["sigma"] * results[0].logical_map.shape[0] / 256
+    out: dict[str, list] = {}
+    for branch, pixel in manifest["calibration"].items():
+        out[branch] = []
+        for result in results:
+            values = getattr(result, f"{branch}_map").astype(np.float64) - pixel["mean"]
+            values /= pixel["std"]
+            if branch != "composition":
+                values = gaussian_filter(values, sigma=sigma, mode="reflect", truncate=4.0)
+            out[branch].append(values)
+    return out
+
+
 @pytest.mark.slow
 def test_image_calibration_is_the_validation_image_scores(
     rt: Runtime, manifest: dict, build: dict[str, Path]
@@ -172,26 +207,13 @@ def test_image_calibration_is_the_validation_image_scores(
     the maxima of its standardised, blurred validation maps, recomputed here in numpy (with
     ``image_scale="pooled"``, the logical and structural std pooled; with
     ``composition_scale="robust"``, the composition branch's median and 1.4826 x MAD)."""
-    from scipy.ndimage import gaussian_filter
-
     if manifest["config"]["fusion"]["merge"] != "max":
         assert "image_calibration" not in manifest
         pytest.skip("merge='sum' stores no image statistics; the other build has them")
-    paths = sorted((build["data"] / "pushpins" / "validation" / "good").glob("*.png"))
-    results = rt([read_image(p) for p in paths], color="rgb")
-    side = results[0].logical_map.shape[0]
     fusion = manifest["config"]["fusion"]
-    sigma = fusion["sigma"] * side / 256
     want = {}
-    for branch in manifest["image_calibration"]:
-        pixel = manifest["calibration"][branch]
-        scores = []
-        for result in results:
-            values = getattr(result, f"{branch}_map").astype(np.float64) - pixel["mean"]
-            values /= pixel["std"]
-            if branch != "composition":
-                values = gaussian_filter(values, sigma=sigma, mode="reflect", truncate=4.0)
-            scores.append(values.max())
+    for branch, maps in validation_maps(rt, manifest, build).items():
+        scores = [values.max() for values in maps]
         want[branch] = [np.mean(scores), np.std(scores)]
         if branch == "composition" and fusion.get("composition_scale") == "robust":
             median = np.median(scores)
@@ -202,3 +224,33 @@ def test_image_calibration_is_the_validation_image_scores(
     for branch, stored in manifest["image_calibration"].items():
         assert stored["mean"] == pytest.approx(want[branch][0], rel=1e-5, abs=1e-5), branch
         assert stored["std"] == pytest.approx(want[branch][1], rel=1e-4, abs=1e-5), branch
+
+
+@pytest.mark.slow
+def test_background_scales_are_the_validation_quantiles(
+    rt: Runtime, manifest: dict, build: dict[str, Path]
+) -> None:
+    """fusion.background_quantile: each map branch's stored scale moves the quantile of its
+    validation pixels (in image units, weighted) to the mean of those below 0, recomputed here;
+    a branch whose quantile is not below 0 keeps 1."""
+    quantile = manifest["config"]["fusion"].get("background_quantile")
+    if quantile is None:
+        assert "background_scales" not in manifest
+        pytest.skip("no background_quantile in this build; the equalised build has one")
+    tails = {}
+    for branch, maps in validation_maps(rt, manifest, build).items():
+        if branch == "composition":
+            continue
+        image = manifest["image_calibration"][branch]
+        z = (np.stack(maps) - image["mean"]) / image["std"]
+        z = np.where(z > 0, manifest["fusion_weights"][branch] * z, z)
+        tails[branch] = np.quantile(z, quantile)
+    below = {b: p for b, p in tails.items() if p < 0}  # a tail above 0 is left alone
+    assert len(below) >= 2, tails
+    target = np.mean(list(below.values()))
+    stored = manifest["background_scales"]
+    assert set(stored) == set(manifest["calibration"])
+    for branch, scale in stored.items():
+        want = target / below[branch] if branch in below else 1.0
+        assert scale == pytest.approx(want, rel=1e-4), branch
+    assert len(set(np.round(list(stored.values()), 6))) > 1  # the scales really differ

@@ -6,8 +6,8 @@ Answers "what would the fused map score with this run's memory bank and that run
 branch?" without a build that does both. For every build (category, seed) that all the runs
 hold, each branch's validation and test image scores come from BASE or from the run its
 ``--take`` names; they are calibrated on the validation scores and joined as a ``merge="max"``
-fusion joins them (:func:`engine.calibrate.image_stats_from_scores`,
-:func:`engine.calibrate.max_fuse_scores`: exact for the image scores of such a fusion). The
+fusion joins them (:func:`engine.max_merge.image_stats_from_scores`,
+:func:`engine.max_merge.max_fuse_scores`: exact for the image scores of such a fusion). The
 fusion settings are the ``cpu`` preset's unless ``--set fusion.FIELD=VALUE`` says otherwise;
 the runs must have been built with a ``merge="max"`` fusion of those settings, and the table's
 "base, recomputed" column shows that the recomputation reproduces BASE's own fused scores.
@@ -26,15 +26,10 @@ import numpy as np
 import torch
 
 from engine.build import apply_overrides
-from engine.calibrate import (
-    BRANCHES,
-    BranchStats,
-    FusionConfig,
-    image_stats_from_scores,
-    max_fuse_scores,
-)
+from engine.calibrate import BRANCHES, BranchStats, FusionConfig
 from engine.cli import description
 from engine.config import cpu_build_preset
+from engine.max_merge import image_stats_from_scores, max_fuse_scores
 from engine.metrics import auroc
 from tools.accuracy_report import markdown_table, read_builds
 
@@ -114,6 +109,11 @@ def fusion_config(overrides: Sequence[str]) -> FusionConfig:
     fusion = apply_overrides(cpu_build_preset(), overrides).fusion
     if fusion.merge != "max":
         raise ValueError("image-level recombination is exact only for merge='max'")
+    if fusion.background_quantile is not None:
+        raise ValueError(
+            "fusion.background_quantile is fitted on validation pixels, which the benchmark's "
+            "JSON does not hold: recombine with --set fusion.background_quantile=none"
+        )
     return fusion
 
 

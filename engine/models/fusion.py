@@ -4,7 +4,7 @@ What calibration finds (each branch's validation mean and std, with ``merge="max
 of its validation image scores, and the decision threshold) and the branch weights are buffers
 of :class:`Fusion`, so they move with ``.to(device)``, are saved by ``state_dict`` and become
 constants of any graph traced through the module. The arithmetic is
-:func:`engine.calibrate.fuse_maps` or :func:`engine.calibrate.max_fuse_maps` (tested there).
+:func:`engine.calibrate.fuse_maps` or :func:`engine.max_merge.max_fuse_maps` (tested there).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from engine.calibrate import (
     FusionConfig,
     finite_threshold,
     fuse_maps,
-    max_fuse_maps,
 )
+from engine.max_merge import max_fuse_maps
 from engine.models.composition import CompositionConfig
 
 __all__ = ["Fusion"]
@@ -38,6 +38,7 @@ class _HostValues:
     stats: dict[str, BranchStats] | None
     image_stats: dict[str, BranchStats] | None
     weights: dict[str, float]
+    backgrounds: dict[str, float]
     threshold: float | None
 
 
@@ -55,11 +56,15 @@ class Fusion(nn.Module):
         merge: ``"sum"`` or ``"max"`` (see :class:`engine.calibrate.FusionConfig`).
         capped: with ``merge="max"``, the map branches cut at the image's score without them
             (``FusionConfig.positional_role``).
+        background_quantile: with ``merge="max"``, the validation quantile at which the
+            branches' backgrounds are equalised (``FusionConfig.background_quantile``); None:
+            not.
 
     Buffers (float64, so they hold the manifest's numbers exactly): ``mean``, ``std``,
-    ``image_mean``, ``image_std`` (``merge="max"`` only) and ``weight``, each (N,) in
+    ``image_mean``, ``image_std`` (``merge="max"`` only), ``weight`` and ``background`` (each
+    branch's scale of its part below 0, 1 unless ``background_quantile`` is set), each (N,) in
     ``branches`` order, and the scalar ``threshold`` (an image is anomalous when its score is
-    above it). All but ``weight`` are NaN until :meth:`calibrate` / :meth:`set_threshold` or
+    above it). All but ``weight`` and ``background`` are NaN until :meth:`calibrate` / :meth:`set_threshold` or
     ``load_state_dict`` fill them. Change them through those, not in place: the Python copies
     the forward pass reads are refreshed there.
 
@@ -72,6 +77,7 @@ class Fusion(nn.Module):
     image_mean: torch.Tensor
     image_std: torch.Tensor
     weight: torch.Tensor
+    background: torch.Tensor
     threshold: torch.Tensor
 
     def __init__(
@@ -83,6 +89,7 @@ class Fusion(nn.Module):
         gate_after_blur: bool = False,
         merge: str = "sum",
         capped: Sequence[str] = (),
+        background_quantile: float | None = None,
     ) -> None:
         super().__init__()
         unknown = [b for b in branches if b not in BRANCHES]
@@ -97,16 +104,20 @@ class Fusion(nn.Module):
             raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
         if capped and merge != "max":
             raise ValueError("capped branches need merge='max'")
+        if background_quantile is not None and merge != "max":
+            raise ValueError("background_quantile needs merge='max'")
         self.branches = tuple(branches)
         self.sigma = float(sigma)
         self.gate_power = gate_power
         self.gate_after_blur = gate_after_blur
         self.merge = merge
         self.capped = tuple(b for b in capped if b in self.branches)
+        self.background_quantile = background_quantile
         nan = torch.full((len(branches),), math.nan, dtype=torch.float64)
         for name in ("mean", "std", "image_mean", "image_std"):
             self.register_buffer(name, nan.clone())
         self.register_buffer("weight", self._column([float(weights[b]) for b in branches]))
+        self.register_buffer("background", torch.ones(len(branches), dtype=torch.float64))
         self.register_buffer("threshold", torch.tensor(math.nan, dtype=torch.float64))
         self._host: _HostValues | None = None
         self.register_load_state_dict_post_hook(lambda module, _: module._forget())
@@ -136,21 +147,34 @@ class Fusion(nn.Module):
             after_blur,
             config.merge,
             config.capped,
+            config.equalised_background,
         )
 
     def calibrate(
         self,
         stats: Mapping[str, BranchStats],
         image_stats: Mapping[str, BranchStats] | None = None,
+        backgrounds: Mapping[str, float] | None = None,
     ) -> None:
         """Store each branch's validation pixel statistics and, required for ``merge="max"``,
         those of its validation image scores (maxima of
-        :func:`engine.calibrate.standardised_maps`)."""
+        :func:`engine.calibrate.standardised_maps`) and, required with ``background_quantile``,
+        each branch's background scale (:func:`engine.max_merge.fit_background_scales`)."""
         if image_stats is None and self.merge == "max":
             raise ValueError("merge='max' needs the branches' image statistics")
-        given = {"statistics": stats}
+        if (backgrounds is None) != (self.background_quantile is None):
+            raise ValueError(
+                "background scales are given exactly when background_quantile is set "
+                f"(it is {self.background_quantile})"
+            )
+        given: dict[str, Mapping[str, object]] = {"statistics": stats}
         if image_stats is not None:
             given["image statistics"] = image_stats
+        if backgrounds is not None:
+            given["background scales"] = backgrounds
+            bad = {b: s for b, s in backgrounds.items() if not (math.isfinite(s) and s > 0)}
+            if bad:
+                raise ValueError(f"background scales must be finite and > 0, got {bad}")
         for name, values in given.items():
             missing = [b for b in self.branches if b not in values]
             if missing:
@@ -161,6 +185,8 @@ class Fusion(nn.Module):
             if image_stats is not None:
                 self.image_mean.copy_(self._column([image_stats[b].mean for b in self.branches]))
                 self.image_std.copy_(self._column([image_stats[b].std for b in self.branches]))
+            if backgrounds is not None:
+                self.background.copy_(self._column([backgrounds[b] for b in self.branches]))
         self._forget()
 
     def set_threshold(self, value: float) -> None:
@@ -183,6 +209,13 @@ class Fusion(nn.Module):
     @property
     def weights(self) -> dict[str, float]:
         return dict(self._values().weights)
+
+    @property
+    def backgrounds(self) -> dict[str, float] | None:
+        """Each branch's background scale, or None without ``background_quantile``."""
+        if self.background_quantile is None:
+            return None
+        return dict(self._values().backgrounds)
 
     @property
     def threshold_value(self) -> float | None:
@@ -214,13 +247,14 @@ class Fusion(nn.Module):
             self.sigma,
             self.gate_power,
             self.capped,
+            values.backgrounds,
         )
 
     def extra_repr(self) -> str:
         return (
             f"branches={self.branches}, sigma={self.sigma:g}, gate_power={self.gate_power}, "
             f"gate_after_blur={self.gate_after_blur}, merge={self.merge!r}, "
-            f"capped={self.capped}"
+            f"capped={self.capped}, background_quantile={self.background_quantile}"
         )
 
     @staticmethod
@@ -237,6 +271,7 @@ class Fusion(nn.Module):
                 self._stats(self.mean, self.std),
                 self._stats(self.image_mean, self.image_std),
                 dict(zip(self.branches, self.weight.tolist(), strict=True)),
+                dict(zip(self.branches, self.background.tolist(), strict=True)),
                 threshold if math.isfinite(threshold) else None,
             )
         return self._host

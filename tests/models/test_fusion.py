@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from engine.calibrate import BranchStats, FusionConfig, fuse_maps, max_fuse_maps
+from engine.calibrate import BranchStats, FusionConfig, fuse_maps
+from engine.max_merge import max_fuse_maps
 from engine.models.composition import CompositionConfig
 from engine.models.fusion import Fusion
 
@@ -47,7 +48,15 @@ def test_forward_is_fuse_maps_with_the_buffers(gate_power, after_blur) -> None:
 def test_the_state_dict_carries_the_whole_calibration() -> None:
     source = calibrated(gate_power=8.0)
     state = source.state_dict()
-    assert set(state) == {"mean", "std", "image_mean", "image_std", "weight", "threshold"}
+    assert set(state) == {
+        "mean",
+        "std",
+        "image_mean",
+        "image_std",
+        "weight",
+        "background",
+        "threshold",
+    }
     target = Fusion(BRANCHES, {b: 1.0 for b in BRANCHES}, 1.5, gate_power=8.0)
     assert target.stats is None  # read before loading: the cache must not survive the load
     target.load_state_dict(state)
@@ -133,7 +142,7 @@ def test_max_merge_is_max_fuse_maps_with_the_buffers() -> None:
 def test_from_config_caps_the_positional_map_when_asked() -> None:
     """``positional_role="shape"`` reaches the module: the positional map is cut at the image's
     score without it, here (no composition branch) the other map branches' peak
-    (engine.calibrate.max_fuse_maps)."""
+    (engine.max_merge.max_fuse_maps)."""
     branches = ("logical", "structural", "positional")
     maps = branch_maps(3)
     maps = {"logical": maps["logical"], "structural": maps["structural"]}
@@ -152,6 +161,39 @@ def test_from_config_caps_the_positional_map_when_asked() -> None:
     assert Fusion.from_config(FusionConfig(merge="max"), branches, 16).capped == ()
     with pytest.raises(ValueError, match="capped branches need merge='max'"):
         Fusion(branches, weights, 1.0, capped=("positional",))
+
+
+def test_from_config_equalises_backgrounds_when_asked() -> None:
+    """``background_quantile`` reaches the module, which then needs (and applies, and saves in
+    its state) each branch's background scale; the sum merge refuses the option."""
+    config = FusionConfig(merge="max", background_quantile=0.99)
+    fusion = Fusion.from_config(config, BRANCHES, 16)
+    assert fusion.background_quantile == 0.99 and fusion.backgrounds is not None
+    scales = {"logical": 0.5, "structural": 2.0, "composition": 1.0}
+    with pytest.raises(ValueError, match="exactly when background_quantile is set"):
+        fusion.calibrate(STATS, IMAGE_STATS)
+    with pytest.raises(ValueError, match="background scales must be finite and > 0"):
+        fusion.calibrate(STATS, IMAGE_STATS, {**scales, "logical": 0.0})
+    with pytest.raises(ValueError, match="no background scales for branch"):
+        fusion.calibrate(STATS, IMAGE_STATS, {"logical": 0.5})
+    fusion.calibrate(STATS, IMAGE_STATS, scales)
+    assert fusion.backgrounds == scales
+    maps = branch_maps(4)
+    weights = {b: config.weight(b) for b in BRANCHES}
+    want = max_fuse_maps(maps, STATS, IMAGE_STATS, weights, fusion.sigma, backgrounds=scales)
+    torch.testing.assert_close(fusion(maps), want, rtol=0, atol=0)
+    restored = Fusion.from_config(config, BRANCHES, 16)
+    restored.load_state_dict(fusion.state_dict())
+    assert restored.backgrounds == scales
+    plain = Fusion.from_config(FusionConfig(merge="max"), BRANCHES, 16)
+    assert plain.backgrounds is None
+    with pytest.raises(ValueError, match="exactly when background_quantile is set"):
+        plain.calibrate(STATS, IMAGE_STATS, scales)
+    summed = FusionConfig(merge="sum", background_quantile=0.99)
+    assert summed.equalised_background is None  # the sum ignores it, as it does image_scale
+    assert Fusion.from_config(summed, BRANCHES, 16).background_quantile is None
+    with pytest.raises(ValueError, match="background_quantile needs merge='max'"):
+        Fusion(BRANCHES, WEIGHTS, 1.0, background_quantile=0.99)
 
 
 def test_max_merge_without_image_statistics_says_so() -> None:
