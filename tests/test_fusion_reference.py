@@ -53,7 +53,7 @@ VARIANTS = {
     "equalised backgrounds": [
         "--set=fusion.merge=max",
         "--set=fusion.background_quantile=0.95",
-        "--set=fusion.positional_weight=2",
+        "--set=fusion.positional_weight=0.5",
         "--set=fusion.logical_weight=1.5",
     ],
 }
