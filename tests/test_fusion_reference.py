@@ -49,7 +49,7 @@ def other_merge() -> str:
 # Each variant of the tiny build: its --set overrides (the preset's own build is tiny_build).
 VARIANTS = {
     "other merge": [f"--set=fusion.merge={other_merge()}"],
-    # max merge with weights above 1 (the evidence only) and the backgrounds equalised
+    # max merge with other weights (scaling the evidence only) and the backgrounds equalised
     "equalised backgrounds": [
         "--set=fusion.merge=max",
         "--set=fusion.background_quantile=0.95",
