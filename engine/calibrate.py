@@ -43,6 +43,7 @@ MERGES = ("sum", "max")
 IMAGE_SCALES = ("branch", "pooled")
 COMPOSITION_SCALES = ("std", "robust")
 POSITIONAL_ROLES = ("score", "shape")
+BACKGROUND_TARGETS = ("mean", "lowest")
 SIGMA_REFERENCE_SIZE = 256  # FusionConfig.sigma is in pixels of a map of this side
 
 
@@ -84,9 +85,11 @@ class FusionConfig:
 
     ``background_quantile`` (``"max"`` only; None: off): each map branch's part below its
     typical good-image peak is scaled so that this quantile of its validation pixels lands where
-    the branches' mean of it lies (:func:`engine.max_merge.fit_background_scales`). The image
-    scores of anomalous images do not move; the fused map's good pixels are no longer set by the
-    one branch whose background reaches closest to its peak (docs/ACCURACY.md, ablations 31, 34).
+    the branches' mean of it lies (``background_target="mean"``) or where the lowest of them lies
+    (``"lowest"``: broad backgrounds are pushed down, none is lifted)
+    (:func:`engine.max_merge.fit_background_scales`). The image scores of anomalous images do
+    not move; the fused map's good pixels are no longer set by the one branch whose background
+    reaches closest to its peak (docs/ACCURACY.md, ablations 31, 35, 36).
 
     ``target_false_alarm_rate`` defaults to 0.05: MVTec LOCO has only tens of validation good
     images per category, and with n images a rate can only be resolved to 1/n; 5% still lands
@@ -105,6 +108,7 @@ class FusionConfig:
     composition_scale: str = "std"
     positional_role: str = "score"
     background_quantile: float | None = None
+    background_target: str = "mean"
 
     def __post_init__(self) -> None:
         for name in (
@@ -142,6 +146,11 @@ class FusionConfig:
         if q is not None and not (isinstance(q, int | float) and 0 < q < 1):
             raise ValueError(
                 f"FusionConfig.background_quantile must be None or in (0, 1), got {q!r}"
+            )
+        if self.background_target not in BACKGROUND_TARGETS:
+            raise ValueError(
+                f"FusionConfig.background_target must be one of {BACKGROUND_TARGETS}, "
+                f"got {self.background_target!r}"
             )
 
     @property

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from engine.calibrate import (
+    BACKGROUND_TARGETS,
     COMPOSITION_SCALES,
     IMAGE_SCALES,
     BranchStats,
@@ -117,6 +118,7 @@ def fit_background_scales(
     weights: Mapping[str, float],
     sigma: float,
     quantile: float,
+    target: str = "mean",
 ) -> dict[str, float]:
     """Each map branch's scale for the part of its ``merge="max"`` map below 0
     (``FusionConfig.background_quantile``), from the validation maps ``branch_maps`` (chunks of
@@ -127,13 +129,17 @@ def fit_background_scales(
     peak, far below for one whose background is quiet. In the pointwise maximum the broadest
     background fills the fused map's good pixels and sets every threshold at the false-positive
     rates AU-sPRO integrates (docs/ACCURACY.md, ablation 31). The scale ``p / p_b`` moves every
-    branch's ``p_b`` to ``p``, the mean of the ``p_b``; what lies above 0 (the evidence, and so
-    every anomalous image score) is untouched. Branches whose ``p_b`` is not below 0, the
+    branch's ``p_b`` to ``p``: with ``target="mean"`` the mean of the ``p_b`` (a quiet branch's
+    background is lifted, a broad one pushed down), with ``"lowest"`` the lowest ``p_b`` (every
+    scale >= 1: broad backgrounds are pushed down, none is lifted). What lies above 0 (the
+    evidence, and so every anomalous image score) is untouched. Branches whose ``p_b`` is not below 0, the
     composition branch and those of weight 0 keep the scale 1; so do all when fewer than two
     branches have a background to equalise.
     """
     if not 0 < quantile < 1:
         raise ValueError(f"background quantile must lie in (0, 1), got {quantile!r}")
+    if target not in BACKGROUND_TARGETS:
+        raise ValueError(f"background target must be one of {BACKGROUND_TARGETS}, got {target!r}")
     tails = {}
     for branch in dict.fromkeys(b for chunk in branch_maps for b in chunk):
         if branch == "composition" or weights.get(branch, 0) == 0:
@@ -152,8 +158,8 @@ def fit_background_scales(
     below = {b: p for b, p in tails.items() if p < 0}
     if len(below) < 2:
         return {b: 1.0 for b in branch_maps[0]} if branch_maps else {}
-    target = sum(below.values()) / len(below)
-    return {b: target / below[b] if b in below else 1.0 for b in branch_maps[0]}
+    goal = min(below.values()) if target == "lowest" else sum(below.values()) / len(below)
+    return {b: goal / below[b] if b in below else 1.0 for b in branch_maps[0]}
 
 
 def max_fuse_maps(

@@ -176,7 +176,13 @@ def calibrate(
     if fusion.background_quantile is not None:
         assert image_stats is not None  # Fusion refuses the quantile without merge="max"
         backgrounds = fit_background_scales(
-            chunks, stats, image_stats, fusion.weights, fusion.sigma, fusion.background_quantile
+            chunks,
+            stats,
+            image_stats,
+            fusion.weights,
+            fusion.sigma,
+            fusion.background_quantile,
+            config.background_target,
         )
     fusion.calibrate(stats, image_stats, backgrounds)
     scores = [

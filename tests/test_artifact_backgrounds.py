@@ -82,4 +82,6 @@ def test_malformed_scales_are_refused(built, tmp_path: Path, edit, message) -> N
 def test_a_manifest_from_before_the_option_fuses_without_it() -> None:
     values = cpu_build_preset().to_dict()
     assert values["fusion"].pop("background_quantile") is None
-    assert BuildConfig.from_dict(values).fusion.background_quantile is None
+    assert values["fusion"].pop("background_target") == "mean"
+    old = BuildConfig.from_dict(values).fusion
+    assert old.background_quantile is None and old.background_target == "mean"

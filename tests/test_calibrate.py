@@ -243,6 +243,7 @@ def test_fusion_config_defaults_and_validation() -> None:
         {"background_quantile": 1.0},
         {"background_quantile": 0.0},
         {"background_quantile": "0.9"},
+        {"background_target": "median"},
     ):
         with pytest.raises(ValueError):
             FusionConfig(**kwargs)

@@ -326,6 +326,22 @@ def test_background_scales_equalise_the_validation_quantile() -> None:
     assert dropped["logical"] == pytest.approx(np.mean(pair) / tails["logical"], rel=1e-6)
 
 
+def test_the_lowest_target_pushes_backgrounds_down_and_lifts_none() -> None:
+    chunks, stats, image_stats, weights = background_case()
+    mean = fit_background_scales(chunks, stats, image_stats, weights, 1.0, 0.95)
+    lowest = fit_background_scales(chunks, stats, image_stats, weights, 1.0, 0.95, "lowest")
+    assert lowest["composition"] == 1.0
+    maps = {b: lowest[b] for b in ("logical", "structural", "positional")}
+    assert min(maps.values()) == 1.0 and all(s >= 1.0 for s in maps.values())
+    assert min(mean.values()) < 1.0  # the mean target lifts the quietest background
+    quietest = min(maps, key=lambda b: mean[b])  # the one the mean target lifts most
+    assert maps[quietest] == 1.0
+    for branch, scale in maps.items():  # same branch ordering, shifted by one common factor
+        assert scale == pytest.approx(mean[branch] / mean[quietest], rel=1e-9)
+    with pytest.raises(ValueError, match="background target must be one of"):
+        fit_background_scales(chunks, stats, image_stats, weights, 1.0, 0.95, "median")
+
+
 def test_background_scales_need_two_backgrounds_and_a_quantile_inside() -> None:
     chunks, stats, image_stats, weights = background_case()
     alone = {**weights, "structural": 0.0, "positional": 0.0}
