@@ -250,9 +250,9 @@ def cpu_build_preset() -> BuildConfig:
     fused mean image AUROC +0.008 / +0.006 on seeds 9-10 / 11-12 (new data, the rule fixed
     before they were built), AU-sPRO@0.05 within 0.002 (ablation 32). So its weight, which
     scales only its evidence above its typical peak, is 2: AU-sPRO@0.05 +0.005 / +0.003 / +0.003
-    paired on seeds 13 / 14 / 15 (14 and 15 new data, the rule fixed first), image AUROC
-    unchanged (ablations 33, 34; while it still raised the score, 0.5 traded AU-sPRO for image
-    AUROC, ablation 30).
+    / +0.003 / +0.004 paired on seeds 13-17 (14-17 new data, the rule fixed first), image AUROC
+    unchanged (ablations 33, 34, 36; while it still raised the score, 0.5 traded AU-sPRO for
+    image AUROC, ablation 30).
     The memory bank also reads the stride-4 level, max-pooled onto the layer2 grid, while the
     composition branch reads the features without it: fused mean image AUROC +0.014 / +0.017
     and AU-sPRO +0.009 / +0.016 paired on seeds 3 / 4, every category up on seed 3 (ablation 21).
