@@ -100,7 +100,7 @@ def weigh_evidence(z: torch.Tensor, weight: float, background: float = 1.0) -> t
     ``background`` (:func:`fit_background_scales`) stretches or shrinks the part below 0 instead,
     so that no branch's good pixels crowd the others' just under the peak.
     """
-    return torch.where(z > 0, z * weight, z * background)
+    return torch.where(z > 0, z * weight, z if background == 1.0 else z * background)
 
 
 def _in_image_units(
@@ -132,29 +132,25 @@ def fit_background_scales(
     branch's ``p_b`` to ``p``: with ``target="mean"`` the mean of the ``p_b`` (a quiet branch's
     background is lifted, a broad one pushed down), with ``"lowest"`` the lowest ``p_b`` (every
     scale >= 1: broad backgrounds are pushed down, none is lifted). What lies above 0 (the
-    evidence, and so every anomalous image score) is untouched. Branches whose ``p_b`` is not below 0, the
-    composition branch and those of weight 0 keep the scale 1; so do all when fewer than two
-    branches have a background to equalise.
+    evidence, and so every anomalous image score) is untouched. Branches whose ``p_b`` is not
+    below 0, the composition branch and those of weight 0 keep the scale 1; so do all when
+    fewer than two branches have a background to equalise.
     """
     if not 0 < quantile < 1:
         raise ValueError(f"background quantile must lie in (0, 1), got {quantile!r}")
     if target not in BACKGROUND_TARGETS:
         raise ValueError(f"background target must be one of {BACKGROUND_TARGETS}, got {target!r}")
-    tails = {}
-    for branch in dict.fromkeys(b for chunk in branch_maps for b in chunk):
-        if branch == "composition" or weights.get(branch, 0) == 0:
-            continue
-        values = [
-            _in_image_units(
-                standardised_maps({branch: chunk[branch]}, stats, sigma)[branch],
-                image_stats[branch],
-                weights[branch],
-            )
-            .reshape(-1)
-            .double()
-            for chunk in branch_maps
-        ]
-        tails[branch] = float(np.quantile(torch.cat(values).numpy(), quantile))
+    branches = [
+        b
+        for b in dict.fromkeys(b for chunk in branch_maps for b in chunk)
+        if b != "composition" and weights.get(b, 0) != 0
+    ]
+    values: dict[str, list[torch.Tensor]] = {b: [] for b in branches}
+    for chunk in branch_maps:
+        standardised = standardised_maps({b: chunk[b] for b in branches}, stats, sigma)
+        for b, m in standardised.items():
+            values[b].append(_in_image_units(m, image_stats[b], weights[b]).reshape(-1).double())
+    tails = {b: float(np.quantile(torch.cat(v).numpy(), quantile)) for b, v in values.items()}
     below = {b: p for b, p in tails.items() if p < 0}
     if len(below) < 2:
         return {b: 1.0 for b in branch_maps[0]} if branch_maps else {}
@@ -230,10 +226,9 @@ def max_fuse_scores(
     """The image scores of :func:`max_fuse_maps` from each branch's (B,) image scores (the
     maxima of its standardised maps): ``max_b`` of ``(s_b - image_mean_b) / image_std_b``
     weighted by :func:`weigh_evidence`, over the branches of non-zero weight not in ``capped``.
-    Exact, since every term is a per-branch maximum (the weighting, background scale
-    included, is monotone), a capped
-    branch never exceeds the others' score and the gated composition evidence lifts the peak to
-    exactly its own value."""
+    Exact, since every term is a per-branch maximum (the weighting, background scale included,
+    is monotone), a capped branch never exceeds the others' score and the gated composition
+    evidence lifts the peak to exactly its own value."""
     used = [b for b in scores if weights[b] != 0 and b not in capped]
     if not used:
         raise ValueError("every branch has weight 0: nothing to fuse")

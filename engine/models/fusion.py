@@ -64,9 +64,9 @@ class Fusion(nn.Module):
     ``image_mean``, ``image_std`` (``merge="max"`` only), ``weight`` and ``background`` (each
     branch's scale of its part below 0, 1 unless ``background_quantile`` is set), each (N,) in
     ``branches`` order, and the scalar ``threshold`` (an image is anomalous when its score is
-    above it). All but ``weight`` and ``background`` are NaN until :meth:`calibrate` / :meth:`set_threshold` or
-    ``load_state_dict`` fill them. Change them through those, not in place: the Python copies
-    the forward pass reads are refreshed there.
+    above it). All but ``weight`` and ``background`` are NaN until :meth:`calibrate` /
+    :meth:`set_threshold` or ``load_state_dict`` fill them. Change them through those, not in
+    place: the Python copies the forward pass reads are refreshed there.
 
     ``forward(maps)``: branch name -> (B, S, S) map, every branch of ``branches`` present ->
     (B, S, S) float32 fused map.
