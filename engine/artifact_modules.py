@@ -44,7 +44,7 @@ def empty_modules(
         sc.compact_features,
         sc.grid_level,
     )
-    structural = StructuralModel(features)
+    structural = StructuralModel(features, density_k=sc.density_k)
     composition = None
     if spec.composition_grid is not None:
         cc = spec.config.composition

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.models.backbones import load_backbone
+from engine.models.bank_density import row_scales
 from engine.models.coreset import coreset_size, gather_rows, greedy_coreset
 from engine.models.knn_compat import upgrade_spec
 from engine.models.knn_index import KnnIndex, check_index_setting, make_index
@@ -74,6 +75,8 @@ class StructuralConfig:
     it about its centre (:func:`rotate_images`) to what the coreset chooses from, while the bank
     keeps the size it has without them: the copies show the parts in poses between those of the
     training images, not more rows to search (docs/ACCURACY.md, ablation 25).
+    ``density_k``: 0 scores PatchCore's nearest-row distance; k > 0 weighs it by how crowded the
+    bank is around that row (:mod:`engine.models.bank_density`, its k-th nearest other row).
     """
 
     backbone: str = "resnext101_32x8d"
@@ -92,6 +95,7 @@ class StructuralConfig:
     bank_dtype: str = "float32"
     bank_flips: str = "none"
     bank_rotations: tuple[float, ...] = ()
+    density_k: int = 0
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "feature_dim", "coreset_projection_dim", "k"):
@@ -141,6 +145,11 @@ class StructuralConfig:
             )
         if self.k != 1:
             raise ValueError("StructuralConfig.k: only k=1 (PatchCore's score) is implemented")
+        d = self.density_k
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise ValueError(
+                f"StructuralConfig.density_k must be 0 (off) or a positive int, got {d!r}"
+            )
         if not isinstance(self.compact_features, bool):
             raise ValueError(
                 f"StructuralConfig.compact_features must be a bool, got {self.compact_features!r}"
@@ -279,7 +288,8 @@ def rotate_images(x: torch.Tensor, degrees: float) -> torch.Tensor:
 
 
 class StructuralModel(nn.Module):
-    """Patch features + memory bank; scores are Euclidean distances to the nearest bank entry.
+    """Patch features + memory bank; scores are Euclidean distances to the nearest bank entry,
+    with ``density_k`` > 0 times that entry's ``row_scale`` (:func:`row_scales`).
 
     ``forward(x)`` on (B, 3, S, S) returns (B, h, w) patch scores; ``anomaly_map(x)`` returns
     (B, S, S), bilinearly upsampled (align_corners=False, PatchCore). Search is
@@ -287,10 +297,18 @@ class StructuralModel(nn.Module):
     unless :meth:`use_index` installed a FAISS index (see :func:`attach_index`).
     """
 
-    def __init__(self, patch_features: PatchFeatures, bank: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        patch_features: PatchFeatures,
+        bank: torch.Tensor | None = None,
+        density_k: int = 0,
+    ) -> None:
         super().__init__()
         self.patch_features = patch_features
+        self.density_k = density_k
         self.register_buffer("bank", torch.empty(0, patch_features.out_dim))
+        # (M,) with density_k, else empty: saved, so loading does not recompute it
+        self.register_buffer("row_scale", torch.empty(0))
         self.register_buffer("bank_sq", torch.empty(0), persistent=False)
         # The bank cast for a lower-precision search (see set_search_dtype), with its norms.
         self.register_buffer("search_bank", None, persistent=False)
@@ -315,7 +333,7 @@ class StructuralModel(nn.Module):
             backbone, cfg.feature_dim, cfg.patch_size, cfg.compact_features, cfg.grid_level
         )
         check_index_setting(cfg.index, cfg.index_params, features.out_dim)
-        return cls(features)
+        return cls(features, density_k=cfg.density_k)
 
     def set_bank(self, bank: torch.Tensor) -> None:
         """Install an (M, D) float32 or float16 bank (kept in its dtype, on the model's device);
@@ -327,9 +345,16 @@ class StructuralModel(nn.Module):
             raise ValueError(f"the bank must be float32 or float16, got {bank.dtype}")
         if not torch.isfinite(bank).all():
             raise ValueError("the bank contains NaN or infinite values")
+        if self.density_k and bank.shape[0] <= self.density_k:
+            raise ValueError(
+                f"structural.density_k={self.density_k} needs a bank of more than "
+                f"{self.density_k} rows, got {bank.shape[0]}"
+            )
         device = self.bank.device
         self.bank = bank.detach().to(device).contiguous()
         self.bank_sq = bank_sq_norms(self.bank)
+        if self.density_k:
+            self.row_scale = row_scales(self.bank, self.density_k)
         self.set_search_dtype(self.search_dtype)
 
     def set_search_dtype(self, dtype: torch.dtype | None) -> None:
@@ -361,7 +386,18 @@ class StructuralModel(nn.Module):
         bank = state_dict.get(prefix + "bank")
         if bank is not None:
             self.bank = torch.empty_like(bank, device=self.bank.device)
+        scale = state_dict.get(prefix + "row_scale")
+        if scale is not None:
+            self.row_scale = torch.empty_like(scale, device=self.row_scale.device)
+        elif not self.density_k:  # saved before the field existed: plain PatchCore scores
+            state_dict[prefix + "row_scale"] = self.row_scale
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        expected = bank.shape[0] if self.density_k else 0
+        if bank is not None and self.row_scale.numel() != expected:
+            raise ValueError(
+                f"row_scale has {self.row_scale.numel()} entries; structural.density_k="
+                f"{self.density_k} with a bank of {bank.shape[0]} rows needs {expected}"
+            )
         if bank is not None:
             self.bank_sq = bank_sq_norms(self.bank)
             self.set_search_dtype(self.search_dtype)
@@ -376,12 +412,14 @@ class StructuralModel(nn.Module):
             raise RuntimeError("StructuralModel has no memory bank: call fit() or set_bank() first")
         flat = features.reshape(-1, features.shape[-1])
         if self.index is not None:
-            dist = self.index.search(flat.float(), 1)[0][:, 0]
+            dist, idx = (found[:, 0] for found in self.index.search(flat.float(), 1))
         else:
             lowered = self.search_bank is not None
             bank = self.search_bank if lowered else self.bank
             bank_sq = self.search_bank_sq if lowered else self.bank_sq
-            dist, _ = knn_min(flat.to(bank.dtype), bank, bank_sq=bank_sq)
+            dist, idx = knn_min(flat.to(bank.dtype), bank, bank_sq=bank_sq)
+        if self.row_scale.numel():
+            dist = dist * self.row_scale[idx]
         return dist.reshape(features.shape[0], grid[0], grid[1])
 
     def map_from_features(
