@@ -19,18 +19,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weighted(k: int = 3):
+    """The tiny detector with density weights, its config, an input and its scores before."""
     detector, config = tiny["tiny_detector"]()
     structural = detector.structural
-    plain = structural.score_features(*structural.patch_features(torch.randn(1, 3, 32, 32)))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = structural.score_features(*structural.patch_features(x))
     structural.density_k = k
     structural.set_bank(structural.bank)  # computes the row scales
     assert structural.row_scale.shape == (structural.bank.shape[0],)
     config = replace(config, structural=replace(config.structural, density_k=k))
-    return detector, config, plain
+    return detector, config, x, plain
 
 
 def test_round_trip_keeps_the_row_scales_and_the_maps(tmp_path: Path) -> None:
-    detector, config, _ = _weighted()
+    detector, config, _, _ = _weighted()
     art = tiny["save"](tmp_path / "art", detector, config)
     assert read_manifest(art)["config"]["structural"]["density_k"] == 3
     loaded, _ = load_artifact(art)
@@ -42,17 +45,16 @@ def test_round_trip_keeps_the_row_scales_and_the_maps(tmp_path: Path) -> None:
 
 
 def test_the_weights_change_the_structural_scores() -> None:
-    detector, _, plain = _weighted()
-    torch.manual_seed(0)  # the same input as _weighted's plain scores
+    detector, _, x, plain = _weighted()
     structural = detector.structural
-    x = torch.randn(1, 3, 32, 32)
-    weighted = structural.score_features(*structural.patch_features(x))
+    with torch.no_grad():  # the same input as the plain scores
+        weighted = structural.score_features(*structural.patch_features(x))
     assert weighted.shape == plain.shape
     assert not torch.allclose(weighted, plain)
 
 
 def test_a_manifest_asking_for_weights_the_state_lacks_is_refused(tmp_path: Path) -> None:
-    detector, config, _ = _weighted()
+    detector, config, _, _ = _weighted()
     config = replace(config, structural=replace(config.structural, density_k=0))
     detector.structural.density_k = 0
     detector.structural.row_scale = torch.empty(0)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.knn_args import bank_sq_norms
+
 __all__ = ["kth_neighbour_distances", "row_scales"]
 
 # A row's spacing is floored at this fraction of the median spacing: duplicate rows (spacing 0)
@@ -28,16 +30,17 @@ def kth_neighbour_distances(bank: torch.Tensor, k: int, chunk: int = 1024) -> to
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < m:
         raise ValueError(f"k must be an int in [1, {m - 1}] for a bank of {m} rows, got {k!r}")
     rows = bank.float()
-    sq = rows.square().sum(1)
+    sq = bank_sq_norms(rows)
     out = torch.empty(m, dtype=torch.float32, device=bank.device)
     for start in range(0, m, chunk):
         block = rows[start : start + chunk]
-        d2 = torch.addmm(sq[None, :], block, rows.T, alpha=-2.0).add_(
-            sq[start : start + chunk, None]
-        )
+        # A row's own norm is the same in every column: added after the top-k (as in
+        # kernels.knn's reference), so the (chunk, M) matrix is written once.
+        d2 = torch.addmm(sq[None, :], block, rows.T, alpha=-2.0)
         own = torch.arange(block.shape[0], device=bank.device)
         d2[own, own + start] = torch.inf  # a row is not its own neighbour
-        out[start : start + chunk] = d2.topk(k, dim=1, largest=False).values[:, -1]
+        kth = d2.topk(k, dim=1, largest=False).values[:, -1]
+        out[start : start + chunk] = kth + sq[start : start + chunk]
     return out.clamp_min_(0.0).sqrt_()
 
 

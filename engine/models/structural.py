@@ -392,13 +392,13 @@ class StructuralModel(nn.Module):
         elif not self.density_k:  # saved before the field existed: plain PatchCore scores
             state_dict[prefix + "row_scale"] = self.row_scale
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        expected = bank.shape[0] if self.density_k else 0
-        if bank is not None and self.row_scale.numel() != expected:
-            raise ValueError(
-                f"row_scale has {self.row_scale.numel()} entries; structural.density_k="
-                f"{self.density_k} with a bank of {bank.shape[0]} rows needs {expected}"
-            )
         if bank is not None:
+            expected = bank.shape[0] if self.density_k else 0
+            if self.row_scale.numel() != expected:
+                raise ValueError(
+                    f"row_scale has {self.row_scale.numel()} entries; structural.density_k="
+                    f"{self.density_k} with a bank of {bank.shape[0]} rows needs {expected}"
+                )
             self.bank_sq = bank_sq_norms(self.bank)
             self.set_search_dtype(self.search_dtype)
 
