@@ -10,7 +10,7 @@ import torch
 
 from engine import config as config_module
 from engine.calibrate import FusionConfig
-from engine.config import BuildConfig, cpu_build_preset, parse_value, resolve_preset
+from engine.config import BuildConfig, cpu_build_preset, paper_preset, parse_value, resolve_preset
 from engine.models.logical import LogicalConfig
 
 
@@ -128,3 +128,13 @@ def test_a_manifest_from_before_positional_role_keeps_the_positional_memory_in_t
     old = BuildConfig.from_dict(values)
     assert old.fusion.positional_role == "score" and old.fusion.capped == ()
     assert cpu_build_preset().fusion.capped == ("positional",)
+
+
+def test_the_cpu_preset_weighs_bank_distances_by_local_spacing_and_old_manifests_do_not() -> None:
+    """ablation 37 adopted ``structural.density_k=3`` in the cpu preset only; a manifest written
+    before the field existed keeps PatchCore's plain distance (its state has no row scales)."""
+    assert cpu_build_preset().structural.density_k == 3
+    assert paper_preset().structural.density_k == 0
+    values = cpu_build_preset().to_dict()
+    values["structural"].pop("density_k")
+    assert BuildConfig.from_dict(values).structural.density_k == 0

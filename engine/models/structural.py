@@ -76,7 +76,8 @@ class StructuralConfig:
     keeps the size it has without them: the copies show the parts in poses between those of the
     training images, not more rows to search (docs/ACCURACY.md, ablation 25).
     ``density_k``: 0 scores PatchCore's nearest-row distance; k > 0 weighs it by how crowded the
-    bank is around that row (:mod:`engine.models.bank_density`, its k-th nearest other row).
+    bank is around that row (:mod:`engine.models.bank_density`, its k-th nearest other row);
+    the ``cpu`` preset uses 3 (docs/ACCURACY.md, ablation 37), the paper preset PatchCore's 0.
     """
 
     backbone: str = "resnext101_32x8d"
