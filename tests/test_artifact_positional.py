@@ -101,21 +101,3 @@ def test_a_missing_positional_file_is_refused(art: Path) -> None:
     (art / "positional.pt").unlink()
     with pytest.raises(ArtifactError, match=r"positional\.pt"):
         load_artifact(art)
-
-
-def test_a_density_weighted_memory_round_trips_and_one_claiming_weights_it_lacks_is_refused(
-    tmp_path: Path,
-) -> None:
-    detector, config = tiny["tiny_detector"](0)
-    weighted = replace(tiny["TINY_POSITIONAL"], density_k=2)
-    detector, config = tiny["with_positional"](detector, config, weighted)
-    path = tiny["save"](tmp_path / "weighted", detector, config)
-    loaded, manifest = load_artifact(path)
-    assert manifest["config"]["positional"]["density_k"] == 2
-    torch.testing.assert_close(loaded.positional.memory_scale, detector.positional.memory_scale)
-    batch = tiny["frames"]()
-    torch.testing.assert_close(loaded(batch).positional, detector(batch).positional)
-    plain = tiny["save"](tmp_path / "plain", *tiny["with_positional"](*tiny["tiny_detector"](0)))
-    tiny["edit_manifest"](plain, lambda m: m["config"]["positional"].update(density_k=2))
-    with pytest.raises(ArtifactError, match="memory_scale"):
-        load_artifact(plain)

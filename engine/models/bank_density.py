@@ -1,12 +1,11 @@
-"""How crowded a memory is around each of its vectors, to weigh a patch's kNN distance.
+"""How crowded the memory bank is around each of its rows, to weigh a patch's kNN distance.
 
 PatchCore scores a patch by its distance to the nearest bank row. Where the training images
 show a part in few poses, the bank is sparse and a normal patch still lands far from its nearest
 row; where they show it often, the bank is dense and a small defect lands close. Dividing the
 distance by the nearest row's own distance to its k-th nearest other row (the local-outlier
 idea: distances in units of the neighbourhood's spacing) puts both on one scale
-(docs/ACCURACY.md, ablation 37). The positional memory
-(:mod:`engine.models.positional`) finds its spacings per place and shares :func:`spacing_scales`.
+(docs/ACCURACY.md, ablation 37).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import torch
 
 from kernels.knn_args import bank_sq_norms
 
-__all__ = ["kth_neighbour_distances", "row_scales", "spacing_scales"]
+__all__ = ["kth_neighbour_distances", "row_scales"]
 
 # A row's spacing is floored at this fraction of the median spacing: duplicate rows (spacing 0)
 # must not give a patch near them an unbounded score.
@@ -46,20 +45,14 @@ def kth_neighbour_distances(bank: torch.Tensor, k: int, chunk: int = 1024) -> to
 
 
 def row_scales(bank: torch.Tensor, k: int) -> torch.Tensor:
-    """(M,) float32 factors for the distances to each bank row: :func:`spacing_scales` of each
-    row's distance to its k-th nearest other row."""
-    return spacing_scales(kth_neighbour_distances(bank, k), f"structural.density_k={k}")
-
-
-def spacing_scales(spacing: torch.Tensor, setting: str) -> torch.Tensor:
-    """Factors for distances to memory vectors of local ``spacing`` (any shape): the median
-    spacing over each vector's own (floored at :data:`MIN_SPACING` of the median), so a patch at
-    the typical spacing from a typical vector keeps its distance. ``setting`` names the option
-    in the error raised when most spacings are 0."""
-    median = spacing.float().median()
+    """(M,) float32 factors for the distances to each bank row: the median k-th-neighbour
+    spacing over the row's own (floored at :data:`MIN_SPACING` of the median), so a patch at
+    the typical spacing from a typical row keeps its distance."""
+    spacing = kth_neighbour_distances(bank, k)
+    median = spacing.median()
     if not median > 0:
         raise ValueError(
-            "the memory's vectors are mostly duplicates (median distance to the k-th neighbour "
-            f"is 0): {setting} cannot weigh them"
+            f"the bank's rows are mostly duplicates (median distance to the {k}-th neighbour "
+            "is 0): structural.density_k cannot weigh them"
         )
-    return median / spacing.float().clamp_min(MIN_SPACING * median)
+    return median / spacing.clamp_min(MIN_SPACING * median)

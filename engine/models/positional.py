@@ -42,10 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.bank_density import spacing_scales
 from engine.models.composition.ops import pca_basis
 
-__all__ = ["PositionalConfig", "PositionalModel", "memory_spacing"]
+__all__ = ["PositionalConfig", "PositionalModel"]
 
 
 @dataclass(frozen=True)
@@ -65,10 +64,6 @@ class PositionalConfig:
     principal directions.
     ``max_images``: M, at most this many training vectors kept per cell (k-center selection,
     see the module docstring); ``None`` keeps every training image's.
-    ``density_k``: 0 scores the distance to the nearest training vector; k > 0 weighs it by how
-    crowded the memory is around that vector (:func:`memory_spacing`: its distance to its k-th
-    nearest vector of the other memory rows within its window), as ``structural.density_k``
-    weighs the memory bank's.
     """
 
     enabled: bool = False
@@ -78,7 +73,6 @@ class PositionalConfig:
     fit_patches: int = 20000
     seed: int = 0
     max_images: int | None = None
-    density_k: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -89,7 +83,6 @@ class PositionalConfig:
             ("dims", 1),
             ("fit_patches", 1),
             ("seed", 0),
-            ("density_k", 0),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -146,9 +139,6 @@ class PositionalModel(nn.Module):
         cell_major = torch.full((h + 2 * r, w + 2 * r, rows, self.dims), nan)
         self.register_buffer("memory", cell_major.permute(2, 0, 1, 3))
         self.register_buffer("memory_sq", self._squares(), persistent=False)
-        weighted = config.density_k > 0
-        scale_shape = (h, w, rows) if weighted else (0,)
-        self.register_buffer("memory_scale", torch.full(scale_shape, nan), persistent=weighted)
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_squares())
 
     @torch.no_grad()
@@ -156,12 +146,6 @@ class PositionalModel(nn.Module):
         """Fit on the training images' patch features (N, h*w, D) on ``grid``, N >= M."""
         n, _, dim = self._check(features, grid)
         rows = self.memory.shape[0]
-        k = self.config.density_k
-        if k and rows <= k:
-            raise ValueError(
-                f"positional.density_k={k} needs a memory of more than {k} rows (training "
-                f"images), got {rows}"
-            )
         if n < rows or (n > rows and self.config.memory_rows(n) != rows):
             raise ValueError(
                 f"a memory of {rows} rows expects {rows} training images"
@@ -180,9 +164,6 @@ class PositionalModel(nn.Module):
         self.basis.copy_(basis)
         self.memory.copy_(F.pad(cells, (0, 0, r, r, r, r)))
         self._refresh_squares()
-        if k:
-            spacing = memory_spacing(cells, r, k)
-            self.memory_scale.copy_(spacing_scales(spacing, f"positional.density_k={k}"))
         return self
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -198,40 +179,24 @@ class PositionalModel(nn.Module):
         )  # (B, h', w', K, d), K = (2r + 1)²
         queries = queries.permute(1, 2, 3, 0, 4).reshape(h, w, len(offsets) * batch, dims)
         memory = self.memory.permute(1, 2, 0, 3)  # (h' + 2r, w' + 2r, M, d), contiguous
-        weighted = self.memory_scale.numel() > 0
         best = x.new_empty(h, w, len(offsets) * batch)
-        factor = torch.ones_like(best)
         for u in range(h):  # one memory row of cells per product: (w', K*B, d) x (w', d, M)
             candidates = memory[u + r, r : r + w]
             squares = self.memory_sq[u, :, None]
             products = torch.baddbmm(squares, queries[u], candidates.transpose(1, 2), alpha=-2)
-            if weighted:
-                best[u], nearest_row = products.min(-1)
-                factor[u] = self.memory_scale[u].gather(1, nearest_row)
-            else:
-                best[u] = products.amin(-1)
+            best[u] = products.amin(-1)
         # Query (i, j) takes offset (dy, dx)'s minimum from memory cell (i+dy, j+dx); +inf off
         # the grid.
         best = F.pad(
             best.reshape(h, w, len(offsets), batch), (0, 0, 0, 0, r, r, r, r), value=math.inf
         )
-        per_offset = torch.stack(
+        nearest = torch.stack(
             [
                 best[r + dy : r + dy + h, r + dx : r + dx + w, k]
                 for k, (dy, dx) in enumerate(offsets)
             ]
-        )  # (K, h', w', B)
-        distance = (per_offset.amin(0) + x.pow(2).sum(-1).permute(1, 2, 0)).clamp_min(0).sqrt()
-        if weighted:
-            factor = F.pad(factor.reshape(h, w, len(offsets), batch), (0, 0, 0, 0, r, r, r, r))
-            factors = torch.stack(
-                [
-                    factor[r + dy : r + dy + h, r + dx : r + dx + w, k]
-                    for k, (dy, dx) in enumerate(offsets)
-                ]
-            )
-            distance = distance * factors.gather(0, per_offset.argmin(0, keepdim=True))[0]
-        return distance.permute(2, 0, 1)
+        ).amin(0)  # (h', w', B)
+        return (nearest.permute(2, 0, 1) + x.pow(2).sum(-1)).clamp_min(0).sqrt()
 
     def _squares(self) -> torch.Tensor:
         """(h', w', M): the squared norms of the memory's vectors, cell by cell."""
@@ -289,29 +254,3 @@ def kcenter_per_cell(cells: torch.Tensor, rows: int) -> torch.Tensor:
     index = torch.stack(picks, 1)  # (h*w, rows)
     kept = points.gather(1, index[..., None].expand(-1, -1, d))
     return kept.reshape(h, w, rows, d).permute(2, 0, 1, 3).contiguous()
-
-
-def memory_spacing(cells: torch.Tensor, radius: int, k: int) -> torch.Tensor:
-    """(M, h, w, d) memory vectors on their grid -> (h, w, M): each vector's distance to its
-    k-th nearest vector of the *other* rows (other training images, unless k-center selection
-    mixed them) at the cells within ``radius`` of its own, the vectors a query at that cell is
-    compared with. A row's own neighbouring cells are left out: an image's adjacent patches
-    resemble each other and would make every place look crowded."""
-    m, h, w = cells.shape[:3]
-    if not 1 <= k <= (m - 1):
-        raise ValueError(f"k must be in [1, {m - 1}] for a memory of {m} rows, got {k}")
-    grid = cells.permute(1, 2, 0, 3).float()  # (h, w, M, d)
-    padded = F.pad(grid, (0, 0, 0, 0, radius, radius, radius, radius))
-    inside = F.pad(torch.ones(h, w, dtype=torch.bool), (radius,) * 4)
-    own_row = torch.eye(m, dtype=torch.bool, device=cells.device)
-    out = torch.empty(h, w, m, device=cells.device)
-    for u in range(h):  # one row of cells at a time: (w, M, (2r + 1)² M) distances
-        per_offset = []
-        for dy in range(2 * radius + 1):
-            for dx in range(2 * radius + 1):
-                other = padded[u + dy, dx : dx + w]  # (w, M, d)
-                distance = torch.cdist(grid[u], other)
-                valid = inside[u + dy, dx : dx + w].to(cells.device)
-                per_offset.append(distance.masked_fill(~valid[:, None, None] | own_row, math.inf))
-        out[u] = torch.cat(per_offset, -1).topk(k, -1, largest=False).values[..., -1]
-    return out

@@ -120,8 +120,6 @@ def test_wrong_inputs_are_refused() -> None:
         ("max_images", 0),
         ("max_images", True),
         ("max_images", 1.5),
-        ("density_k", -1),
-        ("density_k", True),
     ],
 )
 def test_bad_settings_are_refused(field, value) -> None:
@@ -184,98 +182,3 @@ def test_the_cap_loses_nothing_when_training_images_repeat() -> None:
 def test_kcenter_per_cell_starts_near_the_mean_and_takes_the_farthest_next() -> None:
     points = torch.tensor([[0.0], [1.0], [10.0], [0.9]]).reshape(4, 1, 1, 1)
     assert kcenter_per_cell(points, 2).flatten().tolist() == [1.0, 10.0]
-
-
-def _spacing_by_hand(memory: torch.Tensor, radius: int, k: int) -> torch.Tensor:
-    """(M, h, w, d) -> (h, w, M): each vector's k-th nearest vector of the other rows within
-    ``radius`` cells, one vector at a time."""
-    m, h, w, _ = memory.shape
-    out = torch.empty(h, w, m)
-    for i in range(h):
-        for j in range(w):
-            window = memory[
-                :, max(0, i - radius) : i + radius + 1, max(0, j - radius) : j + radius + 1
-            ]
-            for row in range(m):
-                others = torch.cat([window[:row], window[row + 1 :]]).reshape(-1, memory.shape[-1])
-                out[i, j, row] = (
-                    torch.cdist(memory[row, i, j][None], others)[0].sort().values[k - 1]
-                )
-    return out
-
-
-@pytest.mark.parametrize(("grid", "pool", "radius", "k"), [((6, 7), 1, 1, 2), ((9, 5), 2, 2, 3)])
-def test_density_weights_the_nearest_vectors_distance_by_its_spacing(grid, pool, radius, k):
-    """Against a search by hand: the nearest training vector within the window, its distance
-    times the median spacing over that vector's own (spacing: its k-th nearest vector of the
-    other rows in its window)."""
-    generator = torch.Generator().manual_seed(3)
-    dim = 5
-    train = torch.randn(5, grid[0] * grid[1], dim, generator=generator)
-    train[:, : grid[1]] *= 0.1  # a crowded first row of places
-    test = torch.randn(2, grid[0] * grid[1], dim, generator=generator)
-    config = PositionalConfig(enabled=True, pool=pool, radius=radius, dims=dim, density_k=k)
-    model = PositionalModel(config, dim, grid, len(train)).fit(train, grid)
-    h, w = config.pooled_grid(grid)
-    memory = model.memory[:, radius : radius + h, radius : radius + w]
-    spacing = _spacing_by_hand(memory, radius, k)
-    torch.testing.assert_close(model.memory_scale, spacing.median() / spacing, rtol=1e-4, atol=1e-4)
-    queries = F.avg_pool2d(
-        ((test - model.mean) @ model.basis).reshape(2, *grid, -1).permute(0, 3, 1, 2),
-        pool,
-        ceil_mode=True,
-    ).permute(0, 2, 3, 1)
-    want = torch.empty(2, h, w)
-    for i in range(h):
-        for j in range(w):
-            rows = slice(max(0, i - radius), i + radius + 1)
-            cols = slice(max(0, j - radius), j + radius + 1)
-            candidates = memory[:, rows, cols].reshape(-1, dim)
-            scales = model.memory_scale[rows, cols].permute(2, 0, 1).reshape(-1)
-            distance, nearest = torch.cdist(queries[:, i, j], candidates).min(-1)
-            want[:, i, j] = distance * scales[nearest]
-    torch.testing.assert_close(model(test, grid), want, rtol=1e-4, atol=1e-4)
-
-
-def test_density_forgives_a_place_the_training_images_vary_at_and_not_a_fixed_one() -> None:
-    """Two places, one the same on every training image, one that varies: the same offset from
-    the training content scores higher at the fixed place once distances are in spacing units,
-    while the plain distances are equal."""
-    grid, dim, n = (1, 2), 2, 8
-    generator = torch.Generator().manual_seed(4)
-    train = torch.zeros(n, 2, dim)
-    train[:, 0] = 0.01 * torch.randn(n, dim, generator=generator)
-    train[:, 1] = torch.randn(n, dim, generator=generator)
-    test = train[:1].clone()
-    test[0, :, 0] += 3.0
-    plain, weighted = (
-        PositionalModel(
-            PositionalConfig(enabled=True, pool=1, radius=0, dims=dim, density_k=k), dim, grid, n
-        ).fit(train, grid)(test, grid)[0, 0]
-        for k in (0, 2)
-    )
-    assert float(plain[0]) == pytest.approx(float(plain[1]), rel=0.02)
-    assert weighted[0] > 10 * weighted[1]
-
-
-def test_density_state_round_trips_and_a_state_without_it_is_refused() -> None:
-    grid, dim = (4, 4), 3
-    generator = torch.Generator().manual_seed(5)
-    train = torch.randn(4, 16, dim, generator=generator)
-    config = PositionalConfig(enabled=True, pool=1, radius=1, dims=dim, density_k=2)
-    model = PositionalModel(config, dim, grid, 4).fit(train, grid)
-    state = model.state_dict()
-    assert set(state) == {"mean", "basis", "memory", "memory_scale"}
-    restored = PositionalModel(config, dim, grid, 4)
-    restored.load_state_dict(state)
-    test = torch.randn(2, 16, dim, generator=generator)
-    torch.testing.assert_close(restored(test, grid), model(test, grid))
-    del state["memory_scale"]
-    with pytest.raises(RuntimeError, match="memory_scale"):
-        PositionalModel(config, dim, grid, 4).load_state_dict(state)
-
-
-def test_density_needs_more_rows_than_k() -> None:
-    config = PositionalConfig(enabled=True, pool=1, radius=1, dims=2, density_k=3)
-    with pytest.raises(ValueError, match=r"positional.density_k=3 needs a memory of more than 3"):
-        PositionalModel(config, 2, (3, 3), 3).fit(torch.randn(3, 9, 2), (3, 3))
