@@ -220,3 +220,19 @@ def test_parts_must_share_their_width() -> None:
         greedy_coreset([torch.randn(5, 4), torch.randn(5, 3)], count=2, progress=False)
     with pytest.raises(ValueError, match="got no parts"):
         greedy_coreset([], count=2, progress=False)
+
+
+def test_closest_distances_equal_the_full_blocks_minima_bit_for_bit() -> None:
+    """The update pass adds each point's own norm after the minimum: rounding is monotone, so
+    the float32 values are exactly those of the full distance block's minima."""
+    generator = torch.Generator().manual_seed(8)
+    points = torch.randn(1000, 16, generator=generator) * 3
+    sq_norms = points.pow(2).sum(1)
+    centers = torch.tensor([3, 500, 999, 42])
+    full = torch.cat(
+        [sq.amin(1) for _, sq in coreset._sq_distance_chunks(points, sq_norms, centers, rows=300)]
+    )
+    closest = torch.cat(
+        [d for _, d in coreset._closest_sq_distances(points, sq_norms, centers, rows=300)]
+    )
+    assert torch.equal(closest, full)
