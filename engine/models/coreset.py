@@ -190,30 +190,35 @@ def greedy_coreset(
     return picks.to(parts[0].device)
 
 
+def _cross_chunks(
+    points: torch.Tensor, sq_norms: torch.Tensor, centers: torch.Tensor, rows: int = 65536
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(row slice, (rows, C) squared distances of those points to the points ``centers``
+    (indices) less each point's own squared norm), one GEMM per ``rows`` rows. That norm is the
+    same in every column, so the callers add it where it costs least."""
+    c = points[centers]
+    for start in range(0, points.shape[0], rows):
+        part = slice(start, start + rows)
+        yield part, torch.addmm(sq_norms[centers], points[part], c.t(), alpha=-2.0)
+
+
 def _sq_distance_chunks(
     points: torch.Tensor, sq_norms: torch.Tensor, centers: torch.Tensor, rows: int = 65536
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """(row slice, (rows, C) squared Euclidean distances of those points to the points
-    ``centers`` (indices)), one GEMM per ``rows`` rows, clamped at 0 against rounding."""
-    c = points[centers]
-    for start in range(0, points.shape[0], rows):
-        part = slice(start, start + rows)
-        sq = torch.addmm(sq_norms[centers], points[part], c.t(), alpha=-2.0)
-        yield part, sq.add_(sq_norms[part, None]).clamp_min_(0)
+    ``centers`` (indices)), clamped at 0 against rounding."""
+    for part, cross in _cross_chunks(points, sq_norms, centers, rows):
+        yield part, cross.add_(sq_norms[part, None]).clamp_min_(0)
 
 
 def _closest_sq_distances(
     points: torch.Tensor, sq_norms: torch.Tensor, centers: torch.Tensor, rows: int = 65536
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """(row slice, (rows,) squared distance of each of those points to the nearest of the points
-    ``centers``), one GEMM per ``rows`` rows. A point's own squared norm is the same in every
-    column, so it is added after the minimum (and the clamp at 0 after that): rounding is
-    monotone, so the values equal :func:`_sq_distance_chunks`' minima exactly, without two more
-    passes over the (rows, C) block."""
-    c = points[centers]
-    for start in range(0, points.shape[0], rows):
-        part = slice(start, start + rows)
-        cross = torch.addmm(sq_norms[centers], points[part], c.t(), alpha=-2.0)
+    ``centers``). The point's own norm is added after the minimum (and the clamp at 0 after
+    that): rounding is monotone, so the values equal :func:`_sq_distance_chunks`' minima
+    exactly, without two more passes over the (rows, C) block."""
+    for part, cross in _cross_chunks(points, sq_norms, centers, rows):
         yield part, cross.amin(1).add_(sq_norms[part]).clamp_min_(0)
 
 
