@@ -373,3 +373,63 @@ def test_background_scales_in_the_map_and_its_scores() -> None:
     scores = {b: image_scores(m) for b, m in standardised_maps(maps, stats, 1.0).items()}
     from_scores = max_fuse_scores(scores, image_stats, weights, ("positional",), scales)
     torch.testing.assert_close(from_scores, image_scores(fused).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_image_scores_as_the_mean_of_the_top_pixels() -> None:
+    maps = torch.from_numpy(np.random.default_rng(4).random((2, 10, 10)).astype(np.float32))
+    want = np.sort(maps.numpy().reshape(2, -1), axis=1)[:, -3:].mean(1)
+    np.testing.assert_allclose(image_scores(maps, 0.03).numpy(), want, rtol=1e-6)
+    torch.testing.assert_close(image_scores(maps, 1e-6), maps.amax(dim=(1, 2)))  # at least one
+    torch.testing.assert_close(image_scores(maps, 1.0), maps.mean(dim=(1, 2)))
+    with pytest.raises(ValueError, match="top_fraction"):
+        image_scores(maps, 0.0)
+
+
+def test_a_branch_scored_by_its_top_pixels_is_cut_at_the_image_score() -> None:
+    """FusionConfig.logical_top_fraction: the logical image score is the mean of its top pixels;
+    its map is cut at the image's score (that mean among the others' scores), so a stray logical
+    pixel no longer sets the score, while a broad logical anomaly still does, and the fused
+    map's maximum equals max_fuse_scores with that branch's top-pixel means (no gate needed)."""
+    maps, stats, image_stats, weights = max_fusion_case(14)
+    maps["logical"][0, 4, 15] = 40.0  # image 0: one stray logical pixel
+    maps["logical"][1, 2:10, 2:10] = 12.0  # image 1: a broad logical anomaly
+    maps["structural"][1, 12, 3] = 0.0
+    tensors = {b: torch.from_numpy(m) for b, m in maps.items()}
+    standardised = standardised_maps(tensors, stats, 1.0)
+    fractions = {"logical": 0.05}
+
+    def units(b: str, x: torch.Tensor) -> torch.Tensor:
+        return weigh_evidence((x - image_stats[b].mean) / image_stats[b].std, weights[b])
+
+    z = {b: units(b, m) for b, m in standardised.items()}
+    top = units("logical", image_scores(standardised["logical"], 0.05))[:, None, None]
+    score = torch.stack(
+        [z["structural"].amax(dim=(1, 2), keepdim=True), z["composition"][:, :1, :1], top]
+    ).amax(dim=0)
+    got = max_fuse_maps(tensors, stats, image_stats, weights, 1.0, top_fractions=fractions)
+    want = torch.maximum(
+        torch.maximum(z["structural"], torch.minimum(z["logical"], score)), z["composition"]
+    )
+    torch.testing.assert_close(got, want)
+    assert z["logical"][0].max() > image_scores(got)[0] + 5  # the stray pixel is cut
+    assert image_scores(got)[1] == pytest.approx(float(top[1]), rel=1e-5)  # the broad one scores
+    assert float(top[1]) > max(float(z["structural"][1].max()), float(z["composition"][1, 0, 0]))
+    scores = {b: image_scores(m, fractions.get(b)) for b, m in standardised.items()}
+    for power in (None, 8.0):
+        fused = max_fuse_maps(tensors, stats, image_stats, weights, 1.0, power, (), None, fractions)
+        torch.testing.assert_close(
+            image_scores(fused).double(),
+            max_fuse_scores(scores, image_stats, weights),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    alone = {b: tensors[b] for b in ("logical", "composition")}
+    torch.testing.assert_close(
+        image_scores(
+            max_fuse_maps(alone, stats, image_stats, weights, 1.0, 8.0, (), None, fractions)
+        ),
+        torch.maximum(top[:, 0, 0], z["composition"][:, 0, 0]),
+    )
+    fitted = fit_image_stats([tensors], stats, 1.0, top_fractions=fractions)
+    assert fitted["logical"] == BranchStats.fit([scores["logical"]])
+    assert fitted["structural"] == BranchStats.fit([scores["structural"]])
