@@ -91,14 +91,6 @@ class FusionConfig:
     not move; the fused map's good pixels are no longer set by the one branch whose background
     reaches closest to its peak (docs/ACCURACY.md, ablations 31, 35, 36).
 
-    ``logical_top_fraction`` (``"max"`` only; None: off): the logical branch's image score is
-    the mean of its map's top fraction of pixels instead of its maximum, and its map is cut at
-    the image's score (the largest of that mean and the other branches' scores), so the fused
-    map's maximum stays the image score (:func:`engine.max_merge.max_fuse_maps`). A logical
-    anomaly (a missing, extra or misplaced part) raises the reconstruction error over a whole
-    part, while a good image's maximum is often one stray pixel; the memory bank's defects can
-    be a few pixels wide and keep the maximum (docs/ACCURACY.md, probe 40).
-
     ``target_false_alarm_rate`` defaults to 0.05: MVTec LOCO has only tens of validation good
     images per category, and with n images a rate can only be resolved to 1/n; 5% still lands
     inside the sample for n >= 20, while a 1% target on ~60 images is just the single largest
@@ -117,7 +109,6 @@ class FusionConfig:
     positional_role: str = "score"
     background_quantile: float | None = None
     background_target: str = "mean"
-    logical_top_fraction: float | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -161,26 +152,12 @@ class FusionConfig:
                 f"FusionConfig.background_target must be one of {BACKGROUND_TARGETS}, "
                 f"got {self.background_target!r}"
             )
-        f = self.logical_top_fraction
-        if f is not None and (
-            isinstance(f, bool) or not (isinstance(f, int | float) and 0 < f <= 1)
-        ):
-            raise ValueError(
-                f"FusionConfig.logical_top_fraction must be None or in (0, 1], got {f!r}"
-            )
 
     @property
     def capped(self) -> tuple[str, ...]:
         """The map branches cut at the image's score without them (:func:`max_fuse_maps`);
         none with ``merge="sum"``, which ``positional_role`` does not apply to."""
         return ("positional",) if self.positional_role == "shape" and self.merge == "max" else ()
-
-    @property
-    def top_fractions(self) -> dict[str, float]:
-        """The branches whose image score is the mean of their top fraction of pixels
-        (:func:`image_scores`), with that fraction; none with ``merge="sum"``."""
-        f = self.logical_top_fraction
-        return {"logical": float(f)} if f is not None and self.merge == "max" else {}
 
     @property
     def equalised_background(self) -> float | None:
@@ -359,18 +336,11 @@ def resize_to(maps: torch.Tensor, size: tuple[int, int], antialias: bool = False
     )[:, 0]
 
 
-def image_scores(maps: torch.Tensor, top_fraction: float | None = None) -> torch.Tensor:
-    """(B,) image scores: the maximum of each (B, H, W) map, or with ``top_fraction`` the mean
-    of its ``round(top_fraction * H * W)`` largest pixels (at least one)."""
+def image_scores(maps: torch.Tensor) -> torch.Tensor:
+    """(B,) image scores: the maximum of each (B, H, W) map."""
     if maps.dim() != 3 or maps.numel() == 0:
         raise ValueError(f"expected non-empty (B, H, W) maps, got shape {tuple(maps.shape)}")
-    if top_fraction is None:
-        return maps.amax(dim=(1, 2))
-    if not 0 < top_fraction <= 1:
-        raise ValueError(f"top_fraction must be None or in (0, 1], got {top_fraction!r}")
-    flat = maps.flatten(1)
-    k = max(1, round(top_fraction * flat.shape[1]))
-    return flat.topk(k, dim=1).values.mean(dim=1)
+    return maps.amax(dim=(1, 2))
 
 
 def calibrate_threshold(

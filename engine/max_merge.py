@@ -48,7 +48,6 @@ def fit_image_stats(
     sigma: float,
     scale: str = "branch",
     composition_scale: str = "std",
-    top_fractions: Mapping[str, float] | None = None,
 ) -> dict[str, BranchStats]:
     """Each branch's mean and std of the validation image scores of its
     :func:`standardised_maps` map, from ``branch_maps`` (chunks of (B, S, S) maps by branch).
@@ -57,15 +56,11 @@ def fit_image_stats(
     of their variances (a common scale, estimated from all their image scores); the
     composition branch, whose map is already an image score in validation stds, keeps its own.
     ``composition_scale="robust"``: the composition branch's median and scaled median absolute
-    deviation instead (:class:`FusionConfig`). ``top_fractions``: the branches scored by the
-    mean of their top pixels (``FusionConfig.top_fractions``), the others by their maximum.
+    deviation instead (:class:`FusionConfig`).
     """
-    fractions = top_fractions or {}
     standardised = [standardised_maps(chunk, stats, sigma) for chunk in branch_maps]
     branches = list(dict.fromkeys(b for chunk in standardised for b in chunk))
-    scores = {
-        b: [image_scores(chunk[b], fractions.get(b)) for chunk in standardised] for b in branches
-    }
+    scores = {b: [image_scores(chunk[b]) for chunk in standardised] for b in branches}
     return image_stats_from_scores(scores, scale, composition_scale)
 
 
@@ -172,7 +167,6 @@ def max_fuse_maps(
     gate_power: float | None = None,
     capped: Sequence[str] = (),
     backgrounds: Mapping[str, float] | None = None,
-    top_fractions: Mapping[str, float] | None = None,
 ) -> torch.Tensor:
     """(B, S, S) fused map of ``FusionConfig.merge="max"``.
 
@@ -189,13 +183,6 @@ def max_fuse_maps(
     it (the larger of the other map branches' peak and ``a_c``): it places evidence within the
     image but never raises its score. ``backgrounds``: each branch's scale of the part below
     0 (:func:`fit_background_scales`; default 1). Branches of weight 0 are left out.
-
-    A branch in ``top_fractions`` (``FusionConfig.top_fractions``) is scored by the mean of its
-    top pixels instead (``image_stats`` then describe those means): its image score ``t_b``,
-    that mean in the same units, joins the other branches' scores, and its map is cut at the
-    image's score, the largest of them all. As ``max(a_b) >= t_b`` (the units are monotone),
-    the cut map still reaches ``t_b`` where ``t_b`` is the largest, so the fused map's maximum
-    is the image score of :func:`max_fuse_scores` with no gate.
     """
     missing = [b for b in maps if b not in stats or b not in image_stats or b not in weights]
     if missing:
@@ -204,40 +191,23 @@ def max_fuse_maps(
     if not used:
         raise ValueError("every branch has weight 0: nothing to fuse")
     below = backgrounds or {}
-    standardised = standardised_maps(used, stats, sigma)
     scaled = {
         b: _in_image_units(m, image_stats[b], weights[b], below.get(b, 1.0))
-        for b, m in standardised.items()
+        for b, m in standardised_maps(used, stats, sigma).items()
     }
-    fractions = {
-        b: f
-        for b, f in (top_fractions or {}).items()
-        if b in scaled and b != "composition" and b not in capped
-    }
-    summits = [
-        _in_image_units(
-            image_scores(standardised[b], f), image_stats[b], weights[b], below.get(b, 1.0)
-        )[:, None, None]
-        for b, f in fractions.items()
-    ]
     composition = scaled.pop("composition", None)
     shaping = [scaled.pop(b) for b in capped if b in scaled]
-    topped = [scaled.pop(b) for b in fractions]
-    fused = torch.stack(list(scaled.values())).amax(dim=0) if scaled else None
-    peaks = [p.amax(dim=(-2, -1), keepdim=True) for p in (fused, composition) if p is not None]
-    if topped:  # cut at the image's score, which its own top-pixel mean now takes part in
-        score = torch.stack(peaks + summits).amax(dim=0)
-        cut = torch.stack(topped).amax(dim=0).minimum(score)
-        fused = cut if fused is None else fused.maximum(cut)
-        peaks = [score]
-    if shaping:  # cut at the image's score: the others' peak, or the composition evidence
-        if fused is None:
+    if not scaled:
+        if shaping:
             raise ValueError(f"capped branch(es) {list(capped)} need another map branch")
-        peak = torch.stack(peaks).amax(dim=0)
-        fused = fused.maximum(torch.stack(shaping).amax(dim=0).minimum(peak))
-    if fused is None:
         assert composition is not None
         return composition
+    fused = torch.stack(list(scaled.values())).amax(dim=0)
+    if shaping:  # cut at the image's score: the others' peak, or the composition evidence
+        peak = fused.amax(dim=(-2, -1), keepdim=True)
+        if composition is not None:
+            peak = peak.maximum(composition.amax(dim=(-2, -1), keepdim=True))
+        fused = fused.maximum(torch.stack(shaping).amax(dim=0).minimum(peak))
     if composition is None:
         return fused
     if gate_power is None:
@@ -254,8 +224,7 @@ def max_fuse_scores(
     backgrounds: Mapping[str, float] | None = None,
 ) -> torch.Tensor:
     """The image scores of :func:`max_fuse_maps` from each branch's (B,) image scores (the
-    maxima of its standardised maps, or for a branch in its ``top_fractions`` the mean of their
-    top pixels, :func:`engine.calibrate.image_scores`): ``max_b`` of ``(s_b - image_mean_b) / image_std_b``
+    maxima of its standardised maps): ``max_b`` of ``(s_b - image_mean_b) / image_std_b``
     weighted by :func:`weigh_evidence`, over the branches of non-zero weight not in ``capped``.
     Exact, since every term is a per-branch maximum (the weighting, background scale included,
     is monotone), a capped branch never exceeds the others' score and the gated composition

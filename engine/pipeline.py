@@ -170,12 +170,7 @@ def calibrate(
     image_stats, backgrounds = None, None
     if fusion.merge == "max":
         image_stats = fit_image_stats(
-            chunks,
-            stats,
-            fusion.sigma,
-            config.image_scale,
-            config.composition_scale,
-            fusion.top_fractions,
+            chunks, stats, fusion.sigma, config.image_scale, config.composition_scale
         )
         image_stats |= {b: s for b, s in as_is.items() if b in image_stats}
     if fusion.background_quantile is not None:

@@ -114,12 +114,6 @@ def fusion_config(overrides: Sequence[str]) -> FusionConfig:
             "fusion.background_quantile is fitted on validation pixels, which the benchmark's "
             "JSON does not hold: recombine with --set fusion.background_quantile=none"
         )
-    if fusion.top_fractions:
-        raise ValueError(
-            "fusion.logical_top_fraction scores the logical branch by the mean of its top "
-            "pixels, while the benchmark's JSON holds its maxima: recombine with "
-            "--set fusion.logical_top_fraction=none"
-        )
     return fusion
 
 

@@ -59,8 +59,6 @@ class Fusion(nn.Module):
         background_quantile: with ``merge="max"``, the validation quantile at which the
             branches' backgrounds are equalised (``FusionConfig.background_quantile``); None:
             not.
-        top_fractions: with ``merge="max"``, the branches scored by the mean of their top
-            fraction of pixels, with that fraction (``FusionConfig.top_fractions``).
 
     Buffers (float64, so they hold the manifest's numbers exactly): ``mean``, ``std``,
     ``image_mean``, ``image_std`` (``merge="max"`` only), ``weight`` and ``background`` (each
@@ -92,7 +90,6 @@ class Fusion(nn.Module):
         merge: str = "sum",
         capped: Sequence[str] = (),
         background_quantile: float | None = None,
-        top_fractions: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         unknown = [b for b in branches if b not in BRANCHES]
@@ -109,12 +106,6 @@ class Fusion(nn.Module):
             raise ValueError("capped branches need merge='max'")
         if background_quantile is not None and merge != "max":
             raise ValueError("background_quantile needs merge='max'")
-        fractions = {b: float(f) for b, f in (top_fractions or {}).items() if b in branches}
-        if fractions and merge != "max":
-            raise ValueError("top_fractions need merge='max'")
-        bad = {b: f for b, f in fractions.items() if not 0 < f <= 1 or b == "composition"}
-        if bad:
-            raise ValueError(f"top fractions must be in (0, 1] for map branches, got {bad}")
         self.branches = tuple(branches)
         self.sigma = float(sigma)
         self.gate_power = gate_power
@@ -122,7 +113,6 @@ class Fusion(nn.Module):
         self.merge = merge
         self.capped = tuple(b for b in capped if b in self.branches)
         self.background_quantile = background_quantile
-        self.top_fractions = fractions
         nan = torch.full((len(branches),), math.nan, dtype=torch.float64)
         for name in ("mean", "std", "image_mean", "image_std"):
             self.register_buffer(name, nan.clone())
@@ -158,7 +148,6 @@ class Fusion(nn.Module):
             config.merge,
             config.capped,
             config.equalised_background,
-            config.top_fractions,
         )
 
     def calibrate(
@@ -259,15 +248,13 @@ class Fusion(nn.Module):
             self.gate_power,
             self.capped,
             values.backgrounds,
-            self.top_fractions,
         )
 
     def extra_repr(self) -> str:
         return (
             f"branches={self.branches}, sigma={self.sigma:g}, gate_power={self.gate_power}, "
             f"gate_after_blur={self.gate_after_blur}, merge={self.merge!r}, "
-            f"capped={self.capped}, background_quantile={self.background_quantile}, "
-            f"top_fractions={self.top_fractions}"
+            f"capped={self.capped}, background_quantile={self.background_quantile}"
         )
 
     @staticmethod

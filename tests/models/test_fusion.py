@@ -222,31 +222,3 @@ def test_from_config_scales_sigma_and_places_the_composition(fused_map, gate_pow
         config, BRANCHES[:2], 512, composition, {"logical": 1, "structural": 5}
     )
     assert (two.sigma, two.gate_power, two.weights["structural"]) == (8.0, None, 5.0)
-
-
-@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, math.nan, True, "0.1"])
-def test_a_bad_logical_top_fraction_is_refused(bad) -> None:
-    with pytest.raises(ValueError, match="logical_top_fraction"):
-        FusionConfig(merge="max", logical_top_fraction=bad)
-
-
-def test_from_config_scores_the_logical_branch_by_its_top_pixels_when_asked() -> None:
-    """``logical_top_fraction`` reaches the module's forward pass (max merge only)."""
-    config = FusionConfig(merge="max", logical_top_fraction=0.1)
-    fusion = Fusion.from_config(config, BRANCHES, 16)
-    assert fusion.top_fractions == {"logical": 0.1}
-    fusion.calibrate(STATS, IMAGE_STATS)
-    maps = branch_maps(5)
-    weights = {b: config.weight(b) for b in BRANCHES}
-    want = max_fuse_maps(
-        maps, STATS, IMAGE_STATS, weights, fusion.sigma, top_fractions={"logical": 0.1}
-    )
-    torch.testing.assert_close(fusion(maps), want, rtol=0, atol=0)
-    assert not torch.equal(want, max_fuse_maps(maps, STATS, IMAGE_STATS, weights, fusion.sigma))
-    summed = FusionConfig(logical_top_fraction=0.1)
-    assert summed.top_fractions == {}  # the sum ignores it, as it does image_scale
-    assert Fusion.from_config(summed, BRANCHES, 16).top_fractions == {}
-    with pytest.raises(ValueError, match="top_fractions need merge='max'"):
-        Fusion(BRANCHES, WEIGHTS, 1.0, top_fractions={"logical": 0.1})
-    with pytest.raises(ValueError, match="top fractions must be in"):
-        Fusion(BRANCHES, WEIGHTS, 1.0, merge="max", top_fractions={"composition": 0.1})

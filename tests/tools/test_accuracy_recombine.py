@@ -89,10 +89,6 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path: Path, capsys) -> None:
         (["--take", f"composition={apart}"], "share no"),
         (["--take", f"composition={not_json}"], "not an accuracy JSON"),
         (["--take", f"composition={base_path}", "--set", "fusion.merge=sum"], "merge='max'"),
-        (
-            ["--take", f"composition={base_path}", "--set", "fusion.logical_top_fraction=0.03"],
-            "logical_top_fraction=none",
-        ),
         (["--take", f"composition={base_path}", "--set", "fusion.nope=1"], "no field 'nope'"),
         (
             ["--take", f"composition={base_path}", "--set", "structural.image_size=448"],
