@@ -30,6 +30,7 @@ from torch import nn
 
 from engine import Runtime
 from engine.artifact import save_artifact
+from engine.backends.onnx import onnx_cuda_available
 from engine.calibrate import BranchStats
 from engine.config import BuildConfig, cpu_build_preset, paper_preset
 from engine.detector import Detector
@@ -221,8 +222,8 @@ def timed_runtime(
 def test_runtime(benchmark, artifacts: dict, backend: str, precision: str, batch: int) -> None:
     if backend == "compile" and not CUDA:
         pytest.skip("compile is timed on CUDA only (minutes of compilation on CPU, no gain)")
-    if backend == "onnx" and CUDA:
-        pytest.skip("the onnx backend runs on CPU only")
+    if backend == "onnx" and CUDA and not onnx_cuda_available():
+        pytest.skip("the onnx backend on CUDA needs onnxruntime-gpu")
     benchmark.group = f"runtime ({PRESET} preset, {DEVICE.type}, b{batch})"
     timed_runtime(benchmark, artifacts, backend, batch, compact=True, precision=precision)
 

@@ -6,7 +6,8 @@ in ``torch.compile`` (Inductor; CUDA graphs with ``mode="reduce-overhead"`` on G
 (CUDA only) folds the BatchNorms and has the Runtime capture the whole frame, eager modules and
 all, as one CUDA graph per frame shape (:mod:`engine.frame_graph`); it needs the memory bank
 searched on the GPU (no FAISS index) and is not yet measured on a GPU. ``onnx``
-runs both networks in ONNX Runtime on CPU (see :mod:`engine.backends.onnx`). ``tensorrt`` is
+runs both networks in ONNX Runtime, on CPU or, with the ``onnxruntime-gpu`` build, on CUDA (not
+yet run on a GPU; see :mod:`engine.backends.onnx`). ``tensorrt`` is
 not implemented in this version and says so. ``auto`` picks ``compile`` on CUDA; on CPU it
 picks ``onnx`` for float32 when ONNX Runtime is installed (it runs the networks about 3x
 faster than eager PyTorch there; docs/PERFORMANCE.md), falling back to ``eager`` with a warning
@@ -21,7 +22,7 @@ import logging
 
 import torch
 
-from engine.backends.onnx import apply_onnx, onnx_available
+from engine.backends.onnx import apply_onnx, onnx_available, onnx_providers
 from engine.detector import Detector
 
 BACKENDS = ("auto", "eager", "compile", "graph", "onnx", "tensorrt")
@@ -57,10 +58,12 @@ def resolve_backend(name: str, device: torch.device, precision: str = "fp32") ->
                 "backend 'onnx' needs onnxruntime and onnxscript (the project's 'onnx' extra), "
                 "which are not installed; use backend='eager'"
             )
-        if device.type != "cpu":
-            raise NotImplementedError(
-                "backend 'onnx' runs on CPU only in this version (no CUDA provider or IO "
-                "binding); use 'compile' or 'eager' on CUDA"
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"backend 'onnx' runs on CPU or CUDA, got {device}")
+        if device.type == "cuda" and "CUDAExecutionProvider" not in onnx_providers():
+            raise RuntimeError(
+                "backend 'onnx' on CUDA needs ONNX Runtime's CUDA provider (the onnxruntime-gpu "
+                f"package); this onnxruntime has {onnx_providers()}: use 'compile' or 'eager'"
             )
     return name
 

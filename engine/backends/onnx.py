@@ -6,8 +6,11 @@ more at the composition branch's own input size when it has one. The memory-bank
 search (FAISS or :func:`kernels.knn_min`), the positional memory, the composition model and
 fusion stay in PyTorch: they consume the features, and the search is one BLAS product that ONNX
 Runtime would not run faster. The logical graph runs on a worker thread, concurrently with the
-structural stream (:meth:`~engine.detector.Detector.overlap_logical`). CPU only in this version
-(ONNX Runtime's CPU provider).
+structural stream (:meth:`~engine.detector.Detector.overlap_logical`). On CPU the graphs run on
+ONNX Runtime's CPU provider; on CUDA on its CUDA provider (the ``onnxruntime-gpu`` package), not
+yet run on a GPU (docs/PERFORMANCE.md). Either way the tensors are bound in place (IO binding):
+ONNX Runtime reads the input and writes each output straight into PyTorch tensors on the
+detector's device, so no map makes a round trip through the host.
 
 Exporting takes tens of seconds, so the graphs are cached in
 ``$XDG_CACHE_HOME/npgmf-engine/onnx/<key>`` (default ``~/.cache/...``, beside the synthetic data
@@ -41,6 +44,19 @@ def onnx_available() -> bool:
     return all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnxscript"))
 
 
+def onnx_providers() -> list[str]:
+    """ONNX Runtime's execution providers in this install (``CUDAExecutionProvider`` only in
+    the ``onnxruntime-gpu`` build)."""
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def onnx_cuda_available() -> bool:
+    """Whether the backend can run on CUDA here: ONNX Runtime with its CUDA provider."""
+    return onnx_available() and "CUDAExecutionProvider" in onnx_providers()
+
+
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "npgmf-engine" / "onnx"
@@ -72,28 +88,69 @@ class _WithFine(nn.Module):
 
 
 class OrtFunction:
-    """An ONNX Runtime session called like the module it was exported from: a float32 CPU
-    tensor in, a float32 CPU tensor out."""
+    """An ONNX Runtime session called like the module it was exported from: a float32 tensor
+    in, float32 tensors out, on ``device`` (CPU, or CUDA through ONNX Runtime's CUDA provider).
 
-    def __init__(self, path: Path, threads: int) -> None:
+    The graphs' dimensions are static but for the batch (:func:`_export`), so every output is
+    allocated from the input's batch size and bound in place for ONNX Runtime to fill."""
+
+    def __init__(self, path: Path, threads: int, device: torch.device | None = None) -> None:
         import onnxruntime as ort
 
+        self.device = torch.device("cpu") if device is None else device
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # Idle ONNX Runtime workers spin by default: on a small CPU that steals the cores from
         # the PyTorch and FAISS work between two graph runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        providers: list = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            self.device_id = self.device.index if self.device.index is not None else 0
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device_id}))
+        else:
+            self.device_id = 0
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input = self.session.get_inputs()[0].name
+        self.output_shapes = [_static_tail(out, path) for out in self.session.get_outputs()]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.outputs(x)[0]
 
     def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every output of the graph, in order."""
-        array = np.ascontiguousarray(x.detach().float().cpu().numpy())
-        return [torch.from_numpy(out) for out in self.session.run(None, {self.input: array})]
+        """Every output of the graph, in order, on the session's device."""
+        x = x.detach().to(self.device, torch.float32).contiguous()
+        place = self.device.type
+        binding = self.session.io_binding()
+        binding.bind_input(
+            self.input, place, self.device_id, np.float32, tuple(x.shape), x.data_ptr()
+        )
+        outputs = []
+        for name, tail in self.output_shapes:
+            out = torch.empty((x.shape[0], *tail), dtype=torch.float32, device=self.device)
+            binding.bind_output(
+                name, place, self.device_id, np.float32, tuple(out.shape), out.data_ptr()
+            )
+            outputs.append(out)
+        if place == "cuda":
+            # ONNX Runtime runs on its own stream: the input must be written before it reads.
+            torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+
+def _static_tail(output: object, path: Path) -> tuple[str, tuple[int, ...]]:
+    """An ONNX output's name and its dimensions after the batch, which must be fixed numbers
+    (float32) for the output to be allocated before the run."""
+    name, shape, kind = output.name, output.shape, output.type
+    tail = tuple(shape[1:])
+    if kind != "tensor(float)" or not all(isinstance(d, int) for d in tail):
+        raise RuntimeError(
+            f"{path}: output {name!r} is {kind} of shape {shape}; the onnx backend binds float32 "
+            "outputs whose dimensions after the batch are fixed (delete the cached graph to "
+            "export it again)"
+        )
+    return name, tail
 
 
 class OrtPatchFeatures:
@@ -161,9 +218,9 @@ def graph_key(detector: Detector) -> str:
     return digest.hexdigest()[:32]
 
 
-def _export(module: nn.Module, size: int, path: Path) -> None:
-    """Export ``module`` for (B, 3, size, size) inputs to ``path``, atomically."""
-    example = torch.zeros(2, 3, size, size)
+def _export(module: nn.Module, size: int, path: Path, device: torch.device) -> None:
+    """Export ``module`` (on ``device``) for (B, 3, size, size) inputs to ``path``, atomically."""
+    example = torch.zeros(2, 3, size, size, device=device)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -195,14 +252,15 @@ def _graph_folder(key: str) -> Path:
 
 
 def apply_onnx(detector: Detector) -> None:
-    """Swap the networks of ``detector`` (on CPU) for ONNX Runtime sessions, exported now or
-    read from the cache."""
+    """Swap the networks of ``detector`` for ONNX Runtime sessions on its device, exported now
+    or read from the cache."""
     folder = _graph_folder(graph_key(detector))
     logical_path = folder / "logical.onnx"
     features = detector.structural.patch_features
+    device = detector.device
     if not logical_path.is_file():
         log.info("exporting the logical branch to ONNX (%s)", logical_path)
-        _export(_Method(detector.logical, "anomaly_map"), detector.map_size, logical_path)
+        _export(_Method(detector.logical, "anomaly_map"), detector.map_size, logical_path, device)
     threads = torch.get_num_threads()
     graphs = {}
     for i, size in enumerate(feature_sizes(detector)):
@@ -212,11 +270,11 @@ def apply_onnx(detector: Detector) -> None:
         if not path.is_file():
             log.info("exporting the structural features at %d px to ONNX (%s)", size, path)
             graph = _WithFine(features) if has_fine else _Method(features, "forward", True)
-            _export(graph, size, path)
+            _export(graph, size, path, device)
         with torch.no_grad():
-            _, grid = features(torch.zeros(1, 3, size, size))
-        graphs[size] = (OrtFunction(path, threads), grid, has_fine)
-    detector.logical_fn = OrtFunction(logical_path, threads)
+            _, grid = features(torch.zeros(1, 3, size, size, device=device))
+        graphs[size] = (OrtFunction(path, threads, device), grid, has_fine)
+    detector.logical_fn = OrtFunction(logical_path, threads, device)
     detector.structural_side.features_fn = OrtPatchFeatures(graphs)
     detector.structural_fn = detector.structural_side
     # ONNX Runtime's pool runs the logical graph while PyTorch's and FAISS's run the rest.

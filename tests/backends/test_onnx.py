@@ -5,6 +5,8 @@ from __future__ import annotations
 import runpy
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -124,9 +126,85 @@ def test_unwritable_cache_falls_back_to_a_temporary_folder(tmp_path: Path, monke
         shutil.rmtree(folder)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not onnx.onnx_cuda_available(),
+    reason="needs a CUDA device and onnxruntime-gpu",
+)
+def test_onnx_on_cuda_equals_eager(cache: Path) -> None:
+    detector, _ = TINY["tiny_detector"](0)
+    detector = detector.to("cuda")
+    batch = frames()
+    eager = detector(batch)
+    assert apply_backend(detector, "onnx") == "onnx"
+    got = detector(batch)
+    for name in ("fused", "logical", "structural"):
+        torch.testing.assert_close(getattr(got, name), getattr(eager, name), rtol=1e-3, atol=1e-3)
+
+
+class FakeSession:
+    """Records how an ``onnxruntime.InferenceSession`` was opened; one output, as declared."""
+
+    opened: ClassVar[list] = []
+
+    def __init__(self, path: str, options: object, providers: list) -> None:
+        FakeSession.opened.append(providers)
+        self.shape = ["batch", 4, 5]
+
+    def get_inputs(self) -> list:
+        return [SimpleNamespace(name="x")]
+
+    def get_outputs(self) -> list:
+        return [SimpleNamespace(name="y", shape=self.shape, type="tensor(float)")]
+
+
+def test_a_cuda_session_puts_the_cuda_provider_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", FakeSession)
+    FakeSession.opened.clear()
+    function = onnx.OrtFunction(Path("g.onnx"), 1, torch.device("cuda", 1))
+    cpu = onnx.OrtFunction(Path("g.onnx"), 1)
+    assert FakeSession.opened == [
+        [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"],
+        ["CPUExecutionProvider"],
+    ]
+    assert (function.device_id, cpu.device.type) == (1, "cpu")
+    assert function.output_shapes == [("y", (4, 5))]
+
+
+def test_outputs_need_fixed_dimensions_after_the_batch() -> None:
+    symbolic = SimpleNamespace(name="y", shape=["batch", "h", 5], type="tensor(float)")
+    with pytest.raises(RuntimeError, match="'y' is tensor\\(float\\) of shape"):
+        onnx._static_tail(symbolic, Path("g.onnx"))
+    half = SimpleNamespace(name="y", shape=["batch", 4, 5], type="tensor(float16)")
+    with pytest.raises(RuntimeError, match="binds float32 outputs"):
+        onnx._static_tail(half, Path("g.onnx"))
+
+
+def test_cpu_outputs_are_written_in_place_for_any_batch(cache: Path) -> None:
+    """The bound outputs follow the input's batch size; the values are the module's."""
+    detector, _ = TINY["tiny_detector"](0)
+    apply_backend(detector, "onnx")
+    x = torch.rand(3, 3, detector.map_size, detector.map_size)
+    with torch.no_grad():
+        expected = detector.logical.anomaly_map(x)
+    for batch in (1, 3):
+        got = detector.logical_fn(x[:batch])
+        assert got.shape == expected[:batch].shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected[:batch], rtol=1e-4, atol=1e-4)
+
+
 def test_refusals_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(NotImplementedError, match="CPU only"):
+    monkeypatch.setattr(backends, "onnx_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
         backends.resolve_backend("onnx", torch.device("cuda"))
+    monkeypatch.setattr(
+        backends, "onnx_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    assert backends.resolve_backend("onnx", torch.device("cuda")) == "onnx"
+    with pytest.raises(RuntimeError, match="CPU or CUDA"):
+        backends.resolve_backend("onnx", torch.device("meta"))
     monkeypatch.setattr(backends, "onnx_available", lambda: False)
     with pytest.raises(RuntimeError, match="onnxruntime and onnxscript"):
         backends.resolve_backend("onnx", torch.device("cpu"))
