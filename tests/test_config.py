@@ -138,3 +138,14 @@ def test_the_cpu_preset_weighs_bank_distances_by_local_spacing_and_old_manifests
     values = cpu_build_preset().to_dict()
     values["structural"].pop("density_k")
     assert BuildConfig.from_dict(values).structural.density_k == 0
+
+
+def test_the_cpu_preset_fits_three_composition_members_and_says_how_to_add_windows() -> None:
+    """ablation 44 adopted ``composition.members=3`` in the cpu preset; fine parts and windows
+    are refused beside it with the setting that allows them."""
+    assert cpu_build_preset().composition.members == 3
+    assert paper_preset().composition.members == 1
+    values = cpu_build_preset().to_dict()
+    values["composition"]["windows"] = [6, 4]
+    with pytest.raises(ValueError, match=r"--set composition\.members=1"):
+        BuildConfig.from_dict(values)
