@@ -222,7 +222,11 @@ def test_config_refuses_an_unknown_window_scale() -> None:
 
 
 def test_windows_are_set_from_the_command_line() -> None:
-    config = apply_overrides(cpu_build_preset(), ["composition.windows=8,6,4"])
+    # the cpu preset's three members do not combine with windows: one fit, then the windows
+    one_fit = apply_overrides(cpu_build_preset(), ["composition.members=1"])
+    assert not one_fit.composition.groups_calibrated
+    config = apply_overrides(one_fit, ["composition.windows=8,6,4"])
     assert config.composition.windows == (8, 6, 4)
     assert config.composition.groups_calibrated
-    assert not cpu_build_preset().composition.groups_calibrated
+    with pytest.raises(ValueError, match=r"--set composition\.members=1"):
+        apply_overrides(cpu_build_preset(), ["composition.windows=8,6,4"])
