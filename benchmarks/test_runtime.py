@@ -224,6 +224,8 @@ def test_runtime(benchmark, artifacts: dict, backend: str, precision: str, batch
         pytest.skip("compile is timed on CUDA only (minutes of compilation on CPU, no gain)")
     if backend == "onnx" and CUDA and not onnx_cuda_available():
         pytest.skip("the onnx backend on CUDA needs onnxruntime-gpu")
+    if backend == "onnx" and precision != "fp32":
+        pytest.skip("the onnx backend runs float32 graphs only")
     benchmark.group = f"runtime ({PRESET} preset, {DEVICE.type}, b{batch})"
     timed_runtime(benchmark, artifacts, backend, batch, compact=True, precision=precision)
 

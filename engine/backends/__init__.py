@@ -22,7 +22,12 @@ import logging
 
 import torch
 
-from engine.backends.onnx import apply_onnx, onnx_available, onnx_providers
+from engine.backends.onnx import (
+    apply_onnx,
+    onnx_available,
+    onnx_cuda_available,
+    onnx_providers,
+)
 from engine.detector import Detector
 
 BACKENDS = ("auto", "eager", "compile", "graph", "onnx", "tensorrt")
@@ -60,7 +65,7 @@ def resolve_backend(name: str, device: torch.device, precision: str = "fp32") ->
             )
         if device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"backend 'onnx' runs on CPU or CUDA, got {device}")
-        if device.type == "cuda" and "CUDAExecutionProvider" not in onnx_providers():
+        if device.type == "cuda" and not onnx_cuda_available():
             raise RuntimeError(
                 "backend 'onnx' on CUDA needs ONNX Runtime's CUDA provider (the onnxruntime-gpu "
                 f"package); this onnxruntime has {onnx_providers()}: use 'compile' or 'eager'"

@@ -196,11 +196,11 @@ def test_cpu_outputs_are_written_in_place_for_any_batch(cache: Path) -> None:
 
 
 def test_refusals_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backends, "onnx_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(onnx, "onnx_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
         backends.resolve_backend("onnx", torch.device("cuda"))
     monkeypatch.setattr(
-        backends, "onnx_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        onnx, "onnx_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     assert backends.resolve_backend("onnx", torch.device("cuda")) == "onnx"
     with pytest.raises(RuntimeError, match="CPU or CUDA"):

@@ -92,9 +92,9 @@ class CompositionConfig:
     moves one data seed's fused mean by up to 0.010. Over five seeds ``members=5`` raised the
     logical subset by 0.011 and lowered the structural subset by 0.005 (fused mean +0.003,
     within noise; docs/ACCURACY.md, ablation 23); ``members=3``, tested on two new seeds,
-    raised the fused mean image AUROC by 0.012 and 0.007 (ablation 44), so the ``cpu`` preset fits 3; the
-    default here (and the ``paper`` preset, which has no composition branch) is one fit. Not
-    combined with ``fine_parts`` or ``windows``.
+    raised the fused mean image AUROC by 0.012 and 0.007 (ablation 44), so the ``cpu`` preset
+    fits 3; the default here (and the ``paper`` preset, which has no composition branch) is one
+    fit. Not combined with ``fine_parts`` or ``windows``.
     ``window_scale``: how a window size's distance is standardised: ``"tail"`` by the median
     and the 95th-percentile tail of the training images' leave-one-out distances (a heavy tail
     of good images then weighs less), ``"mad"`` by the validation median and MAD like the other
