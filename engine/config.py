@@ -269,7 +269,7 @@ def cpu_build_preset() -> BuildConfig:
     the mean of their standardised distances: fused mean image AUROC +0.012 / +0.007 (logical
     subset +0.019 / +0.013) and AU-sPRO@0.05 +0.001 / +0.000 paired on seeds 18 / 19, the rule
     fixed first (ablation 44; five fits had gained only +0.003 over seeds 2-6, ablation 23),
-    at about 17 ms more per CPU frame. Combining fine parts or windows needs
+    at 11-16 ms more per CPU frame (docs/PERFORMANCE.md). Combining fine parts or windows needs
     ``composition.members=1``.
     """
     structural = replace(
