@@ -108,7 +108,8 @@ def fitted_branches(config: BuildConfig, grid: tuple[int, int], dim: int) -> dic
 
 def to_full(module: nn.Module, basis: torch.Tensor) -> nn.Module:
     """``module`` (fitted on compact features ``f``) for full-coordinate features
-    ``f @ basis.T``: its feature mean and projection rotated by ``basis``, the rest as it is."""
+    ``f @ basis.T``: its feature means and projections rotated by ``basis`` (every composition
+    fit's, ``members.*`` included), the rest as it is."""
     state = module.state_dict()
     dim = basis.shape[0]
     if isinstance(module, PositionalModel):
@@ -117,8 +118,12 @@ def to_full(module: nn.Module, basis: torch.Tensor) -> nn.Module:
     else:
         full = CompositionModel(module.config, dim, module.grid)
         mean, projection = "feature_mean", "projection"
-    state[mean] = state[mean] @ basis.t()
-    state[projection] = basis @ state[projection]
+    for key in state:
+        name = key.rsplit(".", 1)[-1]
+        if name == mean:
+            state[key] = state[key] @ basis.t()
+        elif name == projection:
+            state[key] = basis @ state[key]
     full.load_state_dict(state)
     return full
 

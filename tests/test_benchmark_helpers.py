@@ -7,17 +7,24 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.test_runtime import fitted_branches
+from benchmarks.test_runtime import fitted_branches, to_full
 from engine.config import cpu_build_preset
 
-GRID, DIM = (8, 8), 40  # DIM >= the preset's composition.pca_dim
+GRID, DIM, FULL = (8, 8), 40, 64  # DIM >= the preset's composition.pca_dim
 
 
-def test_cpu_preset_branches_score_frames() -> None:
+def test_cpu_preset_composition_scores_frames_in_both_coordinates() -> None:
+    """The preset's composition (several fits) scores frames, and carried over to full
+    coordinates (every fit rotated) it gives the compact model's scores."""
     config = cpu_build_preset()
     config = replace(config, positional=replace(config.positional, enabled=False))
     assert config.composition.members > 1  # the case that needs the groups standardised
-    branches = fitted_branches(config, GRID, DIM)
-    score, cell_map = branches["composition"](torch.randn(2, GRID[0] * GRID[1], DIM), GRID)
+    composition = fitted_branches(config, GRID, DIM)["composition"]
+    compact = torch.randn(2, GRID[0] * GRID[1], DIM, generator=torch.Generator().manual_seed(5))
+    score, cell_map = composition(compact, GRID)
     assert score.shape == (2,) and torch.isfinite(score).all()
     assert cell_map.shape[0] == 2
+    basis = torch.linalg.qr(torch.randn(FULL, DIM, generator=torch.Generator().manual_seed(6)))[0]
+    full_score, full_map = to_full(composition, basis)(compact @ basis.t(), GRID)
+    torch.testing.assert_close(full_score, score, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(full_map, cell_map, rtol=1e-4, atol=1e-4)
