@@ -122,9 +122,11 @@ def category(tmp_path_factory: pytest.TempPathFactory, timing_info: dict) -> dic
         )
         # Calibrated as a build calibrates, so the fused map weighs every branch as it would
         # in a build, and its differences from eager are in the map's real units.
-        if composition.n_groups > 1:
+        grouped = composition.n_groups > 1
+        if grouped:
             calibrate_composition_groups(detector, validation, False)
-        calibrate(detector.fusion, validation_maps(detector, validation, False), config.fusion)
+        maps = validation_maps(detector, validation, False)
+        calibrate(detector.fusion, maps, config.fusion, composition_calibrated=grouped)
         artifacts[case] = save_artifact(root / case, detector, case_config, timing_info)
     frames = [
         np.asarray(Image.open(p).convert("RGB").resize((640, 480), Image.BILINEAR))
