@@ -224,6 +224,8 @@ def test_unfitted_model_and_wrong_inputs_are_refused(fitted: CompositionModel) -
         ("parts", ("area+",), "every name once"),
         ("temperature", -0.1, "temperature must be in"),
         ("scale_floor", 0.0, "scale_floor must be in"),
+        ("unseen_scale", -0.5, "unseen_scale must be in"),
+        ("unseen_scale", True, "unseen_scale must be in"),
         ("seed", -1, "seed must be a non-negative int"),
         ("image_size", 0, "image_size must be a positive int"),
         ("image_size", 384.0, "image_size must be a positive int"),
@@ -269,6 +271,26 @@ def test_few_training_images_give_bounded_scores() -> None:
     extra, cells = model(scenes(5, 4, seed=2, extra=1), GRID)
     assert torch.isfinite(extra).all() and torch.isfinite(cells).all()
     assert extra.max() < 1e3 and good.max() < 1e3
+
+
+def test_a_dimension_that_never_varied_is_scaled_by_its_components_patch_spread() -> None:
+    """One part per training image: no component ever forms two blobs, so every blob_spread
+    dimension is 0 on all of them. A good-looking image whose parts form two blobs must not
+    score far out on those dimensions alone."""
+    config = CompositionConfig(**SMALL, parts=("area+appearance+spread+blob_spread",))
+    train = scenes(40, 1, seed=0)
+    plain = CompositionModel(config, DIM, GRID).fit(train, GRID)
+    unseen = CompositionModel(replace(config, unseen_scale=1.0), DIM, GRID).fit(train, GRID)
+    sizes = config.part_sizes()
+    blob_spread = slice(len(plain.descriptor_scale) - sizes["blob_spread"], None)
+    assert plain.describe(train)[0][:, blob_spread].abs().max() == 0
+    raised = unseen.descriptor_scale / plain.descriptor_scale
+    assert (raised[blob_spread] > 5).all()  # floored by the other dimensions' median before
+    assert torch.equal(raised[: blob_spread.start], torch.ones(blob_spread.start))
+    good, split = scenes(20, 1, seed=1), scenes(20, 2, seed=2)
+    assert torch.allclose(unseen(good, GRID)[0], plain(good, GRID)[0])
+    # two parts: the areas change (about 10 for both), the blob spreads only for the plain model
+    assert unseen(split, GRID)[0].max() < 0.7 * plain(split, GRID)[0].max()
 
 
 def test_own_pass_only_when_the_size_differs_from_the_memory_bank() -> None:

@@ -11,6 +11,8 @@ WINDOW_SCALES = ("tail", "mad")
 MIN_TRAINING_IMAGES = 2  # a covariance of the training descriptors needs two of them
 # the descriptor parts a config may name (see the package docstring)
 PARTS = ("area", "pairs", "blobs", "blob_size", "blob_spread", "grid", "appearance", "spread")
+# the parts measured along each component's appearance directions, (K, q) each
+APPEARANCE_PARTS = ("appearance", "spread", "blob_spread")
 
 
 def positive_int(name: str, value: object) -> None:
@@ -63,6 +65,13 @@ class CompositionConfig:
     small change scores millions (a 1e-6 floor on 8 images gave fused maps of 8e6).
     ``scale_floor``: a descriptor dimension's scale is at least this fraction of its part's
     median scale, so dimensions constant on the training set stay finite.
+    ``unseen_scale`` (0: off): a dimension of the ``appearance``, ``spread`` or ``blob_spread``
+    parts whose training std is below that floor (it never varied, e.g. a component that never
+    formed two blobs) takes at least this fraction of its component's patch spread along that
+    direction as its scale. The part's median scale comes from other components and other
+    magnitudes: on splicing_connectors such a dimension scored a normal image 199 training
+    scales out when the component split in two once, more than any anomaly
+    (docs/ACCURACY.md, ablation 45).
     ``fit_patches``: patches sampled (seeded) from the training images for the PCA and k-means.
     ``kmeans_iterations`` / ``kmeans_restarts`` / ``seed``: k-means settings.
     ``fine_parts``: also draw the components at the backbone's stride 4 and score the blob
@@ -114,6 +123,7 @@ class CompositionConfig:
     min_blob: int = 2
     label_iterations: int = 12
     scale_floor: float = 0.1
+    unseen_scale: float = 0.0
     variance_floor: float = 0.1
     fit_patches: int = 50_000
     kmeans_iterations: int = 50
@@ -215,6 +225,15 @@ class CompositionConfig:
         ):
             raise ValueError(
                 f"CompositionConfig.scale_floor must be in (0, 1], got {self.scale_floor!r}"
+            )
+
+        if (
+            isinstance(self.unseen_scale, bool)
+            or not isinstance(self.unseen_scale, int | float)
+            or not 0 <= self.unseen_scale <= 10
+        ):
+            raise ValueError(
+                f"CompositionConfig.unseen_scale must be in [0, 10], got {self.unseen_scale!r}"
             )
 
     def _check_parts(self) -> None:

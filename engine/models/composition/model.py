@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.composition.config import (
+    APPEARANCE_PARTS,
     MIN_TRAINING_IMAGES,
     CompositionConfig,
     positive_int,
@@ -347,14 +348,14 @@ class CompositionModel(nn.Module):
         )
         indices, nearest = vq_nearest(z, self.centroids)
         self.assign_scale.fill_(float(((z - nearest) ** 2).sum(1).median().clamp_min(1e-12)))
-        self._fit_appearance(z, indices)
+        patch_spread = self._fit_appearance(z, indices)
         descriptors, cells, weights = zip(
             *(
                 self._describe(features[i : i + batch_size].to(device))
                 for i in range(0, features.shape[0], batch_size)
             )
         )
-        self._fit_descriptor(torch.cat(descriptors))
+        self._fit_descriptor(torch.cat(descriptors), patch_spread)
         self._fit_cells(torch.cat(cells))
         if self.windows is not None:
             self.windows.fit(torch.cat(weights))
@@ -371,18 +372,24 @@ class CompositionModel(nn.Module):
         picks = torch.randperm(flat.shape[0], generator=generator)[: self.config.fit_patches]
         return flat[picks.to(flat.device)].float()
 
-    def _fit_appearance(self, z: torch.Tensor, indices: torch.Tensor) -> None:
-        """Per component: its patches' principal directions (global ones if it has too few)."""
+    def _fit_appearance(self, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Per component: its patches' principal directions (global ones if it has too few).
+        Returns (K, q) their patches' std along each direction (all patches' for a component
+        with fewer than two)."""
         q = self.config.appearance_dim
         _, fallback = pca_basis(z, q)
+        spread = torch.empty(self.config.n_components, q, device=z.device)
         for k in range(self.config.n_components):
             rows = z[indices == k]
             basis = pca_basis(rows, q)[1] if rows.shape[0] > q else fallback
             self.appearance_basis[k] = basis
             self.appearance_offset[k] = self.centroids[k] @ basis
+            spread[k] = ((rows if rows.shape[0] > 1 else z) @ basis).std(0)
+        return spread
 
-    def _fit_descriptor(self, descriptors: torch.Tensor) -> None:
-        """Per-dimension standardisation (floored per part) and a block-diagonal precision: per
+    def _fit_descriptor(self, descriptors: torch.Tensor, patch_spread: torch.Tensor) -> None:
+        """Per-dimension standardisation (floored per part; ``config.unseen_scale`` with the
+        (K, q) ``patch_spread`` of :meth:`_fit_appearance`) and a block-diagonal precision: per
         group, the Ledoit-Wolf precision divided by the group's size, so that every group adds
         about 1 to the squared score of a typical good image, whatever its size."""
         mean, std = descriptors.mean(0), descriptors.std(0)
@@ -397,7 +404,11 @@ class CompositionModel(nn.Module):
             part = slice(start, start + sizes[name])
             part_median = float(std[part].median())
             reference = part_median if part_median > 1e-6 else typical
-            scale[part] = std[part].clamp_min(self.config.scale_floor * reference)
+            floor = self.config.scale_floor * reference
+            scale[part] = std[part].clamp_min(floor)
+            if name in APPEARANCE_PARTS and self.config.unseen_scale > 0:
+                unit = self.config.unseen_scale * patch_spread.flatten().to(scale)
+                scale[part] = torch.where(std[part] < floor, scale[part].maximum(unit), scale[part])
             start += sizes[name]
         standardised = (descriptors - mean) / scale
         precision = torch.zeros_like(self.descriptor_precision)
