@@ -277,6 +277,7 @@ def _parse_config(f: Fields, config: dict[str, Any]) -> BuildConfig:
     """Every section present and an object, every value of its field's declared JSON type, the
     numbers inference uses bounded; then the config classes' own validation."""
     _check_types(f, BuildConfig, config, "config")
+    config = _with_fields_from_before(config)
     for name, kind in _SECTIONS.items():
         if name in OPTIONAL_SECTIONS and name not in config:
             continue  # an artifact from before the section existed: its defaults apply
@@ -312,6 +313,19 @@ def check_config_bounds(config: BuildConfig) -> None:
 
 # Config sections added after format 3 was fixed; a manifest without one gets its defaults.
 OPTIONAL_SECTIONS = ("positional",)
+# Fields added since whose default is not what an artifact without them was fitted with.
+FIELDS_FROM_BEFORE = {"composition": {"unseen_scale": 0.0}}
+
+
+def _with_fields_from_before(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the value a field had before it existed, where a section lacks it."""
+    out = dict(config)
+    for section, before in FIELDS_FROM_BEFORE.items():
+        if isinstance(out.get(section), dict):
+            out[section] = before | out[section]
+    return out
+
+
 _SECTIONS = {
     "composition": CompositionConfig,
     "positional": PositionalConfig,

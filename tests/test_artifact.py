@@ -22,6 +22,7 @@ from engine.artifact import (
     load_artifact,
     read_manifest,
 )
+from engine.artifact_manifest import parse_manifest
 from engine.calibrate import BranchStats
 from engine.detector import Detector
 
@@ -453,3 +454,12 @@ def test_sum_merge_stores_no_image_statistics(built, tmp_path: Path) -> None:
     assert summed.fusion.image_stats == IMAGE_STATS
     art = tiny["save"](tmp_path / "art", summed, config)
     assert "image_calibration" not in read_manifest(art)
+
+
+def test_a_composition_section_from_before_unseen_scale_reads_as_fitted_without_it(
+    art: Path,
+) -> None:
+    manifest = json.loads((art / "manifest.json").read_bytes())
+    assert parse_manifest(manifest, "art").config.composition.unseen_scale == 1.0
+    del manifest["config"]["composition"]["unseen_scale"]
+    assert parse_manifest(manifest, "art").config.composition.unseen_scale == 0.0

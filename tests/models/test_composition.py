@@ -279,7 +279,7 @@ def test_a_dimension_that_never_varied_is_scaled_by_its_components_patch_spread(
     score far out on those dimensions alone."""
     config = CompositionConfig(**SMALL, parts=("area+appearance+spread+blob_spread",))
     train = scenes(40, 1, seed=0)
-    plain = CompositionModel(config, DIM, GRID).fit(train, GRID)
+    plain = CompositionModel(replace(config, unseen_scale=0.0), DIM, GRID).fit(train, GRID)
     unseen = CompositionModel(replace(config, unseen_scale=1.0), DIM, GRID).fit(train, GRID)
     sizes = config.part_sizes()
     blob_spread = slice(len(plain.descriptor_scale) - sizes["blob_spread"], None)
