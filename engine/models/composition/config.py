@@ -228,7 +228,6 @@ class CompositionConfig:
             raise ValueError(
                 f"CompositionConfig.scale_floor must be in (0, 1], got {self.scale_floor!r}"
             )
-
         if (
             isinstance(self.unseen_scale, bool)
             or not isinstance(self.unseen_scale, int | float)
