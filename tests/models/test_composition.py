@@ -223,6 +223,10 @@ def test_unfitted_model_and_wrong_inputs_are_refused(fitted: CompositionModel) -
         ("parts", ("area", "grid+area"), "every name once"),
         ("parts", ("area+",), "every name once"),
         ("temperature", -0.1, "temperature must be in"),
+        ("temperature", 1000, r"temperature must be in \[0, 1000\)"),
+        ("gate_power", 0, r"gate_power must be in \(0, 64\]"),
+        ("variance_floor", float("nan"), "variance_floor must be in"),
+        ("window_check", "0.5", "window_check must be in"),
         ("scale_floor", 0.0, "scale_floor must be in"),
         ("unseen_scale", -0.5, "unseen_scale must be in"),
         ("unseen_scale", True, "unseen_scale must be in"),
@@ -234,6 +238,14 @@ def test_unfitted_model_and_wrong_inputs_are_refused(fitted: CompositionModel) -
 def test_config_rejects_bad_values(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         CompositionConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("temperature", 0), ("gate_power", 64), ("scale_floor", 1), ("unseen_scale", 0)],
+)
+def test_config_accepts_the_ends_of_its_closed_ranges(field: str, value: float) -> None:
+    assert getattr(CompositionConfig(**{field: value}), field) == value
 
 
 def test_config_parts_are_covariance_groups() -> None:

@@ -20,6 +20,21 @@ def positive_int(name: str, value: object) -> None:
         raise ValueError(f"CompositionConfig.{name} must be a positive int, got {value!r}")
 
 
+def number_in(
+    name: str, value: object, low: float, high: float, *, open_low: bool, open_high: bool
+) -> None:
+    """ValueError unless ``value`` is a real number (not a bool) in the interval; NaN is not."""
+    inside = (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and (low < value if open_low else low <= value)
+        and (value < high if open_high else value <= high)
+    )
+    if not inside:
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise ValueError(f"CompositionConfig.{name} must be in {interval}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class CompositionConfig:
     """Composition branch settings (see the package docstring for what each part measures).
@@ -186,56 +201,20 @@ class CompositionConfig:
                 f"CompositionConfig.window_scale must be one of {WINDOW_SCALES}, "
                 f"got {self.window_scale!r}"
             )
-        if isinstance(self.window_check, bool) or not (
-            isinstance(self.window_check, int | float) and 0 <= self.window_check <= 1
-        ):
-            raise ValueError(
-                f"CompositionConfig.window_check must be in [0, 1], got {self.window_check!r}"
-            )
+        number_in("window_check", self.window_check, 0, 1, open_low=False, open_high=False)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(
                 f"CompositionConfig.seed must be a non-negative int, got {self.seed!r}"
             )
-        if (
-            isinstance(self.temperature, bool)
-            or not isinstance(self.temperature, int | float)
-            or not 0 <= self.temperature < 1e3
-        ):
-            raise ValueError(
-                f"CompositionConfig.temperature must be in [0, 1000), got {self.temperature!r}"
-            )
+        number_in("temperature", self.temperature, 0, 1e3, open_low=False, open_high=True)
         if self.fused_map not in FUSED_MAPS:
             raise ValueError(
                 f"CompositionConfig.fused_map must be one of {FUSED_MAPS}, got {self.fused_map!r}"
             )
-        if isinstance(self.gate_power, bool) or not (
-            isinstance(self.gate_power, int | float) and 0 < self.gate_power <= 64
-        ):
-            raise ValueError(
-                f"CompositionConfig.gate_power must be in (0, 64], got {self.gate_power!r}"
-            )
-        if isinstance(self.variance_floor, bool) or not (
-            isinstance(self.variance_floor, int | float) and 0 < self.variance_floor <= 10
-        ):
-            raise ValueError(
-                f"CompositionConfig.variance_floor must be in (0, 10], got {self.variance_floor!r}"
-            )
-        if (
-            isinstance(self.scale_floor, bool)
-            or not isinstance(self.scale_floor, int | float)
-            or not 0 < self.scale_floor <= 1
-        ):
-            raise ValueError(
-                f"CompositionConfig.scale_floor must be in (0, 1], got {self.scale_floor!r}"
-            )
-        if (
-            isinstance(self.unseen_scale, bool)
-            or not isinstance(self.unseen_scale, int | float)
-            or not 0 <= self.unseen_scale <= 10
-        ):
-            raise ValueError(
-                f"CompositionConfig.unseen_scale must be in [0, 10], got {self.unseen_scale!r}"
-            )
+        number_in("gate_power", self.gate_power, 0, 64, open_low=True, open_high=False)
+        number_in("variance_floor", self.variance_floor, 0, 10, open_low=True, open_high=False)
+        number_in("scale_floor", self.scale_floor, 0, 1, open_low=True, open_high=False)
+        number_in("unseen_scale", self.unseen_scale, 0, 10, open_low=False, open_high=False)
 
     def _check_parts(self) -> None:
         if (
