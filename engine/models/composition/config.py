@@ -81,7 +81,7 @@ class CompositionConfig:
     ``scale_floor``: a descriptor dimension's scale is at least this fraction of its part's
     median scale, so dimensions constant on the training set stay finite. Neither floor is
     sensitive: variance floors 0.03 to 1.0 and a scale floor of 0.3 moved the fused mean image
-    AUROC by at most 0.003 (docs/ACCURACY.md, ablation 46).
+    AUROC by at most 0.003 on the one seed screened (docs/ACCURACY.md, ablation 46).
     ``unseen_scale`` (0: off): a dimension of the ``appearance``, ``spread`` or ``blob_spread``
     parts whose training std is below that floor (it never varied, e.g. a component that never
     formed two blobs) takes at least this fraction of its component's patch spread along that
