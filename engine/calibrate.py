@@ -33,6 +33,7 @@ __all__ = [
     "gated_composition",
     "image_scores",
     "peak_gate",
+    "placement_gate",
     "resize_to",
     "standardised_maps",
 ]
@@ -44,6 +45,8 @@ IMAGE_SCALES = ("branch", "pooled")
 COMPOSITION_SCALES = ("std", "robust")
 POSITIONAL_ROLES = ("score", "shape")
 BACKGROUND_TARGETS = ("mean", "lowest")
+# the key of the composition model's placement map beside the branch maps (not a branch)
+PLACEMENT = "placement"
 SIGMA_REFERENCE_SIZE = 256  # FusionConfig.sigma is in pixels of a map of this side
 
 
@@ -91,6 +94,14 @@ class FusionConfig:
     not move; the fused map's good pixels are no longer set by the one branch whose background
     reaches closest to its peak (docs/ACCURACY.md, ablations 31, 35, 36).
 
+    ``placement_power`` (``"max"`` with the composition branch gated; None: off): the
+    composition evidence goes, besides the other branches' peak, where the composition model's
+    components carry its distance: the gate is the larger of the peak gate and the model's
+    placement map (:meth:`engine.models.composition.CompositionModel.forward`) rescaled to
+    [0, 1] per image, to this power (:func:`placement_gate`). A part miscounted away from where
+    the other branches peak is then marked where it lies; image scores do not move
+    (docs/ACCURACY.md, ablations 47, 48).
+
     ``target_false_alarm_rate`` defaults to 0.05: MVTec LOCO has only tens of validation good
     images per category, and with n images a rate can only be resolved to 1/n; 5% still lands
     inside the sample for n >= 20, while a 1% target on ~60 images is just the single largest
@@ -109,6 +120,7 @@ class FusionConfig:
     positional_role: str = "score"
     background_quantile: float | None = None
     background_target: str = "mean"
+    placement_power: float | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -147,6 +159,9 @@ class FusionConfig:
             raise ValueError(
                 f"FusionConfig.background_quantile must be None or in (0, 1), got {q!r}"
             )
+        p = self.placement_power
+        if p is not None and not (isinstance(p, int | float) and 0 < p <= 64):
+            raise ValueError(f"FusionConfig.placement_power must be None or in (0, 64], got {p!r}")
         if self.background_target not in BACKGROUND_TARGETS:
             raise ValueError(
                 f"FusionConfig.background_target must be one of {BACKGROUND_TARGETS}, "
@@ -163,6 +178,11 @@ class FusionConfig:
     def equalised_background(self) -> float | None:
         """``background_quantile`` where it applies (``merge="max"``), else None."""
         return self.background_quantile if self.merge == "max" else None
+
+    @property
+    def component_placement(self) -> float | None:
+        """``placement_power`` where it applies (``merge="max"``), else None."""
+        return self.placement_power if self.merge == "max" else None
 
     def weight(self, branch: str) -> float:
         """The configured weight of ``branch`` (one of :data:`BRANCHES`)."""
@@ -319,6 +339,14 @@ def peak_gate(base: torch.Tensor, power: float) -> torch.Tensor:
     span = base.amax(dim=(-2, -1), keepdim=True) - low
     gate = ((base - low) / span.clamp_min(1e-12)) ** power
     return torch.where(span > 0, gate, torch.ones_like(gate))
+
+
+def placement_gate(placement: torch.Tensor, power: float) -> torch.Tensor:
+    """``g ** power`` with ``g`` each (B, S, S) map of ``placement`` rescaled to [0, 1] per
+    image; 0 everywhere on a flat map (it places nothing, and :func:`peak_gate` still does)."""
+    low = placement.amin(dim=(-2, -1), keepdim=True)
+    span = placement.amax(dim=(-2, -1), keepdim=True) - low
+    return ((placement - low) / span.clamp_min(1e-12)) ** power
 
 
 def resize_to(maps: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.calibrate import BRANCHES, BranchStats, FusionConfig, resize_to
+from engine.calibrate import BRANCHES, PLACEMENT, BranchStats, FusionConfig, resize_to
 from engine.data.transforms import ImageTransform
 from engine.models.composition import CompositionModel
 from engine.models.folding import fold_batchnorm
@@ -69,7 +69,10 @@ class Maps:
     """Model-resolution maps of a batch, each (B, S, S) float32, larger = more anomalous.
 
     ``positional`` and ``composition`` are None when that branch is off; ``fused`` is None until
-    the branch statistics are calibrated.
+    the branch statistics are calibrated. ``placement`` (with the composition branch): where
+    the composition model's distance lies, 1 at its most anomalous component's pixels
+    (:meth:`engine.models.composition.CompositionModel.forward`); fusion may place the branch's
+    evidence there (``FusionConfig.placement_power``). Not a branch map.
     """
 
     logical: torch.Tensor
@@ -77,11 +80,18 @@ class Maps:
     fused: torch.Tensor | None = None
     composition: torch.Tensor | None = None
     positional: torch.Tensor | None = None
+    placement: torch.Tensor | None = None
 
     def branches(self) -> dict[str, torch.Tensor]:
         """The branch maps present, by branch name (:data:`engine.calibrate.BRANCHES` order)."""
         maps = {name: getattr(self, name) for name in BRANCHES}
         return {name: m for name, m in maps.items() if m is not None}
+
+    def fusion_inputs(self) -> dict[str, torch.Tensor]:
+        """What :class:`~engine.models.fusion.Fusion` takes: :meth:`branches` and, when
+        present, the placement map under :data:`engine.calibrate.PLACEMENT`."""
+        placement = {} if self.placement is None else {PLACEMENT: self.placement}
+        return self.branches() | placement
 
 
 class StructuralSide(nn.Module):
@@ -92,8 +102,9 @@ class StructuralSide(nn.Module):
 
     ``forward(x)``: (B, 3, s, s) normalised -> ``{"structural": (B, s, s)}`` plus, for the
     branches given, ``"positional"`` (B, h', w') on its pooled grid and ``"composition"``
-    (B, s, s). The composition map is the image score at every pixel (its evidence is about the
-    whole image); fusion decides where it counts (``CompositionConfig.fused_map``).
+    (B, s, s) with its ``"placement"`` (B, h, w) on the patch grid. The composition map is the
+    image score at every pixel (its evidence is about the whole image); fusion decides where it
+    counts (``CompositionConfig.fused_map``, ``FusionConfig.placement_power``).
     ``features_fn``, when set by a backend, computes the patch features in place of the
     module's own ``patch_features``, at any input size the detector uses: ``(x, fine)`` ->
     ``(features, grid, the raw fine levels or None)`` as :meth:`extract` returns them.
@@ -142,8 +153,9 @@ class StructuralSide(nn.Module):
         # Mahalanobis distances lose too much in 16-bit arithmetic: the composition model runs
         # in float32 at every precision.
         with torch.autocast(x.device.type, enabled=False):
-            image_score, _ = self.composition(features.float(), grid, _float(fine))
+            image_score, _, placement = self.composition(features.float(), grid, _float(fine))
         maps["composition"] = image_score[:, None, None].expand(-1, *size).contiguous()
+        maps[PLACEMENT] = placement
         return maps
 
     def composition_distances(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,7 +316,8 @@ class Detector:
         return self
 
     def fuse(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The fused (B, S, S) map of same-size branch ``maps`` with the calibrated statistics."""
+        """The fused (B, S, S) map of same-size branch ``maps`` (:meth:`Maps.fusion_inputs`)
+        with the calibrated statistics."""
         return self.fusion(maps)
 
     @torch.inference_mode()
@@ -326,7 +339,7 @@ class Detector:
         maps = Maps(logical.float(), **resized)
         if self.stats is not None:
             with self._stage("fuse"):
-                maps.fused = self.fuse(maps.branches())
+                maps.fused = self.fuse(maps.fusion_inputs())
         return maps
 
     @contextmanager

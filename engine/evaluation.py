@@ -112,7 +112,9 @@ def evaluate(
             truths = [dataset.ground_truth(sample) for sample in chunk]
             defects += [test_defect(s, c) for s, c in zip(chunk, truths, strict=True)]
             named = {b: branch_only(maps, b, detector) for b in (*detector.branch_names, FUSED)}
-            named |= {variant_name(n): fusion(maps.branches()) for n, fusion in variants.items()}
+            named |= {
+                variant_name(n): fusion(maps.fusion_inputs()) for n, fusion in variants.items()
+            }
             for branch in branches:
                 full = resize_to(named[branch], size).cpu().numpy()
                 for sample, channels, anomaly_map in zip(chunk, truths, full, strict=True):

@@ -26,6 +26,7 @@ from engine.calibrate import (
     BranchStats,
     image_scores,
     peak_gate,
+    placement_gate,
     standardised_maps,
 )
 
@@ -167,6 +168,8 @@ def max_fuse_maps(
     gate_power: float | None = None,
     capped: Sequence[str] = (),
     backgrounds: Mapping[str, float] | None = None,
+    placement: torch.Tensor | None = None,
+    placement_power: float | None = None,
 ) -> torch.Tensor:
     """(B, S, S) fused map of ``FusionConfig.merge="max"``.
 
@@ -182,8 +185,14 @@ def max_fuse_maps(
     (``FusionConfig.positional_role="shape"``) is first cut at what the image scores without
     it (the larger of the other map branches' peak and ``a_c``): it places evidence within the
     image but never raises its score. ``backgrounds``: each branch's scale of the part below
-    0 (:func:`fit_background_scales`; default 1). Branches of weight 0 are left out.
+    0 (:func:`fit_background_scales`; default 1). Branches of weight 0 are left out. With
+    ``placement_power`` the gate is the larger of the peak gate and
+    :func:`~engine.calibrate.placement_gate` of ``placement`` (B, S, S), the composition
+    model's placement map (``FusionConfig.placement_power``); the gate is still 1 at the peak
+    and at most 1 elsewhere, so the image score stays exactly the same.
     """
+    if placement_power is not None and (gate_power is None or placement is None):
+        raise ValueError("placement_power needs gate_power and the composition placement map")
     missing = [b for b in maps if b not in stats or b not in image_stats or b not in weights]
     if missing:
         raise ValueError(f"no statistics, image statistics or weight for branch(es) {missing}")
@@ -213,7 +222,11 @@ def max_fuse_maps(
     if gate_power is None:
         return torch.maximum(fused, composition)
     top = fused.amax(dim=(-2, -1), keepdim=True)
-    return fused + (composition - top).clamp_min(0.0) * peak_gate(fused, gate_power)
+    gate = peak_gate(fused, gate_power)
+    if placement_power is not None:
+        assert placement is not None
+        gate = gate.maximum(placement_gate(placement, placement_power))
+    return fused + (composition - top).clamp_min(0.0) * gate
 
 
 def max_fuse_scores(

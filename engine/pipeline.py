@@ -112,8 +112,8 @@ class BuildResult:
 
 @dataclass
 class ValidationMaps:
-    """The validation split's branch maps: one dict (branch -> (B, S, S)) per batch, and each
-    batch's original image size (H, W)."""
+    """The validation split's branch maps: one dict (branch -> (B, S, S), with the placement
+    map when there is one) per batch, and each batch's original image size (H, W)."""
 
     branch_maps: list[dict[str, torch.Tensor]]
     sizes: list[tuple[int, int]]
@@ -131,12 +131,13 @@ def _step(seconds: dict[str, float], name: str, verbose: bool) -> Iterator[None]
 def validation_maps(
     detector: Detector, samples: Sequence[Sample], progress: bool
 ) -> ValidationMaps:
-    """Every validation image's branch maps at model size (on the CPU), by batch."""
+    """Every validation image's branch maps at model size, with the placement map
+    (:meth:`~engine.detector.Maps.fusion_inputs`), on the CPU, by batch."""
     branch_maps: list[dict[str, torch.Tensor]] = []
     sizes = []
     for _, frames in frame_batches(samples, INFERENCE_BATCH, "validation maps", progress):
         maps = detector(frames.to(detector.device))
-        branch_maps.append({b: m.cpu() for b, m in maps.branches().items()})
+        branch_maps.append({b: m.cpu() for b, m in maps.fusion_inputs().items()})
         sizes.append((int(frames.shape[1]), int(frames.shape[2])))
     return ValidationMaps(branch_maps, sizes)
 
@@ -161,7 +162,8 @@ def calibrate(
     Returns (threshold, validation image scores). The scores are maxima of the fused map at the
     original image size, exactly as the Runtime computes them.
     """
-    chunks = validation.branch_maps
+    inputs = validation.branch_maps
+    chunks = [{b: chunk[b] for b in fusion.branches} for chunk in inputs]
     stats = {
         branch: BranchStats.fit(chunk[branch] for chunk in chunks) for branch in fusion.branches
     }
@@ -187,7 +189,7 @@ def calibrate(
     fusion.calibrate(stats, image_stats, backgrounds)
     scores = [
         image_scores(resize_to(fusion(chunk), size))
-        for chunk, size in zip(chunks, validation.sizes, strict=True)
+        for chunk, size in zip(inputs, validation.sizes, strict=True)
     ]
     scores_np = torch.cat(scores).numpy()
     threshold = calibrate_threshold(scores_np, config.target_false_alarm_rate)

@@ -41,7 +41,7 @@ def test_structural_side_scores_the_fine_levels_of_the_bank_pass(built) -> None:
     features = detector.structural.patch_features
     with torch.no_grad():
         patch, grid, fine = features.with_fine(x)
-        want, _ = detector.composition(patch, grid, fine)
+        want, *_ = detector.composition(patch, grid, fine)
         side = detector.structural_side(x)
         distances = detector.structural_side.composition_distances(x)
     torch.testing.assert_close(side["composition"], want[:, None, None].expand(-1, 32, 32))

@@ -21,10 +21,11 @@ def test_cpu_preset_composition_scores_frames_in_both_coordinates() -> None:
     assert config.composition.members > 1  # the case that needs the groups standardised
     composition = fitted_branches(config, GRID, DIM)["composition"]
     compact = torch.randn(2, GRID[0] * GRID[1], DIM, generator=torch.Generator().manual_seed(5))
-    score, cell_map = composition(compact, GRID)
+    score, cell_map, placement = composition(compact, GRID)
     assert score.shape == (2,) and torch.isfinite(score).all()
     assert cell_map.shape[0] == 2
     basis = torch.linalg.qr(torch.randn(FULL, DIM, generator=torch.Generator().manual_seed(6)))[0]
-    full_score, full_map = to_full(composition, basis)(compact @ basis.t(), GRID)
+    full_score, full_map, full_placement = to_full(composition, basis)(compact @ basis.t(), GRID)
     torch.testing.assert_close(full_score, score, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(full_map, cell_map, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(full_placement, placement, rtol=1e-4, atol=1e-4)

@@ -76,6 +76,43 @@ def test_max_merge_equals_the_formula() -> None:
     assert composition[0, 0, 0] < top[0, 0, 0]
 
 
+def test_placement_widens_the_gate_and_keeps_the_image_score() -> None:
+    """``placement_power``: the composition evidence also goes where the placement map says,
+    the gate the larger of the peak gate and the placement rescaled to [0, 1] ** power."""
+    maps, stats, image_stats, weights = max_fusion_case()
+    tensors = {b: torch.from_numpy(m) for b, m in maps.items()}
+    rng = np.random.default_rng(3)
+    placement = rng.random((3, 20, 20)).astype(np.float32)
+    placement[1] = 0.25  # flat: it places nothing, the peak gate alone decides
+    plain = max_fuse_maps(tensors, stats, image_stats, weights, 1.5, 8.0).numpy()
+    got = max_fuse_maps(
+        tensors,
+        stats,
+        image_stats,
+        weights,
+        1.5,
+        8.0,
+        placement=torch.from_numpy(placement),
+        placement_power=4.0,
+    ).numpy()
+    base = max_fuse_maps(tensors, stats, image_stats, {**weights, "composition": 0.0}, 1.5)
+    base = base.numpy()
+    top = base.max((1, 2), keepdims=True)
+    peak = ((base - base.min((1, 2), keepdims=True)) / np.ptp(base, (1, 2), keepdims=True)) ** 8
+    low = placement.min((1, 2), keepdims=True)
+    span = np.maximum(np.ptp(placement, (1, 2), keepdims=True), 1e-12)
+    placed = ((placement - low) / span) ** 4
+    lift = np.maximum(plain.max((1, 2), keepdims=True) - top, 0.0)
+    np.testing.assert_allclose(got, base + lift * np.maximum(peak, placed), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.max((1, 2)), plain.max((1, 2)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[1], plain[1])
+    assert lift[2, 0, 0] > 0 and (got[2] > plain[2] + 1e-3).mean() > 0.05  # image 2 spreads
+    with pytest.raises(ValueError, match="placement_power needs gate_power"):
+        max_fuse_maps(tensors, stats, image_stats, weights, 1.5, placement_power=4.0)
+    with pytest.raises(ValueError, match="placement map"):
+        max_fuse_maps(tensors, stats, image_stats, weights, 1.5, 8.0, placement_power=4.0)
+
+
 def test_max_merge_without_the_gate_and_with_one_branch() -> None:
     maps, stats, image_stats, weights = max_fusion_case(7)
     tensors = {b: torch.from_numpy(m) for b, m in maps.items()}

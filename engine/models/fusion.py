@@ -19,6 +19,7 @@ from torch import nn
 from engine.calibrate import (
     BRANCHES,
     MERGES,
+    PLACEMENT,
     BranchStats,
     FusionConfig,
     finite_threshold,
@@ -59,6 +60,9 @@ class Fusion(nn.Module):
         background_quantile: with ``merge="max"``, the validation quantile at which the
             branches' backgrounds are equalised (``FusionConfig.background_quantile``); None:
             not.
+        placement_power: with ``merge="max"`` and ``gate_power``, the composition evidence is
+            also placed by the composition model's placement map to this power
+            (``FusionConfig.placement_power``); None: by the peak gate only.
 
     Buffers (float64, so they hold the manifest's numbers exactly): ``mean``, ``std``,
     ``image_mean``, ``image_std`` (``merge="max"`` only), ``weight`` and ``background`` (each
@@ -68,8 +72,9 @@ class Fusion(nn.Module):
     :meth:`set_threshold` or ``load_state_dict`` fill them. Change them through those, not in
     place: the Python copies the forward pass reads are refreshed there.
 
-    ``forward(maps)``: branch name -> (B, S, S) map, every branch of ``branches`` present ->
-    (B, S, S) float32 fused map.
+    ``forward(maps)``: branch name -> (B, S, S) map, every branch of ``branches`` present, and
+    with ``placement_power`` the composition model's placement map under
+    :data:`engine.calibrate.PLACEMENT` -> (B, S, S) float32 fused map.
     """
 
     mean: torch.Tensor
@@ -90,6 +95,7 @@ class Fusion(nn.Module):
         merge: str = "sum",
         capped: Sequence[str] = (),
         background_quantile: float | None = None,
+        placement_power: float | None = None,
     ) -> None:
         super().__init__()
         unknown = [b for b in branches if b not in BRANCHES]
@@ -106,6 +112,8 @@ class Fusion(nn.Module):
             raise ValueError("capped branches need merge='max'")
         if background_quantile is not None and merge != "max":
             raise ValueError("background_quantile needs merge='max'")
+        if placement_power is not None and (merge != "max" or gate_power is None):
+            raise ValueError("placement_power needs merge='max' and a gated composition branch")
         self.branches = tuple(branches)
         self.sigma = float(sigma)
         self.gate_power = gate_power
@@ -113,6 +121,7 @@ class Fusion(nn.Module):
         self.merge = merge
         self.capped = tuple(b for b in capped if b in self.branches)
         self.background_quantile = background_quantile
+        self.placement_power = placement_power
         nan = torch.full((len(branches),), math.nan, dtype=torch.float64)
         for name in ("mean", "std", "image_mean", "image_std"):
             self.register_buffer(name, nan.clone())
@@ -134,11 +143,12 @@ class Fusion(nn.Module):
         """The uncalibrated fusion of ``branches`` for maps of side ``map_size``: σ scaled to
         that size, the composition evidence placed as ``composition.fused_map`` says (when that
         branch is fused), ``weights`` (default: the config's)."""
-        gate_power, after_blur = None, False
+        gate_power, after_blur, placement_power = None, False, None
         gated = composition is not None and composition.fused_map != "image"
         if gated and "composition" in branches:
             gate_power = composition.gate_power
             after_blur = composition.fused_map == "gated_after_blur"
+            placement_power = config.component_placement
         return cls(
             branches,
             weights or {b: config.weight(b) for b in branches},
@@ -148,6 +158,7 @@ class Fusion(nn.Module):
             config.merge,
             config.capped,
             config.equalised_background,
+            placement_power,
         )
 
     def calibrate(
@@ -223,6 +234,13 @@ class Fusion(nn.Module):
         return self._values().threshold
 
     def forward(self, maps: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        placement = maps.get(PLACEMENT)
+        if self.placement_power is not None and placement is None:
+            raise ValueError(
+                f"this fusion places the composition evidence by the composition model's "
+                f"placement map: the maps need {PLACEMENT!r} (Maps.fusion_inputs())"
+            )
+        maps = {b: m for b, m in maps.items() if b != PLACEMENT}
         values = self._values()
         if values.stats is None:
             raise RuntimeError("the fusion is not calibrated: branch statistics are missing")
@@ -248,13 +266,16 @@ class Fusion(nn.Module):
             self.gate_power,
             self.capped,
             values.backgrounds,
+            placement,
+            self.placement_power,
         )
 
     def extra_repr(self) -> str:
         return (
             f"branches={self.branches}, sigma={self.sigma:g}, gate_power={self.gate_power}, "
             f"gate_after_blur={self.gate_after_blur}, merge={self.merge!r}, "
-            f"capped={self.capped}, background_quantile={self.background_quantile}"
+            f"capped={self.capped}, background_quantile={self.background_quantile}, "
+            f"placement_power={self.placement_power}"
         )
 
     @staticmethod

@@ -150,8 +150,8 @@ def test_ledoit_wolf_matches_scikit_learn() -> None:
 
 
 def test_an_extra_part_scores_above_every_good_image(fitted: CompositionModel) -> None:
-    good, good_cells = fitted(scenes(20, 4, seed=1), GRID)
-    extra, extra_cells = fitted(scenes(20, 4, seed=2, extra=1), GRID)
+    good, good_cells, _ = fitted(scenes(20, 4, seed=1), GRID)
+    extra, extra_cells, _ = fitted(scenes(20, 4, seed=2, extra=1), GRID)
     assert good.max() < extra.min()
     assert good.std() < 0.5 * (extra.mean() - good.mean())
     # every group adds at most about 1 to a good image's squared score (less where the variance
@@ -167,13 +167,13 @@ def test_one_part_of_the_other_finish_needs_the_relations_between_blobs() -> Non
         **SMALL | {"n_components": 2}, parts=("area+appearance+blob_spread",)
     )
     model = CompositionModel(config, DIM, GRID).fit(scenes(40, 4, seed=0), GRID)
-    good, _ = model(scenes(20, 4, seed=1), GRID)
-    mixed, _ = model(scenes(20, 4, seed=2, odd=1), GRID)
+    good, *_ = model(scenes(20, 4, seed=1), GRID)
+    mixed, *_ = model(scenes(20, 4, seed=2, odd=1), GRID)
     assert good.max() < mixed.min()
     blind = CompositionModel(replace(config, parts=("area",)), DIM, GRID)
     blind.fit(scenes(40, 4, seed=0), GRID)
-    blind_good, _ = blind(scenes(20, 4, seed=1), GRID)
-    blind_mixed, _ = blind(scenes(20, 4, seed=2, odd=1), GRID)
+    blind_good, *_ = blind(scenes(20, 4, seed=1), GRID)
+    blind_mixed, *_ = blind(scenes(20, 4, seed=2, odd=1), GRID)
     assert blind_good.max() >= blind_mixed.min()  # the areas alone cannot tell
 
 
@@ -266,7 +266,7 @@ def test_forward_exports_with_torch_export(model: str, request: pytest.FixtureRe
             super().__init__()
             self.model = model
 
-        def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return self.model(features, GRID)
 
     exported = torch.export.export(Wrapped(fitted), (x,))
@@ -279,8 +279,8 @@ def test_few_training_images_give_bounded_scores() -> None:
     score in the millions (a build on 8 images fused maps of 8e6 before the floors)."""
     model = CompositionModel(CompositionConfig(**SMALL), DIM, GRID)
     model.fit(scenes(1, 4, seed=0).repeat(3, 1, 1), GRID)  # nothing varies at all
-    good, _ = model(scenes(5, 4, seed=1), GRID)
-    extra, cells = model(scenes(5, 4, seed=2, extra=1), GRID)
+    good, *_ = model(scenes(5, 4, seed=1), GRID)
+    extra, cells, _ = model(scenes(5, 4, seed=2, extra=1), GRID)
     assert torch.isfinite(extra).all() and torch.isfinite(cells).all()
     assert extra.max() < 1e3 and good.max() < 1e3
 

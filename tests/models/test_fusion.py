@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from engine.calibrate import BranchStats, FusionConfig, fuse_maps
+from engine.calibrate import PLACEMENT, BranchStats, FusionConfig, fuse_maps
 from engine.max_merge import max_fuse_maps
 from engine.models.composition import CompositionConfig
 from engine.models.fusion import Fusion
@@ -137,6 +138,41 @@ def test_max_merge_is_max_fuse_maps_with_the_buffers() -> None:
     restored.load_state_dict(fusion.state_dict())
     assert restored.image_stats == IMAGE_STATS
     torch.testing.assert_close(restored(maps), want, rtol=0, atol=0)
+
+
+def test_from_config_places_the_composition_evidence_when_asked() -> None:
+    """``FusionConfig.placement_power`` reaches the module with the composition branch gated
+    and ``merge="max"``; the module then needs the placement map beside the branch maps."""
+    composition = CompositionConfig(enabled=True)
+    config = FusionConfig(merge="max", placement_power=4.0)
+    fusion = Fusion.from_config(config, BRANCHES, 16, composition, WEIGHTS)
+    assert fusion.placement_power == 4.0
+    fusion.calibrate(STATS, IMAGE_STATS)
+    maps = branch_maps(2)
+    placement = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(2))
+    want = max_fuse_maps(
+        maps,
+        STATS,
+        IMAGE_STATS,
+        WEIGHTS,
+        fusion.sigma,
+        8.0,
+        placement=placement,
+        placement_power=4.0,
+    )
+    torch.testing.assert_close(fusion({**maps, PLACEMENT: placement}), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="need 'placement'"):
+        fusion(maps)
+    off = [
+        Fusion.from_config(FusionConfig(placement_power=4.0), BRANCHES, 16, composition),
+        Fusion.from_config(config, BRANCHES, 16, replace(composition, fused_map="image")),
+        Fusion.from_config(config, BRANCHES[:2], 16, composition),
+    ]
+    assert [f.placement_power for f in off] == [None, None, None]
+    with pytest.raises(ValueError, match="placement_power needs merge='max'"):
+        Fusion(BRANCHES, WEIGHTS, 1.0, 8.0, placement_power=4.0)
+    with pytest.raises(ValueError, match="placement_power must be None or in"):
+        FusionConfig(placement_power=0.0)
 
 
 def test_from_config_caps_the_positional_map_when_asked() -> None:

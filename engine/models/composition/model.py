@@ -76,6 +76,8 @@ class CompositionModel(nn.Module):
         self.register_buffer("cell_mean", torch.zeros(cells, k))
         self.register_buffer("cell_precision", torch.eye(k).repeat(cells, 1, 1))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        # (F, K): each descriptor dimension's share per component (config only: not saved)
+        self.register_buffer("owners", descriptor_owners(config), persistent=False)
         self._fitted = False  # mirrors the buffer as a Python bool: checked without a sync
         self.fine: FineParts | None = None
         self.windows: WindowAreas | None = None
@@ -193,18 +195,20 @@ class CompositionModel(nn.Module):
         descriptor = torch.cat([parts[name] for name in names], dim=1)
         g, k = self.config.grid, self.config.n_components
         weights = assigned[2].transpose(1, 2).reshape(-1, k, *self.grid)
-        return descriptor, parts["grid"].reshape(-1, k, g * g).transpose(1, 2), weights
+        return descriptor, parts["grid"].reshape(-1, g * g, k), weights
 
     def forward(
         self,
         features: torch.Tensor,
         grid: tuple[int, int],
         fine: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, h*w, D) patch features [, raw fine levels] -> (image_score (B,), cell_map)."""
-        distances, cell_map = self._distances(features, grid, fine)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, h*w, D) patch features [, raw fine levels] -> (image_score (B,), cell_map
+        (B, G, G), placement (B, h, w))."""
+        distances, cell_map, placement = self._distances(features, grid, fine)
+        placement = placement / placement.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
         if self.n_groups == 1:
-            return distances[:, 0], cell_map
+            return distances[:, 0], cell_map, placement
         if not bool(self._group_calibrated):
             raise RuntimeError(
                 "CompositionModel with several distances (several members, fine parts or "
@@ -212,13 +216,13 @@ class CompositionModel(nn.Module):
             )
         z = (distances - self.group_center) / self.group_scale
         if len(self.members):
-            return (z.mean(1) - self.ensemble_center) / self.ensemble_scale, cell_map
+            return (z.mean(1) - self.ensemble_center) / self.ensemble_scale, cell_map, placement
         if self.windows is not None:
             used = self.group_used
             if self.fine is not None:
                 used = torch.cat([used, used.new_ones(1)])
             z = z.masked_fill(~used, -math.inf)
-        return z.amax(1), cell_map
+        return z.amax(1), cell_map, placement
 
     def group_distances(
         self,
@@ -292,7 +296,8 @@ class CompositionModel(nn.Module):
         features: torch.Tensor,
         grid: tuple[int, int],
         fine: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(distances (B, groups), cell_map, placement (B, h, w) summed over the members)."""
         self._check(features, grid)
         if not self._fitted:
             raise RuntimeError("CompositionModel is not fitted: call fit() or load a state_dict")
@@ -303,18 +308,35 @@ class CompositionModel(nn.Module):
             )
         descriptor, cells, weights = self._describe(features)
         u = (descriptor - self.descriptor_mean) / self.descriptor_scale
-        image = torch.einsum("bi,ij,bj->b", u, self.descriptor_precision, u).clamp_min(0.0).sqrt()
+        # each dimension's part of the squared distance: u_i (P u)_i, summed over i it is d²
+        shares = u * (u @ self.descriptor_precision)
+        image = shares.sum(1).clamp_min(0.0).sqrt()
         c = cells - self.cell_mean
         cell = torch.einsum("bck,ckl,bcl->bc", c, self.cell_precision, c)
         g, k = self.config.grid, self.config.n_components
         cell_map = (cell.clamp_min(0.0) / k).sqrt().reshape(-1, g, g)
+        placement = self._placement(shares, weights)
         groups = [image[:, None]]
-        groups += [member._distances(features, grid, None)[0] for member in self.members]
+        for member in self.members:
+            distance, _, member_placement = member._distances(features, grid, None)
+            groups.append(distance)
+            placement = placement + member_placement
         if self.windows is not None:
             groups.append(self.windows(weights))
         if self.fine is not None:
             groups.append(self.fine(*fine)[:, None])
-        return torch.cat(groups, 1), cell_map
+        return torch.cat(groups, 1), cell_map, placement
+
+    def _placement(self, shares: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(B, h, w): where the descriptor's distance lies. Each component's positive part of the
+        (B, F) ``shares`` of d² (a pair's split evenly between its two components), as a
+        fraction of d², spread over the component's soft ``weights`` (B, K, h, w) as a density
+        (divided by its area): a miscounted small part outweighs a large one it shares an
+        image with."""
+        total = shares.sum(1, keepdim=True).clamp_min(1e-12)
+        per_component = (shares @ self.owners).clamp_min(0.0) / total
+        per_component = per_component / weights.mean((-2, -1)).clamp_min(1e-3)
+        return torch.einsum("bk,bkhw->bhw", per_component, weights)
 
     @torch.no_grad()
     def fit(
@@ -450,3 +472,27 @@ def _median_mad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     center = x.quantile(0.5, dim=0)
     scale = 1.4826 * (x - center).abs().quantile(0.5, dim=0)
     return center, torch.maximum(scale, 1e-3 * center.abs().clamp_min(1.0))
+
+
+def descriptor_owners(config: CompositionConfig) -> torch.Tensor:
+    """(F, K) float32: the share of each of ``config``'s descriptor dimensions (in
+    ``part_names`` order) that belongs to each component; a pair's dimension is half each of
+    its two components'. Follows :meth:`CompositionModel.parts`' layouts: component-major for
+    the per-component parts, cell-major (K per cell) for ``grid``."""
+    k, q, cells = config.n_components, config.appearance_dim, config.grid**2
+    eye = torch.eye(k)
+    first, second = torch.triu_indices(k, k, offset=1)
+    pairs = torch.zeros(len(first), k)
+    pairs[torch.arange(len(first)), first] = 0.5
+    pairs[torch.arange(len(first)), second] = 0.5
+    rows = {
+        "area": eye,
+        "blobs": eye,
+        "pairs": pairs,
+        "blob_size": eye.repeat_interleave(2, dim=0),
+        "appearance": eye.repeat_interleave(q, dim=0),
+        "spread": eye.repeat_interleave(q, dim=0),
+        "blob_spread": eye.repeat_interleave(q, dim=0),
+        "grid": eye.repeat(cells, 1),
+    }
+    return torch.cat([rows[name] for name in config.part_names])
