@@ -35,13 +35,21 @@ Per image:
    the cell's K-component histogram to that cell's training histograms (Ledoit-Wolf, variance
    floor one patch): "this cell holds an unusual mix of parts", about 1 on good cells. It
    carries only the where-evidence of the ``grid`` kind; counts, sizes and relations reach only
-   the image score.
+   the image score;
+5. ``placement`` (B, h, w): where the descriptor's distance lies. The squared distance
+   ``uᵀPu`` splits over the descriptor's dimensions as ``u_i (P u)_i``; summed per component
+   (a ``pairs`` dimension half to each of its two), the positive parts as fractions of d² and
+   divided by the component's area (evidence per pixel: the background weighs little) are
+   painted on the components' soft weights, summed over the members and divided by the
+   image's maximum. A part of an unusual finish is marked on its own pixels; a count change
+   shows on every component whose area moved, the complementary background included.
+   ``FusionConfig.placement_power`` gates the composition evidence by it.
 
 Typical use::
 
     model = CompositionModel(CompositionConfig(), feature_dim=D, grid=(h, w))
     model.fit(train_features, (h, w))  # (N, h*w, D) features of the N train/good images
-    image_score, cell_map = model(features, (h, w))  # (B,), (B, G, G)
+    image_score, cell_map, placement = model(features, (h, w))  # (B,), (B, G, G), (B, h, w)
 
 With ``CompositionConfig.fine_parts`` the components are also drawn at stride 4 from two raw
 backbone levels (:mod:`engine.models.composition.fine`); with ``CompositionConfig.windows`` the

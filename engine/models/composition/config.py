@@ -53,7 +53,9 @@ class CompositionConfig:
     docs/ACCURACY.md: a score on every pixel lifts the whole of an anomalous image and cuts
     AU-sPRO@0.05 by a third; gated, the fused map beats every single branch on both image
     AUROC and AU-sPRO. The per-cell map (``forward``'s second output) localises too coarsely to
-    fuse.
+    fuse (ablation 7, measured while its cells were mislabelled: a layout slip fixed
+    2026-12-06); the placement map (the third) can widen the gate
+    (``FusionConfig.placement_power``).
     ``image_size``: the side of the images the branch's patch features come from; None: the
     memory bank's (``StructuralConfig.image_size``), so one backbone pass serves both. Another
     size costs a second pass of the same backbone, on the bank's input resized with antialias

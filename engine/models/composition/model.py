@@ -36,9 +36,10 @@ class CompositionModel(nn.Module):
 
     ``forward(features, grid, fine=None)`` takes (B, h*w, D) patch features in row-major grid
     order (:class:`engine.models.structural.PatchFeatures` output) and, with fine parts, those
-    two raw levels; it returns ``(image_score (B,), cell_map (B, G, G))``, float32, larger =
-    more anomalous, G = ``config.grid``; both are about 1 on typical good images (see the
-    package docstring). With fine parts or windows the image score is the largest of the
+    two raw levels; it returns ``(image_score (B,), cell_map (B, G, G), placement (B, h, w))``,
+    float32, larger = more anomalous, G = ``config.grid``; the first two are about 1 on typical
+    good images, the placement is in [0, 1], 1 where the distance lies most (see the package
+    docstring). With fine parts or windows the image score is the largest of the
     distances, each in validation MADs above its validation median (about 0 on good images);
     with several members (``config.members``) it is the mean of the members' such distances,
     standardised again the same way.
