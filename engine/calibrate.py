@@ -101,8 +101,9 @@ class FusionConfig:
     [0, 1] per image, to this power (:func:`placement_gate`). A part miscounted away from where
     the other branches peak is then marked where it lies; image scores do not move. At the cpu
     preset ``placement_power=4`` raised AU-sPRO@0.05 by +0.021 / +0.013 / +0.012 on seeds
-    20-22 but lost 0.023 on juice_bottle over them (good images' evidence spread over a whole
-    part), so it is an option, not the default (docs/ACCURACY.md, ablations 47, 48).
+    20-22 but lost 0.023 on juice_bottle over them (in its logical subset: the evidence lands
+    away from the defect, cause not verified), so it is an option, not the default
+    (docs/ACCURACY.md, ablations 47-49).
 
     ``target_false_alarm_rate`` defaults to 0.05: MVTec LOCO has only tens of validation good
     images per category, and with n images a rate can only be resolved to 1/n; 5% still lands
@@ -337,18 +338,23 @@ def peak_gate(base: torch.Tensor, power: float) -> torch.Tensor:
     """``g ** power`` with ``g`` each (B, S, S) map of ``base`` rescaled to [0, 1] per image:
     1 at the image's most anomalous pixel, near 0 away from it; 1 everywhere on a flat map
     (no place is preferred, and the evidence must not vanish)."""
-    low = base.amin(dim=(-2, -1), keepdim=True)
-    span = base.amax(dim=(-2, -1), keepdim=True) - low
-    gate = ((base - low) / span.clamp_min(1e-12)) ** power
+    unit, span = _unit_range(base)
+    gate = unit**power
     return torch.where(span > 0, gate, torch.ones_like(gate))
 
 
 def placement_gate(placement: torch.Tensor, power: float) -> torch.Tensor:
     """``g ** power`` with ``g`` each (B, S, S) map of ``placement`` rescaled to [0, 1] per
     image; 0 everywhere on a flat map (it places nothing, and :func:`peak_gate` still does)."""
-    low = placement.amin(dim=(-2, -1), keepdim=True)
-    span = placement.amax(dim=(-2, -1), keepdim=True) - low
-    return ((placement - low) / span.clamp_min(1e-12)) ** power
+    return _unit_range(placement)[0] ** power
+
+
+def _unit_range(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (B, S, S) map rescaled to [0, 1] per image (0 on a flat map), and its (B, 1, 1)
+    span (max - min)."""
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    span = maps.amax(dim=(-2, -1), keepdim=True) - low
+    return (maps - low) / span.clamp_min(1e-12), span
 
 
 def resize_to(maps: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:
