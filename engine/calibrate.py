@@ -99,11 +99,11 @@ class FusionConfig:
     components carry its distance: the gate is the larger of the peak gate and the model's
     placement map (:meth:`engine.models.composition.CompositionModel.forward`) rescaled to
     [0, 1] per image, to this power (:func:`placement_gate`). A part miscounted away from where
-    the other branches peak is then marked where it lies; image scores do not move. At the cpu
-    preset ``placement_power=4`` raised AU-sPRO@0.05 by +0.021 / +0.013 / +0.012 on seeds
-    20-22 but lost 0.023 on juice_bottle over them (in its logical subset: the evidence lands
-    away from the defect, cause not verified), so it is an option, not the default
-    (docs/ACCURACY.md, ablations 47-49).
+    the other branches peak is then marked where it lies; image scores do not move. A higher
+    power keeps the placed evidence on the densest components only: at the cpu preset (which
+    uses 16) over seeds 20-22, AU-sPRO@0.05 +0.015 / +0.017 / +0.016 at powers 4 / 8 / 16,
+    juice_bottle -0.023 / -0.013 / -0.009 (in its logical subset: part of the evidence lands
+    away from the defect, cause not verified) (docs/ACCURACY.md, ablations 47-50).
 
     ``target_false_alarm_rate`` defaults to 0.05: MVTec LOCO has only tens of validation good
     images per category, and with n images a rate can only be resolved to 1/n; 5% still lands

@@ -108,6 +108,7 @@ def reference_fused_map(
     manifest: dict,
     size: tuple[int, int],
     weights: dict[str, float] | None = None,
+    placement: np.ndarray | None = None,
 ) -> np.ndarray:
     """The fused (H, W) map recomputed with numpy/scipy only, in float64.
 
@@ -118,6 +119,8 @@ def reference_fused_map(
     used, and with ``config.fusion.merge == "max"`` its ``image_calibration``. The blur is
     ``scipy.ndimage.gaussian_filter`` with the engine kernel's rules
     (kernels/blur.py): ``mode="reflect"`` (half-sample symmetric), radius ``int(4 * sigma + 0.5)``.
+    ``placement``: the composition model's (S, S) placement map (a model output, like the
+    branch maps), needed where ``config.fusion.placement_power`` gates the composition evidence.
     """
     from scipy.ndimage import gaussian_filter
 
@@ -149,7 +152,8 @@ def reference_fused_map(
 
     composition = manifest["config"].get("composition", {})
     if manifest["config"]["fusion"].get("merge", "sum") == "max":
-        return bilinear_resize(_max_merged(maps, manifest, weights, normalised, blur), size)
+        fused = _max_merged(maps, manifest, weights, normalised, blur, placement)
+        return bilinear_resize(fused, size)
     mode = composition.get("fused_map") if others else "image"
     if "composition" not in maps or not weights.get("composition", 0.0):
         return bilinear_resize(blur(merged), size)
@@ -162,14 +166,17 @@ def reference_fused_map(
     return bilinear_resize(blur(merged + weights["composition"] * evidence), size)
 
 
-def _max_merged(maps: dict, manifest: dict, weights: dict, normalised, blur) -> np.ndarray:
+def _max_merged(
+    maps: dict, manifest: dict, weights: dict, normalised, blur, placement: np.ndarray | None
+) -> np.ndarray:
     """The ``fusion.merge="max"`` map at model size: each branch standardised by its pixel
     statistics, blurred (not the composition map, constant per image), standardised by its
     ``image_calibration``, its part above 0 weighted and the part below scaled by its
     ``background_scales`` (1 without); the pointwise maximum of the map branches (with
     ``positional_role="shape"`` the positional map cut at the image's score without it), its
     peak raised to the composition value where that is larger, spread by the gate (1 everywhere
-    on a flat map)."""
+    on a flat map); with ``placement_power`` the gate is the larger of that and the placement
+    rescaled to [0, 1] (0 on a flat map) to that power."""
     scaled = {}
     backgrounds = manifest.get("background_scales", {})
     for name in maps:
@@ -193,8 +200,17 @@ def _max_merged(maps: dict, manifest: dict, weights: dict, normalised, blur) -> 
     if composition["fused_map"] == "image":
         return np.maximum(fused, evidence)
     span = fused.max() - fused.min()
-    gate = (fused - fused.min()) / span if span > 0 else np.ones_like(fused)
-    return fused + np.maximum(evidence - fused.max(), 0.0) * gate ** composition["gate_power"]
+    gate = ((fused - fused.min()) / span if span > 0 else np.ones_like(fused)) ** composition[
+        "gate_power"
+    ]
+    power = manifest["config"]["fusion"].get("placement_power")
+    if power is not None:
+        if placement is None:
+            raise ValueError("fusion.placement_power is set: pass the composition placement map")
+        low, high = placement.min(), placement.max()
+        unit = (placement - low) / (high - low) if high > low else np.zeros_like(placement)
+        gate = np.maximum(gate, unit.astype(np.float64) ** power)
+    return fused + np.maximum(evidence - fused.max(), 0.0) * gate
 
 
 def _result_maps(result: Any) -> dict[str, np.ndarray]:
@@ -210,3 +226,18 @@ def _result_maps(result: Any) -> dict[str, np.ndarray]:
 def fused_reference():
     """:func:`reference_fused_map`, for tests that check engine maps independently."""
     return reference_fused_map
+
+
+def _runtime_placement(rt: Any, image: np.ndarray) -> np.ndarray | None:
+    """The composition model's (S, S) placement map of one RGB ``image`` under Runtime ``rt``
+    (None without the branch): the model output :func:`reference_fused_map` takes beside the
+    branch maps."""
+    with torch.no_grad():
+        maps = rt.detector(torch.from_numpy(image)[None])
+    return None if maps.placement is None else maps.placement[0].double().numpy()
+
+
+@pytest.fixture(scope="session")
+def runtime_placement():
+    """:func:`_runtime_placement`."""
+    return _runtime_placement

@@ -13,7 +13,7 @@ import torch
 
 from engine.artifact import load_artifact, read_manifest
 from engine.calibrate import PLACEMENT, BranchStats
-from engine.config import BuildConfig, cpu_build_preset
+from engine.config import BuildConfig, cpu_build_preset, paper_preset
 from engine.detector import Detector
 
 tiny = runpy.run_path(str(Path(__file__).parent / "reliability" / "tiny.py"))
@@ -73,7 +73,10 @@ def test_the_placement_round_trips_and_spreads_only_the_map(built, tmp_path: Pat
     tiny["check_loads"](art)
 
 
-def test_a_manifest_from_before_the_option_places_by_the_peak_alone() -> None:
+def test_the_cpu_preset_places_and_a_manifest_from_before_the_option_does_not() -> None:
+    """ablation 50 made power 16 the cpu preset's; the paper preset keeps the peak gate alone,
+    and so does an artifact built before the option existed."""
+    assert paper_preset().fusion.component_placement is None
     values = cpu_build_preset().to_dict()
-    assert values["fusion"].pop("placement_power") is None
+    assert values["fusion"].pop("placement_power") == 16.0
     assert BuildConfig.from_dict(values).fusion.placement_power is None

@@ -95,7 +95,10 @@ def test_each_branch_receives_its_own_input_size(rt: Runtime, sized_build: dict[
 
 
 def test_runtime_maps_equal_the_saved_maps_and_the_formula(
-    rt: Runtime, sized_build: dict[str, Path], fused_reference: Callable
+    rt: Runtime,
+    sized_build: dict[str, Path],
+    fused_reference: Callable,
+    runtime_placement: Callable,
 ) -> None:
     manifest = json.loads((sized_build["artifact"] / "manifest.json").read_text())
     test_root = sized_build["data"] / "pushpins" / "test"
@@ -113,7 +116,8 @@ def test_runtime_maps_equal_the_saved_maps_and_the_formula(
         np.testing.assert_allclose(
             result.anomaly_map, saved, rtol=MAP_RTOL, atol=MAP_ATOL, err_msg=path
         )
-        want = fused_reference(result, manifest, image.shape[:2])
+        placement = runtime_placement(rt, image)
+        want = fused_reference(result, manifest, image.shape[:2], placement=placement)
         np.testing.assert_allclose(
             result.anomaly_map, want, rtol=MAP_RTOL, atol=MAP_ATOL, err_msg=path
         )

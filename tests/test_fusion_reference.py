@@ -115,7 +115,11 @@ def test_reference_resize_is_torch_bilinear(
 
 @pytest.mark.slow
 def test_fused_map_equals_the_formula(
-    rt: Runtime, manifest: dict, build: dict[str, Path], fused_reference: Callable
+    rt: Runtime,
+    manifest: dict,
+    build: dict[str, Path],
+    fused_reference: Callable,
+    runtime_placement: Callable,
 ) -> None:
     images = sorted((build["data"] / "pushpins" / "test").rglob("*.png"))
     assert len(images) == 9
@@ -123,7 +127,9 @@ def test_fused_map_equals_the_formula(
         image = read_image(path)
         result = rt(image, color="rgb")
         assert isinstance(result, Result)
-        want = fused_reference(result, manifest, image.shape[:2])
+        want = fused_reference(
+            result, manifest, image.shape[:2], placement=runtime_placement(rt, image)
+        )
         np.testing.assert_allclose(
             result.anomaly_map, want, rtol=FUSED_RTOL, atol=FUSED_ATOL, err_msg=path
         )
