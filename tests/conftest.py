@@ -199,18 +199,20 @@ def _max_merged(
     composition = manifest["config"]["composition"]
     if composition["fused_map"] == "image":
         return np.maximum(fused, evidence)
-    span = fused.max() - fused.min()
-    gate = ((fused - fused.min()) / span if span > 0 else np.ones_like(fused)) ** composition[
-        "gate_power"
-    ]
+    gate = _rescaled(fused, flat=1.0) ** composition["gate_power"]
     power = manifest["config"]["fusion"].get("placement_power")
     if power is not None:
         if placement is None:
             raise ValueError("fusion.placement_power is set: pass the composition placement map")
-        low, high = placement.min(), placement.max()
-        unit = (placement - low) / (high - low) if high > low else np.zeros_like(placement)
-        gate = np.maximum(gate, unit.astype(np.float64) ** power)
+        gate = np.maximum(gate, _rescaled(placement, flat=0.0) ** power)
     return fused + np.maximum(evidence - fused.max(), 0.0) * gate
+
+
+def _rescaled(values: np.ndarray, flat: float) -> np.ndarray:
+    """``values`` rescaled to [0, 1] in float64, ``flat`` everywhere on a constant map."""
+    values = values.astype(np.float64)
+    low, span = values.min(), values.max() - values.min()
+    return (values - low) / span if span > 0 else np.full_like(values, flat)
 
 
 def _result_maps(result: Any) -> dict[str, np.ndarray]:
