@@ -140,6 +140,15 @@ def test_the_cpu_preset_weighs_bank_distances_by_local_spacing_and_old_manifests
     assert BuildConfig.from_dict(values).structural.density_k == 0
 
 
+def test_the_cpu_preset_halves_the_logical_evidence_and_the_paper_keeps_its_weights() -> None:
+    """ablation 54 adopted ``fusion.logical_weight=0.5`` in the cpu preset; the paper preset keeps
+    structural:logical = 1:3."""
+    assert cpu_build_preset().fusion.logical_weight == 0.5
+    assert cpu_build_preset().fusion.structural_weight == 1.0
+    paper = paper_preset().fusion
+    assert (paper.structural_weight, paper.logical_weight) == (1.0, 3.0)
+
+
 def test_the_cpu_preset_fits_three_composition_members_and_says_how_to_add_windows() -> None:
     """ablation 44 adopted ``composition.members=3`` in the cpu preset; fine parts and windows
     are refused beside it with the setting that allows them."""
