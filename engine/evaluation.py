@@ -141,7 +141,9 @@ def summary(metrics: TestMetrics, scores: np.ndarray, defects: Sequence[str]) ->
     images' ``scores`` and ``defects`` (N,).
 
     LOCO: image AUROC (official and tie-correct) and AU-sPRO@0.05 per subset (logical,
-    structural, mean). Other levels: :func:`~engine.metrics.metrics_json`'s values.
+    structural, mean), and per subset each defect's AU-sPRO@0.05
+    (:attr:`~engine.metrics.loco.LocoMetrics.auc_spro_per_defect`). Other levels:
+    :func:`~engine.metrics.metrics_json`'s values.
     """
     per_defect = {"image_auroc_per_defect": image_auroc_per_defect(scores, defects)}
     if not isinstance(metrics, LocoMetrics):
@@ -151,6 +153,10 @@ def summary(metrics: TestMetrics, scores: np.ndarray, defects: Sequence[str]) ->
         "image_auroc_tie_correct": dict(metrics.auroc_tie_correct),
         "au_spro_0.05": {kind: values.get(0.05) for kind, values in metrics.auc_spro.items()},
         **per_defect,
+        "au_spro_0.05_per_defect": {
+            kind: {name: values.get(0.05) for name, values in defects.items()}
+            for kind, defects in metrics.auc_spro_per_defect.items()
+        },
     }
 
 

@@ -22,6 +22,9 @@ SUBSETS = (
     ("mean", "mean"),
 )
 METRICS = (("image_auroc_tie_correct", "Image AUROC"), ("au_spro_0.05", "AU-sPRO@0.05"))
+IMAGE_AUROC_PER_DEFECT = "image_auroc_per_defect"
+SPRO_PER_DEFECT = "au_spro_0.05_per_defect"
+SUBSET_OF_KIND = {"logical": "logical_anomalies", "structural": "structural_anomalies"}
 NEW_DOCUMENT = """# Accuracy benchmark
 
 `python -m tools.accuracy` builds every synthetic category for several seeds and measures each
@@ -101,8 +104,22 @@ def category_table(records: Sequence[dict], metric: str, key: str) -> str:
     return markdown_table(["category", *branches], rows, 1)
 
 
-def defect_table(records: Sequence[dict]) -> str:
-    """Image AUROC of good vs each defect type: rows (category, type), columns branches."""
+def _defect_value(
+    record: dict | None, branch: str, metric: str, defect: str, kind: str
+) -> float | None:
+    """``metric`` of one defect type in one build: keyed by defect, or for
+    :data:`SPRO_PER_DEFECT` by subset and then defect (None where not measured)."""
+    if record is None:
+        return None
+    values = record["metrics"].get(branch, {}).get(metric, {})
+    if metric == SPRO_PER_DEFECT:
+        values = values.get(SUBSET_OF_KIND[kind], {})
+    return values.get(defect)
+
+
+def defect_table(records: Sequence[dict], metric: str = IMAGE_AUROC_PER_DEFECT) -> str:
+    """``metric`` (:data:`IMAGE_AUROC_PER_DEFECT` or :data:`SPRO_PER_DEFECT`) of each defect
+    type: rows (category, type), columns branches."""
     seeds = sorted({r["seed"] for r in records})
     index = {(r["category"], r["seed"]): r for r in records}
     branches = branches_of(records)
@@ -116,7 +133,7 @@ def defect_table(records: Sequence[dict]) -> str:
             counts = sorted({b["test_defects"].count(defect) for b in builds if b is not None})
             n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
             values = [
-                cell([_value(b, branch, "image_auroc_per_defect", defect) for b in builds])
+                cell([_defect_value(b, branch, metric, defect, kinds[defect]) for b in builds])
                 for branch in branches
             ]
             rows.append([category, defect, kinds[defect], n, *values])
@@ -184,6 +201,14 @@ def render_block(records: Sequence[dict], meta: dict, tag: str | None) -> str:
             parts.append(category_table(records, metric, key))
     parts.append(f"{level}# Image AUROC per defect type (good vs that type)\n")
     parts.append(defect_table(records))
+    parts.append(
+        f"{level}# AU-sPRO@0.05 per defect type\n\nEach defect type's part of its subset's "
+        "AU-sPRO@0.05: the value the subset would have if all its regions were of that type (the "
+        "same thresholds and false-positive rate); the subset's is the region-count-weighted "
+        "mean of its types'. n counts images; – : an image holding several types, or a run "
+        "from before this table.\n"
+    )
+    parts.append(defect_table(records, SPRO_PER_DEFECT))
     parts.append(
         f"{level}# Logical decoder collapse check\n\nDecoder/encoder across-image standard "
         "deviation per compared level at the epoch the artifact keeps; a level below the build's "

@@ -17,7 +17,7 @@ all in memory.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
@@ -60,6 +60,11 @@ class LocoMetrics:
     ``auroc`` is the official value (tie quirk included), ``auroc_tie_correct`` the Mann–Whitney
     one; both are keyed ``logical_anomalies``, ``structural_anomalies``, ``mean``. ``auc_spro``
     maps the same keys to {integration limit: AU-sPRO normalised by the limit}.
+    ``auc_spro_per_defect`` maps each subset to {defect name: {limit: AU-sPRO}}: the AU-sPRO
+    the subset would have if all its channels were of that defect (the same thresholds and the
+    subset's FPR, the mean sPRO over that defect's channels only), so the subset's value is
+    the channel-count-weighted mean of its defects'. A channel without a defect config entry
+    counts as ``unnamed``.
     """
 
     auroc: dict[str, float | None]
@@ -70,6 +75,7 @@ class LocoMetrics:
     image_scores: dict[str, np.ndarray]  # per image type: max of each map, in input order
     thresholds: np.ndarray  # (T,) every threshold chosen, descending (empty if no curve)
     max_fprs: tuple[float, ...]
+    auc_spro_per_defect: dict[str, dict[str, dict[float, float]]] = field(default_factory=dict)
 
     def to_official_json(self) -> dict:
         """The official ``metrics.json`` content as a JSON-ready dict, plus our tie-correct AUROC.
@@ -131,6 +137,7 @@ class LocoEvaluator:
         self._channels: list[np.ndarray] = []  # per channel: its scores, ascending
         self._saturation: list[int] = []  # per channel
         self._channel_image: list[int] = []  # per channel: index of its image
+        self._channel_defect: list[str] = []  # per channel: its defect name
 
     @property
     def num_images(self) -> int:
@@ -184,6 +191,7 @@ class LocoEvaluator:
                 self._channels.append(defective if len(masks) == 1 else np.sort(scores[mask]))
                 self._saturation.append(channel.saturation_area)
                 self._channel_image.append(self.num_images)
+                self._channel_defect.append(channel.defect.name if channel.defect else "unnamed")
         else:
             free = np.sort(scores, axis=None)
             defective = free[:0]
@@ -301,7 +309,15 @@ class LocoEvaluator:
             thresholds, _ = refine_thresholds(
                 thresholds, self._overall_curve, curve_max_distance, progress
             )
-            spro_curves = self._subset_curves(thresholds, types)
+            spros = self._spros(thresholds)
+            spro_curves = self._subset_curves(thresholds, types, spros)
+        per_defect = {
+            kind: {
+                name: {limit: trapezoid(curve.fpr, spro, limit) / limit for limit in max_fprs}
+                for name, spro in self._defect_spros(spros, types, kind).items()
+            }
+            for kind, curve in spro_curves.items()
+        }
         auc_spro = {
             kind: {
                 limit: (
@@ -328,13 +344,16 @@ class LocoEvaluator:
             image_scores=image_scores,
             thresholds=thresholds,
             max_fprs=max_fprs,
+            auc_spro_per_defect=per_defect,
         )
 
-    def _subset_curves(self, thresholds: np.ndarray, types: np.ndarray) -> dict[str, SproCurve]:
-        """Curves of the subsets that have a channel and a defect-free pixel."""
+    def _subset_curves(
+        self, thresholds: np.ndarray, types: np.ndarray, spros: np.ndarray
+    ) -> dict[str, SproCurve]:
+        """Curves of the subsets that have a channel and a defect-free pixel; ``spros``:
+        :meth:`_spros` at ``thresholds``."""
         fp = self._fp_counts(thresholds)
         free_sizes = np.array([free.size for free in self._free])
-        spros = self._spros(thresholds)
         channel_types = types[np.asarray(self._channel_image)]
         curves = {}
         for kind in ANOMALY_TYPES:
@@ -346,6 +365,18 @@ class LocoEvaluator:
             fpr = fp[images].sum(axis=0) / free_total
             curves[kind] = SproCurve(thresholds, fpr, spros[in_subset].mean(axis=0))
         return curves
+
+    def _defect_spros(
+        self, spros: np.ndarray, types: np.ndarray, kind: str
+    ) -> dict[str, np.ndarray]:
+        """Per defect name in subset ``kind``: the (T,) mean of its channels' rows of
+        ``spros`` (:meth:`_spros`)."""
+        in_subset = types[np.asarray(self._channel_image)] == kind
+        names = np.asarray(self._channel_defect)
+        return {
+            name: spros[in_subset & (names == name)].mean(axis=0)
+            for name in sorted(set(names[in_subset]))
+        }
 
 
 def _mean(a: float | None, b: float | None) -> float | None:

@@ -9,8 +9,9 @@ from engine.metrics.curve import trapezoid
 from engine.metrics.loco import MAX_FPRS, LocoEvaluator, compute_loco_metrics
 
 
-def brute_force_point(maps, types, channels, subset, threshold):
-    """(FPR, mean sPRO) of a subset at one threshold, straight from the definitions."""
+def brute_force_point(maps, types, channels, subset, threshold, defect=None):
+    """(FPR, mean sPRO) of a subset at one threshold, straight from the definitions; with
+    ``defect``, the mean over that defect's channels only (the FPR is the subset's)."""
     false_positives = defect_free = 0
     spros = []
     for anomaly_map, kind, image_channels in zip(maps, types, channels):
@@ -20,17 +21,19 @@ def brute_force_point(maps, types, channels, subset, threshold):
         union = np.zeros(anomaly_map.shape, dtype=bool)
         for channel in image_channels:
             union |= channel.mask
+            if defect is not None and channel.defect.name != defect:
+                continue
             spros.append(min(np.sum(positive & channel.mask) / channel.saturation_area, 1.0))
         false_positives += np.sum(positive & ~union)
         defect_free += np.sum(~union)
     return false_positives / defect_free, float(np.mean(spros))
 
 
-def exhaustive_au_spro(maps, types, channels, subset):
+def exhaustive_au_spro(maps, types, channels, subset, defect=None):
     """{limit: AU-sPRO} with every distinct score as a threshold (slow, obviously complete)."""
     scores = np.unique(np.concatenate([m.ravel() for m in maps]).astype(np.float64))
     thresholds = np.concatenate([[scores[-1] + 1], scores[::-1], [scores[0] - 1]])
-    points = [brute_force_point(maps, types, channels, subset, t) for t in thresholds]
+    points = [brute_force_point(maps, types, channels, subset, t, defect) for t in thresholds]
     fpr, spro = np.array(points).T
     return {limit: trapezoid(fpr, spro, limit) / limit for limit in MAX_FPRS}
 
@@ -119,6 +122,25 @@ def test_adaptive_thresholds_agree_with_exhaustive(seed, levels):
         expected = exhaustive_au_spro(maps, types, channels, subset)
         for limit in MAX_FPRS:
             assert result.auc_spro[subset][limit] == pytest.approx(expected[limit], abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_per_defect_au_spro_is_each_defects_part_of_its_subset(seed):
+    """Each defect's AU-sPRO agrees with the exhaustive one over its channels at the subset's
+    FPR, and the subset's is their channel-count-weighted mean."""
+    maps, types, channels = random_case(seed, num_images=12)
+    result = compute_loco_metrics(maps, types, channels)
+    for subset in (LOGICAL, STRUCTURAL):
+        names = [c.defect.name for t, cs in zip(types, channels) if t == subset for c in cs]
+        per_defect = result.auc_spro_per_defect[subset]
+        assert sorted(per_defect) == sorted(set(names)) == ["absolute", "relative"]
+        for name, values in per_defect.items():
+            expected = exhaustive_au_spro(maps, types, channels, subset, name)
+            for limit in MAX_FPRS:
+                assert values[limit] == pytest.approx(expected[limit], abs=1e-9)
+        for limit in MAX_FPRS:
+            weighted = sum(names.count(n) * v[limit] for n, v in per_defect.items()) / len(names)
+            assert weighted == pytest.approx(result.auc_spro[subset][limit], abs=1e-12)
 
 
 def test_fpr_excludes_ground_truth_pixels():

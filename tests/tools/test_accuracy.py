@@ -21,6 +21,7 @@ from engine.metrics.per_defect import defect_name
 from tools import accuracy
 from tools.accuracy_report import (
     NEW_DOCUMENT,
+    SPRO_PER_DEFECT,
     category_table,
     cell,
     collapse_table,
@@ -91,6 +92,21 @@ def test_defect_table_per_type_with_kind_and_count() -> None:
         "| --- | --- | --- | ---: | ---: |\n"
         "| a | extra | logical | 2 | 0.600 ± 0.141 |\n"
         "| a | scratch | structural | 1 | 0.950 ± 0.071 |\n"
+    )
+
+
+def test_defect_table_of_au_spro_reads_each_type_under_its_subset() -> None:
+    records = [record("a", s, {"fused": 0.0}) for s in (0, 1)]
+    for build, (extra, scratch) in zip(records, [(0.2, 0.8), (0.4, None)]):
+        build["metrics"]["fused"][SPRO_PER_DEFECT] = {
+            "logical_anomalies": {"extra": extra},
+            "structural_anomalies": {} if scratch is None else {"scratch": scratch},
+        }
+    assert defect_table(records, SPRO_PER_DEFECT) == (
+        "| category | defect type | kind | n | fused |\n"
+        "| --- | --- | --- | ---: | ---: |\n"
+        "| a | extra | logical | 2 | 0.300 ± 0.141 |\n"
+        "| a | scratch | structural | 1 | – |\n"
     )
 
 
@@ -404,6 +420,13 @@ def test_tiny_end_to_end_run(tmp_path: Path, capsys, tiny_build_args: list[str])
             assert value == pytest.approx(_mann_whitney(good, list(scores[defects == name])))
         if branch in manifest:
             assert manifest[branch]["image_auroc_per_defect"] == pytest.approx(per_defect)
+        spro = build["metrics"][branch][SPRO_PER_DEFECT]
+        for subset, kind in (
+            ("logical_anomalies", "logical"),
+            ("structural_anomalies", "structural"),
+        ):
+            assert sorted(spro[subset]) == sorted(d for d, k in kinds.items() if k == kind)
+            assert all(0 <= v <= 1 for v in spro[subset].values())
         # the scores are those the LOCO metric ranks: its subset AUROC follows from them
         logical = [s for s, d in zip(scores, defects) if kinds.get(d) == "logical"]
         subset = build["metrics"][branch]["image_auroc_tie_correct"]["logical_anomalies"]
