@@ -230,6 +230,8 @@ def test_unfitted_model_and_wrong_inputs_are_refused(fitted: CompositionModel) -
         ("scale_floor", 0.0, "scale_floor must be in"),
         ("unseen_scale", -0.5, "unseen_scale must be in"),
         ("unseen_scale", True, "unseen_scale must be in"),
+        ("placement_area_power", 1.5, r"placement_area_power must be in \[0, 1\]"),
+        ("placement_area_power", float("nan"), "placement_area_power must be in"),
         ("seed", -1, "seed must be a non-negative int"),
         ("image_size", 0, "image_size must be a positive int"),
         ("image_size", 384.0, "image_size must be a positive int"),
@@ -242,7 +244,14 @@ def test_config_rejects_bad_values(field: str, value: object, message: str) -> N
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("temperature", 0), ("gate_power", 64), ("scale_floor", 1), ("unseen_scale", 0)],
+    [
+        ("temperature", 0),
+        ("gate_power", 64),
+        ("scale_floor", 1),
+        ("unseen_scale", 0),
+        ("placement_area_power", 0),
+        ("placement_area_power", 1),
+    ],
 )
 def test_config_accepts_the_ends_of_its_closed_ranges(field: str, value: float) -> None:
     assert getattr(CompositionConfig(**{field: value}), field) == value

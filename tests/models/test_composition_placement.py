@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from itertools import combinations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -45,7 +46,8 @@ def expected_placement(model: CompositionModel, features: torch.Tensor) -> torch
         shares = u * (u @ member.descriptor_precision)
         d2 = shares.sum(1, keepdim=True).clamp_min(1e-12)
         area = weights.mean((-2, -1)).clamp_min(1e-3)  # a component all but absent
-        density = per_component(member, shares).clamp_min(0) / d2 / area
+        power = member.config.placement_area_power
+        density = per_component(member, shares).clamp_min(0) / d2 / area**power
         total = total + (density[:, :, None, None] * weights).sum(1)
     return total / total.amax((-2, -1), keepdim=True)
 
@@ -59,8 +61,13 @@ def test_owners_give_every_descriptor_dimension_wholly_to_components() -> None:
     assert "owners" not in CompositionModel(config, DIM, GRID).state_dict()  # from the config
 
 
-def test_placement_is_each_components_share_of_the_distance_as_a_density() -> None:
-    config = CompositionConfig(**SMALL, parts=EVERY_PART, members=2)
+@pytest.mark.parametrize("area_power", [1.0, 0.5, 0.0])
+def test_placement_is_each_components_share_of_the_distance_as_a_density(
+    area_power: float,
+) -> None:
+    config = CompositionConfig(
+        **SMALL, parts=EVERY_PART, members=2, placement_area_power=area_power
+    )
     model = CompositionModel(config, DIM, GRID).fit(scenes(40, 4, seed=0), GRID)
     model.calibrate_groups(model.group_distances(scenes(16, 4, seed=3), GRID))
     x = scenes(3, 4, seed=5, extra=1)

@@ -331,12 +331,13 @@ class CompositionModel(nn.Module):
     def _placement(self, shares: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(B, h, w): where the descriptor's distance lies. Each component's positive part of the
         (B, F) ``shares`` of d² (a pair's split evenly between its two components), as a
-        fraction of d², spread over the component's soft ``weights`` (B, K, h, w) as a density
-        (divided by its area): a miscounted small part outweighs a large one it shares an
-        image with."""
+        fraction of d², spread over the component's soft ``weights`` (B, K, h, w) divided by
+        its area to the power ``config.placement_area_power`` (1: a density, so a miscounted
+        small part outweighs a large one it shares an image with)."""
         total = shares.sum(1, keepdim=True).clamp_min(1e-12)
         per_component = (shares @ self.owners).clamp_min(0.0) / total
-        per_component = per_component / weights.mean((-2, -1)).clamp_min(1e-3)
+        area = weights.mean((-2, -1)).clamp_min(1e-3)
+        per_component = per_component / area**self.config.placement_area_power
         return torch.einsum("bk,bkhw->bhw", per_component, weights)
 
     @torch.no_grad()
