@@ -30,6 +30,7 @@ from engine.metrics.loco_thresholds import (
     initial_thresholds,
     refine_thresholds,
 )
+from engine.metrics.per_defect import defect_name
 
 MAX_FPRS = (0.01, 0.05, 0.1, 0.3, 1.0)
 ANOMALY_TYPES = (LOGICAL, STRUCTURAL)
@@ -63,8 +64,9 @@ class LocoMetrics:
     ``auc_spro_per_defect`` maps each subset to {defect name: {limit: AU-sPRO}}: the AU-sPRO
     the subset would have if all its channels were of that defect (the same thresholds and the
     subset's FPR, the mean sPRO over that defect's channels only), so the subset's value is
-    the channel-count-weighted mean of its defects'. A channel without a defect config entry
-    counts as ``unnamed``.
+    the channel-count-weighted mean of its defects'. Names as
+    :func:`~engine.metrics.per_defect.defect_name` gives them (``unnamed`` without a config
+    entry).
     """
 
     auroc: dict[str, float | None]
@@ -191,7 +193,7 @@ class LocoEvaluator:
                 self._channels.append(defective if len(masks) == 1 else np.sort(scores[mask]))
                 self._saturation.append(channel.saturation_area)
                 self._channel_image.append(self.num_images)
-                self._channel_defect.append(channel.defect.name if channel.defect else "unnamed")
+                self._channel_defect.append(defect_name((channel,)))
         else:
             free = np.sort(scores, axis=None)
             defective = free[:0]
