@@ -108,20 +108,37 @@ def test_max_3x3_equals_max_pool(dtype: torch.dtype) -> None:
     assert torch.equal(out.double(), expected)
 
 
+@pytest.mark.parametrize("side", [48, 80])
 @pytest.mark.parametrize("density", [0.1, 0.45, 0.6, 0.9])
-def test_labels_stopped_early_equal_all_iterations(density: float, monkeypatch) -> None:
-    """Eager CPU labelling stops once an iteration changes nothing; the compiled and exported
-    graphs run every iteration. Both must give the same labels, winding snakes included."""
+def test_eager_cpu_labels_equal_all_iterations(density: float, side: int, monkeypatch) -> None:
+    """Eager CPU labelling takes scipy's labels (sides up to 64) or stops once an iteration
+    changes nothing (larger masks); the compiled and exported graphs run every iteration. All
+    must give the same labels, winding snakes included."""
     rng = np.random.default_rng(int(density * 10))
-    masks = torch.from_numpy(rng.random((16, 48, 48)) < density)
-    snake = torch.zeros(1, 48, 48, dtype=torch.bool)
+    masks = torch.from_numpy(rng.random((16, side, side)) < density)
+    snake = torch.zeros(1, side, side, dtype=torch.bool)
     snake[0, ::2] = True
     snake[0, 1::4, -1] = snake[0, 3::4, 0] = True
-    masks = torch.cat([masks, snake])
-    stopped = label_components(masks, iterations=12)
+    masks = torch.cat([snake, masks])
+    eager = label_components(masks, iterations=12)
     monkeypatch.setattr(ops, "_plain_cpu", lambda x: False)
-    assert torch.equal(stopped, label_components(masks, iterations=12))
-    assert torch.equal(stopped[:1], label_components(masks[:1], iterations=40))
+    assert torch.equal(eager, label_components(masks, iterations=12))
+    if side <= 64:
+        assert torch.equal(eager[:1], label_components(masks[:1], iterations=40))
+
+
+@pytest.mark.parametrize(
+    ("side", "iterations", "fast"),
+    [(48, 12, True), (64, 20, True), (65, 12, False), (48, 11, False)],
+)
+def test_scipy_labels_only_where_the_propagation_is_exact(
+    side: int, iterations: int, fast: bool, monkeypatch
+) -> None:
+    calls = []
+    label_with_scipy = ops._label_with_scipy
+    monkeypatch.setattr(ops, "_label_with_scipy", lambda m: calls.append(1) or label_with_scipy(m))
+    label_components(torch.ones(2, side, side, dtype=torch.bool), iterations=iterations)
+    assert bool(calls) is fast
 
 
 def test_blob_stats_count_size_and_compare_blobs_of_min_size() -> None:
