@@ -17,7 +17,7 @@ Per image:
    - ``pairs`` (K(K-1)/2): ``sqrt(area_k * area_l)``, large only where both components are
      present (variants that must not be mixed; a Gaussian on the areas cannot see this);
    - ``blobs`` (K): per component, the number of 8-connected blobs of at least ``min_blob``
-     cells of its hard mask (:func:`ops.label_components`, plain tensor ops);
+     cells of its hard mask (:func:`ops.label_components`);
    - ``blob_size`` (2K): per component, its two largest blobs' areas (fractions of the grid);
    - ``grid`` (K·G²): per cell of a G x G grid, each component's share of the cell;
    - ``appearance`` (K·q): per component, the mean of its patches' coordinates along the q main

@@ -1,6 +1,7 @@
 """Building blocks of the composition branch: PCA, Ledoit-Wolf shrinkage, and connected-component
-labelling written with plain tensor ops (exportable, runs on any device). The seeded k-means is
-the engine's shared one (:mod:`engine.models.kmeans`)."""
+labelling written with plain tensor ops (exportable, runs on any device; eager on CPU it takes
+scipy's labels, the same ones). The seeded k-means is the engine's shared one
+(:mod:`engine.models.kmeans`)."""
 
 from __future__ import annotations
 
