@@ -95,10 +95,10 @@ def label_components(mask: torch.Tensor, iterations: int) -> torch.Tensor:
     in its 3x3 neighbourhood (within the foreground) and then the label its label points at. The
     labels of a component converge to its largest flat index; ``iterations`` is fixed (no
     data-dependent loop, so the op traces and exports); about ``2 * log2(H * W)`` iterations
-    label typical masks exactly, a long winding component may need more (12 label any mask up
-    to 64 x 64 exactly, tested on the worst case, a snake). Run eagerly on CPU, scipy's
-    ``ndimage.label`` gives the same labels where 12 or more steps are known to be exact (sides up
-    to 64; about a tenth of the time of the propagation there), and elsewhere the propagation
+    label typical masks exactly, a long winding component may need more (12 label masks up to
+    64 x 64 exactly, checked on a snake winding through the whole mask). Run eagerly on CPU,
+    scipy's ``ndimage.label`` gives the same labels where 12 or more steps are known exact
+    (sides up to 64; about a tenth of the propagation's time there); elsewhere the propagation
     stops at the first iteration that changes nothing: the update is deterministic, so every
     later one would return the same labels.
 
