@@ -109,12 +109,10 @@ def _defect_value(
 ) -> float | None:
     """``metric`` of one defect type in one build: keyed by defect, or for
     :data:`SPRO_PER_DEFECT` by subset and then defect (None where not measured)."""
-    if record is None:
-        return None
-    values = record["metrics"].get(branch, {}).get(metric, {})
-    if metric == SPRO_PER_DEFECT:
-        values = values.get(SUBSET_OF_KIND[kind], {})
-    return values.get(defect)
+    if metric != SPRO_PER_DEFECT:
+        return _value(record, branch, metric, defect)
+    by_defect = _value(record, branch, metric, SUBSET_OF_KIND[kind])
+    return None if by_defect is None else by_defect.get(defect)
 
 
 def defect_table(records: Sequence[dict], metric: str = IMAGE_AUROC_PER_DEFECT) -> str:

@@ -312,11 +312,12 @@ class LocoEvaluator:
                 thresholds, self._overall_curve, curve_max_distance, progress
             )
             spros = self._spros(thresholds)
-            spro_curves = self._subset_curves(thresholds, types, spros)
+            channel_types = types[np.asarray(self._channel_image)]
+            spro_curves = self._subset_curves(thresholds, types, channel_types, spros)
         per_defect = {
             kind: {
                 name: {limit: trapezoid(curve.fpr, spro, limit) / limit for limit in max_fprs}
-                for name, spro in self._defect_spros(spros, types, kind).items()
+                for name, spro in self._defect_spros(spros, channel_types == kind).items()
             }
             for kind, curve in spro_curves.items()
         }
@@ -350,13 +351,16 @@ class LocoEvaluator:
         )
 
     def _subset_curves(
-        self, thresholds: np.ndarray, types: np.ndarray, spros: np.ndarray
+        self,
+        thresholds: np.ndarray,
+        types: np.ndarray,
+        channel_types: np.ndarray,
+        spros: np.ndarray,
     ) -> dict[str, SproCurve]:
-        """Curves of the subsets that have a channel and a defect-free pixel; ``spros``:
-        :meth:`_spros` at ``thresholds``."""
+        """Curves of the subsets that have a channel and a defect-free pixel; ``types`` per
+        image, ``channel_types`` per channel, ``spros``: :meth:`_spros` at ``thresholds``."""
         fp = self._fp_counts(thresholds)
         free_sizes = np.array([free.size for free in self._free])
-        channel_types = types[np.asarray(self._channel_image)]
         curves = {}
         for kind in ANOMALY_TYPES:
             images = (types == GOOD) | (types == kind)
@@ -368,12 +372,9 @@ class LocoEvaluator:
             curves[kind] = SproCurve(thresholds, fpr, spros[in_subset].mean(axis=0))
         return curves
 
-    def _defect_spros(
-        self, spros: np.ndarray, types: np.ndarray, kind: str
-    ) -> dict[str, np.ndarray]:
-        """Per defect name in subset ``kind``: the (T,) mean of its channels' rows of
-        ``spros`` (:meth:`_spros`)."""
-        in_subset = types[np.asarray(self._channel_image)] == kind
+    def _defect_spros(self, spros: np.ndarray, in_subset: np.ndarray) -> dict[str, np.ndarray]:
+        """Per defect name among the channels ``in_subset`` (a per-channel mask): the (T,) mean
+        of its channels' rows of ``spros`` (:meth:`_spros`)."""
         names = np.asarray(self._channel_defect)
         return {
             name: spros[in_subset & (names == name)].mean(axis=0)
