@@ -31,7 +31,7 @@ from PIL import Image
 
 from engine import Runtime
 from engine.artifact import save_artifact
-from engine.composition_calibration import calibrate_composition_groups
+from engine.composition_calibration import calibrate_composition, needs_calibration
 from engine.config import cpu_build_preset
 from engine.data.formats import open_dataset
 from engine.data.images import read_rgb
@@ -123,8 +123,8 @@ def category(tmp_path_factory: pytest.TempPathFactory, timing_info: dict) -> dic
         # Calibrated as a build calibrates, so the fused map weighs every branch as it would
         # in a build, and its differences from eager are in the map's real units.
         grouped = composition.n_groups > 1
-        if grouped:
-            calibrate_composition_groups(detector, validation, False)
+        if needs_calibration(composition):
+            calibrate_composition(detector, validation, False)
         maps = validation_maps(detector, validation, False)
         calibrate(detector.fusion, maps, config.fusion, composition_calibrated=grouped)
         artifacts[case] = save_artifact(root / case, detector, case_config, timing_info)

@@ -47,6 +47,8 @@ POSITIONAL_ROLES = ("score", "shape")
 BACKGROUND_TARGETS = ("mean", "lowest")
 # the key of the composition model's placement map beside the branch maps (not a branch)
 PLACEMENT = "placement"
+# the key of the composition model's absence map beside the branch maps (not a branch)
+ABSENCE = "absence"
 SIGMA_REFERENCE_SIZE = 256  # FusionConfig.sigma is in pixels of a map of this side
 
 
@@ -105,6 +107,12 @@ class FusionConfig:
     juice_bottle -0.023 / -0.013 / -0.009 (in its logical subset: part of the evidence lands
     away from the defect, cause not verified) (docs/ACCURACY.md, ablations 47-50).
 
+    ``absence_weight`` (``"max"`` with the composition model's absence map,
+    ``CompositionConfig.absence_sigma``): where that map lies above its typical good-image peak
+    (where a part is missing), the fused map is raised to this weight times it, cut at the
+    image's score (:func:`engine.max_merge.mark_absence`). A missing part then shows where it is
+    missing; image scores do not move; the map's values below its peak are not used.
+
     ``target_false_alarm_rate`` defaults to 0.05: MVTec LOCO has only tens of validation good
     images per category, and with n images a rate can only be resolved to 1/n; 5% still lands
     inside the sample for n >= 20, while a 1% target on ~60 images is just the single largest
@@ -124,6 +132,7 @@ class FusionConfig:
     background_quantile: float | None = None
     background_target: str = "mean"
     placement_power: float | None = None
+    absence_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -131,6 +140,7 @@ class FusionConfig:
             "logical_weight",
             "composition_weight",
             "positional_weight",
+            "absence_weight",
             "sigma",
         ):
             value = getattr(self, name)

@@ -1,5 +1,6 @@
 """The composition branch's last fitting step, on the validation good images: each distance's
-scale, and which window sizes take part (``CompositionConfig.window_check``)."""
+scale, which window sizes take part (``CompositionConfig.window_check``) and the absence map's
+scale (``CompositionConfig.absence_sigma``)."""
 
 from __future__ import annotations
 
@@ -11,29 +12,45 @@ from engine.data.types import Sample
 from engine.detector import Detector
 from engine.evaluation import INFERENCE_BATCH, frame_batches
 from engine.metrics import auroc
+from engine.models.composition import CompositionModel
 
-__all__ = ["REARRANGED_COPIES", "calibrate_composition_groups"]
+__all__ = ["REARRANGED_COPIES", "calibrate_composition", "needs_calibration"]
 
 REARRANGED_COPIES = 8  # rearranged versions of each validation image per window size
 
 
-def calibrate_composition_groups(
+def needs_calibration(composition: CompositionModel | None) -> bool:
+    """Whether ``composition`` has a part that :func:`calibrate_composition` fits: several
+    distances to standardise, or an absence map."""
+    return composition is not None and (composition.n_groups > 1 or composition.absence is not None)
+
+
+def calibrate_composition(
     detector: Detector, samples: Sequence[Sample], progress: bool, verbose: bool = False
 ) -> None:
     """Standardise the composition branch's distances (descriptor, window sizes, fine parts) by
-    their validation medians and MADs, and keep the window sizes that pass their check
-    (:meth:`CompositionModel.calibrate_groups`, ``CompositionConfig.window_check``)."""
+    their validation medians and MADs, keep the window sizes that pass their check
+    (:meth:`CompositionModel.calibrate_groups`, ``CompositionConfig.window_check``), and
+    standardise the absence map by its validation peaks
+    (:meth:`engine.models.composition.absence.AbsenceMap.calibrate`), each where the model has
+    it."""
     composition = detector.composition
     assert composition is not None
     side = detector.structural_side
+    grouped = composition.n_groups > 1
     generator = torch.Generator().manual_seed(composition.config.seed)
-    distances, rearranged = [], []
-    for _, frames in frame_batches(samples, INFERENCE_BATCH, "composition groups", progress):
+    distances, rearranged, peaks = [], [], []
+    for _, frames in frame_batches(samples, INFERENCE_BATCH, "composition calibration", progress):
         x = detector.structural_transform.batch(frames.to(detector.device))
         with torch.inference_mode():
             features, grid, fine = side.composition_features(x)
             features = features.float()
             fine = None if fine is None else (fine[0].float(), fine[1].float())
+            if composition.absence is not None:
+                weights = composition.component_weights(features, grid)
+                peaks.append(composition.absence.peaks(weights).cpu())
+            if not grouped:
+                continue
             distances.append(composition.group_distances(features, grid, fine).cpu())
             if composition.windows is not None:
                 rearranged.append(
@@ -41,6 +58,10 @@ def calibrate_composition_groups(
                         features, grid, REARRANGED_COPIES, generator
                     ).cpu()
                 )
+    if composition.absence is not None:
+        composition.absence.calibrate(torch.cat(peaks))
+    if not grouped:
+        return
     distances = torch.cat(distances)
     checks = None
     if composition.windows is not None:

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.calibrate import BRANCHES, PLACEMENT, BranchStats, FusionConfig, resize_to
+from engine.calibrate import (
+    ABSENCE,
+    BRANCHES,
+    PLACEMENT,
+    BranchStats,
+    FusionConfig,
+    resize_to,
+)
 from engine.data.transforms import ImageTransform
 from engine.models.composition import CompositionModel
 from engine.models.folding import fold_batchnorm
@@ -72,7 +79,10 @@ class Maps:
     the branch statistics are calibrated. ``placement`` (with the composition branch): where
     the composition model's distance lies, 1 at its most anomalous component's pixels
     (:meth:`engine.models.composition.CompositionModel.forward`); fusion may place the branch's
-    evidence there (``FusionConfig.placement_power``). Not a branch map.
+    evidence there (``FusionConfig.placement_power``). ``absence`` (with
+    ``CompositionConfig.absence_sigma``): where a part is missing, in the units of its
+    validation image scores (:mod:`engine.models.composition.absence`); fusion may mark it
+    (``FusionConfig.absence_weight``). Neither is a branch map.
     """
 
     logical: torch.Tensor
@@ -81,6 +91,7 @@ class Maps:
     composition: torch.Tensor | None = None
     positional: torch.Tensor | None = None
     placement: torch.Tensor | None = None
+    absence: torch.Tensor | None = None
 
     def branches(self) -> dict[str, torch.Tensor]:
         """The branch maps present, by branch name (:data:`engine.calibrate.BRANCHES` order)."""
@@ -89,9 +100,10 @@ class Maps:
 
     def fusion_inputs(self) -> dict[str, torch.Tensor]:
         """What :class:`~engine.models.fusion.Fusion` takes: :meth:`branches` and, when
-        present, the placement map under :data:`engine.calibrate.PLACEMENT`."""
-        placement = {} if self.placement is None else {PLACEMENT: self.placement}
-        return self.branches() | placement
+        present, the placement and absence maps under :data:`engine.calibrate.PLACEMENT` and
+        :data:`engine.calibrate.ABSENCE`."""
+        extra = {PLACEMENT: self.placement, ABSENCE: self.absence}
+        return self.branches() | {k: m for k, m in extra.items() if m is not None}
 
 
 class StructuralSide(nn.Module):
@@ -154,6 +166,9 @@ class StructuralSide(nn.Module):
         # in float32 at every precision.
         with torch.autocast(x.device.type, enabled=False):
             image_score, _, placement = self.composition(features.float(), grid, _float(fine))
+            absence = self.composition.absence
+            if absence is not None:
+                maps[ABSENCE] = absence(self.composition.component_weights(features.float(), grid))
         maps["composition"] = image_score[:, None, None].expand(-1, *size).contiguous()
         maps[PLACEMENT] = placement
         return maps

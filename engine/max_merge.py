@@ -34,6 +34,7 @@ __all__ = [
     "fit_background_scales",
     "fit_image_stats",
     "image_stats_from_scores",
+    "mark_absence",
     "max_fuse_maps",
     "max_fuse_scores",
     "weigh_evidence",
@@ -227,6 +228,17 @@ def max_fuse_maps(
         assert placement is not None
         gate = gate.maximum(placement_gate(placement, placement_power))
     return fused + (composition - top).clamp_min(0.0) * gate
+
+
+def mark_absence(fused: torch.Tensor, absence: torch.Tensor, weight: float) -> torch.Tensor:
+    """(B, S, S) ``fused`` raised to ``weight * absence`` where the absence map (B, S, S), in
+    its validation image-score units, lies above 0, cut at each image's score
+    (``FusionConfig.absence_weight``). Only what lies above the map's typical good-image peak is
+    used: its values below would lift the good images' backgrounds. The image score (the maximum)
+    does not change."""
+    peak = fused.amax(dim=(-2, -1), keepdim=True)
+    marked = torch.where(absence > 0, (weight * absence).minimum(peak), fused)
+    return fused.maximum(marked)
 
 
 def max_fuse_scores(

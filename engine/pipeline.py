@@ -33,7 +33,7 @@ from engine.calibrate import (
     resize_to,
     standardised_maps,
 )
-from engine.composition_calibration import calibrate_composition_groups
+from engine.composition_calibration import calibrate_composition, needs_calibration
 from engine.config import BuildConfig
 from engine.data.formats import (
     FORMAT_NAMES,
@@ -379,8 +379,8 @@ def build_category(
 
     with _step(seconds, "calibrate on validation", verbose):
         grouped = composition is not None and composition.n_groups > 1
-        if grouped:
-            calibrate_composition_groups(detector, dataset.samples("validation"), progress, verbose)
+        if needs_calibration(composition):
+            calibrate_composition(detector, dataset.samples("validation"), progress, verbose)
         validation = validation_maps(detector, dataset.samples("validation"), progress)
         threshold, val_scores = calibrate(detector.fusion, validation, config.fusion, grouped)
         val_branch_scores = validation_branch_scores(detector, validation) | {FUSED: val_scores}

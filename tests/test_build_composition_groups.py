@@ -1,6 +1,7 @@
 """composition.fine_parts, composition.windows and composition.members in a build: fitted on
 the training images, their distances standardised on the validation images (the window sizes
-checked there) and taken as they are by the fusion; the Runtime runs them."""
+checked there) and taken as they are by the fusion; the Runtime runs them. The same for
+composition.absence_sigma, whose map is standardised there without any group to calibrate."""
 
 from __future__ import annotations
 
@@ -52,5 +53,22 @@ def test_a_build_with_composition_groups_calibrates_and_runs(
     # already in validation MADs: the fusion takes the composition score as it is
     assert detector.fusion.stats["composition"] == BranchStats(0.0, 1.0)
     assert detector.fusion.image_stats["composition"] == BranchStats(0.0, 1.0)
+    frame = np.asarray(np.random.default_rng(0).integers(0, 256, (100, 170, 3)), np.uint8)
+    assert np.isfinite(Runtime.load(out, device="cpu", backend="eager")(frame).score)
+
+
+def test_a_build_with_the_absence_map_calibrates_and_marks_it(
+    tiny_loco: Path, tmp_path: Path, tiny_build_args: list[str]
+) -> None:
+    out = tmp_path / "art"
+    argv = ["--category=pushpins", f"--data-root={tiny_loco}", f"--out={out}", *tiny_build_args]
+    options = ["--set=composition.members=1", "--set=composition.absence_sigma=0.0625"]
+    assert main([*argv, *options]) == 0
+    assert read_manifest(out)["config"]["composition"]["absence_sigma"] == 0.0625
+    detector, _ = load_artifact(out)
+    assert detector.composition is not None and detector.composition.n_groups == 1
+    absence = detector.composition.absence
+    assert absence is not None and float(absence.peak_std) > 0
+    assert detector.fusion.absence_weight == 1.0
     frame = np.asarray(np.random.default_rng(0).integers(0, 256, (100, 170, 3)), np.uint8)
     assert np.isfinite(Runtime.load(out, device="cpu", backend="eager")(frame).score)

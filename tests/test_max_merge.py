@@ -14,6 +14,7 @@ from engine.max_merge import (
     fit_background_scales,
     fit_image_stats,
     image_stats_from_scores,
+    mark_absence,
     max_fuse_maps,
     max_fuse_scores,
     weigh_evidence,
@@ -410,3 +411,16 @@ def test_background_scales_in_the_map_and_its_scores() -> None:
     scores = {b: image_scores(m) for b, m in standardised_maps(maps, stats, 1.0).items()}
     from_scores = max_fuse_scores(scores, image_stats, weights, ("positional",), scales)
     torch.testing.assert_close(from_scores, image_scores(fused).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_absence_mark_lifts_only_above_its_peak_and_keeps_the_image_score() -> None:
+    rng = np.random.default_rng(9)
+    fused = rng.normal(size=(3, 12, 12)).astype(np.float32)
+    absence = (3 * rng.normal(size=(3, 12, 12))).astype(np.float32)
+    got = mark_absence(torch.from_numpy(fused), torch.from_numpy(absence), 0.5).numpy()
+    peak = fused.max(axis=(1, 2), keepdims=True)
+    want = np.where(absence > 0, np.maximum(fused, np.minimum(0.5 * absence, peak)), fused)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got.max(axis=(1, 2)), fused.max(axis=(1, 2)))
+    assert (got > fused).any()
+    np.testing.assert_array_equal(got[absence <= 0], fused[absence <= 0])

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.calibrate import (
+    ABSENCE,
     BRANCHES,
     MERGES,
     PLACEMENT,
@@ -25,7 +26,7 @@ from engine.calibrate import (
     finite_threshold,
     fuse_maps,
 )
-from engine.max_merge import max_fuse_maps
+from engine.max_merge import mark_absence, max_fuse_maps
 from engine.models.composition import CompositionConfig
 
 __all__ = ["Fusion"]
@@ -63,6 +64,8 @@ class Fusion(nn.Module):
         placement_power: with ``merge="max"`` and ``gate_power``, the composition evidence is
             also placed by the composition model's placement map to this power
             (``FusionConfig.placement_power``); None: by the peak gate only.
+        absence_weight: with ``merge="max"``, the composition model's absence map is marked
+            with this weight (``FusionConfig.absence_weight``); None: not used.
 
     Buffers (float64, so they hold the manifest's numbers exactly): ``mean``, ``std``,
     ``image_mean``, ``image_std`` (``merge="max"`` only), ``weight`` and ``background`` (each
@@ -74,7 +77,8 @@ class Fusion(nn.Module):
 
     ``forward(maps)``: branch name -> (B, S, S) map, every branch of ``branches`` present, and
     with ``placement_power`` the composition model's placement map under
-    :data:`engine.calibrate.PLACEMENT` -> (B, S, S) float32 fused map.
+    :data:`engine.calibrate.PLACEMENT` and with ``absence_weight`` the absence map under
+    :data:`engine.calibrate.ABSENCE` -> (B, S, S) float32 fused map.
     """
 
     mean: torch.Tensor
@@ -96,6 +100,7 @@ class Fusion(nn.Module):
         capped: Sequence[str] = (),
         background_quantile: float | None = None,
         placement_power: float | None = None,
+        absence_weight: float | None = None,
     ) -> None:
         super().__init__()
         unknown = [b for b in branches if b not in BRANCHES]
@@ -114,6 +119,8 @@ class Fusion(nn.Module):
             raise ValueError("background_quantile needs merge='max'")
         if placement_power is not None and (merge != "max" or gate_power is None):
             raise ValueError("placement_power needs merge='max' and a gated composition branch")
+        if absence_weight is not None and (merge != "max" or "composition" not in branches):
+            raise ValueError("absence_weight needs merge='max' and the composition branch")
         self.branches = tuple(branches)
         self.sigma = float(sigma)
         self.gate_power = gate_power
@@ -122,6 +129,7 @@ class Fusion(nn.Module):
         self.capped = tuple(b for b in capped if b in self.branches)
         self.background_quantile = background_quantile
         self.placement_power = placement_power
+        self.absence_weight = absence_weight
         nan = torch.full((len(branches),), math.nan, dtype=torch.float64)
         for name in ("mean", "std", "image_mean", "image_std"):
             self.register_buffer(name, nan.clone())
@@ -141,14 +149,16 @@ class Fusion(nn.Module):
         weights: Mapping[str, float] | None = None,
     ) -> Fusion:
         """The uncalibrated fusion of ``branches`` for maps of side ``map_size``: σ scaled to
-        that size, the composition evidence placed as ``composition.fused_map`` says (when that
-        branch is fused), ``weights`` (default: the config's)."""
-        gate_power, after_blur, placement_power = None, False, None
-        gated = composition is not None and composition.fused_map != "image"
-        if gated and "composition" in branches:
+        that size, the composition evidence placed as ``composition.fused_map`` says and its
+        absence map marked (when that branch is fused), ``weights`` (default: the config's)."""
+        gate_power, after_blur, placement_power, absence_weight = None, False, None, None
+        composed = composition is not None and "composition" in branches
+        if composed and composition.fused_map != "image":
             gate_power = composition.gate_power
             after_blur = composition.fused_map == "gated_after_blur"
             placement_power = config.component_placement
+        if composed and composition.absence_sigma is not None and config.merge == "max":
+            absence_weight = config.absence_weight
         return cls(
             branches,
             weights or {b: config.weight(b) for b in branches},
@@ -159,6 +169,7 @@ class Fusion(nn.Module):
             config.capped,
             config.equalised_background,
             placement_power,
+            absence_weight,
         )
 
     def calibrate(
@@ -240,7 +251,13 @@ class Fusion(nn.Module):
                 f"this fusion places the composition evidence by the composition model's "
                 f"placement map: the maps need {PLACEMENT!r} (Maps.fusion_inputs())"
             )
-        maps = {b: m for b, m in maps.items() if b != PLACEMENT}
+        absence = maps.get(ABSENCE)
+        if self.absence_weight is not None and absence is None:
+            raise ValueError(
+                f"this fusion marks the composition model's absence map: the maps need "
+                f"{ABSENCE!r} (Maps.fusion_inputs())"
+            )
+        maps = {b: m for b, m in maps.items() if b not in (PLACEMENT, ABSENCE)}
         values = self._values()
         if values.stats is None:
             raise RuntimeError("the fusion is not calibrated: branch statistics are missing")
@@ -257,7 +274,7 @@ class Fusion(nn.Module):
             raise RuntimeError(
                 "the fusion is not calibrated: merge='max' needs the branches' image statistics"
             )
-        return max_fuse_maps(
+        fused = max_fuse_maps(
             maps,
             values.stats,
             values.image_stats,
@@ -269,13 +286,17 @@ class Fusion(nn.Module):
             placement,
             self.placement_power,
         )
+        if self.absence_weight is None:
+            return fused
+        assert absence is not None
+        return mark_absence(fused, absence, self.absence_weight)
 
     def extra_repr(self) -> str:
         return (
             f"branches={self.branches}, sigma={self.sigma:g}, gate_power={self.gate_power}, "
             f"gate_after_blur={self.gate_after_blur}, merge={self.merge!r}, "
             f"capped={self.capped}, background_quantile={self.background_quantile}, "
-            f"placement_power={self.placement_power}"
+            f"placement_power={self.placement_power}, absence_weight={self.absence_weight}"
         )
 
     @staticmethod

@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine.calibrate import PLACEMENT, BranchStats, FusionConfig, fuse_maps
-from engine.max_merge import max_fuse_maps
+from engine.calibrate import ABSENCE, PLACEMENT, BranchStats, FusionConfig, fuse_maps
+from engine.max_merge import mark_absence, max_fuse_maps
 from engine.models.composition import CompositionConfig
 from engine.models.fusion import Fusion
 
@@ -173,6 +173,34 @@ def test_from_config_places_the_composition_evidence_when_asked() -> None:
         Fusion(BRANCHES, WEIGHTS, 1.0, 8.0, placement_power=4.0)
     with pytest.raises(ValueError, match="placement_power must be None or in"):
         FusionConfig(placement_power=0.0)
+
+
+def test_from_config_marks_the_absence_map_when_the_model_has_one() -> None:
+    """With ``CompositionConfig.absence_sigma`` and ``merge="max"`` the module marks the
+    absence map with ``FusionConfig.absence_weight`` after the merge, and needs the map."""
+    composition = CompositionConfig(enabled=True, absence_sigma=0.05)
+    config = FusionConfig(merge="max", absence_weight=2.0)
+    fusion = Fusion.from_config(config, BRANCHES, 16, composition, WEIGHTS)
+    assert fusion.absence_weight == 2.0
+    fusion.calibrate(STATS, IMAGE_STATS)
+    maps = branch_maps(2)
+    absence = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(4)) * 3
+    merged = max_fuse_maps(maps, STATS, IMAGE_STATS, WEIGHTS, fusion.sigma, 8.0)
+    got = fusion({**maps, ABSENCE: absence})
+    torch.testing.assert_close(got, mark_absence(merged, absence, 2.0), rtol=0, atol=0)
+    assert (got > merged).any()
+    with pytest.raises(ValueError, match="need 'absence'"):
+        fusion(maps)
+    off = [
+        Fusion.from_config(FusionConfig(), BRANCHES, 16, composition),
+        Fusion.from_config(config, BRANCHES, 16, replace(composition, absence_sigma=None)),
+        Fusion.from_config(config, BRANCHES[:2], 16, composition),
+    ]
+    assert [f.absence_weight for f in off] == [None, None, None]
+    with pytest.raises(ValueError, match="absence_weight needs merge='max'"):
+        Fusion(BRANCHES, WEIGHTS, 1.0, absence_weight=1.0)
+    with pytest.raises(ValueError, match="absence_weight must be a finite number"):
+        FusionConfig(absence_weight=-1.0)
 
 
 def test_from_config_caps_the_positional_map_when_asked() -> None:

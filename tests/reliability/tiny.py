@@ -107,11 +107,13 @@ def with_composition(
     own_size: int,
     fine_parts: bool = False,
     windows: tuple[int, ...] = (),
+    absence_sigma: float | None = None,
 ) -> Detector:
     """``detector`` with a composition branch fitted (on random images) at its own input size
     ``own_size`` (``CompositionConfig.image_size``), calibrated like the other branches; with
-    ``fine_parts`` (the detector's levels must reach ``layer2``) its fine parts fitted, and with
-    ``fine_parts`` or ``windows`` its groups calibrated on more random images."""
+    ``fine_parts`` (the detector's levels must reach ``layer2``) its fine parts fitted, with
+    ``fine_parts`` or ``windows`` its groups and with ``absence_sigma`` its absence map
+    calibrated on more random images."""
     features = detector.structural.patch_features
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(6, 3, SIZE, SIZE, generator=generator)
@@ -125,6 +127,7 @@ def with_composition(
         fit_patches=200,
         fine_parts=fine_parts,
         windows=windows,
+        absence_sigma=absence_sigma,
     )
     fine_channels = features.fine_channels() if fine_parts else None
     composition = CompositionModel(composition_config, features.out_dim, grid, fine_channels)
@@ -137,6 +140,12 @@ def with_composition(
             more = torch.randn(4, 3, SIZE, SIZE, generator=generator)
             checks = torch.ones(len(windows)) if windows else None  # every window size used
             composition.calibrate_groups(side.composition_distances(more), checks)
+        if absence_sigma is not None:
+            more = torch.randn(4, 3, SIZE, SIZE, generator=generator)
+            features, grid, _ = side.composition_features(more)
+            absence = composition.absence
+            assert absence is not None
+            absence.calibrate(absence.peaks(composition.component_weights(features, grid)))
     assert detector.stats is not None
     return Detector(
         detector.logical,

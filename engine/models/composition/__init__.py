@@ -57,7 +57,11 @@ soft component areas of every window of the grid are compared with the training 
 same place (:mod:`engine.models.composition.windows`), one distance per window size. The image
 score is then the largest of the distances, each standardised on the validation good images; a
 window size takes part only if it tells those images from rearranged copies of them
-(``CompositionConfig.window_check``).
+(``CompositionConfig.window_check``). With ``CompositionConfig.absence_sigma``
+the model's ``absence`` map, applied to :meth:`CompositionModel.component_weights`, also says
+where a part is missing: each component's blurred soft weight against the training images' at
+the same place (:mod:`engine.models.composition.absence`), marked in the fused map by
+``FusionConfig.absence_weight``.
 """
 
 from engine.models.composition.config import MIN_TRAINING_IMAGES, PARTS, CompositionConfig

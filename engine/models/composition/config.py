@@ -132,6 +132,11 @@ class CompositionConfig:
     (docs/ACCURACY.md ablation 47). 0.5 placed screw_bag's extra and missing parts better (its
     AU-sPRO@0.05 +0.008 over four seeds) but the five categories gained only +0.0017 (ablations
     56 and 57), so the default stays 1.
+    ``absence_sigma`` (None: off): also map where a part is missing
+    (:mod:`engine.models.composition.absence`): each component's soft weight blurred with this
+    σ (a share of the patch grid's longer side), against the training images' mean and std at
+    each place (the std floored at ``absence_std_floor``); the map is the largest deficit over
+    the components. Fused by ``FusionConfig.absence_weight``; the main fit's components only.
     ``window_scale``: how a window size's distance is standardised: ``"tail"`` by the median
     and the 95th-percentile tail of the training images' leave-one-out distances (a heavy tail
     of good images then weighs less), ``"mad"`` by the validation median and MAD like the other
@@ -163,6 +168,8 @@ class CompositionConfig:
     window_scale: str = "tail"
     members: int = 1
     placement_area_power: float = 1.0
+    absence_sigma: float | None = None
+    absence_std_floor: float = 0.05
 
     def __post_init__(self) -> None:
         for name in (
@@ -230,6 +237,9 @@ class CompositionConfig:
         number_in(
             "placement_area_power", self.placement_area_power, 0, 1, open_low=False, open_high=False
         )
+        if self.absence_sigma is not None:
+            number_in("absence_sigma", self.absence_sigma, 0, 1, open_low=True, open_high=False)
+        number_in("absence_std_floor", self.absence_std_floor, 0, 1, open_low=True, open_high=False)
 
     def _check_parts(self) -> None:
         if (

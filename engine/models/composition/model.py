@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models.composition.absence import AbsenceMap
 from engine.models.composition.config import (
     APPEARANCE_PARTS,
     MIN_TRAINING_IMAGES,
@@ -95,9 +96,16 @@ class CompositionModel(nn.Module):
             self.register_buffer(
                 "group_used", torch.ones(1 + len(config.windows), dtype=torch.bool)
             )
+        self.absence: AbsenceMap | None = None
+        if config.absence_sigma is not None:
+            self.absence = AbsenceMap(k, self.grid, config.absence_sigma, config.absence_std_floor)
         # members 1..M-1: the same model fitted with other k-means seeds (this one is member 0)
         self.members = nn.ModuleList(
-            CompositionModel(replace(config, members=1, seed=config.seed + i), feature_dim, grid)
+            CompositionModel(
+                replace(config, members=1, seed=config.seed + i, absence_sigma=None),
+                feature_dim,
+                grid,
+            )
             for i in range(1, config.members)
         )
         self.n_groups = config.members + len(config.windows) + int(config.fine_parts)
@@ -224,6 +232,15 @@ class CompositionModel(nn.Module):
                 used = torch.cat([used, used.new_ones(1)])
             z = z.masked_fill(~used, -math.inf)
         return z.amax(1), cell_map, placement
+
+    def component_weights(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, h*w, D) patch features -> their soft component weights on the grid (B, K, h, w)
+        (what :attr:`absence` takes)."""
+        self._check(features, grid)
+        if not self._fitted:
+            raise RuntimeError("CompositionModel is not fitted: call fit() or load a state_dict")
+        weights = self.assign(features)[2]
+        return weights.transpose(1, 2).reshape(-1, self.config.n_components, *self.grid)
 
     def group_distances(
         self,
@@ -383,6 +400,8 @@ class CompositionModel(nn.Module):
         self._fit_cells(torch.cat(cells))
         if self.windows is not None:
             self.windows.fit(torch.cat(weights))
+        if self.absence is not None:
+            self.absence.fit(torch.cat(weights))
         for member in self.members:
             member.fit(features, grid, batch_size)
         self.fitted.fill_(True)
