@@ -283,6 +283,15 @@ def cpu_build_preset() -> BuildConfig:
     (+0.016 ± 0.005 standard error over 15 builds; the logical subset +0.035), image AUROC
     unchanged, juice_bottle -0.009 (power 4: -0.023, power 8: -0.013), the rule fixed before
     seeds 20 and 22 were measured (ablations 47-50).
+    The composition model also maps where a part is missing (``composition.absence_sigma=1/16``:
+    each component's occupancy blurred over about a compartment, against the training images'
+    at the same place), marked in the fused map only above its typical good-image peak and cut
+    at the image's score: fused AU-sPRO@0.05 +0.014 paired over seeds 20, 22, 23 and 25 (every
+    seed up, +0.006 to +0.017; logical subset +0.036, structural -0.007), the rule fixed before
+    seeds 20, 23 and 25 were measured, image AUROC unchanged; it finds missing
+    pins, separators and toppings (pushpins +0.08 to +0.10) and costs screw_bag and juice_bottle,
+    whose parts lie anywhere or leave little to miss, about 0.01-0.03 (docs/ACCURACY.md,
+    ablations 61-65).
     """
     structural = replace(
         StructuralConfig(),
@@ -309,7 +318,7 @@ def cpu_build_preset() -> BuildConfig:
             positional_role="shape",
             placement_power=16.0,
         ),
-        composition=CompositionConfig(enabled=True, members=3),
+        composition=CompositionConfig(enabled=True, members=3, absence_sigma=1 / 16),
         positional=PositionalConfig(enabled=True, dims=64),
     )
 

@@ -13,7 +13,7 @@ import torch
 
 from engine.artifact import load_artifact, read_manifest
 from engine.calibrate import ABSENCE, BranchStats
-from engine.config import BuildConfig, paper_preset
+from engine.config import BuildConfig, cpu_build_preset, paper_preset
 
 tiny = runpy.run_path(str(Path(__file__).parent / "reliability" / "tiny.py"))
 
@@ -67,7 +67,10 @@ def test_the_absence_map_round_trips_and_marks_without_moving_scores(built, tmp_
     tiny["check_loads"](art)
 
 
-def test_the_option_is_off_unless_set_and_in_manifests_from_before_it() -> None:
+def test_the_cpu_preset_maps_absence_and_manifests_from_before_the_option_do_not() -> None:
+    """ablation 65 made sigma 1/16 the cpu preset's; the paper preset has no composition branch
+    and an artifact built before the option has no absence map."""
+    assert cpu_build_preset().composition.absence_sigma == 1 / 16
     assert paper_preset().composition.absence_sigma is None
     values = BuildConfig().to_dict()
     del values["composition"]["absence_sigma"], values["composition"]["absence_std_floor"]
