@@ -87,16 +87,20 @@ def random_detector(config: BuildConfig) -> Detector:
 
 def fitted_branches(config: BuildConfig, grid: tuple[int, int], dim: int) -> dict:
     """The composition branch (fitted on 20 images: its cost does not grow with them; with
-    several fits or distances standardised on 8 more, as a build does on validation) and the
-    positional memory (``TRAIN_IMAGES`` images) that ``config`` enables, on random features."""
+    several fits or distances, and its absence map, standardised on 8 more, as a build does on
+    validation) and the positional memory (``TRAIN_IMAGES`` images) that ``config`` enables, on
+    random features."""
     generator = torch.Generator().manual_seed(1)
     branches = {}
     if config.composition.enabled:
         train = torch.randn(20, grid[0] * grid[1], dim, generator=generator)
         composition = CompositionModel(config.composition, dim, grid).fit(train, grid)
+        more = torch.randn(8, grid[0] * grid[1], dim, generator=generator)
         if composition.n_groups > 1:  # several fits (the cpu preset): standardised on 8 more
-            more = torch.randn(8, grid[0] * grid[1], dim, generator=generator)
             composition.calibrate_groups(composition.group_distances(more, grid))
+        if composition.absence is not None:
+            weights = composition.component_weights(more, grid)
+            composition.absence.calibrate(composition.absence.peaks(weights))
         branches["composition"] = composition
     if config.positional.enabled:
         settings = config.positional

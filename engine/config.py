@@ -288,10 +288,10 @@ def cpu_build_preset() -> BuildConfig:
     at the same place), marked in the fused map only above its typical good-image peak and cut
     at the image's score: fused AU-sPRO@0.05 +0.014 paired over seeds 20, 22, 23 and 25 (every
     seed up, +0.006 to +0.017; logical subset +0.036, structural -0.007), the rule fixed before
-    seeds 20, 23 and 25 were measured, image AUROC unchanged; it finds missing
-    pins, separators and toppings (pushpins +0.08 to +0.10) and costs screw_bag and juice_bottle,
-    whose parts lie anywhere or leave little to miss, about 0.01-0.03 (docs/ACCURACY.md,
-    ablations 61-65).
+    seeds 20, 23 and 25 were measured, image AUROC unchanged. It finds missing pins, separators
+    and toppings (pushpins +0.086, breakfast_box +0.026) and costs screw_bag -0.023 and
+    juice_bottle -0.014 on average, where parts lie anywhere or good images vary most
+    (docs/ACCURACY.md, ablations 61-65).
     """
     structural = replace(
         StructuralConfig(),

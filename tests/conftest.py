@@ -109,6 +109,7 @@ def reference_fused_map(
     size: tuple[int, int],
     weights: dict[str, float] | None = None,
     placement: np.ndarray | None = None,
+    absence: np.ndarray | None = None,
 ) -> np.ndarray:
     """The fused (H, W) map recomputed with numpy/scipy only, in float64.
 
@@ -120,7 +121,10 @@ def reference_fused_map(
     ``scipy.ndimage.gaussian_filter`` with the engine kernel's rules
     (kernels/blur.py): ``mode="reflect"`` (half-sample symmetric), radius ``int(4 * sigma + 0.5)``.
     ``placement``: the composition model's (S, S) placement map (a model output, like the
-    branch maps), needed where ``config.fusion.placement_power`` gates the composition evidence.
+    branch maps), needed where ``config.fusion.placement_power`` gates the composition evidence;
+    ``absence``: its (S, S) absence map, needed where ``config.composition.absence_sigma`` is set
+    (with ``merge == "max"`` the fused map is raised to ``fusion.absence_weight`` times it where
+    it is above 0, cut at the map's maximum).
     """
     from scipy.ndimage import gaussian_filter
 
@@ -153,6 +157,11 @@ def reference_fused_map(
     composition = manifest["config"].get("composition", {})
     if manifest["config"]["fusion"].get("merge", "sum") == "max":
         fused = _max_merged(maps, manifest, weights, normalised, blur, placement)
+        if composition.get("absence_sigma") is not None:
+            if absence is None:
+                raise ValueError("composition.absence_sigma is set: pass the absence map")
+            mark = manifest["config"]["fusion"]["absence_weight"] * absence.astype(np.float64)
+            fused = np.where(absence > 0, np.maximum(fused, np.minimum(mark, fused.max())), fused)
         return bilinear_resize(fused, size)
     mode = composition.get("fused_map") if others else "image"
     if "composition" not in maps or not weights.get("composition", 0.0):
@@ -230,16 +239,17 @@ def fused_reference():
     return reference_fused_map
 
 
-def _runtime_placement(rt: Any, image: np.ndarray) -> np.ndarray | None:
-    """The composition model's (S, S) placement map of one RGB ``image`` under Runtime ``rt``
-    (None without the branch): the model output :func:`reference_fused_map` takes beside the
-    branch maps."""
+def _runtime_model_maps(rt: Any, image: np.ndarray) -> dict[str, np.ndarray | None]:
+    """The composition model's (S, S) placement and absence maps of one RGB ``image`` under
+    Runtime ``rt`` (None where the model has none): the model outputs
+    :func:`reference_fused_map` takes beside the branch maps, as its keyword arguments."""
     with torch.no_grad():
         maps = rt.detector(torch.from_numpy(image)[None])
-    return None if maps.placement is None else maps.placement[0].double().numpy()
+    extra = {"placement": maps.placement, "absence": maps.absence}
+    return {k: None if m is None else m[0].double().numpy() for k, m in extra.items()}
 
 
 @pytest.fixture(scope="session")
-def runtime_placement():
-    """:func:`_runtime_placement`."""
-    return _runtime_placement
+def runtime_model_maps():
+    """:func:`_runtime_model_maps`."""
+    return _runtime_model_maps

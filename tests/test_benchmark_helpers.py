@@ -29,3 +29,9 @@ def test_cpu_preset_composition_scores_frames_in_both_coordinates() -> None:
     torch.testing.assert_close(full_score, score, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(full_map, cell_map, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(full_placement, placement, rtol=1e-4, atol=1e-4)
+    full = to_full(composition, basis)
+    assert composition.absence is not None and full.absence is not None  # the preset maps it
+    absence = composition.absence(composition.component_weights(compact, GRID))
+    full_absence = full.absence(full.component_weights(compact @ basis.t(), GRID))
+    assert absence.shape == (2, *GRID) and torch.isfinite(absence).all()
+    torch.testing.assert_close(full_absence, absence, rtol=1e-4, atol=1e-4)

@@ -98,7 +98,7 @@ def test_runtime_maps_equal_the_saved_maps_and_the_formula(
     rt: Runtime,
     sized_build: dict[str, Path],
     fused_reference: Callable,
-    runtime_placement: Callable,
+    runtime_model_maps: Callable,
 ) -> None:
     manifest = json.loads((sized_build["artifact"] / "manifest.json").read_text())
     test_root = sized_build["data"] / "pushpins" / "test"
@@ -116,8 +116,7 @@ def test_runtime_maps_equal_the_saved_maps_and_the_formula(
         np.testing.assert_allclose(
             result.anomaly_map, saved, rtol=MAP_RTOL, atol=MAP_ATOL, err_msg=path
         )
-        placement = runtime_placement(rt, image)
-        want = fused_reference(result, manifest, image.shape[:2], placement=placement)
+        want = fused_reference(result, manifest, image.shape[:2], **runtime_model_maps(rt, image))
         np.testing.assert_allclose(
             result.anomaly_map, want, rtol=MAP_RTOL, atol=MAP_ATOL, err_msg=path
         )

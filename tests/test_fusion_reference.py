@@ -119,7 +119,7 @@ def test_fused_map_equals_the_formula(
     manifest: dict,
     build: dict[str, Path],
     fused_reference: Callable,
-    runtime_placement: Callable,
+    runtime_model_maps: Callable,
 ) -> None:
     images = sorted((build["data"] / "pushpins" / "test").rglob("*.png"))
     assert len(images) == 9
@@ -127,9 +127,7 @@ def test_fused_map_equals_the_formula(
         image = read_image(path)
         result = rt(image, color="rgb")
         assert isinstance(result, Result)
-        want = fused_reference(
-            result, manifest, image.shape[:2], placement=runtime_placement(rt, image)
-        )
+        want = fused_reference(result, manifest, image.shape[:2], **runtime_model_maps(rt, image))
         np.testing.assert_allclose(
             result.anomaly_map, want, rtol=FUSED_RTOL, atol=FUSED_ATOL, err_msg=path
         )
