@@ -165,10 +165,11 @@ class StructuralSide(nn.Module):
         # Mahalanobis distances lose too much in 16-bit arithmetic: the composition model runs
         # in float32 at every precision.
         with torch.autocast(x.device.type, enabled=False):
-            image_score, _, placement = self.composition(features.float(), grid, _float(fine))
-            absence = self.composition.absence
-            if absence is not None:
-                maps[ABSENCE] = absence(self.composition.component_weights(features.float(), grid))
+            image_score, _, placement, weights = self.composition(
+                features.float(), grid, _float(fine)
+            )
+            if self.composition.absence is not None:
+                maps[ABSENCE] = self.composition.absence(weights)
         maps["composition"] = image_score[:, None, None].expand(-1, *size).contiguous()
         maps[PLACEMENT] = placement
         return maps

@@ -87,7 +87,7 @@ def test_composition_takes_its_own_pass_at_its_own_size() -> None:
     with torch.no_grad():
         bank_features, bank_grid = features(x)
         want_structural = tiny.structural.map_from_features(bank_features, bank_grid, (32, 32))
-        want_score, _, placement = detector.composition(*features(resize_input(x, own)))
+        want_score, _, placement, _ = detector.composition(*features(resize_input(x, own)))
         side = detector.structural_side(x)
     assert set(side) == {"structural", "composition", "placement"}
     torch.testing.assert_close(side["placement"], placement)

@@ -167,8 +167,8 @@ def test_ledoit_wolf_matches_scikit_learn() -> None:
 
 
 def test_an_extra_part_scores_above_every_good_image(fitted: CompositionModel) -> None:
-    good, good_cells, _ = fitted(scenes(20, 4, seed=1), GRID)
-    extra, extra_cells, _ = fitted(scenes(20, 4, seed=2, extra=1), GRID)
+    good, good_cells, *_ = fitted(scenes(20, 4, seed=1), GRID)
+    extra, extra_cells, *_ = fitted(scenes(20, 4, seed=2, extra=1), GRID)
     assert good.max() < extra.min()
     assert good.std() < 0.5 * (extra.mean() - good.mean())
     # every group adds at most about 1 to a good image's squared score (less where the variance
@@ -306,7 +306,7 @@ def test_few_training_images_give_bounded_scores() -> None:
     model = CompositionModel(CompositionConfig(**SMALL), DIM, GRID)
     model.fit(scenes(1, 4, seed=0).repeat(3, 1, 1), GRID)  # nothing varies at all
     good, *_ = model(scenes(5, 4, seed=1), GRID)
-    extra, cells, _ = model(scenes(5, 4, seed=2, extra=1), GRID)
+    extra, cells, *_ = model(scenes(5, 4, seed=2, extra=1), GRID)
     assert torch.isfinite(extra).all() and torch.isfinite(cells).all()
     assert extra.max() < 1e3 and good.max() < 1e3
 

@@ -71,7 +71,7 @@ def test_placement_is_each_components_share_of_the_distance_as_a_density(
     model = CompositionModel(config, DIM, GRID).fit(scenes(40, 4, seed=0), GRID)
     model.calibrate_groups(model.group_distances(scenes(16, 4, seed=3), GRID))
     x = scenes(3, 4, seed=5, extra=1)
-    _, _, placement = model(x, GRID)
+    _, _, placement, _ = model(x, GRID)
     assert placement.shape == (3, *GRID)
     torch.testing.assert_close(placement, expected_placement(model, x), rtol=1e-5, atol=1e-6)
     assert torch.allclose(placement.amax((-2, -1)), torch.ones(3))
@@ -84,7 +84,7 @@ def test_placement_marks_the_parts_whose_finish_is_off() -> None:
     there, and be placed on the background: docs/ACCURACY.md, ablation 48.)"""
     model = CompositionModel(CompositionConfig(**SMALL), DIM, GRID).fit(scenes(40, 4, seed=0), GRID)
     odd = scenes(6, 4, seed=8, odd=2)
-    _, _, placement = model(odd, GRID)
+    _, _, placement, _ = model(odd, GRID)
     parts = odd[..., 1].reshape(-1, *GRID) > 1.5
     on_parts = (placement * parts).sum((-2, -1)) / parts.sum((-2, -1))
     background = (placement * ~parts).sum((-2, -1)) / (~parts).sum((-2, -1))

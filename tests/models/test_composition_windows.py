@@ -121,7 +121,7 @@ def test_the_score_is_the_largest_standardised_distance(fitted: CompositionModel
     features = features_of(layout(6, seed=4, empty=True))
     distances = fitted.group_distances(features, GRID)
     assert distances.shape == (6, 3)  # the descriptor, then the two window sizes
-    score, cells, _ = fitted(features, GRID)
+    score, cells, *_ = fitted(features, GRID)
     expected = ((distances - fitted.group_center) / fitted.group_scale).amax(1)
     torch.testing.assert_close(score, expected)
     assert cells.shape == (6, 2, 2)

@@ -49,7 +49,8 @@ Typical use::
 
     model = CompositionModel(CompositionConfig(), feature_dim=D, grid=(h, w))
     model.fit(train_features, (h, w))  # (N, h*w, D) features of the N train/good images
-    image_score, cell_map, placement = model(features, (h, w))  # (B,), (B, G, G), (B, h, w)
+    # (B,), (B, G, G), (B, h, w), and the soft component weights (B, K, h, w)
+    image_score, cell_map, placement, weights = model(features, (h, w))
 
 With ``CompositionConfig.fine_parts`` the components are also drawn at stride 4 from two raw
 backbone levels (:mod:`engine.models.composition.fine`); with ``CompositionConfig.windows`` the
@@ -58,7 +59,7 @@ same place (:mod:`engine.models.composition.windows`), one distance per window s
 score is then the largest of the distances, each standardised on the validation good images; a
 window size takes part only if it tells those images from rearranged copies of them
 (``CompositionConfig.window_check``). With ``CompositionConfig.absence_sigma``
-the model's ``absence`` map, applied to :meth:`CompositionModel.component_weights`, also says
+the model's ``absence`` map, applied to those component weights, also says
 where a part is missing: each component's blurred soft weight against the training images' at
 the same place (:mod:`engine.models.composition.absence`), marked in the fused map by
 ``FusionConfig.absence_weight``.

@@ -211,13 +211,14 @@ class CompositionModel(nn.Module):
         features: torch.Tensor,
         grid: tuple[int, int],
         fine: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, h*w, D) patch features [, raw fine levels] -> (image_score (B,), cell_map
-        (B, G, G), placement (B, h, w))."""
-        distances, cell_map, placement = self._distances(features, grid, fine)
+        (B, G, G), placement (B, h, w), the main fit's soft component weights (B, K, h, w):
+        what :attr:`absence` takes, returned so that the hot path assigns once)."""
+        distances, cell_map, placement, weights = self._distances(features, grid, fine)
         placement = placement / placement.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
         if self.n_groups == 1:
-            return distances[:, 0], cell_map, placement
+            return distances[:, 0], cell_map, placement, weights
         if not bool(self._group_calibrated):
             raise RuntimeError(
                 "CompositionModel with several distances (several members, fine parts or "
@@ -225,13 +226,14 @@ class CompositionModel(nn.Module):
             )
         z = (distances - self.group_center) / self.group_scale
         if len(self.members):
-            return (z.mean(1) - self.ensemble_center) / self.ensemble_scale, cell_map, placement
+            score = (z.mean(1) - self.ensemble_center) / self.ensemble_scale
+            return score, cell_map, placement, weights
         if self.windows is not None:
             used = self.group_used
             if self.fine is not None:
                 used = torch.cat([used, used.new_ones(1)])
             z = z.masked_fill(~used, -math.inf)
-        return z.amax(1), cell_map, placement
+        return z.amax(1), cell_map, placement, weights
 
     def component_weights(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, h*w, D) patch features -> their soft component weights on the grid (B, K, h, w)
@@ -314,8 +316,9 @@ class CompositionModel(nn.Module):
         features: torch.Tensor,
         grid: tuple[int, int],
         fine: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(distances (B, groups), cell_map, placement (B, h, w) summed over the members)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(distances (B, groups), cell_map, placement (B, h, w) summed over the members, soft
+        component weights (B, K, h, w))."""
         self._check(features, grid)
         if not self._fitted:
             raise RuntimeError("CompositionModel is not fitted: call fit() or load a state_dict")
@@ -336,14 +339,14 @@ class CompositionModel(nn.Module):
         placement = self._placement(shares, weights)
         groups = [image[:, None]]
         for member in self.members:
-            distance, _, member_placement = member._distances(features, grid, None)
+            distance, _, member_placement, _ = member._distances(features, grid, None)
             groups.append(distance)
             placement = placement + member_placement
         if self.windows is not None:
             groups.append(self.windows(weights))
         if self.fine is not None:
             groups.append(self.fine(*fine)[:, None])
-        return torch.cat(groups, 1), cell_map, placement
+        return torch.cat(groups, 1), cell_map, placement, weights
 
     def _placement(self, shares: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(B, h, w): where the descriptor's distance lies. Each component's positive part of the
