@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.composition import PARTS, CompositionConfig, CompositionModel
-from engine.models.composition.model import descriptor_owners
+from engine.models.composition.ops import descriptor_owners
 from tests.models.test_composition import DIM, GRID, SMALL, scenes
 
 EVERY_PART = ("+".join(PARTS),)

@@ -17,7 +17,13 @@ from engine.models.composition.config import (
     positive_int,
 )
 from engine.models.composition.fine import FineParts
-from engine.models.composition.ops import blob_stats, pca_basis, shrunk_precision
+from engine.models.composition.ops import (
+    blob_stats,
+    descriptor_owners,
+    median_mad,
+    pca_basis,
+    shrunk_precision,
+)
 from engine.models.composition.windows import WindowAreas
 from engine.models.kmeans import kmeans
 from kernels import vq_nearest
@@ -37,10 +43,11 @@ class CompositionModel(nn.Module):
 
     ``forward(features, grid, fine=None)`` takes (B, h*w, D) patch features in row-major grid
     order (:class:`engine.models.structural.PatchFeatures` output) and, with fine parts, those
-    two raw levels; it returns ``(image_score (B,), cell_map (B, G, G), placement (B, h, w))``,
-    float32, larger = more anomalous, G = ``config.grid``; the first two are about 1 on typical
-    good images, the placement is in [0, 1], 1 where the distance lies most (see the package
-    docstring). With fine parts or windows the image score is the largest of the
+    two raw levels; it returns ``(image_score (B,), cell_map (B, G, G), placement (B, h, w),
+    weights (B, K, h, w))``, float32, larger = more anomalous, G = ``config.grid``; the first
+    two are about 1 on typical good images, the placement is in [0, 1], 1 where the distance
+    lies most (see the package docstring); ``weights`` are the main fit's soft component
+    weights, what :attr:`absence` takes. With fine parts or windows the image score is the largest of the
     distances, each in validation MADs above its validation median (about 0 on good images);
     with several members (``config.members``) it is the mean of the members' such distances,
     standardised again the same way.
@@ -288,9 +295,9 @@ class CompositionModel(nn.Module):
         if distances.dim() != 2 or distances.shape[1] != groups or distances.shape[0] < 2:
             raise ValueError(f"expected (N >= 2, {groups}) distances, got {tuple(distances.shape)}")
         x = distances.double()
-        center, scale = _median_mad(x)
+        center, scale = median_mad(x)
         if len(self.members):
-            ensemble_center, ensemble_scale = _median_mad(((x - center) / scale).mean(1))
+            ensemble_center, ensemble_scale = median_mad(((x - center) / scale).mean(1))
             self.ensemble_center.copy_(ensemble_center)
             self.ensemble_scale.copy_(ensemble_scale)
         if self.windows is not None and self.config.window_scale == "tail":
@@ -488,35 +495,3 @@ class CompositionModel(nn.Module):
             self._group_calibrated = bool(torch.isfinite(self.group_scale).all())
             if len(self.members):
                 self._group_calibrated &= bool(torch.isfinite(self.ensemble_scale))
-
-
-def _median_mad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Median and 1.4826 x median absolute deviation over dim 0, the scale floored at 1e-3 of
-    the median's size (at least 1e-3): no zero scale."""
-    center = x.quantile(0.5, dim=0)
-    scale = 1.4826 * (x - center).abs().quantile(0.5, dim=0)
-    return center, torch.maximum(scale, 1e-3 * center.abs().clamp_min(1.0))
-
-
-def descriptor_owners(config: CompositionConfig) -> torch.Tensor:
-    """(F, K) float32: the share of each of ``config``'s descriptor dimensions (in
-    ``part_names`` order) that belongs to each component; a pair's dimension is half each of
-    its two components'. Follows :meth:`CompositionModel.parts`' layouts: component-major for
-    the per-component parts, cell-major (K per cell) for ``grid``."""
-    k, q, cells = config.n_components, config.appearance_dim, config.grid**2
-    eye = torch.eye(k)
-    first, second = torch.triu_indices(k, k, offset=1)
-    pairs = torch.zeros(len(first), k)
-    pairs[torch.arange(len(first)), first] = 0.5
-    pairs[torch.arange(len(first)), second] = 0.5
-    rows = {
-        "area": eye,
-        "blobs": eye,
-        "pairs": pairs,
-        "blob_size": eye.repeat_interleave(2, dim=0),
-        "appearance": eye.repeat_interleave(q, dim=0),
-        "spread": eye.repeat_interleave(q, dim=0),
-        "blob_spread": eye.repeat_interleave(q, dim=0),
-        "grid": eye.repeat(cells, 1),
-    }
-    return torch.cat([rows[name] for name in config.part_names])

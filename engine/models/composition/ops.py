@@ -1,7 +1,7 @@
-"""Building blocks of the composition branch: PCA, Ledoit-Wolf shrinkage, and connected-component
-labelling written with plain tensor ops (exportable, runs on any device; eager on CPU it takes
-scipy's labels, the same ones). The seeded k-means is the engine's shared one
-(:mod:`engine.models.kmeans`)."""
+"""Building blocks of the composition branch: PCA, Ledoit-Wolf shrinkage, robust scales, which
+component owns each descriptor dimension, and connected-component labelling written with plain
+tensor ops (exportable, runs on any device; eager on CPU it takes scipy's labels, the same ones).
+The seeded k-means is the engine's shared one (:mod:`engine.models.kmeans`)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from engine.models.composition.config import CompositionConfig
+
 __all__ = [
     "blob_shapes",
     "blob_stats",
+    "descriptor_owners",
     "label_components",
     "ledoit_wolf",
     "ledoit_wolf_batched",
     "max_3x3",
+    "median_mad",
     "pca_basis",
     "shrunk_precision",
 ]
@@ -252,3 +256,35 @@ def _blob_sums(labels: torch.Tensor, values: torch.Tensor, inside: torch.Tensor)
     return torch.zeros_like(values).scatter_add_(
         1, labels[..., None].expand_as(values), values * inside
     )
+
+
+def median_mad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Median and 1.4826 x median absolute deviation over dim 0, the scale floored at 1e-3 of
+    the median's size (at least 1e-3): no zero scale."""
+    center = x.quantile(0.5, dim=0)
+    scale = 1.4826 * (x - center).abs().quantile(0.5, dim=0)
+    return center, torch.maximum(scale, 1e-3 * center.abs().clamp_min(1.0))
+
+
+def descriptor_owners(config: CompositionConfig) -> torch.Tensor:
+    """(F, K) float32: the share of each of ``config``'s descriptor dimensions (in
+    ``part_names`` order) that belongs to each component; a pair's dimension is half each of
+    its two components'. Follows :meth:`CompositionModel.parts`' layouts: component-major for
+    the per-component parts, cell-major (K per cell) for ``grid``."""
+    k, q, cells = config.n_components, config.appearance_dim, config.grid**2
+    eye = torch.eye(k)
+    first, second = torch.triu_indices(k, k, offset=1)
+    pairs = torch.zeros(len(first), k)
+    pairs[torch.arange(len(first)), first] = 0.5
+    pairs[torch.arange(len(first)), second] = 0.5
+    rows = {
+        "area": eye,
+        "blobs": eye,
+        "pairs": pairs,
+        "blob_size": eye.repeat_interleave(2, dim=0),
+        "appearance": eye.repeat_interleave(q, dim=0),
+        "spread": eye.repeat_interleave(q, dim=0),
+        "blob_spread": eye.repeat_interleave(q, dim=0),
+        "grid": eye.repeat(cells, 1),
+    }
+    return torch.cat([rows[name] for name in config.part_names])
