@@ -25,13 +25,11 @@ def test_cpu_preset_composition_scores_frames_in_both_coordinates() -> None:
     assert score.shape == (2,) and torch.isfinite(score).all()
     assert cell_map.shape[0] == 2
     basis = torch.linalg.qr(torch.randn(FULL, DIM, generator=torch.Generator().manual_seed(6)))[0]
-    full_score, full_map, full_placement, full_weights = to_full(composition, basis)(
-        compact @ basis.t(), GRID
-    )
+    full = to_full(composition, basis)
+    full_score, full_map, full_placement, full_weights = full(compact @ basis.t(), GRID)
     torch.testing.assert_close(full_score, score, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(full_map, cell_map, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(full_placement, placement, rtol=1e-4, atol=1e-4)
-    full = to_full(composition, basis)
     assert composition.absence is not None and full.absence is not None  # the preset maps it
     # the forward's weights are the main fit's assignment, what the absence map takes
     torch.testing.assert_close(weights, composition.component_weights(compact, GRID))

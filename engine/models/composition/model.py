@@ -47,10 +47,10 @@ class CompositionModel(nn.Module):
     weights (B, K, h, w))``, float32, larger = more anomalous, G = ``config.grid``; the first
     two are about 1 on typical good images, the placement is in [0, 1], 1 where the distance
     lies most (see the package docstring); ``weights`` are the main fit's soft component
-    weights, what :attr:`absence` takes. With fine parts or windows the image score is the largest of the
-    distances, each in validation MADs above its validation median (about 0 on good images);
-    with several members (``config.members``) it is the mean of the members' such distances,
-    standardised again the same way.
+    weights, what :attr:`absence` takes. With fine parts or windows the image score is the
+    largest of the distances, each in validation MADs above its validation median (about 0 on
+    good images); with several members (``config.members``) it is the mean of the members' such
+    distances, standardised again the same way.
     Everything inference needs is a buffer (``state_dict`` carries it); ``forward`` has no
     data-dependent control flow.
     """
