@@ -99,8 +99,7 @@ def fitted_branches(config: BuildConfig, grid: tuple[int, int], dim: int) -> dic
         if composition.n_groups > 1:  # several fits (the cpu preset): standardised on 8 more
             composition.calibrate_groups(composition.group_distances(more, grid))
         if composition.absence is not None:
-            weights = composition.component_weights(more, grid)
-            composition.absence.calibrate(composition.absence.peaks(weights))
+            composition.absence.calibrate(composition.absence_peaks(more, grid))
         branches["composition"] = composition
     if config.positional.enabled:
         settings = config.positional

@@ -47,8 +47,7 @@ def calibrate_composition(
             features = features.float()
             fine = None if fine is None else (fine[0].float(), fine[1].float())
             if composition.absence is not None:
-                weights = composition.component_weights(features, grid)
-                peaks.append(composition.absence.peaks(weights).cpu())
+                peaks.append(composition.absence_peaks(features, grid).cpu())
             if not grouped:
                 continue
             distances.append(composition.group_distances(features, grid, fine).cpu())

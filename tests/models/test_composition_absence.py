@@ -95,6 +95,7 @@ def test_the_model_fits_the_map_on_its_own_components_only() -> None:
     torch.testing.assert_close(model.absence.mean, model.absence.occupancy(weights).mean(0))
     peaks = model.absence.peaks(weights[:4])
     assert peaks.shape == (4,)
+    torch.testing.assert_close(model.absence_peaks(features[:4], GRID), peaks)
     model.absence.calibrate(peaks)
     got = model.absence(model.component_weights(features[:2], GRID))
     assert got.shape == (2, *GRID) and bool(torch.isfinite(got).all())
@@ -108,6 +109,8 @@ def test_the_model_fits_the_map_on_its_own_components_only() -> None:
     assert plain.absence is None
     with pytest.raises(RuntimeError, match="not fitted"):
         plain.component_weights(features, GRID)
+    with pytest.raises(ValueError, match="absence map"):
+        plain.absence_peaks(features, GRID)
 
 
 @pytest.mark.parametrize(

@@ -143,9 +143,8 @@ def with_composition(
         if absence_sigma is not None:
             more = torch.randn(4, 3, SIZE, SIZE, generator=generator)
             features, grid, _ = side.composition_features(more)
-            absence = composition.absence
-            assert absence is not None
-            absence.calibrate(absence.peaks(composition.component_weights(features, grid)))
+            assert composition.absence is not None
+            composition.absence.calibrate(composition.absence_peaks(features, grid))
     assert detector.stats is not None
     return Detector(
         detector.logical,

@@ -251,6 +251,13 @@ class CompositionModel(nn.Module):
         weights = self.assign(features)[2]
         return weights.transpose(1, 2).reshape(-1, self.config.n_components, *self.grid)
 
+    def absence_peaks(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, h*w, D) patch features -> (B,) the absence map's uncalibrated peaks, what
+        :meth:`engine.models.composition.absence.AbsenceMap.calibrate` takes."""
+        if self.absence is None:
+            raise ValueError("absence_peaks is for a model with an absence map (absence_sigma)")
+        return self.absence.peaks(self.component_weights(features, grid))
+
     def group_distances(
         self,
         features: torch.Tensor,
