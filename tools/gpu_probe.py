@@ -4,8 +4,9 @@ throughput, host syncs.
     python -m tools.gpu_probe --artifact A --out DIR [--frames 30] [--batch 32]
 
 For each case (``eager`` in fp32, bf16 and fp16, then ``graph`` in fp32 and bf16, then
-``compile`` in fp32, then ``onnx`` in fp32 where onnxruntime-gpu is installed, else recorded as
-skipped) on one 640x480 frame: load + warm-up time, batch-1 latency p50/p95 over
+``compile`` in fp32, then ``onnx`` in fp32 where onnxruntime-gpu is installed and ``tensorrt``
+in fp32 where its provider and TensorRT are, each else recorded as skipped) on one 640x480
+frame: load + warm-up time, batch-1 latency p50/p95 over
 ``--frames`` warm frames, images per second at ``--batch`` (after a warm-up at that batch),
 every host synchronisation of one warm frame (listed by ``torch.cuda.set_sync_debug_mode
 ("warn")`` with the line that caused it) and per-stage CUDA-event times of one warm frame
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from engine.backends.onnx import onnx_cuda_available
+from engine.backends.tensorrt import tensorrt_missing
 from engine.cli import description, setup_logging
 from engine.stage_timer import StageTimer
 
@@ -76,6 +78,7 @@ CASES = (
     ("graph", "bf16"),
     ("compile", "fp32"),
     ("onnx", "fp32"),  # only with ONNX Runtime's CUDA provider (onnxruntime-gpu)
+    ("tensorrt", "fp32"),  # only with ONNX Runtime's TensorRT provider and TensorRT's libraries
 )
 THROUGHPUT_CALLS = 5
 
@@ -145,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{backend}-{precision}"
         if backend == "onnx" and not onnx_cuda_available():
             report[name] = {"skipped": "no onnxruntime with the CUDA provider"}
+            continue
+        if backend == "tensorrt" and tensorrt_missing() is not None:
+            report[name] = {"skipped": f"needs {tensorrt_missing()}"}
             continue
         summary, maps[name], syncs = probe(
             args.artifact, backend, precision, args.frames, args.batch

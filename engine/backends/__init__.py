@@ -7,17 +7,18 @@ in ``torch.compile`` (Inductor; CUDA graphs with ``mode="reduce-overhead"`` on G
 all, as one CUDA graph per frame shape (:mod:`engine.frame_graph`); it needs the memory bank
 searched on the GPU (no FAISS index) and is not yet measured on a GPU. ``onnx``
 runs both networks in ONNX Runtime, on CPU or, with the ``onnxruntime-gpu`` build, on CUDA (not
-yet run on a GPU; see :mod:`engine.backends.onnx`). ``tensorrt`` is
-not implemented in this version and says so. ``auto`` picks ``compile`` on CUDA; on CPU it
-picks ``onnx`` for float32 when ONNX Runtime is installed (it runs the networks about 3x
-faster than eager PyTorch there; docs/PERFORMANCE.md), falling back to ``eager`` with a warning
-if the export fails, and ``eager`` otherwise (``torch.compile`` costs minutes on small machines
-and gains little).
+yet run on a GPU; see :mod:`engine.backends.onnx`). ``tensorrt`` (CUDA only) builds the
+``onnx`` backend's graphs into TensorRT engines through ONNX Runtime's TensorRT provider, in
+the Runtime's precision (:mod:`engine.backends.tensorrt`; not yet run: no machine tested on had
+TensorRT). ``auto`` picks ``compile`` on CUDA (``tensorrt`` is not chosen before it is
+measured); on CPU it picks ``onnx`` for float32 when ONNX Runtime is installed (it runs the
+networks about 3x faster than eager PyTorch there; docs/PERFORMANCE.md), falling back to
+``eager`` with a warning if the export fails, and ``eager`` otherwise (``torch.compile`` costs
+minutes on small machines and gains little).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import torch
@@ -28,6 +29,7 @@ from engine.backends.onnx import (
     onnx_cuda_available,
     onnx_providers,
 )
+from engine.backends.tensorrt import apply_tensorrt, tensorrt_missing
 from engine.detector import Detector
 
 BACKENDS = ("auto", "eager", "compile", "graph", "onnx", "tensorrt")
@@ -44,14 +46,17 @@ def resolve_backend(name: str, device: torch.device, precision: str = "fp32") ->
             return "compile"
         return "onnx" if precision == "fp32" and onnx_available() else "eager"
     if name == "tensorrt":
-        if importlib.util.find_spec("tensorrt") is None:
+        if device.type != "cuda":
             raise RuntimeError(
-                "backend 'tensorrt' needs the tensorrt package (the project's 'trt' extra), which "
-                "is not installed; use backend='compile' or 'eager'"
+                f"backend 'tensorrt' builds TensorRT engines and needs a CUDA device, got "
+                f"{device}; use 'onnx' or 'eager' on CPU"
             )
-        raise NotImplementedError(
-            "backend 'tensorrt' is not implemented in this version; use 'compile' or 'eager'"
-        )
+        missing = tensorrt_missing()
+        if missing is not None:
+            raise RuntimeError(
+                f"backend 'tensorrt' needs {missing}, which is not installed; use backend "
+                "'compile' or 'eager'"
+            )
     if name == "graph" and device.type != "cuda":
         raise RuntimeError(
             f"backend 'graph' captures CUDA graphs and needs a CUDA device, got {device}; use "
@@ -84,6 +89,9 @@ def apply_backend(detector: Detector, name: str) -> str:
     _install_eager(detector)
     if chosen == "onnx":
         return _install_onnx(detector, fall_back=name == "auto")
+    if chosen == "tensorrt":
+        apply_tensorrt(detector)
+        return chosen
     if chosen == "graph":
         index = detector.structural.index
         if index is not None:

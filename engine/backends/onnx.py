@@ -27,6 +27,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
 
@@ -87,29 +88,48 @@ class _WithFine(nn.Module):
         return features, layer1, layer2
 
 
+def default_providers(device: torch.device) -> list:
+    """ONNX Runtime's providers for ``device``: its CUDA provider first on CUDA, then the CPU."""
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"device_id": cuda_index(device)}), "CPUExecutionProvider"]
+
+
+def cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else 0
+
+
 class OrtFunction:
     """An ONNX Runtime session called like the module it was exported from: a float32 tensor
-    in, float32 tensors out, on ``device`` (CPU, or CUDA through ONNX Runtime's CUDA provider).
+    in, float32 tensors out, on ``device`` (CPU, or CUDA through ONNX Runtime's CUDA provider,
+    or the ``providers`` given).
 
     The graphs' dimensions are static but for the batch (:func:`_export`), so every output is
-    allocated from the input's batch size and bound in place for ONNX Runtime to fill."""
+    allocated from the input's batch size and bound in place for ONNX Runtime to fill. A batch
+    larger than ``max_batch`` runs in chunks of at most that many images."""
 
-    def __init__(self, path: Path, threads: int, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        threads: int,
+        device: torch.device | None = None,
+        providers: list | None = None,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
         import onnxruntime as ort
 
+        self.path = path
         self.device = torch.device("cpu") if device is None else device
+        self.device_id = cuda_index(self.device) if self.device.type == "cuda" else 0
+        self.max_batch = max_batch
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # Idle ONNX Runtime workers spin by default: on a small CPU that steals the cores from
         # the PyTorch and FAISS work between two graph runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers: list = ["CPUExecutionProvider"]
-        if self.device.type == "cuda":
-            self.device_id = self.device.index if self.device.index is not None else 0
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device_id}))
-        else:
-            self.device_id = 0
+        if providers is None:
+            providers = default_providers(self.device)
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input = self.session.get_inputs()[0].name
         self.output_shapes = [_static_tail(out, path) for out in self.session.get_outputs()]
@@ -119,6 +139,9 @@ class OrtFunction:
 
     def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every output of the graph, in order, on the session's device."""
+        if x.shape[0] > self.max_batch:
+            chunks = [self.outputs(chunk) for chunk in x.split(self.max_batch)]
+            return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
         x = x.detach().to(self.device, torch.float32).contiguous()
         place = self.device.type
         binding = self.session.io_binding()
@@ -162,6 +185,10 @@ class OrtPatchFeatures:
 
     def __init__(self, graphs: dict[int, tuple[OrtFunction, tuple[int, int], bool]]) -> None:
         self.graphs = graphs
+
+    def functions(self) -> list[OrtFunction]:
+        """The sessions, one per exported size."""
+        return [function for function, _, _ in self.graphs.values()]
 
     def __call__(
         self, x: torch.Tensor, fine: bool = False
@@ -251,9 +278,20 @@ def _graph_folder(key: str) -> Path:
         return fallback
 
 
-def apply_onnx(detector: Detector) -> None:
+def apply_onnx(
+    detector: Detector,
+    providers: Callable[[Path, int], list] | None = None,
+    max_batch: int = MAX_BATCH,
+) -> None:
     """Swap the networks of ``detector`` for ONNX Runtime sessions on its device, exported now
-    or read from the cache."""
+    or read from the cache. ``providers(graph path, input side)``: each session's execution
+    providers (default: :func:`default_providers`); ``max_batch``: the most images one session
+    run takes (:class:`OrtFunction`)."""
+
+    def session(path: Path, size: int) -> OrtFunction:
+        chosen = None if providers is None else providers(path, size)
+        return OrtFunction(path, threads, device, chosen, max_batch)
+
     folder = _graph_folder(graph_key(detector))
     logical_path = folder / "logical.onnx"
     features = detector.structural.patch_features
@@ -273,8 +311,8 @@ def apply_onnx(detector: Detector) -> None:
             _export(graph, size, path, device)
         with torch.no_grad():
             _, grid = features(torch.zeros(1, 3, size, size, device=device))
-        graphs[size] = (OrtFunction(path, threads, device), grid, has_fine)
-    detector.logical_fn = OrtFunction(logical_path, threads, device)
+        graphs[size] = (session(path, size), grid, has_fine)
+    detector.logical_fn = session(logical_path, detector.map_size)
     detector.structural_side.features_fn = OrtPatchFeatures(graphs)
     detector.structural_fn = detector.structural_side
     # ONNX Runtime's pool runs the logical graph while PyTorch's and FAISS's run the rest.
