@@ -148,3 +148,21 @@ def test_a_batch_larger_than_the_profile_runs_in_chunks(tmp_path: Path, monkeypa
     chunked = onnx.OrtFunction(whole.path, 1, max_batch=2)
     x = torch.rand(5, 3, detector.map_size, detector.map_size)
     torch.testing.assert_close(chunked(x), whole(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or tensorrt.tensorrt_missing() is not None,
+    reason="needs a CUDA device, onnxruntime-gpu's TensorRT provider and TensorRT",
+)
+def test_tensorrt_on_cuda_equals_eager(tmp_path: Path, monkeypatch) -> None:
+    """fp32 engines (TensorRT may use TF32 in them, hence the looser tolerance than onnx's)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    detector, _ = TINY["tiny_detector"](0)
+    detector = detector.to("cuda")
+    batch = torch.randint(0, 256, (3, 40, 50, 3), dtype=torch.uint8)
+    eager = detector(batch)
+    assert apply_backend(detector, "tensorrt") == "tensorrt"
+    got = detector(batch)
+    for name in ("fused", "logical", "structural"):
+        torch.testing.assert_close(getattr(got, name), getattr(eager, name), rtol=1e-2, atol=1e-2)
