@@ -287,6 +287,7 @@ def apply_onnx(
     or read from the cache. ``providers(graph path, input side)``: each session's execution
     providers (default: :func:`default_providers`); ``max_batch``: the most images one session
     run takes (:class:`OrtFunction`)."""
+    device, threads = detector.device, torch.get_num_threads()
 
     def session(path: Path, size: int) -> OrtFunction:
         chosen = None if providers is None else providers(path, size)
@@ -295,11 +296,9 @@ def apply_onnx(
     folder = _graph_folder(graph_key(detector))
     logical_path = folder / "logical.onnx"
     features = detector.structural.patch_features
-    device = detector.device
     if not logical_path.is_file():
         log.info("exporting the logical branch to ONNX (%s)", logical_path)
         _export(_Method(detector.logical, "anomaly_map"), detector.map_size, logical_path, device)
-    threads = torch.get_num_threads()
     graphs = {}
     for i, size in enumerate(feature_sizes(detector)):
         # The memory bank's graph keeps its plain name; a second pass's is named by its size.
