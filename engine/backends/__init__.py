@@ -90,7 +90,11 @@ def apply_backend(detector: Detector, name: str) -> str:
     if chosen == "onnx":
         return _install_onnx(detector, fall_back=name == "auto")
     if chosen == "tensorrt":
-        apply_tensorrt(detector)
+        try:
+            apply_tensorrt(detector)
+        except Exception:
+            _install_eager(detector)  # a refused engine leaves no half-installed sessions
+            raise
         return chosen
     if chosen == "graph":
         index = detector.structural.index

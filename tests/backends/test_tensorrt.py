@@ -137,6 +137,8 @@ def test_a_graph_onnx_runtime_did_not_give_to_tensorrt_is_refused(fake_tensorrt:
     detector, _ = TINY["tiny_detector"](0)
     with pytest.raises(RuntimeError, match=r"did not run logical\.onnx on TensorRT"):
         apply_backend(detector, "tensorrt")
+    assert detector.logical_fn == detector.logical.anomaly_map  # eager again, nothing half-set
+    assert detector.structural_side.features_fn is None and detector._logical_worker is None
 
 
 @pytest.mark.slow
