@@ -8,7 +8,7 @@ for batch 1 (larger batches run in chunks); the engines are built in the Runtime
 (``fp16`` and ``bf16`` enable TensorRT's reduced-precision kernels, ``fp32`` keeps float32; INT8
 needs a calibration table and is not offered) and cached beside the graphs they come from (the
 ONNX cache folder is keyed by the artifact's weights), in a folder named by GPU model, TensorRT
-version and precision, so a driver, TensorRT or GPU change never meets a stale engine. Nodes
+version and precision, so another TensorRT or GPU model never meets a stale engine. Nodes
 TensorRT does not take fall back to ONNX Runtime's CUDA provider.
 
 Needs ``onnxruntime-gpu`` (whose build carries the TensorRT provider) and the ``tensorrt``
