@@ -149,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         if backend == "onnx" and not onnx_cuda_available():
             report[name] = {"skipped": "no onnxruntime with the CUDA provider"}
             continue
-        if backend == "tensorrt" and tensorrt_missing() is not None:
-            report[name] = {"skipped": f"needs {tensorrt_missing()}"}
+        missing = tensorrt_missing() if backend == "tensorrt" else None
+        if missing is not None:
+            report[name] = {"skipped": f"needs {missing}"}
             continue
         summary, maps[name], syncs = probe(
             args.artifact, backend, precision, args.frames, args.batch

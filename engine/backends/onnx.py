@@ -39,6 +39,7 @@ from engine.detector import Detector
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 256  # the exported graphs accept batches of 1..MAX_BATCH
+INPUT_NAME = "x"  # the exported graphs' input: the exporter names it after forward's argument
 
 
 def onnx_available() -> bool:
@@ -252,7 +253,11 @@ def _export(module: nn.Module, size: int, path: Path, device: torch.device) -> N
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            module.eval(), (example,), dynamo=True, dynamic_shapes={"x": {0: batch}}, verbose=False
+            module.eval(),
+            (example,),
+            dynamo=True,
+            dynamic_shapes={INPUT_NAME: {0: batch}},
+            verbose=False,
         )
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -24,7 +24,13 @@ from pathlib import Path
 
 import torch
 
-from engine.backends.onnx import apply_onnx, cuda_index, onnx_available, onnx_providers
+from engine.backends.onnx import (
+    INPUT_NAME,
+    apply_onnx,
+    cuda_index,
+    onnx_available,
+    onnx_providers,
+)
 from engine.detector import Detector
 
 TRT_MAX_BATCH = 32  # the optimisation profile's largest batch (the runtime benchmark's)
@@ -76,12 +82,6 @@ def provider_options(
     return options
 
 
-def graph_input_name(path: Path) -> str:
-    import onnx
-
-    return onnx.load(str(path), load_external_data=False).graph.input[0].name
-
-
 def apply_tensorrt(detector: Detector) -> None:
     """Swap the networks of ``detector`` (on CUDA) for TensorRT engines run by ONNX Runtime,
     built now or read from the cache. RuntimeError where ONNX Runtime could not give a graph to
@@ -96,9 +96,7 @@ def apply_tensorrt(detector: Detector) -> None:
     def providers(path: Path, size: int) -> list:
         cache = engine_folder(path.parent, gpu, tensorrt.__version__, detector.precision)
         cache.mkdir(parents=True, exist_ok=True)
-        options = provider_options(
-            device_id, detector.precision, cache, graph_input_name(path), size
-        )
+        options = provider_options(device_id, detector.precision, cache, INPUT_NAME, size)
         return [(PROVIDER, options), cuda, "CPUExecutionProvider"]
 
     apply_onnx(detector, providers, TRT_MAX_BATCH)

@@ -147,6 +147,7 @@ def test_a_batch_larger_than_the_profile_runs_in_chunks(tmp_path: Path, monkeypa
     detector, _ = TINY["tiny_detector"](0)
     apply_backend(detector, "onnx")
     whole = detector.logical_fn
+    assert whole.input == onnx.INPUT_NAME  # the name the TensorRT profiles are written for
     chunked = onnx.OrtFunction(whole.path, 1, max_batch=2)
     x = torch.rand(5, 3, detector.map_size, detector.map_size)
     torch.testing.assert_close(chunked(x), whole(x), rtol=1e-5, atol=1e-5)
