@@ -100,7 +100,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--categories", default="all", help="comma-separated names, or 'all'")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated data+training seeds")
-    parser.add_argument("--n-train", type=int, default=60, help="training images")
+    parser.add_argument(
+        "--n-train", type=int, default=150, help="training images (MVTec LOCO: 335-372)"
+    )
     parser.add_argument("--n-validation", type=int, default=16, help="validation images")
     parser.add_argument("--n-test", type=int, default=100, help="good, logical, structural each")
     parser.add_argument("--preset", choices=PRESETS, default="cpu")
