@@ -28,6 +28,7 @@ from engine.backends.onnx import (
     INPUT_NAME,
     apply_onnx,
     cuda_index,
+    default_providers,
     onnx_available,
     onnx_providers,
 )
@@ -91,13 +92,14 @@ def apply_tensorrt(detector: Detector) -> None:
     device = detector.device
     gpu = torch.cuda.get_device_name(device)
     device_id = cuda_index(device)
-    cuda = ("CUDAExecutionProvider", {"device_id": device_id})
+    # What TensorRT does not take runs where backend 'onnx' would run it on this GPU.
+    fallback = default_providers(torch.device("cuda", device_id))
 
     def providers(path: Path, size: int) -> list:
         cache = engine_folder(path.parent, gpu, tensorrt.__version__, detector.precision)
         cache.mkdir(parents=True, exist_ok=True)
         options = provider_options(device_id, detector.precision, cache, INPUT_NAME, size)
-        return [(PROVIDER, options), cuda, "CPUExecutionProvider"]
+        return [(PROVIDER, options), *fallback]
 
     apply_onnx(detector, providers, TRT_MAX_BATCH)
     sessions = [detector.logical_fn, *detector.structural_side.features_fn.functions()]
